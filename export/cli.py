@@ -1,0 +1,51 @@
+"""mlm-export: BERT checkpoint -> SavedModel at OUT/VERSION (+ manifest, tokenizer, verification)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  mlm-export ./my-bert-hf-dir models/bert          # Hugging Face dir (model.safetensors / pytorch_model.bin)
+  mlm-export ./uncased_L-12_H-768_A-12 models/bert  # original Google TF-1 checkpoint directory
+  mlm-export bert-base-uncased models/bert --version 2 --top-k 10   # hub id (needs network)
+  saved_model_cli show --dir models/bert/1 --all    # inspect the signatures
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlm-export", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="Hugging Face model dir or hub id, or a TF-1 BERT checkpoint dir")
+    ap.add_argument("out", help="model base directory; the SavedModel goes to OUT/VERSION")
+    ap.add_argument("--version", type=int, default=1, help="numeric version subdirectory (default 1)")
+    ap.add_argument("--top-k", type=int, default=5, help="predictions returned per masked position (default 5)")
+    ap.add_argument("--max-seq-length", type=int, default=None,
+                    help="longest copy the scorer will send (default: the model's max_position_embeddings)")
+    case = ap.add_mutually_exclusive_group()
+    case.add_argument("--do-lower-case", dest="do_lower_case", action="store_true", default=None,
+                      help="force lower-casing (default: from tokenizer_config.json, the name, or the vocab)")
+    case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false")
+    ap.add_argument("--tolerance", type=float, default=None, help="max |Δ log-prob| allowed by verification")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
+    args = ap.parse_args(argv)
+    if args.version < 0:
+        ap.error("--version must be a non-negative integer")
+
+    from .checkpoint import CheckpointError
+    from .saved_model import DEFAULT_TOLERANCE, export
+    from .verify import VerificationError
+
+    try:
+        path = export(args.source, args.out, version=args.version, top_k=args.top_k,
+                      max_seq_length=args.max_seq_length, do_lower_case=args.do_lower_case,
+                      overwrite=args.overwrite, tolerance=args.tolerance or DEFAULT_TOLERANCE,
+                      log=lambda m: print(m, file=sys.stderr))
+    except (CheckpointError, VerificationError, FileExistsError, ValueError) as exc:
+        print(f"mlm-export: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, (FileExistsError, ValueError)) else 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Write a checkpoint as a self-describing TensorFlow SavedModel at ``<out>/<version>/``, then verify it.
+
+Signatures (all inputs int32, dynamic batch B and length T; P prediction slots per copy):
+  serving_default(input_ids, input_mask, segment_ids [B,T]; masked_lm_positions, masked_lm_ids [B,P])
+      -> masked_lm_log_probs [B,P] float32, top_k_ids [B,P,k] int32, top_k_log_probs [B,P,k] float32
+  top_k(input_ids, input_mask, segment_ids, masked_lm_positions) -> top_k_ids, top_k_log_probs
+Unused prediction slots are padded with position 0 ([CLS]) and id 0; their outputs are 0.0, -1, -inf.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .verify import verify_export
+
+SIGNATURE = {
+    "serving_default": {
+        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
+                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")},
+        "outputs": {"masked_lm_log_probs": {"dtype": "float32", "shape": [-1, -1]},
+                    "top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
+                    "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}},
+    },
+    "top_k": {
+        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
+                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")},
+        "outputs": {"top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
+                    "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}},
+    },
+}
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
+           max_seq_length: int | None = None, do_lower_case: bool | None = None, overwrite: bool = False,
+           tolerance: float = DEFAULT_TOLERANCE, log=print) -> Path:
+    """Export ``source`` (HF dir, hub id or TF-1 dir) to ``out_dir/version``; return the version dir.
+
+    The version directory appears atomically (written to a temporary sibling, verified, then renamed).
+    Raises CheckpointError for an unusable source and VerificationError if the reloaded model differs
+    from the source weights by more than ``tolerance`` (max |Δ log-prob|).
+    """
+    ckpt = load_checkpoint(source, do_lower_case=do_lower_case)
+    return export_checkpoint(ckpt, out_dir, version=version, top_k=top_k, max_seq_length=max_seq_length,
+                             overwrite=overwrite, tolerance=tolerance, log=log)
+
+
+def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
+                      max_seq_length: int | None = None, overwrite: bool = False,
+                      tolerance: float = DEFAULT_TOLERANCE, log=print) -> Path:
+    import tensorflow as tf
+
+    from .bert_mlm import BertMLM
+
+    cfg = ckpt.config
+    if not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}, got {top_k}")
+    max_len = min(max_seq_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if max_len < 3:
+        raise ValueError(f"max_seq_length must be at least 3 ([CLS] word [SEP]), got {max_len}")
+    base = Path(out_dir)
+    final = base / str(int(version))
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another --version or pass --overwrite")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
+    try:
+        module = BertMLM(cfg, ckpt.weights, top_k=top_k)
+        tf.saved_model.save(module, str(tmp), signatures={
+            "serving_default": module.serve.get_concrete_function(),
+            "top_k": module.serve_top_k.get_concrete_function(),
+        })
+        del module
+        _write_tokenizer(ckpt, tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": ckpt.source,
+            "model_checksum": ckpt.checksum(),
+            "config": cfg.to_dict(),
+            "vocab_size": cfg.vocab_size,
+            "vocab_sha256": sha256_file(tmp / "tokenizer" / "vocab.txt"),
+            "max_seq_length": max_len,
+            "top_k": top_k,
+            "do_lower_case": bool(ckpt.do_lower_case),
+            "tokenize_chinese_chars": bool(ckpt.tokenize_chinese_chars),
+            "strip_accents": ckpt.strip_accents,
+            "special_tokens": dict(ckpt.special_tokens),
+            "special_token_ids": _special_ids(tmp / "tokenizer" / "vocab.txt", ckpt.special_tokens),
+            "signature": SIGNATURE,
+            "slot_padding": "masked_lm_positions=0 and masked_lm_ids=0 mark an unused slot; outputs there are "
+                            "masked_lm_log_probs=0.0, top_k_ids=-1, top_k_log_probs=-inf",
+            "versions": _versions(),
+        }
+        report = verify_export(tmp, ckpt, max_len=max_len, tolerance=tolerance)
+        manifest["verification"] = report
+        log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
+            f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, reference {report['reference']})")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if final.exists():
+            old = base / f".{version}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
+    """vocab.txt (copied), tokenizer.json (the `tokenizers` library) and transformers' config files."""
+    from tokenizers import BertWordPieceTokenizer
+
+    out.mkdir(parents=True)
+    shutil.copyfile(ckpt.vocab_path, out / "vocab.txt")
+    st = ckpt.special_tokens
+    tok = BertWordPieceTokenizer(
+        str(out / "vocab.txt"), unk_token=st["unk"], sep_token=st["sep"], cls_token=st["cls"],
+        pad_token=st["pad"], mask_token=st["mask"], clean_text=True,
+        handle_chinese_chars=ckpt.tokenize_chinese_chars, strip_accents=ckpt.strip_accents,
+        lowercase=ckpt.do_lower_case)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": ckpt.do_lower_case,
+        "tokenize_chinese_chars": ckpt.tokenize_chinese_chars, "strip_accents": ckpt.strip_accents,
+        "model_max_length": ckpt.config.max_position_embeddings,
+        **{f"{k}_token": v for k, v in st.items()}}, indent=2) + "\n", encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {f"{k}_token": v for k, v in st.items()}, indent=2) + "\n", encoding="utf-8")
+
+
+def _special_ids(vocab: Path, special: dict[str, str]) -> dict[str, int]:
+    index = {t: i for i, t in enumerate(vocab.read_text(encoding="utf-8").split("\n"))}
+    return {k: index[v] for k, v in special.items()}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("mlm-scorer", "tensorflow", "tensorflow-cpu", "tokenizers", "numpy", "safetensors", "torch",
+                 "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+

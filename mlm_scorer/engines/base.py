@@ -1,0 +1,167 @@
+"""The Engine interface: one abstract method, ``score_batch``.
+
+Every backend (in-process SavedModel, TF Serving REST/gRPC, ONNX Runtime, TensorRT, PyTorch) implements
+``score_batch(batch) -> BatchResult`` on fixed-shape int32 arrays named as in google-research/bert. The
+base class does the slicing to ``max_batch_size`` so a backend never sees a batch larger than it can take.
+
+Padding convention (shared by every engine and the exported model):
+  * sequence padding: ``input_ids = 0`` ([PAD]), ``input_mask = 0``, ``segment_ids = 0``;
+  * unused prediction slots: ``masked_lm_positions = 0`` (the [CLS] position, never a real prediction)
+    and ``masked_lm_ids = 0``. The model returns ``masked_lm_log_probs = 0.0``, ``top_k_ids = -1`` and
+    ``top_k_log_probs = -inf`` for such slots, so a sum over slots is already correct; aggregation
+    nevertheless only reads the slots it filled.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import MissingDependencyError, UnknownEngineError
+
+INPUT_NAMES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
+OUTPUT_NAMES = ("masked_lm_log_probs", "top_k_ids", "top_k_log_probs")
+
+
+@dataclass
+class Batch:
+    """A padded batch of masked copies.
+
+    Attributes:
+      input_ids: int32 array of shape [batch_size, seq_length], [MASK] already substituted.
+      input_mask: int32 array of shape [batch_size, seq_length]; 1 for real tokens, 0 for padding.
+      segment_ids: int32 array of shape [batch_size, seq_length]; all 0 for single sentences.
+      masked_lm_positions: int32 array of shape [batch_size, max_predictions]; 0 marks an unused slot.
+      masked_lm_ids: int32 array of shape [batch_size, max_predictions]; the original (target) ids.
+    """
+
+    input_ids: np.ndarray
+    input_mask: np.ndarray
+    segment_ids: np.ndarray
+    masked_lm_positions: np.ndarray
+    masked_lm_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in INPUT_NAMES}
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(**{name: arr[start:stop] for name, arr in self.as_dict().items()})
+
+
+@dataclass
+class BatchResult:
+    """What an engine returns for a Batch.
+
+    Attributes:
+      log_probs: float32 array of shape [batch_size, max_predictions]: natural-log probability of
+        ``masked_lm_ids`` at ``masked_lm_positions``; 0.0 in unused slots.
+      top_k_ids: int32 array of shape [batch_size, max_predictions, k], or None if not requested.
+      top_k_log_probs: float32 array of shape [batch_size, max_predictions, k], or None.
+    """
+
+    log_probs: np.ndarray
+    top_k_ids: np.ndarray | None = None
+    top_k_log_probs: np.ndarray | None = None
+
+    @staticmethod
+    def concat(parts: list["BatchResult"]) -> "BatchResult":
+        if len(parts) == 1:
+            return parts[0]
+        has_top_k = parts[0].top_k_ids is not None
+        return BatchResult(
+            log_probs=np.concatenate([p.log_probs for p in parts]),
+            top_k_ids=np.concatenate([p.top_k_ids for p in parts]) if has_top_k else None,
+            top_k_log_probs=np.concatenate([p.top_k_log_probs for p in parts]) if has_top_k else None,
+        )
+
+
+class Engine(abc.ABC):
+    """Runs the exported masked-LM on batches of copies.
+
+    Subclasses implement ``score_batch``; callers use ``run`` (which caps batch size) and ``close``.
+    """
+
+    #: Name used by ``get_engine`` and shown in summaries.
+    name: str = "engine"
+    #: Largest batch the backend accepts in one call (None: no limit).
+    max_batch_size: int | None = None
+
+    @abc.abstractmethod
+    def score_batch(self, batch: Batch) -> BatchResult:
+        """Score one batch (at most ``max_batch_size`` rows). Must not modify ``batch``."""
+
+    def run(self, batch: Batch) -> BatchResult:
+        """Score a batch of any size, slicing it to ``max_batch_size``."""
+        limit = self.max_batch_size
+        if limit is None or len(batch) <= limit:
+            return self.score_batch(batch)
+        return BatchResult.concat(
+            [self.score_batch(batch.slice(i, i + limit)) for i in range(0, len(batch), limit)])
+
+    def map(self, batches: Iterable[Batch]) -> Iterator[BatchResult]:
+        """Score many batches, yielding results in input order.
+
+        Sequential by default; remote engines override this to keep several requests in flight.
+        """
+        for batch in batches:
+            yield self.run(batch)
+
+    def close(self) -> None:
+        """Release resources (sessions, connections). Safe to call twice."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# name -> "module:Class" (imported lazily: heavy dependencies load only when the engine is chosen),
+# plus the extra that provides its dependencies.
+#
+# Constructor contract: ``EngineClass(model: ModelDir, *, top_k: bool = False, **options)`` where options
+# are the engine's own settings (server, timeout, engine_file, precision, ...); an engine raises
+# UsageError for an option it does not take.
+_ENGINES: dict[str, tuple[str, str]] = {
+    "saved_model": ("mlm_scorer.engines.tf_saved_model:SavedModelEngine", "tf"),
+    "fake": ("mlm_scorer.engines.fake:FakeEngine", ""),
+    "rest": ("mlm_scorer.engines.tf_serving_rest:RestEngine", "serving"),
+    "grpc": ("mlm_scorer.engines.tf_serving_grpc:GrpcEngine", "grpc"),
+    "onnx": ("mlm_scorer.engines.ort:OnnxEngine", "onnx"),
+    "tensorrt": ("mlm_scorer.engines.trt:TensorRTEngine", "tensorrt"),
+    "torch": ("mlm_scorer.engines.torch_engine:TorchEngine", "torch"),
+}
+
+
+def register_engine(name: str, target: str, extra: str = "") -> None:
+    """Register an engine class by dotted path ``"package.module:Class"``."""
+    _ENGINES[name] = (target, extra)
+
+
+def engine_names() -> list[str]:
+    return sorted(_ENGINES)
+
+
+def get_engine_class(name: str) -> Callable[..., Engine]:
+    if name not in _ENGINES:
+        raise UnknownEngineError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+    target, extra = _ENGINES[name]
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # a missing optional dependency
+        hint = f"pip install 'mlm-scorer[{extra}]'" if extra else "reinstall mlm-scorer"
+        raise MissingDependencyError(f"engine {name!r} needs a package that is not installed "
+                                     f"({exc.name or exc}): {hint}") from exc
+    return getattr(module, cls_name)
+
+
+def get_engine(name: str, **kwargs: Any) -> Engine:
+    """Create an engine by name, e.g. ``get_engine("saved_model", model_dir=...)``."""
+    return get_engine_class(name)(**kwargs)

@@ -1,0 +1,54 @@
+"""In-process TensorFlow SavedModel engine (the default).
+
+Loads ``<export>/<version>`` with ``tf.saved_model.load`` and calls the ``serving_default`` signature
+(or ``top_k``-only outputs are simply ignored when top-k is not requested).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import EngineError, UsageError
+from ..model_dir import ModelDir
+from .base import Batch, BatchResult, Engine
+
+
+class SavedModelEngine(Engine):
+    name = "saved_model"
+
+    def __init__(self, model: ModelDir, *, top_k: bool = False, intra_op_threads: int | None = None,
+                 inter_op_threads: int | None = None, **options):
+        if options:
+            raise UsageError(f"engine 'saved_model' does not take option(s): {', '.join(sorted(options))}")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(int(intra_op_threads))
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(int(inter_op_threads))
+        self._tf = tf
+        self.model = model
+        self.want_top_k = top_k
+        try:
+            self._loaded = tf.saved_model.load(str(model.path))
+        except Exception as exc:  # TF raises several classes for a damaged directory
+            from ..errors import ModelError
+
+            raise ModelError(f"cannot load the SavedModel at {model.path}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        self._fn = self._loaded.signatures["serving_default"]
+
+    def score_batch(self, batch: Batch) -> BatchResult:
+        tf = self._tf
+        try:
+            out = self._fn(**{k: tf.constant(v, dtype=tf.int32) for k, v in batch.as_dict().items()})
+        except tf.errors.OpError as exc:
+            raise EngineError(f"the SavedModel failed on a batch of shape {batch.input_ids.shape}: "
+                              f"{exc.message.splitlines()[0]}") from None
+        res = BatchResult(log_probs=out["masked_lm_log_probs"].numpy())
+        if self.want_top_k:
+            res.top_k_ids = out["top_k_ids"].numpy().astype(np.int32, copy=False)
+            res.top_k_log_probs = out["top_k_log_probs"].numpy()
+        return res

@@ -1,0 +1,158 @@
+"""An exported model directory: the SavedModel plus everything needed to tokenize for it.
+
+Layout written by ``mlm-export`` (TF Serving's ``model_base_path/VERSION`` convention)::
+
+    <base>/                       # --model_base_path for tensorflow_model_server
+      <version>/                  # e.g. 1/
+        saved_model.pb            # signatures serving_default (+ top_k)
+        variables/
+        mlm_scorer.json           # the manifest (MANIFEST_NAME), validated by ``load_manifest``
+        tokenizer/vocab.txt       # WordPiece vocabulary, one token a line
+        tokenizer/tokenizer.json  # the same tokenizer for the `tokenizers` library
+        batching_parameters.txt   # (optional) a TF Serving batching file
+        model.onnx                # (optional) the same model for ONNX Runtime
+
+The scorer needs only this directory: a client of a remote server tokenizes from a copy of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+MANIFEST_NAME = "mlm_scorer.json"
+FORMAT = "mlm-scorer-export"
+FORMAT_VERSION = 1
+
+# key -> type, for validation before use (a manifest is never trusted blindly).
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "vocab_size": int,
+    "vocab_sha256": str,
+    "max_seq_length": int,
+    "top_k": int,
+    "do_lower_case": bool,
+    "tokenize_chinese_chars": bool,
+    "special_tokens": dict,
+    "model_checksum": str,
+    "signature": dict,
+}
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """True for a version directory or a base directory holding numeric version directories."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).is_file():
+        return True
+    return any(c.name.isdigit() and (c / MANIFEST_NAME).is_file() for c in p.iterdir()) if p.is_dir() else False
+
+
+def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> Path:
+    """A base dir resolves to its highest (or the given) numeric version, as TF Serving does."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).is_file() and version is None:
+        return p
+    if not p.is_dir():
+        raise ModelError(f"model directory {str(p)!r} does not exist")
+    versions = sorted((int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / MANIFEST_NAME).is_file()))
+    if not versions:
+        raise ModelError(f"{str(p)!r} is not an mlm-scorer export: no {MANIFEST_NAME} in it or in a numeric "
+                         f"version subdirectory. Make one with: mlm-export CHECKPOINT {p}")
+    if version is not None:
+        if version not in versions:
+            raise ModelError(f"version {version} not found under {str(p)!r}; versions there: {versions}")
+        return p / str(version)
+    return p / str(versions[-1])
+
+
+def load_manifest(version_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(version_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: not an mlm-scorer export") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    for key, typ in _REQUIRED.items():
+        if key not in manifest:
+            raise ModelError(f"{path}: required key {key!r} is missing; re-export the model")
+        if not isinstance(manifest[key], typ) or (typ is int and isinstance(manifest[key], bool)):
+            raise ModelError(f"{path}: key {key!r} should be {getattr(typ, '__name__', typ)}, "
+                             f"found {type(manifest[key]).__name__}")
+    if manifest["format"] != FORMAT:
+        raise ModelError(f"{path}: format is {manifest['format']!r}, expected {FORMAT!r}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ModelError(f"{path}: format_version {manifest['format_version']} is newer than this "
+                         f"mlm-scorer understands ({FORMAT_VERSION}); upgrade mlm-scorer")
+    for tok in ("cls", "sep", "mask", "pad", "unk"):
+        if not isinstance(manifest["special_tokens"].get(tok), str):
+            raise ModelError(f"{path}: special_tokens.{tok} is missing")
+    if not 1 <= manifest["top_k"] <= manifest["vocab_size"]:
+        raise ModelError(f"{path}: top_k {manifest['top_k']} out of range")
+    if manifest["max_seq_length"] < 3:
+        raise ModelError(f"{path}: max_seq_length {manifest['max_seq_length']} is too small")
+    return manifest
+
+
+@dataclass
+class ModelDir:
+    """A validated export: its version directory, manifest and tokenizer files."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, version: int | None = None, *, check_vocab: bool = True) -> "ModelDir":
+        vdir = resolve_version_dir(path, version)
+        manifest = load_manifest(vdir)
+        md = cls(vdir, manifest)
+        if not md.vocab_path.is_file():
+            raise ModelError(f"{md.vocab_path} is missing; re-export the model")
+        if check_vocab:
+            actual = sha256_file(md.vocab_path)
+            if actual != manifest["vocab_sha256"]:
+                raise ModelError(f"{md.vocab_path} does not match the manifest's vocab_sha256 "
+                                 f"({actual[:12]}… vs {manifest['vocab_sha256'][:12]}…): the tokenizer "
+                                 f"was changed after export")
+        return md
+
+    @property
+    def vocab_path(self) -> Path:
+        return self.path / "tokenizer" / "vocab.txt"
+
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.path / "tokenizer" / "tokenizer.json"
+
+    @property
+    def version(self) -> int | None:
+        return int(self.path.name) if self.path.name.isdigit() else None
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.manifest["max_seq_length"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    @property
+    def checksum(self) -> str:
+        """Identity of the weights + tokenizer: key for caches and client/server match checks."""
+        return str(self.manifest["model_checksum"])

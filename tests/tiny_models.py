@@ -1,0 +1,49 @@
+"""Tiny random BERT checkpoints for tests, written with transformers' PyTorch classes.
+
+Weights are drawn with a large range (initializer_range 0.3 by default): BERT's default 0.02 gives
+near-uniform predictions that would hide a misaligned position, target or mask.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SHARED_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "bert-base-uncased" / "vocab.txt"
+SMALL_VOCAB = Path(__file__).resolve().parent / "data" / "small_vocab.txt"
+
+
+def make_hf_bert(out: Path, *, vocab: Path = SMALL_VOCAB, hidden: int = 32, layers: int = 2, heads: int = 4,
+                 intermediate: int = 64, max_pos: int = 64, seed: int = 0, init_range: float = 0.3,
+                 do_lower_case: bool = True, safetensors: bool = True, hidden_act: str = "gelu") -> Path:
+    """Write a random BertForMaskedLM (config.json, weights, vocab.txt, tokenizer_config.json) to ``out``."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = len(vocab.read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=n_vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=max_pos, initializer_range=init_range,
+                     hidden_act=hidden_act)
+    model = BertForMaskedLM(cfg).eval()
+    with torch.no_grad():  # biases and LayerNorms are initialised to 0/1: randomise them too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * init_range)
+    model.save_pretrained(str(out), safe_serialization=safetensors)
+    shutil.copyfile(vocab, out / "vocab.txt")
+    (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": do_lower_case,
+                                                           "tokenizer_class": "BertTokenizer"}))
+    return out
+
+
+def load_reference(hf_dir: Path):
+    """(model, tokenizer) from transformers, for independent reference numbers."""
+    from transformers import BertForMaskedLM, BertTokenizerFast
+
+    model = BertForMaskedLM.from_pretrained(str(hf_dir)).eval()
+    tok = BertTokenizerFast.from_pretrained(str(hf_dir))
+    n_vocab = len((hf_dir / "vocab.txt").read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    assert len(tok) == n_vocab, f"tokenizer has {len(tok)} tokens, vocab.txt {n_vocab}"
+    return model, tok
