@@ -307,6 +307,9 @@ def _check_vocab(ckpt: Checkpoint) -> None:
         raise CheckpointError(f"vocab.txt has {n} tokens but the model's vocab_size is {ckpt.config.vocab_size}: "
                               f"the vocabulary does not belong to these weights")
     have = set(tokens)
+    if len(have) != n:
+        dups = sorted({t for t in tokens if tokens.count(t) > 1})[:5] if n < 200_000 else []
+        raise CheckpointError(f"{ckpt.vocab_path} has duplicate tokens {dups}: token ids would be ambiguous")
     for key, tok in ckpt.special_tokens.items():
         if tok not in have:
             raise CheckpointError(f"special token {key}={tok!r} is not in {ckpt.vocab_path}")

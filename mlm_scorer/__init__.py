@@ -1,0 +1,41 @@
+"""mlm-scorer: score text with a BERT masked language model.
+
+Public API::
+
+    from mlm_scorer import score_file
+    summary = score_file("input.tsv", "probs.parquet", model="models/bert", mode="whole-word")
+
+Imports stay light: TensorFlow and other engine runtimes load only when an engine is created.
+"""
+from .engines.base import Batch, BatchResult, Engine, engine_names, get_engine, register_engine
+from .errors import (EngineError, InputError, MissingDependencyError, MlmScorerError, ModelError,
+                     UnknownEngineError, UsageError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "score_file", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
+    "Engine", "Batch", "BatchResult", "get_engine", "engine_names", "register_engine",
+    "MlmScorerError", "InputError", "UsageError", "ModelError", "EngineError", "UnknownEngineError",
+    "MissingDependencyError", "__version__",
+]
+
+
+def __getattr__(name):  # lazy: keep `import mlm_scorer` and `mlm-score --help` fast
+    if name in ("score_file", "ScoreSummary"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name == "Scorer":
+        from .scorer import Scorer
+
+        return Scorer
+    if name == "resolve_model":
+        from .models import resolve_model
+
+        return resolve_model
+    if name == "ModelDir":
+        from .model_dir import ModelDir
+
+        return ModelDir
+    raise AttributeError(f"module 'mlm_scorer' has no attribute {name!r}")

@@ -1,0 +1,92 @@
+"""Pack masked copies from many sentences into padded batches, grouped by length.
+
+Copies are sorted by (sequence length, predictions per copy) and cut into batches holding at most
+``max_batch_size`` copies and at most ``batch_tokens`` padded tokens, so a batch pads only to the
+longest copy among near-equal neighbours. ``plan`` returns index arrays; ``build`` makes the arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engines.base import Batch
+from .expand import PRED_A, PRED_B, WIN_A, WIN_B
+from .segment import Sentence
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How big a batch may be. ``batch_tokens`` bounds memory and latency; ``max_batch_size`` is the
+    engine's hard limit (a TensorRT profile's maximum, a server's max_batch_size)."""
+
+    batch_tokens: int = 8192
+    max_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.batch_tokens < 1 or self.max_batch_size < 1:
+            raise ValueError("batch_tokens and max_batch_size must be positive")
+
+
+def copy_lengths(copies: np.ndarray) -> np.ndarray:
+    """Sequence length of each copy: its window plus [CLS] and [SEP]."""
+    return copies[:, WIN_B] - copies[:, WIN_A] + 2
+
+
+def plan(copies: np.ndarray, policy: BatchPolicy) -> list[np.ndarray]:
+    """Split copy indices into batches of near-equal length. Each element: int64 indices into copies."""
+    if len(copies) == 0:
+        return []
+    lengths = copy_lengths(copies)
+    preds = copies[:, PRED_B] - copies[:, PRED_A]
+    order = np.lexsort((preds, lengths))
+    batches = []
+    start = 0
+    n = len(order)
+    while start < n:
+        # sorted ascending: the batch's padded length is the length of its last copy
+        stop = start + 1
+        while stop < n and stop - start < policy.max_batch_size and \
+                (stop - start + 1) * lengths[order[stop]] <= policy.batch_tokens:
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def build(copies: np.ndarray, sentences: list[Sentence], mask_id: int, cls_id: int, sep_id: int,
+          pad_id: int = 0) -> Batch:
+    """Padded int32 arrays for the given copies (rows of the copies array).
+
+    Sequence padding uses ``pad_id`` with input_mask 0; unused prediction slots use position 0 and id 0.
+    """
+    lengths = copy_lengths(copies)
+    preds = copies[:, PRED_B] - copies[:, PRED_A]
+    B, T, P = len(copies), int(lengths.max()), int(preds.max())
+    input_ids = np.full((B, T), pad_id, np.int32)
+    input_mask = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, P), np.int32)
+    targets = np.zeros((B, P), np.int32)
+    for r, (s, ma, mb, pa, pb, wa, wb) in enumerate(copies.tolist()):
+        ids = sentences[s].ids
+        L = wb - wa
+        row = input_ids[r]
+        row[0] = cls_id
+        row[1:L + 1] = ids[wa:wb]
+        row[1 + ma - wa:1 + mb - wa] = mask_id
+        row[L + 1] = sep_id
+        input_mask[r, :L + 2] = 1
+        k = pb - pa
+        positions[r, :k] = np.arange(1 + pa - wa, 1 + pb - wa)
+        targets[r, :k] = ids[pa:pb]
+    return Batch(input_ids=input_ids, input_mask=input_mask, segment_ids=np.zeros((B, T), np.int32),
+                 masked_lm_positions=positions, masked_lm_ids=targets)
+
+
+def padding_efficiency(copies: np.ndarray, batches: list[np.ndarray]) -> tuple[int, int]:
+    """(real tokens, computed tokens) over the planned batches."""
+    lengths = copy_lengths(copies)
+    real = int(lengths.sum())
+    computed = int(sum(len(b) * lengths[b].max() for b in batches))
+    return real, computed
+

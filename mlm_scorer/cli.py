@@ -1,0 +1,153 @@
+"""mlm-score: word probabilities and pseudo-log-likelihoods for every sentence of a TSV, as Parquet.
+
+A thin layer over ``mlm_scorer.score_file``: flags become arguments, errors become exit codes
+(2 usage, 3 bad input, 4 model, 5 engine, 130 interrupted). No heavy import happens before a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EPILOG = """examples:
+  mlm-score input.tsv -o probs.parquet                      # default model bert-base-uncased (downloaded once)
+  mlm-score input.tsv -o probs.parquet --model models/bert  # an export made by mlm-export
+  mlm-score input.tsv -o probs.parquet --model ./my-hf-bert # a local checkpoint, exported once into the cache
+  mlm-score sents.txt --no-header -o probs.parquet --mode token
+  mlm-score input.tsv -o probs.parquet --text-column sentence --id-column id --on-bad-row skip --top-k 5
+  mlm-score input.tsv -o probs.parquet --server http://localhost:8501 --model-name bert --model models/bert
+
+outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
+atomically at the end. Modes, formulas and schemas: see the README.
+
+exit codes: 0 ok, 1 other error, 2 bad usage, 3 bad input row, 4 model problem, 5 engine failure, 130 interrupted
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header); '-' for stdin")
+    ap.add_argument("-o", "--output", required=True, help="output Parquet path for word rows; sentence rows go "
+                                                          "next to it as STEM.sentences.parquet")
+    m = ap.add_argument_group("model and engine")
+    m.add_argument("--model", default=None,
+                   help="export directory (mlm-export), or a checkpoint: Hugging Face dir, TF-1 dir or hub id, "
+                        "exported once into the cache (default: bert-base-uncased)")
+    m.add_argument("--model-version", type=int, default=None, help="version subdirectory (default: the highest)")
+    m.add_argument("--engine", default=None,
+                   help="saved_model (default, in-process), rest, grpc, onnx, tensorrt, torch; "
+                        "--server picks rest or grpc from its URL")
+    m.add_argument("--server", help="TF Serving URL: http(s)://host:8501 (REST) or grpc(s)://host:8500 (gRPC)")
+    m.add_argument("--model-name", help="model name on the server (TF Serving's --model_name)")
+    m.add_argument("--concurrency", type=int, help="requests in flight to a server")
+    m.add_argument("--timeout", type=float, help="seconds per request to a server")
+    m.add_argument("--retry-budget", type=float, help="seconds to keep retrying a failing request")
+    m.add_argument("--engine-file", help="TensorRT engine (plan) file")
+    m.add_argument("--precision", help="fp32 (default), bf16, fp16, int8 where the engine supports it")
+    m.add_argument("--device", help="cpu or cuda (torch engine)")
+    m.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other engine option (repeatable)")
+    m.add_argument("--cache-dir", help="where checkpoints are exported to (default $MLM_SCORER_CACHE or "
+                                       "~/.cache/mlm-scorer)")
+    s = ap.add_argument_group("scoring")
+    s.add_argument("--mode", default="whole-word", choices=["whole-word", "word-l2r", "token"],
+                   help="whole-word (default): mask each word whole; word-l2r: Kauf & Ivanova 2023; "
+                        "token: Salazar et al. 2020")
+    s.add_argument("--top-k", type=int, default=0, help="also write the K most likely tokens at each word's "
+                                                        "first piece (K <= the export's k)")
+    s.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
+    s.add_argument("--max-batch-size", type=int, default=None, help="copies per batch at most (default 256)")
+    s.add_argument("--chunk-rows", type=int, default=2048, help="rows read and prepared at a time (default 2048)")
+    i = ap.add_argument_group("input")
+    i.add_argument("--text-column", help="column with the text, by name or 0-based index (default: 'text', or "
+                                         "the only column; with --no-header the whole line)")
+    i.add_argument("--id-column", help="column with a row id, by name or 0-based index")
+    i.add_argument("--no-header", action="store_true", help="the first line is data (one sentence per line)")
+    i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail",
+                   help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
+                        "status 'skipped' and go on")
+    i.add_argument("--limit", type=int, help="score only the first N rows (quick trials)")
+    o = ap.add_argument_group("output")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
+    return ap
+
+
+def _engine_options(args, ap) -> tuple[str, dict]:
+    opts: dict = {}
+    for item in args.engine_option:
+        if "=" not in item:
+            ap.error(f"--engine-option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        opts[k.strip().replace("-", "_")] = v
+    for name in ("server", "model_name", "concurrency", "timeout", "retry_budget", "engine_file", "precision",
+                 "device"):
+        v = getattr(args, name)
+        if v is not None:
+            opts[name] = v
+    engine = args.engine
+    if args.server:
+        scheme = args.server.split("://", 1)[0].lower() if "://" in args.server else ""
+        implied = {"http": "rest", "https": "rest", "grpc": "grpc", "grpcs": "grpc"}.get(scheme)
+        if implied is None:
+            ap.error(f"--server must start with http://, https://, grpc:// or grpcs://, got {args.server!r}")
+        if engine and engine != implied:
+            ap.error(f"--server {args.server} is a {implied} URL but --engine is {engine}")
+        engine = implied
+    elif engine in ("rest", "grpc"):
+        ap.error(f"--engine {engine} needs --server URL")
+    return engine or "saved_model", opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    engine, opts = _engine_options(args, ap)
+    if args.model is None and engine in ("rest", "grpc"):
+        ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
+    for flag in ("batch_tokens", "chunk_rows"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.top_k < 0:
+        ap.error("--top-k must be >= 0")
+
+    from .errors import MlmScorerError
+    from .models import DEFAULT_MODEL
+    from .pipeline import score_file
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    try:
+        summary = score_file(
+            args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
+            engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
+            id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
+            batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
+            limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
+            cache_dir=args.cache_dir, log=log)
+    except MlmScorerError as exc:
+        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mlm-score: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permission denied while writing...
+        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: say so plainly; the traceback on request
+        if os.environ.get("MLM_SCORER_DEBUG"):
+            raise
+        print(f"mlm-score: internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the "
+              f"traceback, and please report it)", file=sys.stderr)
+        return 1
+    if args.summary_json:
+        with open(args.summary_json, "w", encoding="utf-8") as f:
+            json.dump(summary.to_dict(), f, indent=2)
+    if not args.quiet:
+        print(summary.line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""``score_file``: the one entry point that the CLI, Airflow and Ray call.
+
+Data flow (one reader thread, the engine on the calling thread)::
+
+    TSV rows --chunk--> tokenize, expand, plan, build arrays  (reader thread, one chunk ahead)
+                 \\--> engine.map(batches) -> log-probs -> words, sentences -> Parquet row groups
+                                                          (caller thread; files renamed at the end)
+
+Memory is bounded by the chunk size (rows) and the queue depth, not by the input size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .batching import BatchPolicy
+from .engines.base import get_engine
+from .errors import InputError, UsageError
+from .models import DEFAULT_MODEL, resolve_model
+from .reader import Row, TsvReader, count_lines
+from .scorer import Scorer, SentenceResult
+from .writer import ResultWriter, check_output_path, pseudo_perplexity
+
+ON_BAD_ROW = ("fail", "skip")
+
+
+@dataclass
+class ScoreSummary:
+    """What a run did. Small and JSON-friendly (``asdict``): Airflow passes it through XCom."""
+
+    input: str
+    output: str
+    sentences_output: str
+    engine: str
+    mode: str
+    model: str
+    model_checksum: str
+    rows: int = 0
+    scored: int = 0
+    skipped: int = 0
+    words: int = 0
+    copies: int = 0
+    unique_scored: int = 0
+    duplicates: int = 0
+    padding_efficiency: float = 1.0
+    seconds: float = 0.0
+    mean_pll: float | None = None
+    skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
+
+    MAX_LISTED = 20
+
+    @property
+    def copies_per_second(self) -> float:
+        return self.copies / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        s = (f"scored {self.scored}/{self.rows} rows ({self.words} words, {self.copies} copies, "
+             f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
+             f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s with {self.engine}/{self.mode}; "
+             f"skipped {self.skipped}")
+        if self.skipped_rows:
+            listed = ", ".join(f"line {r['line']} ({r['reason']})" for r in self.skipped_rows)
+            s += f": {listed}{' …' if self.skipped > len(self.skipped_rows) else ''}"
+        return s + f" -> {self.output}, {self.sentences_output}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["copies_per_second"] = self.copies_per_second
+        return d
+
+
+_DONE = object()
+
+
+def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, model: str | os.PathLike = DEFAULT_MODEL,
+               model_version: int | None = None, engine: str = "saved_model",
+               engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
+               text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
+               on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int = 8192,
+               max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
+               progress: bool = False, cache_dir: str | os.PathLike | None = None,
+               log: Callable[[str], None] | None = None, scorer: Scorer | None = None) -> ScoreSummary:
+    """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
+
+    Raises InputError (with file, line, column) for a bad row when ``on_bad_row="fail"``; with "skip",
+    the row gets a sentence row with status "skipped" and the reason, and is listed in the summary.
+    Outputs appear atomically at the end; on any error no file appears at the final paths.
+    """
+    if on_bad_row not in ON_BAD_ROW:
+        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    if chunk_rows < 1:
+        raise UsageError("chunk_rows must be positive")
+    if limit is not None and limit < 0:
+        raise UsageError("limit must be >= 0")
+    out = check_output_path(output, input_path)
+    t0 = time.perf_counter()
+    reader = TsvReader(input_path, text_column=text_column, id_column=id_column, header=header)
+    owns_engine = scorer is None
+    try:
+        if scorer is None:
+            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
+            eng = get_engine(engine, model=md, top_k=top_k > 0, **(engine_options or {}))
+            policy = BatchPolicy(batch_tokens=batch_tokens,
+                                 max_batch_size=min(x for x in (max_batch_size, eng.max_batch_size, 256) if x))
+            try:
+                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
+            except ValueError as exc:
+                eng.close()
+                raise UsageError(str(exc)) from None
+        return _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
+                    limit=limit, progress=progress, t0=t0)
+    finally:
+        reader.close()
+        if owns_engine and scorer is not None:
+            scorer.engine.close()
+
+
+def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
+         limit: int | None, progress: bool, t0: float) -> ScoreSummary:
+    lay = reader.layout
+    md = scorer.model
+    summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
+                           mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
+    writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
+                          flag=False, metadata={"model": str(md.path), "model_checksum": md.checksum,
+                                                "mode": scorer.mode, "engine": scorer.engine.name,
+                                                "input": input_path})
+    summary.sentences_output = str(writer.sentences_path)
+    vocab = [scorer.tokenizer.id_to_token(i) for i in range(scorer.tokenizer.vocab_size)] if scorer.top_k else None
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            chunk: list[Row] = []
+            for n, row in enumerate(reader):
+                if limit is not None and n >= limit or stop.is_set():
+                    break
+                chunk.append(row)
+                if len(chunk) >= chunk_rows:
+                    _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None])))
+                    chunk = []
+            if chunk:
+                _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None])))
+            _put(q, stop, _DONE)
+        except BaseException as exc:  # hand any failure to the consumer, which re-raises it
+            _put(q, stop, exc)
+
+    total = None
+    if progress:
+        try:
+            total = count_lines(input_path)
+            total = None if total is None else max(0, total - (1 if reader.header else 0))
+            if limit is not None and total is not None:
+                total = min(total, limit)
+        except OSError:
+            total = None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="sent", file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
+    thread = threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True)
+    thread.start()
+    pll_sum, pll_n = 0.0, 0
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            rows, prepared = item
+            results = scorer.run(prepared)
+            words, sents, stats = _columns(rows, results, reader.path, on_bad_row, scorer, vocab, lay)
+            writer.write_chunk(words, sents)
+            summary.rows += len(rows)
+            summary.scored += stats["scored"]
+            summary.words += stats["words"]
+            pll_sum += stats["pll_sum"]
+            pll_n += stats["scored"]
+            for sk in stats["skipped"]:
+                summary.skipped += 1
+                if len(summary.skipped_rows) < ScoreSummary.MAX_LISTED:
+                    summary.skipped_rows.append(sk)
+            bar.update(len(rows))
+            el = time.perf_counter() - t0
+            bar.set_postfix_str(f"{scorer.stats.copies / el:.0f} copies/s", refresh=False)
+        writer.commit()
+    except BaseException:
+        stop.set()
+        writer.abort()
+        raise
+    finally:
+        stop.set()
+        bar.close()
+        _drain(q)
+        thread.join(timeout=5)
+    st = scorer.stats
+    summary.copies = st.copies
+    summary.unique_scored = st.unique_scored
+    summary.duplicates = st.duplicates
+    summary.padding_efficiency = st.padding_efficiency
+    summary.mean_pll = pll_sum / pll_n if pll_n else None
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _put(q: queue.Queue, stop: threading.Event, item) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _columns(rows: list[Row], results: list[SentenceResult], path: str, on_bad_row: str, scorer: Scorer,
+             vocab: list[str] | None, lay) -> tuple[dict, dict, dict]:
+    """Word and sentence columns for one chunk, in input order."""
+    has_id = lay.id is not None
+    W: dict[str, list] = {k: [] for k in ("row", "line", "word_index", "word", "char_start", "char_end", "n_pieces",
+                                          "log_prob", "prob")}
+    S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "pll",
+                                          "pseudo_perplexity", "min_word_log_prob", "min_word_index", "status",
+                                          "error")}
+    if has_id:
+        W["id"], S["id"] = [], []
+    for name in lay.passthrough_names:
+        W[name], S[name] = [], []
+    if scorer.top_k:
+        W["top_k"] = []
+    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": []}
+    it = iter(results)
+    for row in rows:
+        err = row.error
+        res = None
+        if err is None:
+            res = next(it)
+            if res.error is not None:
+                err = InputError(res.error, path=path, line=row.line, reason=res.reason or "bad_row")
+        if err is not None and on_bad_row == "fail":
+            raise InputError(f"{err.detail} (use --on-bad-row skip to skip such rows)", path=err.path or path,
+                             line=err.line or row.line, column=err.column, reason=err.reason)
+        S["row"].append(row.index)
+        S["line"].append(row.line)
+        if has_id:
+            S["id"].append(row.id)
+        for j, name in enumerate(lay.passthrough_names):
+            S[name].append(row.passthrough[j] if j < len(row.passthrough) else None)
+        S["text"].append(row.text)
+        if err is not None:
+            for k in ("n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
+                      "min_word_index"):
+                S[k].append(None)
+            S["status"].append("skipped")
+            S["error"].append(str(err))
+            stats["skipped"].append({"line": row.line, "reason": err.reason, "message": err.detail})
+            continue
+        sent = res.sentence
+        wlp = res.word_log_probs()
+        pll = float(wlp.sum())
+        nw = sent.n_words
+        imin = int(np.argmin(wlp))
+        S["n_words"].append(nw)
+        S["n_pieces"].append(sent.n_pieces)
+        S["n_copies"].append(res.n_copies)
+        S["pll"].append(pll)
+        S["pseudo_perplexity"].append(pseudo_perplexity(pll, nw))
+        S["min_word_log_prob"].append(float(wlp[imin]))
+        S["min_word_index"].append(imin)
+        S["status"].append("ok")
+        S["error"].append(None)
+        stats["scored"] += 1
+        stats["words"] += nw
+        stats["pll_sum"] += pll
+        text = row.text
+        ws = sent.word_starts
+        npieces = np.diff(ws)
+        for w in range(nw):
+            a, b = int(sent.char_spans[w, 0]), int(sent.char_spans[w, 1])
+            W["row"].append(row.index)
+            W["line"].append(row.line)
+            if has_id:
+                W["id"].append(row.id)
+            for j, name in enumerate(lay.passthrough_names):
+                W[name].append(row.passthrough[j])
+            W["word_index"].append(w)
+            W["word"].append(text[a:b])
+            W["char_start"].append(a)
+            W["char_end"].append(b)
+            W["n_pieces"].append(int(npieces[w]))
+            lp = float(wlp[w])
+            W["log_prob"].append(lp)
+            W["prob"].append(math.exp(lp))
+            if scorer.top_k:
+                W["top_k"].append([{"token": vocab[i], "log_prob": float(v)}
+                                   for i, v in zip(res.top_k_ids[w], res.top_k_log_probs[w]) if i >= 0])
+    return W, S, stats

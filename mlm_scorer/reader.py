@@ -1,0 +1,203 @@
+"""Stream rows of a TSV file, with errors that cite file, line and column.
+
+Format: UTF-8 (a leading BOM is dropped), lines end in LF or CRLF, fields are separated by TAB.
+Quotes are ordinary characters (no CSV quoting): ``He said "hi"`` is read as written. By default the
+first line is a header naming the columns. With ``header=False`` and no text column given, each whole
+line is one sentence (TABs included).
+
+A row that cannot be read (invalid UTF-8, wrong number of fields) becomes a ``Row`` with ``error``
+set, so the caller decides (fail or skip) and nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from .errors import InputError, UsageError
+
+
+@dataclass
+class Row:
+    """One data row. ``index`` counts data rows from 0; ``line`` is the 1-based physical line."""
+
+    index: int
+    line: int
+    text: str | None
+    id: str | None = None
+    passthrough: tuple[str | None, ...] = ()
+    error: InputError | None = None
+
+
+@dataclass
+class Layout:
+    """Which columns hold what, resolved against the header."""
+
+    names: list[str]  # all column names (header, or col0.. without one)
+    text: int | None  # None: the whole line is the text (header=False, one sentence per line)
+    id: int | None
+    passthrough: list[int]
+
+    @property
+    def passthrough_names(self) -> list[str]:
+        return [self.names[i] for i in self.passthrough]
+
+    @property
+    def id_name(self) -> str | None:
+        return self.names[self.id] if self.id is not None else None
+
+
+def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) -> int | None:
+    if spec is None:
+        return None
+    s = str(spec)
+    if header and s in names:
+        return names.index(s)
+    if s.lstrip("-").isdigit():
+        i = int(s)
+        if not 0 <= i < len(names):
+            raise UsageError(f"{what} index {i} is out of range: the file has {len(names)} column(s) "
+                             f"{names} (indices start at 0)")
+        return i
+    raise UsageError(f"{what} {s!r} is not a column of the header {names}; give a name or a 0-based index")
+
+
+def _open(path: str | os.PathLike) -> BinaryIO:
+    if str(path) == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise UsageError(f"input file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"input {str(path)!r} is a directory, not a TSV file") from None
+    except PermissionError:
+        raise UsageError(f"input file {str(path)!r} cannot be read (permission denied)") from None
+
+
+def _decode(raw: bytes, path: str, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # column: 1-based character position of the bad byte in the line
+        col = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+        raise InputError(f"invalid UTF-8 byte 0x{raw[exc.start]:02x} (byte offset {exc.start} in the line)",
+                         path=path, line=line, column=col, reason="bad_utf8") from None
+
+
+class TsvReader:
+    """Iterate ``Row``s of a TSV. ``layout`` is known after construction (the header is read then)."""
+
+    def __init__(self, path: str | os.PathLike, *, text_column: str | int | None = None,
+                 id_column: str | int | None = None, header: bool = True):
+        self.path = str(path)
+        self.header = header
+        self._f = _open(path)
+        self._line = 0
+        self._first = True
+        if header:
+            raw = self._next_raw()
+            if raw is None:
+                raise InputError("the file is empty: expected a header line (use --no-header for a file "
+                                 "with one sentence per line)", path=self.path, line=1, reason="empty_file")
+            names = _decode(raw, self.path, self._line).split("\t")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise InputError(f"duplicate column name(s) in the header: {dup}", path=self.path, line=1)
+            if text_column is None:
+                if "text" in names:
+                    text_column = "text"
+                elif len(names) == 1:
+                    text_column = 0
+                else:
+                    raise UsageError(f"{self.path}: which column holds the text? The header has {names}; "
+                                     f"pass --text-column NAME (or a 0-based index)")
+            t = _resolve(text_column, names, "--text-column", True)
+            i = _resolve(id_column, names, "--id-column", True)
+        else:
+            self._peek = self._next_raw()
+            n = 1 if self._peek is None else _decode_or_count(self._peek)
+            names = [f"col{j}" for j in range(n)]
+            if text_column is None:
+                t, i = None, _resolve(id_column, names, "--id-column", False)
+                if i is not None:
+                    raise UsageError("--id-column with --no-header needs --text-column too")
+            else:
+                t = _resolve(text_column, names, "--text-column", False)
+                i = _resolve(id_column, names, "--id-column", False)
+        if t is not None and t == i:
+            raise UsageError("--text-column and --id-column name the same column")
+        self.layout = Layout(names=names, text=t, id=i,
+                             passthrough=[j for j in range(len(names)) if j not in (t, i)] if t is not None else [])
+        self._index = 0
+
+    def _next_raw(self) -> bytes | None:
+        raw = self._f.readline()
+        if not raw:
+            return None
+        self._line += 1
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+        if self._first:
+            self._first = False
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+        return raw
+
+    def __iter__(self) -> Iterator[Row]:
+        peek = getattr(self, "_peek", None)
+        self._peek = None
+        if peek is not None:
+            yield self._row(peek)
+        while (raw := self._next_raw()) is not None:
+            yield self._row(raw)
+
+    def _row(self, raw: bytes) -> Row:
+        idx, line = self._index, self._line
+        self._index += 1
+        try:
+            text = _decode(raw, self.path, line)
+        except InputError as exc:
+            return Row(idx, line, None, error=exc)
+        lay = self.layout
+        if lay.text is None:
+            return Row(idx, line, text)
+        fields = text.split("\t")
+        if len(fields) != len(lay.names):
+            col = len("\t".join(fields[: len(lay.names)])) + 1 if len(fields) > len(lay.names) else len(text) + 1
+            return Row(idx, line, None, error=InputError(
+                f"expected {len(lay.names)} tab-separated fields ({', '.join(lay.names)}), found {len(fields)}",
+                path=self.path, line=line, column=col, reason="wrong_field_count"))
+        return Row(idx, line, fields[lay.text], fields[lay.id] if lay.id is not None else None,
+                   tuple(fields[j] for j in lay.passthrough))
+
+    def close(self) -> None:
+        if self._f is not sys.stdin.buffer:
+            self._f.close()
+
+    def __enter__(self) -> "TsvReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _decode_or_count(raw: bytes) -> int:
+    return raw.count(b"\t") + 1
+
+
+def count_lines(path: str | os.PathLike) -> int | None:
+    """Number of lines (for a progress total), or None for stdin. Reads the file once, fast."""
+    if str(path) == "-":
+        return None
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (0 if last == b"\n" else 1)
+

@@ -1,0 +1,241 @@
+"""Score lists of texts: tokenize, expand into masked copies, batch across sentences, run, aggregate.
+
+``Scorer.prepare(texts)`` does everything before the engine (tokenize, expand, plan, build the padded
+arrays) and ``Scorer.run(prepared)`` runs the engine and scatters the log-probs back, so a caller can
+prepare the next chunk on another thread while the engine works on this one (``pipeline.py`` does).
+
+Aggregation (all modes): every copy yields the log-probability of each of its predicted pieces;
+a word's log-prob is the sum over its pieces; a sentence's PLL is the sum over its words.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batching import BatchPolicy, build, padding_efficiency, plan
+from .engines.base import Batch, Engine
+from .expand import PRED_A, PRED_B, SENT, WordTooLong, masked_spans, windows
+from .model_dir import ModelDir
+from .segment import Sentence, WordTokenizer
+
+
+@dataclass
+class SentenceResult:
+    """Scores of one text. ``error`` is set (and the arrays empty) when it cannot be scored.
+
+    Attributes:
+      sentence: the tokenized text (pieces, word boundaries, character spans).
+      piece_log_probs: float64 [n_pieces], natural-log probability of each piece as its mode defines.
+      top_k_ids, top_k_log_probs: [n_words, k] predictions at each word's first piece, or None.
+      n_copies: masked copies run for this text.
+    """
+
+    sentence: Sentence | None
+    piece_log_probs: np.ndarray | None = None
+    top_k_ids: np.ndarray | None = None
+    top_k_log_probs: np.ndarray | None = None
+    n_copies: int = 0
+    error: str | None = None
+    reason: str | None = None
+
+    def word_log_probs(self) -> np.ndarray:
+        """float64 [n_words]: sum of each word's piece log-probs."""
+        ws = self.sentence.word_starts
+        if len(ws) <= 1:
+            return np.zeros(0)
+        return np.add.reduceat(self.piece_log_probs, ws[:-1]) if len(self.piece_log_probs) else np.zeros(0)
+
+    @property
+    def pll(self) -> float:
+        return float(self.word_log_probs().sum())
+
+
+@dataclass
+class Prepared:
+    """A chunk ready for the engine: unique sentences, their copies and the built batches."""
+
+    texts: list[str]
+    keys: list[int]  # for each input text, index into `unique` (or -1: taken from the result cache)
+    unique: list[str]
+    sentences: list[Sentence | None]
+    errors: dict[int, tuple[str, str]]  # unique index -> (reason, message)
+    copies: np.ndarray
+    batches: list[np.ndarray]  # indices into copies
+    built: list[Batch] = field(default_factory=list)
+
+    @property
+    def n_copies(self) -> int:
+        return len(self.copies)
+
+
+@dataclass
+class Stats:
+    sentences: int = 0
+    unique_scored: int = 0
+    duplicates: int = 0
+    copies: int = 0
+    real_tokens: int = 0
+    computed_tokens: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.real_tokens / self.computed_tokens if self.computed_tokens else 1.0
+
+
+class Scorer:
+    """Scores texts with one model and engine. Thread-safe between one preparer and one runner."""
+
+    def __init__(self, model: ModelDir, engine: Engine, *, mode: str = "whole-word", top_k: int = 0,
+                 policy: BatchPolicy | None = None, cache_size: int = 100_000):
+        from .expand import MODES
+
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if top_k < 0 or top_k > model.top_k:
+            raise ValueError(f"top_k must be between 0 and the export's k ({model.top_k}), got {top_k}")
+        self.model = model
+        self.engine = engine
+        self.mode = mode
+        self.top_k = top_k
+        self.policy = policy or BatchPolicy(max_batch_size=engine.max_batch_size or 256)
+        if engine.max_batch_size and self.policy.max_batch_size > engine.max_batch_size:
+            self.policy = BatchPolicy(self.policy.batch_tokens, engine.max_batch_size)
+        self.tokenizer = WordTokenizer(model)
+        self.max_seq_length = model.max_seq_length
+        self.stats = Stats()
+        # Results of texts already scored (identical sentences are scored once), and texts handed to the
+        # engine in a chunk not yet run. Both bounded: memory does not grow with the input.
+        self._cache: OrderedDict[str, SentenceResult] = OrderedDict()
+        self._cache_size = cache_size
+        self._pending: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------- prepare
+    def prepare(self, texts: list[str]) -> Prepared:
+        index: dict[str, int] = {}
+        unique: list[str] = []
+        keys: list[int] = []
+        with self._lock:
+            for t in texts:
+                if t in self._cache or t in self._pending:
+                    keys.append(-1)
+                    continue
+                k = index.get(t)
+                if k is None:
+                    k = index[t] = len(unique)
+                    unique.append(t)
+                keys.append(k)
+            for t in unique:
+                self._pending[t] = None
+        sentences: list[Sentence | None] = list(self.tokenizer.tokenize(unique)) if unique else []
+        errors: dict[int, tuple[str, str]] = {}
+        parts = []
+        for i, s in enumerate(sentences):
+            if s.n_words == 0:
+                errors[i] = ("empty", "no words to score: the text is empty, whitespace or control characters only")
+                continue
+            spans = masked_spans(s, self.mode)
+            try:
+                win = windows(s, spans, self.max_seq_length)
+            except WordTooLong as exc:
+                errors[i] = ("word_too_long", str(exc))
+                continue
+            parts.append(np.concatenate([np.full((len(spans), 1), i, np.int64), spans, win], axis=1))
+        copies = np.concatenate(parts) if parts else np.zeros((0, 7), np.int64)
+        batches = plan(copies, self.policy)
+        tk = self.tokenizer
+        built = [build(copies[b], sentences, tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id) for b in batches]
+        return Prepared(texts=texts, keys=keys, unique=unique, sentences=sentences, errors=errors,
+                        copies=copies, batches=batches, built=built)
+
+    # ----------------------------------------------------------------------------------------- run
+    def run(self, prep: Prepared) -> list[SentenceResult]:
+        """Run the engine on a prepared chunk; return one result per input text, in input order."""
+        offsets = np.zeros(len(prep.sentences) + 1, np.int64)
+        if prep.sentences:
+            offsets[1:] = np.cumsum([s.n_pieces for s in prep.sentences])
+        piece_lp = np.zeros(int(offsets[-1]), np.float64)
+        k = self.top_k
+        word_of_piece, word_offsets = self._first_piece_words(prep.sentences)
+        top_ids = np.full((int(word_offsets[-1]), k), -1, np.int32) if k else None
+        top_lp = np.full((int(word_offsets[-1]), k), -np.inf, np.float32) if k else None
+        for idx, res in zip(prep.batches, self.engine.map(prep.built)):
+            cp = prep.copies[idx]
+            n_pred = cp[:, PRED_B] - cp[:, PRED_A]
+            P = res.log_probs.shape[1]
+            slot = np.arange(P)[None, :]
+            valid = slot < n_pred[:, None]
+            flat = offsets[cp[:, SENT]][:, None] + cp[:, PRED_A][:, None] + slot
+            piece_lp[flat[valid]] = res.log_probs[valid]
+            if k:
+                first = flat[:, 0]
+                w = word_of_piece[first]  # -1 where slot 0 is not a word's first piece
+                sel = w >= 0
+                top_ids[w[sel]] = res.top_k_ids[sel, 0, :k]
+                top_lp[w[sel]] = res.top_k_log_probs[sel, 0, :k]
+        self.stats.copies += prep.n_copies
+        real, computed = padding_efficiency(prep.copies, prep.batches)
+        self.stats.real_tokens += real
+        self.stats.computed_tokens += computed
+
+        fresh: list[SentenceResult] = []
+        n_copies = np.bincount(prep.copies[:, SENT], minlength=len(prep.sentences)) if len(prep.copies) else \
+            np.zeros(len(prep.sentences), np.int64)
+        for i, s in enumerate(prep.sentences):
+            if i in prep.errors:
+                reason, msg = prep.errors[i]
+                fresh.append(SentenceResult(sentence=s, error=msg, reason=reason))
+                continue
+            r = SentenceResult(sentence=s, piece_log_probs=piece_lp[offsets[i]:offsets[i + 1]].copy(),
+                               n_copies=int(n_copies[i]))
+            if k:
+                r.top_k_ids = top_ids[word_offsets[i]:word_offsets[i + 1]].copy()
+                r.top_k_log_probs = top_lp[word_offsets[i]:word_offsets[i + 1]].copy()
+            fresh.append(r)
+        with self._lock:
+            for t, r in zip(prep.unique, fresh):
+                self._pending.pop(t, None)
+                self._cache[t] = r
+                self._cache.move_to_end(t)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        out: list[SentenceResult] = []
+        missing: list[int] = []
+        for j, (t, key) in enumerate(zip(prep.texts, prep.keys)):
+            if key >= 0:
+                out.append(fresh[key])
+                continue
+            with self._lock:
+                r = self._cache.get(t)
+            if r is None:
+                missing.append(j)  # evicted before use: score again below (rare; keeps the cache bounded)
+            out.append(r)
+        if missing:
+            redo = self.run(self.prepare([prep.texts[j] for j in missing]))
+            for j, r in zip(missing, redo):
+                out[j] = r
+        self.stats.sentences += len(prep.texts)
+        self.stats.unique_scored += len(prep.unique)
+        self.stats.duplicates += len(prep.texts) - len(prep.unique)
+        return out
+
+    def score(self, texts: list[str]) -> list[SentenceResult]:
+        """Prepare and run in one call (no overlap)."""
+        return self.run(self.prepare(texts))
+
+    @staticmethod
+    def _first_piece_words(sentences: list[Sentence | None]) -> tuple[np.ndarray, np.ndarray]:
+        """For every piece (concatenated over sentences): global word index if it starts a word, else -1."""
+        total = sum(s.n_pieces for s in sentences)
+        word_of_piece = np.full(total, -1, np.int64)
+        word_offsets = np.zeros(len(sentences) + 1, np.int64)
+        base = 0
+        for i, s in enumerate(sentences):
+            nw = s.n_words
+            word_of_piece[base + s.word_starts[:-1]] = word_offsets[i] + np.arange(nw)
+            word_offsets[i + 1] = word_offsets[i] + nw
+            base += s.n_pieces
+        return word_of_piece, word_offsets

@@ -1,0 +1,98 @@
+"""Split text into words and WordPiece pieces, keeping each word's pieces together.
+
+Words are the tokenizer's pre-tokenization units (BERT's basic tokenizer: split on whitespace and
+punctuation, each CJK character on its own), with character offsets into the ORIGINAL text, so a word
+can be cut out of the input with ``text[char_start:char_end]`` whatever lower-casing or accent
+stripping the model applies::
+
+    text    "The cat's jacksonville!"
+    words   The | cat | ' | s | jacksonville | !
+    pieces  the | cat | ' | s | jack ##son ##ville | !
+    word_starts (piece index of each word's first piece, plus the end): [0, 1, 2, 3, 4, 7, 8]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ModelError
+from .model_dir import ModelDir
+
+
+@dataclass
+class Sentence:
+    """One tokenized sentence.
+
+    Attributes:
+      ids: int32 array [n_pieces] of WordPiece ids (no [CLS]/[SEP]).
+      word_starts: int32 array [n_words + 1]; pieces of word w are ids[word_starts[w]:word_starts[w+1]].
+      char_spans: int32 array [n_words, 2]; (start, end) character offsets into the original text.
+    """
+
+    ids: np.ndarray
+    word_starts: np.ndarray
+    char_spans: np.ndarray
+
+    @property
+    def n_words(self) -> int:
+        return len(self.word_starts) - 1
+
+    @property
+    def n_pieces(self) -> int:
+        return len(self.ids)
+
+
+class WordTokenizer:
+    """WordPiece tokenizer of an export (``tokenizer/tokenizer.json``), with word grouping."""
+
+    def __init__(self, model: ModelDir):
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_file(str(model.tokenizer_json))
+        except Exception as exc:
+            raise ModelError(f"cannot load {model.tokenizer_json}: {exc}") from None
+        vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if vocab_size != model.manifest["vocab_size"]:
+            raise ModelError(f"{model.tokenizer_json} has {vocab_size} tokens, but the model's vocab_size is "
+                             f"{model.manifest['vocab_size']}: tokenizer and model do not belong together")
+        # The truncation/padding a tokenizer.json may carry would silently cut long sentences: turn it off.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        st = model.manifest["special_tokens"]
+        ids = {k: self._tok.token_to_id(v) for k, v in st.items()}
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ModelError(f"special tokens {missing} are not in the vocabulary of {model.tokenizer_json}")
+        self.cls_id, self.sep_id, self.mask_id, self.pad_id = ids["cls"], ids["sep"], ids["mask"], ids["pad"]
+        self.vocab_size = vocab_size
+
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(int(i)) or ""
+
+    def tokenize(self, texts: list[str]) -> list[Sentence]:
+        """Tokenize many texts at once (the Rust tokenizer runs them in parallel)."""
+        encs = self._tok.encode_batch(texts, add_special_tokens=False)
+        return [_to_sentence(e) for e in encs]
+
+
+def _to_sentence(enc) -> Sentence:
+    ids = np.asarray(enc.ids, np.int32)
+    word_ids = enc.word_ids
+    offsets = enc.offsets
+    starts: list[int] = []
+    spans: list[list[int]] = []
+    prev = None
+    for i, w in enumerate(word_ids):
+        if w is None:  # only special tokens have no word; none are added here
+            continue
+        if w != prev:
+            starts.append(i)
+            spans.append([offsets[i][0], offsets[i][1]])
+            prev = w
+        else:
+            spans[-1][1] = offsets[i][1]
+    starts.append(len(ids))
+    return Sentence(ids=ids, word_starts=np.asarray(starts, np.int32),
+                    char_spans=np.asarray(spans, np.int32).reshape(-1, 2))
