@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random BERT checkpoints (HF and TF-1), their exports, and an independent
+PyTorch reference for word log-probabilities."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TorchReference  # noqa: E402
+from tiny_models import SHARED_VOCAB, SMALL_VOCAB, make_hf_bert  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """Tiny random BertForMaskedLM (small vocab, max 64 positions) in Hugging Face format."""
+    return make_hf_bert(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_hf, tmp_path_factory) -> Path:
+    from mlm_export import export
+
+    base = tmp_path_factory.mktemp("tiny_export")
+    export(tiny_hf, base, top_k=5, log=lambda m: None)
+    return base
+
+
+@pytest.fixture(scope="session")
+def realvocab_hf(tmp_path_factory) -> Path:
+    """Tiny random BERT on the real 30,522-token uncased vocabulary: realistic word-piece splits."""
+    if not SHARED_VOCAB.is_file():
+        pytest.skip(f"the shared bert-base-uncased vocab is not at {SHARED_VOCAB}")
+    return make_hf_bert(tmp_path_factory.mktemp("realvocab_hf"), vocab=SHARED_VOCAB, hidden=32, layers=2,
+                        heads=2, intermediate=48, max_pos=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def realvocab_export(realvocab_hf, tmp_path_factory) -> Path:
+    from mlm_export import export
+
+    base = tmp_path_factory.mktemp("realvocab_export")
+    export(realvocab_hf, base, log=lambda m: None)
+    return base
+
+
+@pytest.fixture(scope="session")
+def short_hf(tmp_path_factory) -> Path:
+    """A model with only 16 positions: sentences longer than 14 pieces need windows."""
+    return make_hf_bert(tmp_path_factory.mktemp("short_hf"), max_pos=16, seed=2)
+
+
+@pytest.fixture(scope="session")
+def short_export(short_hf, tmp_path_factory) -> Path:
+    from mlm_export import export
+
+    base = tmp_path_factory.mktemp("short_export")
+    export(short_hf, base, log=lambda m: None)
+    return base
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_hf) -> TorchReference:
+    return TorchReference(tiny_hf)
+
+
+@pytest.fixture(scope="session")
+def realvocab_reference(realvocab_hf) -> TorchReference:
+    return TorchReference(realvocab_hf)
+
+
+@pytest.fixture()
+def fake_export(tmp_path) -> Path:
+    """An export directory with a real tokenizer and manifest but no SavedModel: for the fake engine."""
+    import json
+    import shutil
+
+    from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
+
+    vdir = tmp_path / "fake_export" / "1"
+    (vdir / "tokenizer").mkdir(parents=True)
+    shutil.copyfile(SMALL_VOCAB, vdir / "tokenizer" / "vocab.txt")
+    from tokenizers import BertWordPieceTokenizer
+
+    BertWordPieceTokenizer(str(vdir / "tokenizer" / "vocab.txt"), lowercase=True).save(
+        str(vdir / "tokenizer" / "tokenizer.json"))
+    n = len(SMALL_VOCAB.read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    manifest = {"format": "mlm-scorer-export", "format_version": 1, "vocab_size": n,
+                "vocab_sha256": sha256_file(vdir / "tokenizer" / "vocab.txt"), "max_seq_length": 32, "top_k": 3,
+                "do_lower_case": True, "tokenize_chinese_chars": True,
+                "special_tokens": {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"},
+                "model_checksum": "fake", "signature": {}}
+    (vdir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return vdir.parent
+

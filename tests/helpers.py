@@ -1,0 +1,66 @@
+"""Test helpers: the independent PyTorch reference and small TSV/Parquet utilities."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiny_models import load_reference
+
+
+class TorchReference:
+    """Word log-probs computed independently: transformers' tokenizer and BertForMaskedLM, the full
+    vocabulary softmax at every position, masked copies built here from the definitions."""
+
+    def __init__(self, hf_dir: Path):
+        self.model, self.tok = load_reference(hf_dir)
+        self.max_len = self.model.config.max_position_embeddings
+
+    def words(self, text: str) -> tuple[list[int], list[list[int]]]:
+        enc = self.tok(text, add_special_tokens=False)
+        ids = enc["input_ids"]
+        groups: dict[int, list[int]] = {}
+        for i, w in enumerate(enc.word_ids()):
+            groups.setdefault(w, []).append(i)
+        return ids, [groups[w] for w in sorted(groups)]
+
+    def _log_probs(self, ids: list[int], window: tuple[int, int], masked: list[int], predict: list[int]) -> list[float]:
+        import torch
+
+        a, b = window
+        row = [self.tok.cls_token_id] + list(ids[a:b]) + [self.tok.sep_token_id]
+        for m in masked:
+            row[1 + m - a] = self.tok.mask_token_id
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([row])).logits[0]
+            lp = torch.log_softmax(logits.double(), dim=-1)
+        return [float(lp[1 + p - a, ids[p]]) for p in predict]
+
+    def word_log_probs(self, text: str, mode: str, window_fn=None) -> list[float]:
+        ids, words = self.words(text)
+        out = []
+        for pieces in words:
+            def win(masked):
+                return window_fn(ids, words, masked) if window_fn else (0, len(ids))
+            if mode == "whole-word":
+                out.append(sum(self._log_probs(ids, win(pieces), pieces, pieces)))
+            elif mode == "word-l2r":
+                out.append(sum(self._log_probs(ids, win(pieces[j:]), pieces[j:], [p])[0]
+                               for j, p in enumerate(pieces)))
+            elif mode == "token":
+                out.append(sum(self._log_probs(ids, win([p]), [p], [p])[0] for p in pieces))
+            else:
+                raise ValueError(mode)
+        return out
+
+
+def write_tsv(path: Path, rows: list[list[str]], header: list[str] | None = ("id", "text")) -> Path:
+    lines = (["\t".join(header)] if header else []) + ["\t".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_outputs(out: Path):
+    import pyarrow.parquet as pq
+
+    from mlm_scorer.writer import sentences_path
+
+    return pq.read_table(out).to_pylist(), pq.read_table(sentences_path(out)).to_pylist()
