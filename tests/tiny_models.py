@@ -31,7 +31,10 @@ def make_hf_bert(out: Path, *, vocab: Path = SMALL_VOCAB, hidden: int = 32, laye
         for name, p in model.named_parameters():
             if name.endswith("bias") or "LayerNorm" in name:
                 p.add_(torch.randn_like(p) * init_range)
-    model.save_pretrained(str(out), safe_serialization=safetensors)
+    model.save_pretrained(str(out))
+    if not safetensors:  # transformers 5 always writes safetensors: write the legacy format by hand
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
+        (out / "model.safetensors").unlink()
     shutil.copyfile(vocab, out / "vocab.txt")
     (out / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": do_lower_case,
                                                            "tokenizer_class": "BertTokenizer"}))

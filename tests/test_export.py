@@ -1,0 +1,180 @@
+"""The exporter: what it accepts, what it refuses (with what was found and what is needed), what it
+writes (signatures, manifest, tokenizer) and that it verifies itself."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import make_hf_bert
+
+from mlm_export import CheckpointError, export, load_checkpoint
+from mlm_scorer.errors import ModelError
+from mlm_scorer.model_dir import ModelDir
+
+
+def test_signatures_manifest_and_tokenizer(tiny_export):
+    import tensorflow as tf
+
+    vdir = tiny_export / "1"
+    m = json.loads((vdir / "mlm_scorer.json").read_text())
+    assert m["verification"]["max_abs_diff"] <= 1e-4 and m["top_k"] == 5
+    assert m["versions"]["tensorflow-cpu"] and m["source"]["kind"] == "huggingface"
+    assert {"vocab.txt", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (vdir / "tokenizer").iterdir()}
+    loaded = tf.saved_model.load(str(vdir))
+    sig = loaded.signatures["serving_default"]
+    inputs = sig.structured_input_signature[1]
+    assert set(inputs) == {"input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids"}
+    assert all(s.dtype == tf.int32 and s.shape.as_list() == [None, None] for s in inputs.values())
+    outs = sig.structured_outputs
+    assert outs["masked_lm_log_probs"].shape.as_list() == [None, None]
+    assert outs["top_k_ids"].dtype == tf.int32 and outs["top_k_log_probs"].shape.as_list() == [None, None, 5]
+    assert set(loaded.signatures["top_k"].structured_outputs) == {"top_k_ids", "top_k_log_probs"}
+    # and a transformers tokenizer loads from the copy (a remote client can tokenize from it)
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(vdir / "tokenizer"))
+    assert len(tok) == m["vocab_size"]
+
+
+def test_saved_model_cli_shows_the_signature(tiny_export):
+    cli = shutil.which("saved_model_cli") or str(Path(sys.executable).parent / "saved_model_cli")
+    r = subprocess.run([cli, "show", "--dir", str(tiny_export / "1"), "--all"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "signature_def['serving_default']" in r.stdout and "masked_lm_positions" in r.stdout
+    assert "top_k_log_probs" in r.stdout
+
+
+def test_pytorch_bin_source_loads_without_pickled_code(tiny_hf, tmp_path):
+    import torch
+
+    src = tmp_path / "bin_model"
+    make_hf_bert(src, safetensors=False)
+    assert (src / "pytorch_model.bin").is_file() and not (src / "model.safetensors").exists()
+    a = load_checkpoint(src)
+    b = load_checkpoint(tiny_hf)
+    assert a.weights.keys() == b.weights.keys()
+    for k in a.weights:  # same seed, same weights, whichever file format
+        assert (a.weights[k] == b.weights[k]).all(), k
+    # a pickle that would run code is refused by the restricted unpickler
+    evil = tmp_path / "evil"
+    shutil.copytree(src, evil)
+
+    class Boom:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").touch, ())
+
+    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "x": Boom()}, evil / "pytorch_model.bin",
+               pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(CheckpointError, match="could not be loaded safely"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_refuses_other_architectures(tiny_hf, tmp_path):
+    d = _copy(tiny_hf, tmp_path / "roberta")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "roberta"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'roberta'.*only BERT"):
+        load_checkpoint(d)
+
+
+def test_refuses_missing_mlm_head(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path / "bare"
+    BertModel(BertConfig(vocab_size=343, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(str(d))
+    shutil.copyfile(Path(__file__).parent / "data" / "small_vocab.txt", d / "vocab.txt")
+    with pytest.raises(CheckpointError, match=r"no masked-LM head weights \(cls.predictions"):
+        load_checkpoint(d)
+
+
+def test_refuses_vocab_mismatch(tiny_hf, tmp_path):
+    d = _copy(tiny_hf, tmp_path / "badvocab")
+    (d / "vocab.txt").write_text((d / "vocab.txt").read_text() + "extra1\nextra2\n")
+    with pytest.raises(CheckpointError, match="vocab.txt has 345 tokens but the model's vocab_size is 343"):
+        load_checkpoint(d)
+
+
+def test_refuses_unknown_directories_and_missing_weights(tiny_hf, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a Hugging Face BERT directory"):
+        load_checkpoint(tmp_path / "empty")
+    d = _copy(tiny_hf, tmp_path / "noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights: needs model.safetensors or pytorch_model.bin"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint("./no/such/dir")
+
+
+def test_hub_id_without_network_says_how_to_go_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="point --model at a local checkpoint"):
+        load_checkpoint("some-org/some-bert", cache_dir=tmp_path)
+
+
+def test_verification_fails_a_wrong_export(tiny_hf, tmp_path, monkeypatch):
+    """The self-check compares against the source weights: a graph that disagrees must fail the export."""
+    from mlm_export import verify
+
+    ckpt = load_checkpoint(tiny_hf)
+    orig = verify.reference_log_probs
+
+    def skewed(*a, **k):
+        return orig(*a, **k) + 1e-3
+    monkeypatch.setattr(verify, "reference_log_probs", skewed)
+    from mlm_export.saved_model import export_checkpoint
+
+    with pytest.raises(verify.VerificationError, match="max |Δ log-prob|"):
+        export_checkpoint(ckpt, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out" / "1").exists(), "a failed export leaves no version directory"
+
+
+def test_export_refuses_to_overwrite_and_versions(tiny_export, tiny_hf):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(tiny_hf, tiny_export, version=1, log=lambda m: None)
+
+
+def test_model_dir_validates_manifest(tiny_export, tmp_path):
+    d = _copy(tiny_export, tmp_path / "m")
+    man = d / "1" / "mlm_scorer.json"
+    m = json.loads(man.read_text())
+    m["top_k"] = "five"
+    man.write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="key 'top_k' should be int"):
+        ModelDir.open(d)
+    man.write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        ModelDir.open(d)
+    d2 = _copy(tiny_export, tmp_path / "m2")
+    (d2 / "1" / "tokenizer" / "vocab.txt").write_text("tampered\n")
+    with pytest.raises(ModelError, match="does not match the manifest's vocab_sha256"):
+        ModelDir.open(d2)
+    with pytest.raises(ModelError, match="not an mlm-scorer export"):
+        ModelDir.open(tmp_path)
+
+
+def test_checkpoint_model_is_exported_once_into_cache(tiny_hf, tmp_path, capsys):
+    from mlm_scorer.cli import main
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\nThe cat sat.\n")
+    args = [str(tsv), "-o", str(tmp_path / "o.parquet"), "--model", str(tiny_hf), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    assert "exporting" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "exporting" not in capsys.readouterr().err
+    assert len(list((tmp_path / "c" / "exports").glob("*/1/mlm_scorer.json"))) == 1
