@@ -51,7 +51,8 @@ class ScoreSummary:
     unique_scored: int = 0
     duplicates: int = 0
     padding_efficiency: float = 1.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole call
+    load_seconds: float = 0.0  # of which: opening the model and engine (export on first use, TF start-up)
     mean_pll: float | None = None
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
 
@@ -59,12 +60,14 @@ class ScoreSummary:
 
     @property
     def copies_per_second(self) -> float:
-        return self.copies / self.seconds if self.seconds > 0 else 0.0
+        """Throughput of the scoring itself (reading, tokenizing, inference, writing), without start-up."""
+        busy = self.seconds - self.load_seconds
+        return self.copies / busy if busy > 0 else 0.0
 
     def line(self) -> str:
         s = (f"scored {self.scored}/{self.rows} rows ({self.words} words, {self.copies} copies, "
              f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
-             f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s with {self.engine}/{self.mode}; "
+             f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}/{self.mode}; "
              f"skipped {self.skipped}")
         if self.skipped_rows:
             listed = ", ".join(f"line {r['line']} ({r['reason']})" for r in self.skipped_rows)
@@ -115,8 +118,12 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
             except ValueError as exc:
                 eng.close()
                 raise UsageError(str(exc)) from None
-        return _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
-                    limit=limit, progress=progress, t0=t0)
+        load_seconds = time.perf_counter() - t0
+        summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
+                       limit=limit, progress=progress, t0=time.perf_counter())
+        summary.load_seconds = load_seconds
+        summary.seconds += load_seconds
+        return summary
     finally:
         reader.close()
         if owns_engine and scorer is not None:

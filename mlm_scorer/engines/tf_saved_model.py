@@ -39,6 +39,10 @@ class SavedModelEngine(Engine):
             raise ModelError(f"cannot load the SavedModel at {model.path}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         self._fn = self._loaded.signatures["serving_default"]
+        # The first call optimizes the graph (seconds for bert-base): do it now, as part of start-up.
+        one = np.array([[model.manifest.get("special_token_ids", {}).get("cls", 0), 0, 0]], np.int32)
+        self.score_batch(Batch(one, np.ones_like(one), np.zeros_like(one), np.array([[1]], np.int32),
+                               np.array([[0]], np.int32)))
 
     def score_batch(self, batch: Batch) -> BatchResult:
         tf = self._tf

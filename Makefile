@@ -1,0 +1,35 @@
+# The README's quick start: `make run` (set up + score the sample with the default model) and
+# `make test` (set up + run the test suite, offline). Both create .venv from this repository's files.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# torch 2.13.0: on these machines pip finds a local CPU wheel; elsewhere add
+# --index-url https://download.pytorch.org/whl/cpu to avoid the CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[tf,hub]'
+	touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q '$(TORCH)'
+	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx]'
+	touch $@
+
+run: $(VENV)/.run-deps
+	$(BIN)/mlm-score data/sample.tsv -o probs.parquet --id-column id
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.test-deps
+	$(BIN)/python scripts/bench_e2e.py
+
+clean:
+	rm -rf $(VENV) probs.parquet probs.sentences.parquet

@@ -1,0 +1,103 @@
+"""Masked copies per second on a bert-base-shaped random model: the engine alone vs end to end.
+
+  engine alone  the in-process SavedModel engine on the very batches the scorer builds (prepared
+                beforehand, not timed): the ceiling the pipeline can reach with this engine
+  end to end    `mlm-score input.tsv -o out.parquet` as a user runs it (reading, tokenizing, expanding,
+                batching, inference, aggregation, Parquet), start-up (TF import, model load) excluded
+                from copies/s and reported separately
+
+Usage: python scripts/bench_e2e.py [--sentences 400] [--shape bert-base] [--mode whole-word] [--record]
+--record appends the table to BENCHMARKS.md with the machine it ran on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, blimp_sentences, flops_per_copy, git_rev, machine, make_checkpoint, write_tsv  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sentences", type=int, default=400)
+    ap.add_argument("--shape", default="bert-base", choices=["bert-base", "small"])
+    ap.add_argument("--mode", default="whole-word")
+    ap.add_argument("--work", default=str(REPO / "bench-out"))
+    ap.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    work = Path(args.work)
+    work.mkdir(exist_ok=True)
+    ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
+    export_dir = work / f"{args.shape}-export"
+    if not (export_dir / "1").is_dir():
+        from mlm_export import export
+
+        export(ckpt, export_dir, log=print)
+    tsv = write_tsv(work / f"blimp-{args.sentences}.tsv", blimp_sentences(args.sentences))
+
+    # -- engine alone ---------------------------------------------------------------------------------
+    from mlm_scorer.engines.base import get_engine
+    from mlm_scorer.model_dir import ModelDir
+    from mlm_scorer.scorer import Scorer
+
+    md = ModelDir.open(export_dir)
+    texts = [line.split("\t", 1)[1].rstrip("\n") for line in tsv.read_text(encoding="utf-8").splitlines()[1:]]
+    eng = get_engine("saved_model", model=md)
+    prep = Scorer(md, eng, mode=args.mode).prepare(texts)
+    eng.run(prep.built[0])  # warm
+    t = time.perf_counter()
+    for b in prep.built:
+        eng.run(b)
+    engine_s = time.perf_counter() - t
+    n_copies = prep.n_copies
+    tokens = float((prep.copies[:, 6] - prep.copies[:, 5] + 2).mean())
+    eng.close()
+    del eng
+
+    # -- end to end (a separate process, as a user runs it) -------------------------------------------
+    summary_path = work / "summary.json"
+    cmd = [sys.executable, "-m", "mlm_scorer", str(tsv), "-o", str(work / "out.parquet"), "--model", str(export_dir),
+           "--id-column", "id", "--mode", args.mode, "-q", "--summary-json", str(summary_path)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t
+    s = json.loads(summary_path.read_text())
+    assert s["copies"] == n_copies, (s["copies"], n_copies)
+
+    gflop = flops_per_copy(args.shape, tokens) / 1e9
+    engine_cps = n_copies / engine_s
+    e2e_cps = s["copies_per_second"]
+    m = machine()
+    rows = [
+        ("engine alone (saved_model)", engine_cps, engine_cps * gflop, "—"),
+        ("end to end (mlm-score)", e2e_cps, e2e_cps * gflop, f"{e2e_cps / engine_cps:.1%}"),
+    ]
+    lines = [
+        f"### End to end vs engine alone — {args.shape}, {args.mode}, {args.sentences} BLiMP sentences",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; Python {m['python']}; {m['date']}; "
+        f"commit {git_rev()}.",
+        f"{n_copies} copies, {tokens:.1f} tokens per copy on average, {gflop:.2f} GFLOP per copy, padding "
+        f"efficiency {s['padding_efficiency']:.1%}. End-to-end wall time {wall:.1f} s of which start-up "
+        f"{s['load_seconds']:.1f} s (excluded from copies/s).",
+        "",
+        "| path | copies/s | GFLOP/s | vs engine alone |",
+        "|---|---:|---:|---:|",
+    ] + [f"| {a} | {b:.1f} | {c:.0f} | {d} |" for a, b, c, d in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        bm = REPO / "BENCHMARKS.md"
+        text = bm.read_text(encoding="utf-8") if bm.exists() else "# Benchmarks\n"
+        bm.write_text(text.rstrip("\n") + "\n\n" + table + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
