@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
                         "status 'skipped' and go on")
     i.add_argument("--limit", type=int, help="score only the first N rows (quick trials)")
+    q = ap.add_argument_group("data quality")
+    q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
+                   help="flag sentences whose METRIC is below VALUE: min_word_prob, min_word_log_prob, "
+                        "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns)")
+    q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
+                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity")
     o = ap.add_argument_group("output")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
@@ -116,16 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MlmScorerError
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
+    from .quality import parse_rule
 
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
     try:
+        rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
         summary = score_file(
             args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
             engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
             id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
             batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
             limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
-            cache_dir=args.cache_dir, log=log)
+            cache_dir=args.cache_dir, flag_rules=rules, log=log)
     except MlmScorerError as exc:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code

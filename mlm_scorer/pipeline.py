@@ -25,7 +25,8 @@ from .batching import BatchPolicy
 from .engines.base import get_engine
 from .errors import InputError, UsageError
 from .models import DEFAULT_MODEL, resolve_model
-from .reader import Row, TsvReader, count_lines
+from .quality import FlagRule, evaluate
+from .reader import Layout, Row, TsvReader, count_lines
 from .scorer import Scorer, SentenceResult
 from .writer import ResultWriter, check_output_path, pseudo_perplexity
 
@@ -46,6 +47,7 @@ class ScoreSummary:
     rows: int = 0
     scored: int = 0
     skipped: int = 0
+    flagged: int = 0
     words: int = 0
     copies: int = 0
     unique_scored: int = 0
@@ -68,7 +70,7 @@ class ScoreSummary:
         s = (f"scored {self.scored}/{self.rows} rows ({self.words} words, {self.copies} copies, "
              f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
              f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}/{self.mode}; "
-             f"skipped {self.skipped}")
+             f"skipped {self.skipped}" + (f", flagged {self.flagged}" if self.flagged else ""))
         if self.skipped_rows:
             listed = ", ".join(f"line {r['line']} ({r['reason']})" for r in self.skipped_rows)
             s += f": {listed}{' …' if self.skipped > len(self.skipped_rows) else ''}"
@@ -90,12 +92,14 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int = 8192,
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
-               log: Callable[[str], None] | None = None, scorer: Scorer | None = None) -> ScoreSummary:
+               flag_rules: list[FlagRule] | None = None, log: Callable[[str], None] | None = None,
+               scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
 
     Raises InputError (with file, line, column) for a bad row when ``on_bad_row="fail"``; with "skip",
     the row gets a sentence row with status "skipped" and the reason, and is listed in the summary.
     Outputs appear atomically at the end; on any error no file appears at the final paths.
+    ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -120,7 +124,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                 raise UsageError(str(exc)) from None
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
-                       limit=limit, progress=progress, t0=time.perf_counter())
+                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=flag_rules or [])
         summary.load_seconds = load_seconds
         summary.seconds += load_seconds
         return summary
@@ -131,15 +135,16 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
 
 
 def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
-         limit: int | None, progress: bool, t0: float) -> ScoreSummary:
+         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule]) -> ScoreSummary:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
     writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
-                          flag=False, metadata={"model": str(md.path), "model_checksum": md.checksum,
-                                                "mode": scorer.mode, "engine": scorer.engine.name,
-                                                "input": input_path})
+                          flag=bool(flag_rules), metadata={
+                              "model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
+                              "engine": scorer.engine.name, "input": input_path,
+                              "flag_rules": [str(r) for r in flag_rules]})
     summary.sentences_output = str(writer.sentences_path)
     vocab = [scorer.tokenizer.id_to_token(i) for i in range(scorer.tokenizer.vocab_size)] if scorer.top_k else None
 
@@ -186,11 +191,13 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                 raise item
             rows, prepared = item
             results = scorer.run(prepared)
-            words, sents, stats = _columns(rows, results, reader.path, on_bad_row, scorer, vocab, lay)
+            words, sents, stats = build_columns(rows, results, path=reader.path, on_bad_row=on_bad_row,
+                                                scorer=scorer, layout=lay, vocab=vocab, flag_rules=flag_rules)
             writer.write_chunk(words, sents)
             summary.rows += len(rows)
             summary.scored += stats["scored"]
             summary.words += stats["words"]
+            summary.flagged += stats["flagged"]
             pll_sum += stats["pll_sum"]
             pll_n += stats["scored"]
             for sk in stats["skipped"]:
@@ -237,22 +244,33 @@ def _drain(q: queue.Queue) -> None:
         pass
 
 
-def _columns(rows: list[Row], results: list[SentenceResult], path: str, on_bad_row: str, scorer: Scorer,
-             vocab: list[str] | None, lay) -> tuple[dict, dict, dict]:
-    """Word and sentence columns for one chunk, in input order."""
+def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, on_bad_row: str, scorer: Scorer,
+                  layout: Layout, vocab: list[str] | None = None, flag_rules: list[FlagRule] | None = None
+                  ) -> tuple[dict, dict, dict]:
+    """Word and sentence columns (dicts of lists, the writer's schemas) for one chunk, in input order.
+
+    ``results`` holds one SentenceResult per row without a read error, in order (``Scorer.run`` on
+    their texts). Raises InputError for the first bad row under ``on_bad_row="fail"``. Returns
+    (words, sentences, stats) where stats counts scored/flagged rows and lists skipped ones.
+    """
+    lay = layout
+    if scorer.top_k and vocab is None:
+        vocab = [scorer.tokenizer.id_to_token(i) for i in range(scorer.tokenizer.vocab_size)]
     has_id = lay.id is not None
     W: dict[str, list] = {k: [] for k in ("row", "line", "word_index", "word", "char_start", "char_end", "n_pieces",
                                           "log_prob", "prob")}
     S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "pll",
                                           "pseudo_perplexity", "min_word_log_prob", "min_word_index", "status",
                                           "error")}
+    if flag_rules:
+        S["flag"], S["flag_reason"] = [], []
     if has_id:
         W["id"], S["id"] = [], []
     for name in lay.passthrough_names:
         W[name], S[name] = [], []
     if scorer.top_k:
         W["top_k"] = []
-    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": []}
+    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": [], "flagged": 0}
     it = iter(results)
     for row in rows:
         err = row.error
@@ -277,6 +295,9 @@ def _columns(rows: list[Row], results: list[SentenceResult], path: str, on_bad_r
                 S[k].append(None)
             S["status"].append("skipped")
             S["error"].append(str(err))
+            if flag_rules:
+                S["flag"].append(None)
+                S["flag_reason"].append(None)
             stats["skipped"].append({"line": row.line, "reason": err.reason, "message": err.detail})
             continue
         sent = res.sentence
@@ -293,6 +314,11 @@ def _columns(rows: list[Row], results: list[SentenceResult], path: str, on_bad_r
         S["min_word_index"].append(imin)
         S["status"].append("ok")
         S["error"].append(None)
+        if flag_rules:
+            flagged, why = evaluate(flag_rules, pll, nw, float(wlp[imin]))
+            S["flag"].append(flagged)
+            S["flag_reason"].append(why)
+            stats["flagged"] += flagged
         stats["scored"] += 1
         stats["words"] += nw
         stats["pll_sum"] += pll

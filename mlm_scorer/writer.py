@@ -14,7 +14,8 @@ words:     row int64, line int64, [id string], [pass-through columns string], wo
            prob float64, [top_k list<struct<token string, log_prob float32>>]
 sentences: row int64, line int64, [id string], [pass-through columns string], text string,
            n_words int32, n_pieces int32, n_copies int32, pll float64, pseudo_perplexity float64,
-           min_word_log_prob float64, min_word_index int32, [flag bool], status string, error string
+           min_word_log_prob float64, min_word_index int32, [flag bool, flag_reason string],
+           status string, error string
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def sentence_schema(id_name: str | None, passthrough: list[str], flag: bool) -> 
                pa.field("pseudo_perplexity", pa.float64()), pa.field("min_word_log_prob", pa.float64()),
                pa.field("min_word_index", pa.int32())]
     if flag:
-        fields.append(pa.field("flag", pa.bool_()))
+        fields += [pa.field("flag", pa.bool_()), pa.field("flag_reason", pa.string())]
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string())]
     return pa.schema(fields)
 
