@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
                         "status 'skipped' and go on")
     i.add_argument("--limit", type=int, help="score only the first N rows (quick trials)")
+    i.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run after its last committed chunk (refused if the input or "
+                        "the settings changed); without it a rerun starts over and replaces the output")
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
                    help="flag sentences whose METRIC is below VALUE: min_word_prob, min_word_log_prob, "
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
             batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
             limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
-            cache_dir=args.cache_dir, flag_rules=rules, log=log)
+            cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, log=log)
     except MlmScorerError as exc:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -23,7 +23,8 @@ import numpy as np
 
 from .batching import BatchPolicy
 from .engines.base import get_engine
-from .errors import InputError, UsageError
+from .errors import InputError, MlmScorerError, UsageError
+from .model_dir import sha256_file
 from .models import DEFAULT_MODEL, resolve_model
 from .quality import FlagRule, evaluate
 from .reader import Layout, Row, TsvReader, count_lines
@@ -56,6 +57,8 @@ class ScoreSummary:
     seconds: float = 0.0  # wall time of the whole call
     load_seconds: float = 0.0  # of which: opening the model and engine (export on first use, TF start-up)
     mean_pll: float | None = None
+    resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
+    _pll_sum: float = field(default=0.0, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
 
     MAX_LISTED = 20
@@ -71,6 +74,8 @@ class ScoreSummary:
              f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
              f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}/{self.mode}; "
              f"skipped {self.skipped}" + (f", flagged {self.flagged}" if self.flagged else ""))
+        if self.resumed_rows:
+            s += f"; resumed after {self.resumed_rows} committed rows"
         if self.skipped_rows:
             listed = ", ".join(f"line {r['line']} ({r['reason']})" for r in self.skipped_rows)
             s += f": {listed}{' …' if self.skipped > len(self.skipped_rows) else ''}"
@@ -78,6 +83,7 @@ class ScoreSummary:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("_pll_sum", None)
         d["copies_per_second"] = self.copies_per_second
         return d
 
@@ -92,13 +98,16 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int = 8192,
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
-               flag_rules: list[FlagRule] | None = None, log: Callable[[str], None] | None = None,
+               flag_rules: list[FlagRule] | None = None, resume: bool = False,
+               log: Callable[[str], None] | None = None,
                scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
 
     Raises InputError (with file, line, column) for a bad row when ``on_bad_row="fail"``; with "skip",
     the row gets a sentence row with status "skipped" and the reason, and is listed in the summary.
-    Outputs appear atomically at the end; on any error no file appears at the final paths.
+    Outputs appear atomically at the end; on any error no file appears at the final paths. Chunks are
+    committed as they finish (``OUTPUT.parts/``): ``resume=True`` continues after the last committed row
+    of an interrupted run, and refuses if the input or the settings changed.
     ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns.
     """
     if on_bad_row not in ON_BAD_ROW:
@@ -124,7 +133,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                 raise UsageError(str(exc)) from None
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
-                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=flag_rules or [])
+                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=flag_rules or [],
+                       resume=resume)
         summary.load_seconds = load_seconds
         summary.seconds += load_seconds
         return summary
@@ -135,17 +145,29 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
 
 
 def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
-         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule]) -> ScoreSummary:
+         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule], resume: bool) -> ScoreSummary:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
+    if resume and input_path == "-":
+        raise UsageError("--resume needs an input file, not stdin (a stream cannot be checked or re-read)")
+    # What must not change between an interrupted run and its --resume (the engine, batch sizes and
+    # on_bad_row may: they do not change the rows already committed).
+    settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
+                "columns": lay.names, "text_column": lay.text, "id_column": lay.id, "header": reader.header,
+                "flag_rules": [str(r) for r in flag_rules], "limit": limit}
     writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
                           flag=bool(flag_rules), metadata={
                               "model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
                               "engine": scorer.engine.name, "input": input_path,
-                              "flag_rules": [str(r) for r in flag_rules]})
+                              "flag_rules": [str(r) for r in flag_rules]},
+                          identity=input_identity(input_path), settings=settings, resume=resume)
     summary.sentences_output = str(writer.sentences_path)
+    skip_rows = writer.rows_done
+    summary.resumed_rows = skip_rows
+    for st in writer.committed_stats:
+        _add_stats(summary, st)
     vocab = [scorer.tokenizer.id_to_token(i) for i in range(scorer.tokenizer.vocab_size)] if scorer.top_k else None
 
     q: queue.Queue = queue.Queue(maxsize=2)
@@ -157,6 +179,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             for n, row in enumerate(reader):
                 if limit is not None and n >= limit or stop.is_set():
                     break
+                if n < skip_rows:  # committed by an earlier run (--resume)
+                    continue
                 chunk.append(row)
                 if len(chunk) >= chunk_rows:
                     _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None])))
@@ -178,10 +202,10 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             total = None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="sent", file=sys.stderr, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, initial=skip_rows, unit="sent", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, leave=False)
     thread = threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True)
     thread.start()
-    pll_sum, pll_n = 0.0, 0
     try:
         while True:
             item = q.get()
@@ -193,24 +217,21 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             results = scorer.run(prepared)
             words, sents, stats = build_columns(rows, results, path=reader.path, on_bad_row=on_bad_row,
                                                 scorer=scorer, layout=lay, vocab=vocab, flag_rules=flag_rules)
-            writer.write_chunk(words, sents)
-            summary.rows += len(rows)
-            summary.scored += stats["scored"]
-            summary.words += stats["words"]
-            summary.flagged += stats["flagged"]
-            pll_sum += stats["pll_sum"]
-            pll_n += stats["scored"]
-            for sk in stats["skipped"]:
-                summary.skipped += 1
-                if len(summary.skipped_rows) < ScoreSummary.MAX_LISTED:
-                    summary.skipped_rows.append(sk)
+            stats["copies"] = prepared.n_copies
+            stats["skipped_rows"] = stats.pop("skipped")[: ScoreSummary.MAX_LISTED]
+            stats["skipped"] = len(sents["row"]) - stats["scored"]
+            writer.write_chunk(words, sents, stats)
+            _add_stats(summary, stats)
             bar.update(len(rows))
             el = time.perf_counter() - t0
             bar.set_postfix_str(f"{scorer.stats.copies / el:.0f} copies/s", refresh=False)
         writer.commit()
-    except BaseException:
+    except BaseException as exc:
         stop.set()
         writer.abort()
+        if isinstance(exc, MlmScorerError) and writer.rows_done > 0 and input_path != "-":
+            exc.args = (f"{exc.args[0] if exc.args else exc} [{writer.rows_done} rows are committed in "
+                        f"{writer.parts_dir}; rerun with --resume to continue after them]",)
         raise
     finally:
         stop.set()
@@ -222,9 +243,30 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     summary.unique_scored = st.unique_scored
     summary.duplicates = st.duplicates
     summary.padding_efficiency = st.padding_efficiency
-    summary.mean_pll = pll_sum / pll_n if pll_n else None
+    summary.mean_pll = summary._pll_sum / summary.scored if summary.scored else None
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _add_stats(summary: ScoreSummary, st: dict) -> None:
+    summary.rows += st.get("scored", 0) + st.get("skipped", 0)
+    summary.scored += st.get("scored", 0)
+    summary.skipped += st.get("skipped", 0)
+    summary.words += st.get("words", 0)
+    summary.flagged += st.get("flagged", 0)
+    summary._pll_sum += st.get("pll_sum", 0.0)
+    for sk in st.get("skipped_rows", []):
+        if len(summary.skipped_rows) < ScoreSummary.MAX_LISTED:
+            summary.skipped_rows.append(sk)
+
+
+def input_identity(path: str) -> dict:
+    """Size, mtime and sha256 of the input: a resumed run must read the very same bytes."""
+    if path == "-":
+        return {"path": "-"}
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(path)}
 
 
 def _put(q: queue.Queue, stop: threading.Event, item) -> None:

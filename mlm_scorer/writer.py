@@ -1,10 +1,11 @@
 """Write word rows and sentence rows to two Parquet files, incrementally, finalized atomically.
 
 ``-o probs.parquet`` gives ``probs.parquet`` (one row per word) and ``probs.sentences.parquet`` (one row
-per input row, scored or not). Both are written to hidden temporary files in the same directory, one
-row group per chunk, then fsync'ed and renamed into place: the sentences file first, the words file
-last, so a words file at the final path always comes with its complete sentences file. After a crash
-there is never a partial file at a final path (only a ``.*.tmp-*`` file, removed by the next run).
+per input row, scored or not). Chunks are committed as parts in ``probs.parquet.parts/`` (resumable
+after a crash, see ``ResultWriter``); at the end the parts are assembled into hidden temporary files in
+the same directory, fsync'ed and renamed into place: the sentences file first, the words file last, so
+a words file at the final path always comes with its complete sentences file. After a crash there is
+never a partial file at a final path.
 
 Schemas (units: natural-log probabilities; character offsets are Python str indices, i.e. Unicode
 code points, into the original text, end exclusive):
@@ -23,6 +24,7 @@ import glob
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,11 +99,7 @@ class _AtomicParquet:
 
     def close(self) -> None:
         self.writer.close()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.tmp)
 
     def commit(self) -> None:
         os.replace(self.tmp, self.final)
@@ -118,42 +116,172 @@ class _AtomicParquet:
 
 
 class ResultWriter:
-    """Collects per-chunk rows and writes them as row groups; ``commit`` renames both files into place."""
+    """Commits each chunk as Parquet parts, resumable; ``commit`` assembles the final files atomically.
+
+    Layout while a run is in progress (``OUT`` = the words path)::
+
+        OUT.parts/progress.json          what is committed: input identity, settings, one entry per part
+        OUT.parts/words-000000.parquet   one pair of parts per chunk, each written to a temporary name,
+        OUT.parts/sentences-000000.parquet    fsync'ed and renamed before progress.json lists it
+        OUT.parts/lock                   flock'ed by the live run: a second run on OUT is refused
+
+    A run killed at any point leaves only committed parts (and perhaps a temporary file, ignored). With
+    ``resume=True`` a new run checks that the input and the settings are unchanged and continues after
+    the last committed row; otherwise an old ``OUT.parts`` is discarded and the run starts over. At the
+    end the parts are concatenated into the final files (temporary names, fsync, rename: sentences
+    first, words last), then ``OUT.parts`` is removed.
+    """
+
+    PROGRESS = "progress.json"
 
     def __init__(self, output: str | os.PathLike, *, id_name: str | None, passthrough: list[str], top_k: int,
-                 flag: bool, metadata: dict[str, str]):
+                 flag: bool, metadata: dict, identity: dict | None = None, settings: dict | None = None,
+                 resume: bool = False):
         self.words_path = Path(output)
         self.sentences_path = sentences_path(output)
+        self.parts_dir = Path(str(output) + ".parts")
         for stale in glob.glob(str(self.words_path.with_name(f".{self.words_path.name}.tmp-*"))) + \
                 glob.glob(str(self.sentences_path.with_name(f".{self.sentences_path.name}.tmp-*"))):
             _remove_if_dead(stale)
-        meta = {"mlm_scorer": json.dumps(metadata, sort_keys=True)}
-        self.id_name, self.passthrough, self.top_k, self.flag = id_name, passthrough, top_k, flag
-        self.words = _AtomicParquet(self.words_path, word_schema(id_name, passthrough, top_k > 0), meta)
-        self.sentences = _AtomicParquet(self.sentences_path, sentence_schema(id_name, passthrough, flag), meta)
-        self.n_words = 0
-        self.n_sentences = 0
+        self.meta = {"mlm_scorer": json.dumps(metadata, sort_keys=True)}
+        self.word_schema = word_schema(id_name, passthrough, top_k > 0)
+        self.sentence_schema = sentence_schema(id_name, passthrough, flag)
+        self.identity, self.settings = identity or {}, settings or {}
+        self._lock_fd = self._lock()
+        try:
+            self.progress = self._load_or_start(resume)
+        except BaseException:
+            self.close()  # release the lock: the caller may retry in this process
+            raise
 
-    def write_chunk(self, words: dict, sentences: dict) -> None:
-        self.words.write(words)
-        self.sentences.write(sentences)
-        self.n_words += len(words["row"])
-        self.n_sentences += len(sentences["row"])
+    # -- progress ---------------------------------------------------------------------------------
+    def _lock(self) -> int:
+        import fcntl
+
+        self.parts_dir.mkdir(exist_ok=True)
+        fd = os.open(self.parts_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another mlm-score run is writing {self.words_path} (lock {self.parts_dir / 'lock'} "
+                             f"is held); wait for it or choose another output") from None
+        return fd
+
+    def _load_or_start(self, resume: bool) -> dict:
+        path = self.parts_dir / self.PROGRESS
+        fresh = {"format": 1, "identity": self.identity, "settings": self.settings, "parts": []}
+        if not resume:
+            self._clear_parts()
+            self._save(fresh)
+            return fresh
+        try:
+            prog = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self._clear_parts()
+            self._save(fresh)
+            return fresh  # nothing to resume: a fresh start is what --resume means then
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path} is damaged ({exc}); rerun without --resume to start over") from None
+        changes = _diff("input", prog.get("identity", {}), self.identity) + \
+            _diff("setting", prog.get("settings", {}), self.settings)
+        if changes:
+            raise UsageError(f"cannot resume {self.words_path}: " + "; ".join(changes) +
+                             ". Rerun without --resume to start over")
+        for part in prog["parts"]:
+            for kind in ("words", "sentences"):
+                if not (self.parts_dir / part[kind]).is_file():
+                    raise UsageError(f"cannot resume: committed part {self.parts_dir / part[kind]} is missing; "
+                                     f"rerun without --resume to start over")
+        return prog
+
+    def _clear_parts(self) -> None:
+        for p in self.parts_dir.iterdir():
+            if p.name != "lock":
+                p.unlink()
+
+    def _save(self, prog: dict) -> None:
+        _atomic_write_bytes(self.parts_dir / self.PROGRESS, json.dumps(prog, indent=1).encode())
+
+    @property
+    def rows_done(self) -> int:
+        """Input rows already committed (a resumed run skips them)."""
+        return sum(p["rows"] for p in self.progress["parts"])
+
+    @property
+    def committed_stats(self) -> list[dict]:
+        return [p["stats"] for p in self.progress["parts"]]
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write_chunk(self, words: dict, sentences: dict, stats: dict | None = None) -> None:
+        """Write one chunk's parts and commit them (durable once this returns)."""
+        i = len(self.progress["parts"])
+        names = {"words": f"words-{i:06d}.parquet", "sentences": f"sentences-{i:06d}.parquet"}
+        for kind, cols, schema in (("words", words, self.word_schema), ("sentences", sentences, self.sentence_schema)):
+            table = pa.Table.from_pydict(cols, schema=schema)
+            tmp = self.parts_dir / f".{names[kind]}.tmp"
+            pq.write_table(table, str(tmp), compression="zstd")
+            _fsync(tmp)
+            os.replace(tmp, self.parts_dir / names[kind])
+        self.progress["parts"].append({**names, "rows": len(sentences["row"]), "stats": stats or {}})
+        self._save(self.progress)
 
     def commit(self) -> None:
-        self.words.close()
-        self.sentences.close()
-        self.sentences.commit()
-        self.words.commit()
-        dfd = os.open(self.words_path.parent, os.O_RDONLY)
+        """Assemble the parts into the final files, atomically, and remove the parts directory."""
+        outs = [(self.sentences_path, "sentences", self.sentence_schema), (self.words_path, "words", self.word_schema)]
+        writers = [_AtomicParquet(final, schema, self.meta) for final, _, schema in outs]
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            for w, (_, kind, _) in zip(writers, outs):
+                for part in self.progress["parts"]:
+                    table = pq.read_table(self.parts_dir / part[kind]).replace_schema_metadata(w.schema.metadata)
+                    if table.num_rows:
+                        w.writer.write_table(table)
+                w.close()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for w in writers:  # sentences first, words last: a words file always has its sentences file
+            w.commit()
+        _fsync(self.words_path.parent)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.close()
 
     def abort(self) -> None:
-        self.words.abort()
-        self.sentences.abort()
+        """Stop without assembling: committed parts stay for --resume (an empty parts dir goes)."""
+        if not self.progress["parts"]:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _diff(what: str, old: dict, new: dict) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            out.append(f"{what} {k} changed ({old.get(k)!r} -> {new.get(k)!r})")
+    return out
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _remove_if_dead(tmp: str) -> None:

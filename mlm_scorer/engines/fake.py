@@ -6,6 +6,8 @@ records every batch it saw (``calls``) so tests can count copies and check paddi
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..model_dir import ModelDir
@@ -16,7 +18,8 @@ class FakeEngine(Engine):
     name = "fake"
 
     def __init__(self, model: ModelDir | None = None, *, top_k: bool = False, k: int = 3,
-                 max_batch_size: int | None = None, **options):
+                 max_batch_size: int | None = None, delay: float | str = 0.0, **options):
+        self.delay = float(delay)  # seconds per batch, to make runs long enough to interrupt in tests
         self.want_top_k = top_k
         self.k = k
         self.max_batch_size = max_batch_size
@@ -24,6 +27,8 @@ class FakeEngine(Engine):
         self.copies = 0
 
     def score_batch(self, batch: Batch) -> BatchResult:
+        if self.delay:
+            time.sleep(self.delay)
         B, T = batch.input_ids.shape
         P = batch.masked_lm_positions.shape[1]
         self.calls.append((B, T, P))
