@@ -98,7 +98,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int = 8192,
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
-               flag_rules: list[FlagRule] | None = None, resume: bool = False,
+               flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
                log: Callable[[str], None] | None = None,
                scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
@@ -114,6 +114,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if chunk_rows < 1:
         raise UsageError("chunk_rows must be positive")
+    if dedupe_cache < 0:
+        raise UsageError("dedupe_cache must be >= 0")
     if limit is not None and limit < 0:
         raise UsageError("limit must be >= 0")
     out = check_output_path(output, input_path)
@@ -127,7 +129,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
             policy = BatchPolicy(batch_tokens=batch_tokens,
                                  max_batch_size=min(x for x in (max_batch_size, eng.max_batch_size, 256) if x))
             try:
-                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
+                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy, cache_size=dedupe_cache)
             except ValueError as exc:
                 eng.close()
                 raise UsageError(str(exc)) from None

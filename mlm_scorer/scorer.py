@@ -58,7 +58,8 @@ class Prepared:
     """A chunk ready for the engine: unique sentences, their copies and the built batches."""
 
     texts: list[str]
-    keys: list[int]  # for each input text, index into `unique` (or -1: taken from the result cache)
+    keys: list[int]  # for each input text: index into `unique`; -1: scored in an earlier chunk
+    borrowed: dict[int, "SentenceResult"]  # input position -> result found in the cache at prepare time
     unique: list[str]
     sentences: list[Sentence | None]
     errors: dict[int, tuple[str, str]]  # unique index -> (reason, message)
@@ -89,7 +90,7 @@ class Scorer:
     """Scores texts with one model and engine. Thread-safe between one preparer and one runner."""
 
     def __init__(self, model: ModelDir, engine: Engine, *, mode: str = "whole-word", top_k: int = 0,
-                 policy: BatchPolicy | None = None, cache_size: int = 100_000):
+                 policy: BatchPolicy | None = None, cache_size: int = 20_000):
         from .expand import MODES
 
         if mode not in MODES:
@@ -114,15 +115,23 @@ class Scorer:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------- prepare
-    def prepare(self, texts: list[str]) -> Prepared:
+    def prepare(self, texts: list[str], *, force: bool = False) -> Prepared:
+        """Everything before the engine. ``force``: score every distinct text, ignoring earlier chunks."""
         index: dict[str, int] = {}
         unique: list[str] = []
         keys: list[int] = []
+        borrowed: dict[int, SentenceResult] = {}
         with self._lock:
-            for t in texts:
-                if t in self._cache or t in self._pending:
-                    keys.append(-1)
-                    continue
+            for j, t in enumerate(texts):
+                if not force:
+                    hit = self._cache.get(t)
+                    if hit is not None:  # held by this chunk: a later eviction cannot lose it
+                        borrowed[j] = hit
+                        keys.append(-1)
+                        continue
+                    if t in self._pending:  # in a chunk prepared earlier: its result is ready when this runs
+                        keys.append(-1)
+                        continue
                 k = index.get(t)
                 if k is None:
                     k = index[t] = len(unique)
@@ -148,7 +157,7 @@ class Scorer:
         batches = plan(copies, self.policy)
         tk = self.tokenizer
         built = [build(copies[b], sentences, tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id) for b in batches]
-        return Prepared(texts=texts, keys=keys, unique=unique, sentences=sentences, errors=errors,
+        return Prepared(texts=texts, keys=keys, borrowed=borrowed, unique=unique, sentences=sentences, errors=errors,
                         copies=copies, batches=batches, built=built)
 
     # ----------------------------------------------------------------------------------------- run
@@ -208,13 +217,15 @@ class Scorer:
             if key >= 0:
                 out.append(fresh[key])
                 continue
-            with self._lock:
-                r = self._cache.get(t)
+            r = prep.borrowed.get(j)
+            if r is None:
+                with self._lock:
+                    r = self._cache.get(t)
             if r is None:
                 missing.append(j)  # evicted before use: score again below (rare; keeps the cache bounded)
             out.append(r)
         if missing:
-            redo = self.run(self.prepare([prep.texts[j] for j in missing]))
+            redo = self.run(self.prepare([prep.texts[j] for j in missing], force=True))
             for j, r in zip(missing, redo):
                 out[j] = r
         self.stats.sentences += len(prep.texts)

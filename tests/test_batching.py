@@ -82,3 +82,16 @@ def test_engine_run_slices_to_max_batch_size(fake_export):
     b = Batch(*(np.ones((7, 4), np.int32),) * 3, np.ones((7, 1), np.int32), np.ones((7, 1), np.int32))
     res = eng.run(b)
     assert res.log_probs.shape == (7, 1) and [c[0] for c in eng.calls] == [3, 3, 1]
+
+
+def test_duplicates_across_chunks_survive_cache_eviction(fake_export):
+    """Chunks prepared ahead of running (as the pipeline's reader thread does) with a tiny dedupe cache:
+    every duplicate still gets its result, equal to scoring it alone."""
+    md = ModelDir.open(fake_export)
+    scorer = Scorer(md, FakeEngine(md), mode="token", cache_size=1)
+    chunks = [["a cat", "the dog", "a cat"], ["the dog", "a mat", "a cat"], ["a mat", "the dog", "new one"]]
+    prepared = [scorer.prepare(c) for c in chunks]  # all prepared before any runs
+    got = [[r.pll for r in scorer.run(p)] for p in prepared]
+    ref = Scorer(md, FakeEngine(md), mode="token")
+    want = [[ref.score([t])[0].pll for t in c] for c in chunks]
+    assert got == want
