@@ -77,12 +77,21 @@ def realvocab_reference(realvocab_hf) -> TorchReference:
 @pytest.fixture()
 def fake_export(tmp_path) -> Path:
     """An export directory with a real tokenizer and manifest but no SavedModel: for the fake engine."""
+    return make_fake_export(tmp_path / "fake_export")
+
+
+@pytest.fixture(scope="session")
+def fake_export_session(tmp_path_factory) -> Path:
+    return make_fake_export(tmp_path_factory.mktemp("fake") / "fake_export")
+
+
+def make_fake_export(base: Path) -> Path:
     import json
     import shutil
 
     from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
 
-    vdir = tmp_path / "fake_export" / "1"
+    vdir = base / "1"
     (vdir / "tokenizer").mkdir(parents=True)
     shutil.copyfile(SMALL_VOCAB, vdir / "tokenizer" / "vocab.txt")
     from tokenizers import BertWordPieceTokenizer
