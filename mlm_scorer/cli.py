@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
     s.add_argument("--max-batch-size", type=int, default=None, help="copies per batch at most (default 256)")
     s.add_argument("--chunk-rows", type=int, default=2048, help="rows read and prepared at a time (default 2048)")
+    s.add_argument("--cache", metavar="DIR", help="persistent score cache: sentences scored before with the same "
+                                                  "model and mode are read from DIR, not scored again (safe for "
+                                                  "concurrent runs)")
     s.add_argument("--dedupe-cache", type=int, default=20_000,
                    help="recent distinct sentences remembered to score duplicates once (default 20000; bounds memory)")
     i = ap.add_argument_group("input")
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
             batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
             limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
-            cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache, log=log)
+            cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
+            score_cache=args.cache, log=log)
     except MlmScorerError as exc:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -57,6 +57,8 @@ class ScoreSummary:
     seconds: float = 0.0  # wall time of the whole call
     load_seconds: float = 0.0  # of which: opening the model and engine (export on first use, TF start-up)
     mean_pll: float | None = None
+    cache_lookups: int = 0  # persistent score cache (--cache): distinct sentences looked up, found
+    cache_hits: int = 0
     resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
     _pll_sum: float = field(default=0.0, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
@@ -74,6 +76,8 @@ class ScoreSummary:
              f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
              f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}/{self.mode}; "
              f"skipped {self.skipped}" + (f", flagged {self.flagged}" if self.flagged else ""))
+        if self.cache_lookups:
+            s += f"; score cache hit rate {self.cache_hits / self.cache_lookups:.1%} ({self.cache_hits}/{self.cache_lookups})"
         if self.resumed_rows:
             s += f"; resumed after {self.resumed_rows} committed rows"
         if self.skipped_rows:
@@ -99,6 +103,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
                flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
+               score_cache: str | os.PathLike | None = None,
                log: Callable[[str], None] | None = None,
                scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
@@ -109,6 +114,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     committed as they finish (``OUTPUT.parts/``): ``resume=True`` continues after the last committed row
     of an interrupted run, and refuses if the input or the settings changed.
     ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns.
+    ``score_cache`` is a directory for the persistent score cache (see ``cache.py``).
     """
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -129,7 +135,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
             policy = BatchPolicy(batch_tokens=batch_tokens,
                                  max_batch_size=min(x for x in (max_batch_size, eng.max_batch_size, 256) if x))
             try:
-                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy, cache_size=dedupe_cache)
+                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy, cache_size=dedupe_cache,
+                                store_dir=score_cache)
             except ValueError as exc:
                 eng.close()
                 raise UsageError(str(exc)) from None
@@ -144,6 +151,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         reader.close()
         if owns_engine and scorer is not None:
             scorer.engine.close()
+            if scorer.store is not None:
+                scorer.store.close()
 
 
 def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
@@ -246,6 +255,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     summary.duplicates = st.duplicates
     summary.padding_efficiency = st.padding_efficiency
     summary.mean_pll = summary._pll_sum / summary.scored if summary.scored else None
+    if scorer.store is not None:
+        summary.cache_lookups, summary.cache_hits = scorer.store.lookups, scorer.store.hits
     summary.seconds = time.perf_counter() - t0
     return summary
 

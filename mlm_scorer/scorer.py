@@ -59,13 +59,14 @@ class Prepared:
 
     texts: list[str]
     keys: list[int]  # for each input text: index into `unique`; -1: scored in an earlier chunk
-    borrowed: dict[int, "SentenceResult"]  # input position -> result found in the cache at prepare time
+    borrowed: dict[int, "SentenceResult"]  # input position -> result found in a cache at prepare time
     unique: list[str]
     sentences: list[Sentence | None]
     errors: dict[int, tuple[str, str]]  # unique index -> (reason, message)
     copies: np.ndarray
     batches: list[np.ndarray]  # indices into copies
     built: list[Batch] = field(default_factory=list)
+    n_stored: int = 0  # input texts answered by the persistent score cache
 
     @property
     def n_copies(self) -> int:
@@ -90,7 +91,7 @@ class Scorer:
     """Scores texts with one model and engine. Thread-safe between one preparer and one runner."""
 
     def __init__(self, model: ModelDir, engine: Engine, *, mode: str = "whole-word", top_k: int = 0,
-                 policy: BatchPolicy | None = None, cache_size: int = 20_000):
+                 policy: BatchPolicy | None = None, cache_size: int = 20_000, store_dir: str | None = None):
         from .expand import MODES
 
         if mode not in MODES:
@@ -113,30 +114,43 @@ class Scorer:
         self._cache_size = cache_size
         self._pending: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.store = None
+        if store_dir is not None:
+            from .cache import ScoreCache
+
+            self.store = ScoreCache(store_dir, namespace=f"{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
 
     # ------------------------------------------------------------------------------------- prepare
     def prepare(self, texts: list[str], *, force: bool = False) -> Prepared:
         """Everything before the engine. ``force``: score every distinct text, ignoring earlier chunks."""
-        index: dict[str, int] = {}
-        unique: list[str] = []
-        keys: list[int] = []
+        keys: list[int] = [-1] * len(texts)
         borrowed: dict[int, SentenceResult] = {}
+        candidates: list[int] = []
         with self._lock:
             for j, t in enumerate(texts):
                 if not force:
                     hit = self._cache.get(t)
                     if hit is not None:  # held by this chunk: a later eviction cannot lose it
                         borrowed[j] = hit
-                        keys.append(-1)
                         continue
                     if t in self._pending:  # in a chunk prepared earlier: its result is ready when this runs
-                        keys.append(-1)
                         continue
-                k = index.get(t)
-                if k is None:
-                    k = index[t] = len(unique)
-                    unique.append(t)
-                keys.append(k)
+                candidates.append(j)
+        stored = self._from_store(list(dict.fromkeys(texts[j] for j in candidates))) if self.store and not force \
+            else {}
+        index: dict[str, int] = {}
+        unique: list[str] = []
+        for j in candidates:
+            t = texts[j]
+            if t in stored:
+                borrowed[j] = stored[t]
+                continue
+            k = index.get(t)
+            if k is None:
+                k = index[t] = len(unique)
+                unique.append(t)
+            keys[j] = k
+        with self._lock:
             for t in unique:
                 self._pending[t] = None
         sentences: list[Sentence | None] = list(self.tokenizer.tokenize(unique)) if unique else []
@@ -158,7 +172,8 @@ class Scorer:
         tk = self.tokenizer
         built = [build(copies[b], sentences, tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id) for b in batches]
         return Prepared(texts=texts, keys=keys, borrowed=borrowed, unique=unique, sentences=sentences, errors=errors,
-                        copies=copies, batches=batches, built=built)
+                        copies=copies, batches=batches, built=built,
+                        n_stored=sum(1 for j in candidates if texts[j] in stored))
 
     # ----------------------------------------------------------------------------------------- run
     def run(self, prep: Prepared) -> list[SentenceResult]:
@@ -204,6 +219,9 @@ class Scorer:
                 r.top_k_ids = top_ids[word_offsets[i]:word_offsets[i + 1]].copy()
                 r.top_k_log_probs = top_lp[word_offsets[i]:word_offsets[i + 1]].copy()
             fresh.append(r)
+        if self.store is not None:
+            self.store.put_many([(t, r.piece_log_probs, r.top_k_ids, r.top_k_log_probs, r.n_copies)
+                                 for t, r in zip(prep.unique, fresh) if r.error is None])
         with self._lock:
             for t, r in zip(prep.unique, fresh):
                 self._pending.pop(t, None)
@@ -230,12 +248,32 @@ class Scorer:
                 out[j] = r
         self.stats.sentences += len(prep.texts)
         self.stats.unique_scored += len(prep.unique)
-        self.stats.duplicates += len(prep.texts) - len(prep.unique)
+        self.stats.duplicates += len(prep.texts) - len(prep.unique) - prep.n_stored
         return out
 
     def score(self, texts: list[str]) -> list[SentenceResult]:
         """Prepare and run in one call (no overlap)."""
         return self.run(self.prepare(texts))
+
+    def _from_store(self, texts: list[str]) -> dict[str, SentenceResult]:
+        """Results of the persistent cache for these texts (re-tokenized: cheap and deterministic)."""
+        found = self.store.get_many(texts)
+        if not found:
+            return {}
+        hit_texts = list(found)
+        out = {}
+        for t, sent in zip(hit_texts, self.tokenizer.tokenize(hit_texts)):
+            lp, ids, tlp, n_copies = found[t]
+            if len(lp) != sent.n_pieces:  # cannot happen for the same model checksum; never trust blindly
+                continue
+            out[t] = SentenceResult(sentence=sent, piece_log_probs=lp, top_k_ids=ids, top_k_log_probs=tlp,
+                                    n_copies=n_copies)
+        with self._lock:
+            for t, r in out.items():
+                self._cache[t] = r
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return out
 
     @staticmethod
     def _first_piece_words(sentences: list[Sentence | None]) -> tuple[np.ndarray, np.ndarray]:
