@@ -1,10 +1,10 @@
 """``score_file``: the one entry point that the CLI, Airflow and Ray call.
 
-Data flow (one reader thread, the engine on the calling thread)::
+Data flow, three stages on three threads (TensorFlow and the tokenizer release the GIL)::
 
-    TSV rows --chunk--> tokenize, expand, plan, build arrays  (reader thread, one chunk ahead)
-                 \\--> engine.map(batches) -> log-probs -> words, sentences -> Parquet row groups
-                                                          (caller thread; files renamed at the end)
+    TSV rows --chunk--> tokenize, expand, plan, build arrays        (reader thread, a chunk ahead)
+             --> engine.map(batches) -> log-probs per piece        (engine thread)
+             --> word and sentence columns -> Parquet parts         (calling thread; assembled at the end)
 
 Memory is bounded by the chunk size (rows) and the queue depth, not by the input size.
 """
@@ -215,17 +215,36 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
 
     bar = tqdm(total=total, initial=skip_rows, unit="sent", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, leave=False)
-    thread = threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True)
-    thread.start()
+    # Stage 2: the engine, on its own thread, so building columns and writing (below) overlap inference.
+    q2: queue.Queue = queue.Queue(maxsize=1)
+
+    def infer() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _DONE or isinstance(item, BaseException):
+                    _put(q2, stop, item)
+                    return
+                rows, prepared = item
+                _put(q2, stop, (rows, prepared, scorer.run(prepared)))
+        except BaseException as exc:
+            _put(q2, stop, exc)
+
+    threads = [threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True),
+               threading.Thread(target=infer, name="mlm-scorer-engine", daemon=True)]
+    for t in threads:
+        t.start()
     try:
         while True:
-            item = q.get()
+            item = q2.get()
             if item is _DONE:
                 break
             if isinstance(item, BaseException):
                 raise item
-            rows, prepared = item
-            results = scorer.run(prepared)
+            rows, prepared, results = item
             words, sents, stats = build_columns(rows, results, path=reader.path, on_bad_row=on_bad_row,
                                                 scorer=scorer, layout=lay, vocab=vocab, flag_rules=flag_rules)
             stats["copies"] = prepared.n_copies
@@ -247,8 +266,10 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     finally:
         stop.set()
         bar.close()
-        _drain(q)
-        thread.join(timeout=5)
+        for t in threads:
+            _drain(q)
+            _drain(q2)
+            t.join(timeout=10)
     st = scorer.stats
     summary.copies = st.copies
     summary.unique_scored = st.unique_scored
