@@ -18,6 +18,10 @@ EPILOG = """examples:
   mlm-score input.tsv -o probs.parquet --text-column sentence --id-column id --on-bad-row skip --top-k 5
   mlm-score input.tsv -o probs.parquet --server http://localhost:8501 --model-name bert --model models/bert
 
+subcommands:
+  mlm-score report probs.parquet -o report.html   # a self-contained HTML data-quality report
+  mlm-score ray in1.tsv in2.parquet -o outdir/    # score with Ray Data (see mlm-score ray --help)
+
 outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
 atomically at the end. Modes, formulas and schemas: see the README.
 
@@ -115,7 +119,18 @@ def _engine_options(args, ap) -> tuple[str, dict]:
     return engine or "saved_model", opts
 
 
+SUBCOMMANDS = {
+    "report": "mlm_scorer.report",  # mlm-score report RESULT.parquet -o report.html
+    "ray": "mlm_scorer.ray_cli",  # mlm-score ray INPUT... -o OUTDIR (Ray Data, past one machine)
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     engine, opts = _engine_options(args, ap)
