@@ -19,6 +19,7 @@ from pathlib import Path
 from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .serving_config import write_serving_files
 from .verify import verify_export
 
 SIGNATURE = {
@@ -56,7 +57,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: in
 
 def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
                       max_seq_length: int | None = None, overwrite: bool = False,
-                      tolerance: float = DEFAULT_TOLERANCE, log=print) -> Path:
+                      tolerance: float = DEFAULT_TOLERANCE, serving_max_batch_size: int = 64, log=print) -> Path:
     import tensorflow as tf
 
     from .bert_mlm import BertMLM
@@ -103,6 +104,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "versions": _versions(),
         }
         report = verify_export(tmp, ckpt, max_len=max_len, tolerance=tolerance)
+        manifest["identity_probe"] = report.pop("identity_probe")
         manifest["verification"] = report
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, reference {report['reference']})")
@@ -117,6 +119,8 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # TF Serving: a batching file suited to this workload next to the model, a models.config in the base
+    write_serving_files(final, max_batch_size=serving_max_batch_size)
     return final
 
 

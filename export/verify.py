@@ -108,7 +108,12 @@ def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: flo
     if not np.all(out["top_k_ids"].numpy()[~valid] == -1):
         raise VerificationError("unused prediction slots did not return top_k_ids = -1")
     report = {"max_abs_diff": diff, "tolerance": tolerance, "n_predictions": int(valid.sum()),
-              "top1_agreement": top1_agree, "reference": "numpy float64 forward pass over the source weights"}
+              "top1_agreement": top1_agree, "reference": "numpy float64 forward pass over the source weights",
+              # what this export answers to fixed inputs: a client of a remote server replays it to check
+              # that the served model is this one (same weights), not just one of the same shape
+              "identity_probe": {"input_ids": ids.tolist(), "input_mask": mask.tolist(), "segment_ids": seg.tolist(),
+                                 "masked_lm_positions": pos.tolist(), "masked_lm_ids": tgt.tolist(),
+                                 "masked_lm_log_probs": got.tolist()}}
     if not diff <= tolerance:
         raise VerificationError(f"the exported model differs from the source weights: max |Δ log-prob| = "
                                 f"{diff:.3e} > tolerance {tolerance:g}")

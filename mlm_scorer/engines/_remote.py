@@ -1,0 +1,557 @@
+"""What the TF Serving REST and gRPC engines share: options, secrets, retries, ordering, start-up checks.
+
+A remote engine only has to say how to do *one attempt* of three calls (``_fetch_status``,
+``_fetch_signature``, ``_predict_once``) and how to classify its transport's failures; everything else
+lives here, once:
+
+* option parsing (values may arrive as strings from ``--engine-option key=value``) -> ``RemoteOptions``;
+* the bearer token, read from an environment variable or a file and never put in a message or ``repr``;
+* ``with_retries``: exponential backoff with full jitter inside a bounded time budget per request;
+* ``RemoteEngine.map``: up to ``concurrency`` requests in flight, results yielded in input order;
+* the start-up checks: the model version is AVAILABLE, the served signature has the inputs, outputs and
+  dtypes this client sends and reads, and the served model is the local export's (vocabulary probe).
+
+Arrays crossing the engine boundary are those of ``Batch`` / ``BatchResult``: int32 inputs
+``[B, T]`` / ``[B, P]`` in, float32 ``[B, P]`` log-probs (and int32/float32 ``[B, P, k]`` top-k) out.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..errors import EngineError, ModelError, UsageError
+from ..model_dir import ModelDir
+from .base import INPUT_NAMES, Batch, BatchResult, Engine
+
+log = logging.getLogger("mlm_scorer.engines.remote")
+
+T = TypeVar("T")
+
+DEFAULT_MODEL_NAME = "bert"
+SIGNATURE_NAME = "serving_default"
+LOG_PROBS = "masked_lm_log_probs"
+TOP_K_OUTPUTS = ("top_k_ids", "top_k_log_probs")
+
+
+class RetryableError(Exception):
+    """One attempt failed in a way that may pass on a later attempt (server down, busy, slow)."""
+
+
+class FatalError(Exception):
+    """One attempt failed in a way that a retry cannot fix (a 4xx, INVALID_ARGUMENT): the server's message."""
+
+
+# --------------------------------------------------------------------------------------------- options
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _opt_int(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "latest")):
+        return None
+    return int(value)
+
+
+#: option name -> (converter, default). The same list for both engines; see the README's serving section.
+OPTION_SPEC: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "server": (str, None),                 # http(s)://host:port for REST, grpc(s)://host:port for gRPC
+    "model_name": (str, DEFAULT_MODEL_NAME),
+    "model_version": (_opt_int, None),     # None: the server's latest AVAILABLE version
+    "concurrency": (int, 4),               # requests in flight
+    "max_batch_size": (_opt_int, 64),      # copies per request; match the server's batching max_batch_size
+    "timeout": (float, 30.0),              # seconds per request attempt (gRPC deadline, HTTP read timeout)
+    "connect_timeout": (float, 5.0),       # seconds to open a connection (REST)
+    "retry_budget": (float, 60.0),         # seconds of retrying one request before giving up
+    "backoff_initial": (float, 0.1),       # first backoff ceiling, doubled each attempt ...
+    "backoff_max": (float, 5.0),           # ... up to this ceiling; the sleep is uniform in [0, ceiling]
+    "auth_token_env": (str, None),         # name of an env var holding a bearer token
+    "auth_token_file": (str, None),        # path of a file holding a bearer token
+    "tls_ca_file": (str, None),            # PEM CA bundle to verify the server (https / grpcs)
+    "tls_cert_file": (str, None),          # client certificate (mutual TLS), PEM
+    "tls_key_file": (str, None),           # its private key, PEM
+    "tls_server_name": (str, None),        # gRPC: expected name in the server certificate
+    "tls_verify": (_as_bool, True),        # REST: False disables certificate checks (testing only)
+    "check_model": (_as_bool, True),       # run the vocabulary/identity probe at start
+    "padding_row": (_as_bool, True),       # prepend an all-zero row (server runs pad_variable_length_inputs)
+}
+
+
+@dataclasses.dataclass
+class RemoteOptions:
+    server: str
+    model_name: str = DEFAULT_MODEL_NAME
+    model_version: int | None = None
+    concurrency: int = 4
+    max_batch_size: int | None = 64
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    retry_budget: float = 60.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_name: str | None = None
+    tls_verify: bool = True
+    check_model: bool = True
+    padding_row: bool = True
+    # derived from ``server``
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    base_path: str = ""
+
+    @classmethod
+    def parse(cls, engine: str, options: dict[str, Any], *, schemes: dict[str, int]) -> "RemoteOptions":
+        """Validate and coerce ``options``; ``schemes`` maps each accepted URL scheme to its default port."""
+        unknown = sorted(set(options) - set(OPTION_SPEC))
+        if unknown:
+            raise UsageError(f"engine {engine!r} does not take option(s): {', '.join(unknown)}; "
+                             f"it takes: {', '.join(OPTION_SPEC)}")
+        values: dict[str, Any] = {}
+        for name, (convert, default) in OPTION_SPEC.items():
+            raw = options.get(name, default)
+            try:
+                values[name] = None if raw is None else convert(raw)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"engine {engine!r}: option {name}={raw!r} is invalid ({exc})") from None
+        if not values["server"]:
+            example = next(iter(schemes))
+            raise UsageError(f"engine {engine!r} needs a server address, e.g. --server "
+                             f"{example}://localhost:{schemes[example]}")
+        for name in ("concurrency",):
+            if values[name] < 1:
+                raise UsageError(f"engine {engine!r}: {name} must be at least 1, got {values[name]}")
+        if values["max_batch_size"] is not None and values["max_batch_size"] < 1:
+            raise UsageError(f"engine {engine!r}: max_batch_size must be at least 1")
+        for name in ("timeout", "connect_timeout", "backoff_initial", "backoff_max"):
+            if values[name] <= 0:
+                raise UsageError(f"engine {engine!r}: {name} must be positive, got {values[name]}")
+        if values["retry_budget"] < 0:
+            raise UsageError(f"engine {engine!r}: retry_budget must be >= 0 (0: no retries)")
+        if values["auth_token_env"] and values["auth_token_file"]:
+            raise UsageError(f"engine {engine!r}: give auth_token_env or auth_token_file, not both")
+        if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+            raise UsageError(f"engine {engine!r}: tls_cert_file and tls_key_file go together")
+        opts = cls(**values)
+        url = values["server"] if "://" in values["server"] else f"{next(iter(schemes))}://{values['server']}"
+        parts = urlsplit(url)
+        if parts.scheme not in schemes:
+            raise UsageError(f"engine {engine!r}: server {values['server']!r} has scheme {parts.scheme!r}; "
+                             f"expected one of {', '.join(s + '://' for s in schemes)}")
+        if parts.username or parts.password:
+            raise UsageError(f"engine {engine!r}: do not put credentials in the server URL; "
+                             f"use auth_token_env or auth_token_file")
+        try:
+            port = parts.port
+        except ValueError:
+            raise UsageError(f"engine {engine!r}: server {values['server']!r} has a bad port") from None
+        if not parts.hostname:
+            raise UsageError(f"engine {engine!r}: server {values['server']!r} has no host")
+        opts.scheme, opts.host = parts.scheme, parts.hostname
+        opts.port = port or schemes[parts.scheme]
+        opts.base_path = parts.path.rstrip("/")
+        return opts
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("https", "grpcs")
+
+    def describe(self) -> str:
+        """For logs and error messages: address, model and version; never the token."""
+        version = f" version {self.model_version}" if self.model_version is not None else ""
+        return f"model {self.model_name!r}{version} at {self.scheme}://{self.host}:{self.port}{self.base_path}"
+
+    def __repr__(self) -> str:  # the token itself is never stored here, only where it comes from
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"RemoteOptions({fields})"
+
+
+def read_bearer_token(opts: RemoteOptions) -> str | None:
+    """The bearer token from ``auth_token_env`` or ``auth_token_file`` (stripped), or None.
+
+    Error messages name the variable or file, never any of its content.
+    """
+    if opts.auth_token_env:
+        token = os.environ.get(opts.auth_token_env)
+        if token is None or not token.strip():
+            raise UsageError(f"auth_token_env: environment variable {opts.auth_token_env} is not set or empty")
+        return token.strip()
+    if opts.auth_token_file:
+        try:
+            token = open(opts.auth_token_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise UsageError(f"auth_token_file: cannot read {opts.auth_token_file} ({exc.strerror})") from None
+        if not token:
+            raise UsageError(f"auth_token_file: {opts.auth_token_file} is empty")
+        return token
+    return None
+
+
+def read_file_bytes(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot read {path} ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------- retries
+
+def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial: float = 0.1,
+                 maximum: float = 5.0, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 fatal: type[Exception] = EngineError) -> T:
+    """Call ``attempt`` until it returns, retrying ``RetryableError`` within ``budget`` seconds.
+
+    Backoff: before retry n (n = 1, 2, ...) sleep ``uniform(0, min(maximum, initial * 2**(n-1)))``
+    ("full jitter"), never past the budget. ``FatalError`` is raised at once as ``fatal`` (EngineError;
+    ModelError for the start-up checks, where a 404 means a wrong model name or version); when the
+    budget is spent, ``EngineError`` says how many attempts were made over how long and the last error.
+    """
+    rng = rng or random
+    start = clock()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt()
+        except FatalError as exc:
+            raise fatal(f"{what}: {exc}") from None
+        except RetryableError as exc:
+            elapsed = clock() - start
+            ceiling = min(maximum, initial * (2 ** (attempts - 1)))
+            pause = rng.uniform(0, ceiling)
+            if elapsed + pause >= budget:
+                raise EngineError(
+                    f"{what}: gave up after {attempts} attempt(s) over {elapsed:.1f}s (retry budget "
+                    f"{budget:g}s); last error: {exc}") from None
+            log.warning("%s: %s; retrying in %.2fs (attempt %d)", what, exc, pause, attempts + 1)
+            sleep(pause)
+
+
+# --------------------------------------------------------------------------------------------- ordering
+
+def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: int,
+                executor: cf.Executor) -> Iterator[T]:
+    """``map(fn, items)`` with up to ``concurrency`` calls running at once; results in input order.
+
+    ``items`` is consumed lazily (at most ``concurrency`` ahead of the consumer). The first exception
+    (in input order) is raised after cancelling the calls not yet started.
+    """
+    window: collections.deque[cf.Future] = collections.deque()
+    it = iter(items)
+    try:
+        for item in it:
+            window.append(executor.submit(fn, item))
+            if len(window) >= concurrency:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for fut in window:
+            fut.cancel()
+        for fut in window:  # do not leave requests running behind the caller's back
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - already failing or closing
+                    pass
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+@dataclasses.dataclass
+class TensorInfo:
+    """A signature entry in transport-neutral form: numpy dtype name ("int32", ...) and rank (None: unknown)."""
+
+    dtype: str
+    rank: int | None
+
+
+# TF DataType enum names (as in the REST metadata JSON) -> numpy dtype names.
+TF_DTYPES = {"DT_FLOAT": "float32", "DT_DOUBLE": "float64", "DT_INT32": "int32", "DT_INT64": "int64",
+             "DT_STRING": "string", "DT_BOOL": "bool", "DT_HALF": "float16", "DT_INT8": "int8",
+             "DT_UINT8": "uint8", "DT_INT16": "int16", "DT_BFLOAT16": "bfloat16"}
+
+
+def check_versions(versions: list[tuple[int, str, str]], opts: RemoteOptions) -> int:
+    """Return the version the server will use; raise ModelError unless it is AVAILABLE.
+
+    ``versions``: (version, state, error message) as in GetModelStatusResponse.model_version_status.
+    """
+    where = opts.describe()
+    if not versions:
+        raise ModelError(f"{where}: the server reports no versions of the model")
+    listing = ", ".join(f"{v} {s}" + (f" ({m})" if m else "") for v, s, m in sorted(versions))
+    if opts.model_version is not None:
+        match = [v for v in versions if v[0] == opts.model_version]
+        if not match:
+            raise ModelError(f"{where}: version {opts.model_version} is not served; served: {listing}")
+        if match[0][1] != "AVAILABLE":
+            raise ModelError(f"{where}: version {opts.model_version} is {match[0][1]}, not AVAILABLE"
+                             + (f": {match[0][2]}" if match[0][2] else ""))
+        return opts.model_version
+    available = [v for v, s, _ in versions if s == "AVAILABLE"]
+    if not available:
+        raise ModelError(f"{where}: no version is AVAILABLE; versions: {listing}")
+    return max(available)
+
+
+def check_signature(served: dict[str, dict[str, TensorInfo]], model: ModelDir, *, want_top_k: bool,
+                    opts: RemoteOptions) -> None:
+    """Compare the served ``serving_default`` signature with the local export's manifest; raise ModelError.
+
+    ``served``: {"inputs": {name: TensorInfo}, "outputs": {name: TensorInfo}}. Requirements: every input
+    this client sends exists with dtype int32 and rank 2, the server needs no other input, and the
+    outputs read (masked_lm_log_probs float32 rank 2; top_k_ids int32 / top_k_log_probs float32 rank 3
+    when top-k is asked for) exist.
+    """
+    expected = model.manifest["signature"].get(SIGNATURE_NAME, {})
+    problems: list[str] = []
+    want_in = {n: TensorInfo(expected.get("inputs", {}).get(n, {}).get("dtype", "int32"), 2) for n in INPUT_NAMES}
+    outs = [LOG_PROBS] + (list(TOP_K_OUTPUTS) if want_top_k else [])
+    exp_out = expected.get("outputs", {})
+    want_out = {n: TensorInfo(exp_out.get(n, {}).get("dtype", "float32" if "log_probs" in n else "int32"),
+                              len(exp_out.get(n, {}).get("shape", [0] * (2 if n == LOG_PROBS else 3))))
+                for n in outs}
+    for kind, want in (("input", want_in), ("output", want_out)):
+        have = served.get(kind + "s", {})
+        for name, info in want.items():
+            got = have.get(name)
+            if got is None:
+                problems.append(f"{kind} {name!r} is missing")
+            elif got.dtype != info.dtype:
+                problems.append(f"{kind} {name!r} has dtype {got.dtype}, expected {info.dtype}")
+            elif got.rank is not None and got.rank != info.rank:
+                problems.append(f"{kind} {name!r} has rank {got.rank}, expected {info.rank}")
+    extra = sorted(set(served.get("inputs", {})) - set(want_in))
+    if extra:
+        problems.append(f"the server also requires input(s) {', '.join(map(repr, extra))} that this client "
+                        f"does not send")
+    if problems:
+        raise ModelError(f"{opts.describe()}: signature {SIGNATURE_NAME!r} does not match the local export "
+                         f"{model.path}: " + "; ".join(problems))
+
+
+def probe_batch(model: ModelDir, target: int) -> Batch:
+    """One copy ``[CLS] [MASK] [SEP]`` predicting ``target`` at position 1 (int32 [1, 3] / [1, 1])."""
+    ids = model.manifest.get("special_token_ids") or {}
+    cls_id, mask_id, sep_id = (int(ids.get(k, d)) for k, d in (("cls", 0), ("mask", 0), ("sep", 0)))
+    return Batch(input_ids=np.array([[cls_id, mask_id, sep_id]], np.int32),
+                 input_mask=np.ones((1, 3), np.int32), segment_ids=np.zeros((1, 3), np.int32),
+                 masked_lm_positions=np.array([[1]], np.int32), masked_lm_ids=np.array([[target]], np.int32))
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+class RemoteEngine(Engine):
+    """Base of the TF Serving engines. Subclasses set ``name``/``SCHEMES`` and implement the ``_`` hooks.
+
+    Hooks (one attempt each; raise ``RetryableError`` or ``FatalError`` on failure):
+      ``_fetch_status() -> list[(version, state, message)]``
+      ``_fetch_signature() -> {"inputs": {name: TensorInfo}, "outputs": {...}}`` for serving_default
+      ``_predict_once(inputs: dict[str, int32 ndarray], outputs: list[str]) -> dict[str, ndarray]``
+    """
+
+    SCHEMES: dict[str, int] = {}
+
+    def __init__(self, model: ModelDir, *, top_k: bool = False, **options: Any):
+        self.model = model
+        self.want_top_k = bool(top_k)
+        self.opts = RemoteOptions.parse(self.name, options, schemes=self.SCHEMES)
+        # max_batch_size is the request size the server takes; the padding row counts against it.
+        self.max_batch_size = self.opts.max_batch_size
+        if self.opts.padding_row and self.max_batch_size is not None:
+            if self.max_batch_size < 2:
+                raise UsageError(f"engine {self.name!r}: padding_row needs max_batch_size >= 2")
+            self.max_batch_size -= 1
+        self._token = read_bearer_token(self.opts)
+        self._executor: cf.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._outputs = [LOG_PROBS] + (list(TOP_K_OUTPUTS) if self.want_top_k else [])
+        self._connect()
+        try:
+            self.served_version = self.check_server()
+        except BaseException:
+            self.close()
+            raise
+
+    # hooks --------------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        raise NotImplementedError
+
+    def _fetch_status(self) -> list[tuple[int, str, str]]:
+        raise NotImplementedError
+
+    def _fetch_signature(self) -> dict[str, dict[str, TensorInfo]]:
+        raise NotImplementedError
+
+    def _predict_once(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _close_transport(self) -> None:
+        pass
+
+    # shared -------------------------------------------------------------------------------------
+    def _retry(self, attempt: Callable[[], T], what: str, fatal: type[Exception] = EngineError) -> T:
+        o = self.opts
+        return with_retries(attempt, what=f"{self.name} engine, {o.describe()}, {what}", budget=o.retry_budget,
+                            initial=o.backoff_initial, maximum=o.backoff_max, fatal=fatal)
+
+    def check_server(self) -> int:
+        """Start-up checks (status, signature, vocabulary probe); return the served version number."""
+        version = check_versions(self._retry(self._fetch_status, "model status", ModelError), self.opts)
+        check_signature(self._retry(self._fetch_signature, "model metadata", ModelError), self.model,
+                        want_top_k=self.want_top_k, opts=self.opts)
+        if self.opts.check_model:
+            self.check_vocabulary()
+        log.info("%s engine: %s, version %d AVAILABLE, signature ok", self.name, self.opts.describe(), version)
+        return version
+
+    def check_vocabulary(self) -> None:
+        """Check that the served model's vocabulary size equals the local export's (``vocab_size`` = V).
+
+        TF Serving's metadata shows only the signature (dims -1), so the size is probed through
+        ``serving_default`` itself: the log-prob of target id V-1 must come back as a finite negative
+        number (a smaller served vocabulary rejects the id), and target id V must be rejected by the
+        server (TF's gather raises INVALID_ARGUMENT on CPU) or come back non-negative/non-finite (GPU
+        kernels return zeros for out-of-range ids); a real log-prob for id V means a larger vocabulary.
+        The top-k width is compared with the manifest's ``top_k`` too. If the manifest records an
+        ``identity_probe`` (inputs and expected log-probs), the served numbers must match it within 1e-3,
+        which identifies the weights as well. Limits: two models with equal V, equal k and no recorded
+        probe cannot be told apart this way.
+        """
+        V = int(self.model.manifest["vocab_size"])
+        where = f"{self.opts.describe()} vs local export {self.model.path}"
+        outs = [LOG_PROBS, "top_k_ids"]
+        def attempt(target: int, outputs: list[str]) -> Any:
+            try:
+                return self._predict_once(probe_batch(self.model, target).as_dict(), outputs)
+            except FatalError as exc:  # a rejection is an answer here, not a failure
+                return exc
+
+        last = self._retry(lambda: attempt(V - 1, outs), "vocabulary probe")
+        if isinstance(last, FatalError):
+            raise ModelError(f"{where}: the server rejects target id {V - 1} (the local vocabulary has {V} "
+                             f"tokens), so its vocabulary is smaller. Server said: {last}")
+        lp = float(np.asarray(last[LOG_PROBS]).reshape(-1)[0])
+        if not (np.isfinite(lp) and lp < 0):
+            raise ModelError(f"{where}: log-prob of target id {V - 1} is {lp}, not a finite negative number: "
+                             f"the served vocabulary is smaller than the local one ({V})")
+        k = int(np.asarray(last["top_k_ids"]).shape[-1])
+        if k != self.model.top_k:
+            raise ModelError(f"{where}: the server returns top-{k}, the local export says top_k="
+                             f"{self.model.top_k}: a different export is being served")
+        over = self._retry(lambda: attempt(V, [LOG_PROBS]), "vocabulary probe")
+        if isinstance(over, FatalError):
+            over = None  # expected on CPU: "indices[...] = V is not in [0, V)"
+        if over is not None:
+            lp = float(np.asarray(over[LOG_PROBS]).reshape(-1)[0])
+            if np.isfinite(lp) and lp < 0:
+                raise ModelError(f"{where}: the server scores target id {V} (log-prob {lp:.4f}) but the local "
+                                 f"vocabulary has only {V} tokens: the served vocabulary is larger")
+        probe = self.model.manifest.get("identity_probe")
+        if isinstance(probe, dict):
+            inputs = {n: np.asarray(probe[n], np.int32) for n in INPUT_NAMES}
+            expected = np.asarray(probe[LOG_PROBS], np.float32)
+            got = self._retry(lambda: self._predict_once(inputs, [LOG_PROBS]), "identity probe")[LOG_PROBS]
+            diff = float(np.max(np.abs(np.asarray(got, np.float32) - expected)))
+            if not diff <= 1e-3:
+                raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the "
+                                 f"export by up to {diff:.3g}: different weights are being served")
+
+    def score_batch(self, batch: Batch) -> BatchResult:
+        """One request: int32 [B,T]/[B,P] inputs -> float32 [B,P] log-probs (+ [B,P,k] top-k).
+
+        With ``padding_row``, row 0 of the request is all zeros. TF Serving's batching, with
+        ``pad_variable_length_inputs: true``, pads each merged tensor with its *first element*
+        (batching_util.cc: ``pad_value = input.flat<T>()(0)``); an all-zero first row makes that value 0,
+        which is exactly this model's padding convention (input_mask 0, unused slot at position 0). Rows and
+        slots the server adds are dropped here: the response is cut back to [B, P].
+        """
+        inputs = {n: np.ascontiguousarray(a, dtype=np.int32) for n, a in batch.as_dict().items()}
+        B, P = inputs["masked_lm_positions"].shape
+        skip = 0
+        if self.opts.padding_row:
+            inputs = {n: np.concatenate([np.zeros((1,) + a.shape[1:], np.int32), a]) for n, a in inputs.items()}
+            skip = 1
+        out = self._retry(lambda: self._predict_once(inputs, self._outputs), f"predict on {B} copies")
+        try:
+            lp = np.asarray(out[LOG_PROBS], np.float32)
+            res = BatchResult(log_probs=_cut(lp, skip, B, P))
+            if self.want_top_k:
+                res.top_k_ids = _cut(np.asarray(out["top_k_ids"]).astype(np.int32, copy=False), skip, B, P)
+                res.top_k_log_probs = _cut(np.asarray(out["top_k_log_probs"], np.float32), skip, B, P)
+        except (KeyError, ValueError) as exc:
+            raise EngineError(f"{self.name} engine, {self.opts.describe()}: malformed predict response for "
+                              f"{B} copies x {P} slots: {type(exc).__name__}: {exc}") from None
+        return res
+
+    def _pool(self) -> cf.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = cf.ThreadPoolExecutor(self.opts.concurrency,
+                                                       thread_name_prefix=f"mlm-{self.name}")
+            return self._executor
+
+    def map(self, batches: Iterable[Batch]) -> Iterator[BatchResult]:
+        """Score batches with up to ``concurrency`` requests in flight; results in input order.
+
+        Each batch is cut into requests of at most ``max_batch_size`` copies; the pieces of one batch are
+        concatenated back before it is yielded.
+        """
+        limit = self.max_batch_size
+
+        def pieces() -> Iterator[tuple[int, int, Batch]]:
+            for i, batch in enumerate(batches):
+                n = len(batch)
+                step = limit or max(n, 1)
+                starts = list(range(0, n, step)) or [0]
+                for j, s in enumerate(starts):
+                    yield i, len(starts) - j - 1, (batch.slice(s, s + step) if len(starts) > 1 else batch)
+
+        parts: list[BatchResult] = []
+        results = ordered_map(lambda p: (p[1], self.score_batch(p[2])), pieces(),
+                              concurrency=self.opts.concurrency, executor=self._pool())
+        for remaining, res in results:
+            parts.append(res)
+            if remaining == 0:
+                yield BatchResult.concat(parts)
+                parts = []
+
+    def close(self) -> None:
+        with self._lock:
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=True, cancel_futures=True)
+        self._close_transport()
+
+
+def _cut(a: np.ndarray, skip: int, B: int, P: int) -> np.ndarray:
+    """Rows ``skip:skip+B`` and the first ``P`` slots of an output [B', P', ...] (B' >= skip+B, P' >= P)."""
+    if a.ndim < 2 or a.shape[0] < skip + B or a.shape[1] < P:
+        raise ValueError(f"output shape {list(a.shape)} is smaller than the request [{skip + B}, {P}]")
+    return np.ascontiguousarray(a[skip:skip + B, :P])
