@@ -19,7 +19,7 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx]'
+	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx,onnx-export,torch]'
 	$(BIN)/pip install -q --no-deps 'tensorflow-serving-api==2.21.0'
 	touch $@
 

@@ -27,19 +27,33 @@ def main(argv: list[str] | None = None) -> int:
     case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false")
     ap.add_argument("--tolerance", type=float, default=None, help="max |Δ log-prob| allowed by verification")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
+    ap.add_argument("--onnx", action="store_true", help="also write OUT/VERSION/model.onnx (same inputs and "
+                                                        "outputs; needs mlm-scorer[onnx-export])")
+    ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
+                                                         "model.int8.onnx, with its drift report (implies --onnx)")
     args = ap.parse_args(argv)
     if args.version < 0:
         ap.error("--version must be a non-negative integer")
 
-    from .checkpoint import CheckpointError
-    from .saved_model import DEFAULT_TOLERANCE, export
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .saved_model import DEFAULT_TOLERANCE, export_checkpoint
     from .verify import VerificationError
 
+    def log(m):
+        print(m, file=sys.stderr)
+
+    tol = args.tolerance or DEFAULT_TOLERANCE
     try:
-        path = export(args.source, args.out, version=args.version, top_k=args.top_k,
-                      max_seq_length=args.max_seq_length, do_lower_case=args.do_lower_case,
-                      overwrite=args.overwrite, tolerance=args.tolerance or DEFAULT_TOLERANCE,
-                      log=lambda m: print(m, file=sys.stderr))
+        ckpt = load_checkpoint(args.source, do_lower_case=args.do_lower_case)
+        path = export_checkpoint(ckpt, args.out, version=args.version, top_k=args.top_k,
+                                 max_seq_length=args.max_seq_length, overwrite=args.overwrite, tolerance=tol, log=log)
+        if args.onnx or args.quantize:
+            from .to_onnx import write_onnx
+
+            write_onnx(path, ckpt, quantize=args.quantize, tolerance=tol, log=log)
+    except ImportError as exc:
+        print(f"mlm-export: error: {exc} (ONNX export needs: pip install 'mlm-scorer[onnx-export]')", file=sys.stderr)
+        return 1
     except (CheckpointError, VerificationError, FileExistsError, ValueError) as exc:
         print(f"mlm-export: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (FileExistsError, ValueError)) else 1

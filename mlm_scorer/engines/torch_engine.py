@@ -1,0 +1,243 @@
+"""PyTorch engine (``--engine torch``): transformers' ``BertForMaskedLM`` with the head applied only at the
+masked positions.
+
+Weights come from the export itself, so any source (HF or TF-1) works: from ``model.onnx``'s initializers
+when it exists and the ``onnx`` package is installed (fast, no TensorFlow), else from the SavedModel's
+variables (needs TensorFlow). They are renamed to transformers' names and loaded into a
+``BertForMaskedLM`` built from the manifest's config.
+
+The forward pass: ``model.bert`` -> sequence output [B,T,H] -> gather the masked positions [B,P,H] ->
+``model.cls`` (transform + tied decoder) -> [B,P,V] logits -> float32 log_softmax -> target log-prob and
+top-k, with the slot-padding rule (0.0, -1, -inf in unused slots).
+
+Options:
+  device:    "cpu" (default) or "cuda" (device 0; "cuda:N" for another).
+  precision: "fp32" (default); "bf16" on a CPU with AVX512-BF16/AMX (the model is cast to bf16: oneDNN
+             runs the matmuls on AMX; the final log_softmax runs in fp32); "fp16" or "bf16" on CUDA (the
+             same cast). A reduced-precision
+             engine measures its drift against fp32 when it is created, prints it to stderr and records it
+             in the manifest under ``reduced_precision["torch-<precision>-<device>"]``.
+  threads:   torch intra-op threads (``torch.set_num_threads``: process-wide).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
+from ..model_dir import ModelDir
+from .base import Batch, BatchResult, Engine
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU has native bf16 arithmetic (AVX512_BF16 or AMX-BF16), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def google_to_hf(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """google-research/bert names (kernels [in,out]) -> transformers BertForMaskedLM state-dict names
+    (Linear weights [out,in]). The decoder is tied to the word embeddings and is not listed."""
+    top = {
+        "bert/embeddings/word_embeddings": "bert.embeddings.word_embeddings.weight",
+        "bert/embeddings/position_embeddings": "bert.embeddings.position_embeddings.weight",
+        "bert/embeddings/token_type_embeddings": "bert.embeddings.token_type_embeddings.weight",
+        "bert/embeddings/LayerNorm/gamma": "bert.embeddings.LayerNorm.weight",
+        "bert/embeddings/LayerNorm/beta": "bert.embeddings.LayerNorm.bias",
+        "cls/predictions/transform/dense/kernel": "cls.predictions.transform.dense.weight",
+        "cls/predictions/transform/dense/bias": "cls.predictions.transform.dense.bias",
+        "cls/predictions/transform/LayerNorm/gamma": "cls.predictions.transform.LayerNorm.weight",
+        "cls/predictions/transform/LayerNorm/beta": "cls.predictions.transform.LayerNorm.bias",
+        "cls/predictions/output_bias": "cls.predictions.bias",
+    }
+    out = {}
+    for name, arr in weights.items():
+        if name in top:
+            hf = top[name]
+        else:
+            m = re.fullmatch(r"bert/encoder/layer_(\d+)/(.+)", name)
+            if not m:
+                raise ModelError(f"unexpected weight {name!r} in the export")
+            rest = (m.group(2).replace("/", ".").replace("kernel", "weight")
+                    .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"))
+            hf = f"bert.encoder.layer.{m.group(1)}.{rest}"
+        out[hf] = np.ascontiguousarray(arr.T) if name.endswith("/kernel") else arr
+    return out
+
+
+def load_export_weights(model: ModelDir) -> tuple[dict[str, np.ndarray], str]:
+    """(google-named float32 weights, where from) for an export: model.onnx if usable, else the SavedModel."""
+    onnx_path = model.path / "model.onnx"
+    if onnx_path.is_file():
+        try:
+            import onnx
+            from onnx import numpy_helper
+        except ImportError:
+            onnx = None
+        if onnx is not None:
+            m = onnx.load(str(onnx_path))
+            w = {i.name[2:].replace("__", "/"): numpy_helper.to_array(i) for i in m.graph.initializer
+                 if i.name.startswith("w.")}
+            if _complete(model, w):  # else (an ONNX file written differently) read the SavedModel
+                return {k: np.asarray(v, np.float32) for k, v in w.items()}, str(onnx_path)
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise MissingDependencyError(
+            f"engine 'torch' reads the weights from {onnx_path} (with the onnx package) or from the SavedModel "
+            f"(with tensorflow); neither is available: pip install 'mlm-scorer[onnx]' and re-export with "
+            f"--onnx, or pip install 'mlm-scorer[tf]'") from None
+    reader = tf.train.load_checkpoint(str(model.path / "variables" / "variables"))
+    w = {}
+    for key in reader.get_variable_to_shape_map():
+        m = re.fullmatch(r"v/(.+)/\.ATTRIBUTES/VARIABLE_VALUE", key)
+        if m:
+            w[m.group(1).replace(".S", "/")] = np.asarray(reader.get_tensor(key), np.float32)
+    return w, str(model.path / "variables")
+
+
+def _complete(model: ModelDir, w: dict[str, np.ndarray]) -> bool:
+    """True if ``w`` holds exactly the weights (names and shapes) the manifest's config needs."""
+    from mlm_export.config import BertConfig, weight_shapes
+
+    try:
+        cfg = BertConfig.from_dict({**model.manifest["config"], "vocab_size": model.manifest["vocab_size"]})
+    except (KeyError, TypeError):
+        return False
+    shapes = weight_shapes(cfg)
+    return set(w) == set(shapes) and all(tuple(w[k].shape) == shapes[k] for k in shapes)
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def __init__(self, model: ModelDir, *, top_k: bool = False, precision: str = "fp32", device: str = "cpu",
+                 threads: int | None = None, **options):
+        if options:
+            raise UsageError(f"engine 'torch' does not take option(s): {', '.join(sorted(options))}; "
+                             f"it takes precision, device, threads")
+        if precision not in PRECISIONS:
+            raise UsageError(f"engine 'torch' precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
+                             + ("; int8 is --engine onnx --precision int8" if precision == "int8" else ""))
+        if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+            raise UsageError(f"engine 'torch' device must be cpu or cuda[:N], not {device!r}")
+        try:
+            import torch
+            from transformers import BertConfig, BertForMaskedLM
+        except ImportError as exc:
+            raise MissingDependencyError(f"engine 'torch' needs torch and transformers ({exc.name}): "
+                                         f"pip install 'mlm-scorer[torch]'") from exc
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError("device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        if device == "cpu" and precision == "fp16":
+            raise UsageError("fp16 on CPU is not supported (no fast fp16 kernels); use --precision bf16 on a "
+                             "CPU with AMX/AVX512-BF16, or --device cuda")
+        if device == "cpu" and precision == "bf16" and not cpu_has_bf16():
+            raise UsageError("bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 in /proc/cpuinfo) "
+                             "and slower than fp32; use fp32 or --engine onnx --precision int8")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self._torch = torch
+        self.model = model
+        self.want_top_k = top_k
+        self.precision = precision
+        self.device = torch.device(device)
+        self.k = model.top_k
+
+        weights, self.weights_from = load_export_weights(model)
+        c = model.manifest.get("config") or {}
+        try:
+            cfg = BertConfig(vocab_size=int(model.manifest["vocab_size"]), hidden_size=c["hidden_size"],
+                             num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+                             intermediate_size=c["intermediate_size"], hidden_act=c.get("hidden_act", "gelu"),
+                             max_position_embeddings=c["max_position_embeddings"],
+                             type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+                             tie_word_embeddings=True)
+        except KeyError as exc:
+            raise ModelError(f"{model.path}: manifest config lacks {exc}; re-export the model") from None
+        net = BertForMaskedLM(cfg).eval()
+        state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in google_to_hf(weights).items()}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not re.fullmatch(
+            r"cls\.predictions\.decoder\.(weight|bias)|.*position_ids|bert\.pooler\..*", k)]
+        if missing or unexpected:
+            raise ModelError(f"weights from {self.weights_from} do not fit BertForMaskedLM: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        # The tied decoder must be the word embeddings (load_state_dict writes in place, ties survive).
+        if net.cls.predictions.decoder.weight.data_ptr() != net.bert.embeddings.word_embeddings.weight.data_ptr():
+            net.cls.predictions.decoder.weight = net.bert.embeddings.word_embeddings.weight
+        net.cls.predictions.decoder.bias = net.cls.predictions.bias
+        net.to(self.device)
+        self.net = net
+        if precision != "fp32":
+            self._cast_and_report(precision)
+
+    # -- precision ------------------------------------------------------------------------------------
+    def _cast_and_report(self, precision: str) -> None:
+        from mlm_export.drift import drift_inputs, drift_report, record_drift
+
+        torch = self._torch
+        feed = drift_inputs(int(self.model.manifest["vocab_size"]), self.model.max_seq_length,
+                            mask_id=(self.model.manifest.get("special_token_ids") or {}).get("mask"))
+        ref = self._forward(feed, want_top_k=True)  # fp32
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        # The whole model is cast (weights and activations): on CPU, oneDNN runs bf16 matmuls on AMX /
+        # AVX512-BF16 and LayerNorm / softmax accumulate in fp32 internally. torch.autocast measured
+        # slower than plain fp32 on bert-base on this CPU (it re-casts every fp32 weight on every call).
+        # The final log_softmax over the vocabulary runs in fp32 (``_forward``).
+        self.net.to(dtype)
+        got = self._forward(feed, want_top_k=True)
+        rep = drift_report(ref.log_probs, ref.top_k_ids[..., 0], got.log_probs, got.top_k_ids[..., 0],
+                           feed["masked_lm_positions"])
+        how = f"model cast to {dtype}, log_softmax in float32"
+        rep.update({"baseline": f"torch fp32 {self.device.type}", "method": how, "torch": torch.__version__,
+                    "inputs": "random masked copies (drift_inputs)"})
+        self.drift = rep
+        record_drift(self.model.path, f"torch-{precision}-{self.device.type}", rep,
+                     log=lambda m: print(f"mlm-scorer: {m}", file=sys.stderr))
+
+    # -- forward --------------------------------------------------------------------------------------
+    def _forward(self, feed: dict[str, np.ndarray], want_top_k: bool) -> BatchResult:
+        torch = self._torch
+        dev = self.device
+        t = {k: torch.from_numpy(np.ascontiguousarray(v, np.int64)).to(dev, non_blocking=True)
+             for k, v in feed.items()}
+        pos = t["masked_lm_positions"]
+        with torch.inference_mode():
+            seq = self.net.bert(input_ids=t["input_ids"], attention_mask=t["input_mask"],
+                                token_type_ids=t["segment_ids"])[0]  # [B,T,H]
+            g = torch.gather(seq, 1, pos.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # [B,P,H]
+            logits = self.net.cls(g)  # [B,P,V], head only at the masked positions
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            valid = pos > 0
+            target = torch.gather(log_probs, 2, t["masked_lm_ids"].unsqueeze(-1)).squeeze(-1)
+            target = torch.where(valid, target, torch.zeros_like(target))
+            res = BatchResult(log_probs=target.cpu().numpy().astype(np.float32, copy=False))
+            if want_top_k:
+                top_lp, top_ids = torch.topk(log_probs, self.k, dim=-1)
+                vk = valid.unsqueeze(-1)
+                top_lp = torch.where(vk, top_lp, torch.full_like(top_lp, float("-inf")))
+                top_ids = torch.where(vk, top_ids, torch.full_like(top_ids, -1))
+                res.top_k_ids = top_ids.to(torch.int32).cpu().numpy()
+                res.top_k_log_probs = top_lp.cpu().numpy().astype(np.float32, copy=False)
+        return res
+
+    def score_batch(self, batch: Batch) -> BatchResult:
+        """int32 [B,T]/[B,P] arrays in; log_probs float32 [B,P] (+ top-k int32/float32 [B,P,k]) out."""
+        try:
+            return self._forward(batch.as_dict(), self.want_top_k)
+        except RuntimeError as exc:  # out of memory, bad index...
+            raise EngineError(f"torch failed on a batch of shape {tuple(batch.input_ids.shape)}: "
+                              f"{str(exc).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        self.net = None
+
