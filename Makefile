@@ -19,18 +19,22 @@ $(VENV)/.run-deps: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx,onnx-export,torch]'
+	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx,onnx-export,torch,ray]'
 	$(BIN)/pip install -q --no-deps 'tensorflow-serving-api==2.21.0'
 	touch $@
 
 run: $(VENV)/.run-deps
 	$(BIN)/mlm-score data/sample.tsv -o probs.parquet --id-column id
 
+# The whole suite: system packages for the report test (chromium; skipped without root), the main
+# suite, then the Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
 test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q
+	bash scripts/ci_system_deps.sh
+	$(BIN)/python -m pytest -q -m "not airflow"
+	bash scripts/airflow_test.sh
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python scripts/bench_e2e.py
 
 clean:
-	rm -rf $(VENV) probs.parquet probs.sentences.parquet
+	rm -rf $(VENV) .venv-airflow probs.parquet probs.sentences.parquet

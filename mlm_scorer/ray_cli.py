@@ -1,0 +1,117 @@
+"""``mlm-score ray``: score TSV/Parquet files with a Ray Data actor pool (see ``mlm_scorer.ray_data``).
+
+    mlm-score ray a.tsv b.tsv -o out/ --model models/bert --num-actors 4 --cpus-per-actor 2
+    mlm-score ray part-*.parquet -o out/ --text-column sentence --address auto --gpus-per-actor 1
+
+Writes out/words/ and out/sentences/ (Parquet datasets: a ``file`` column, then the single-machine
+schemas) and out/summary.json. Exit codes as ``mlm-score``: 2 bad usage, 3 bad input row, 4 model,
+5 engine, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlm-score ray", description=__doc__.split("\n\n")[0],
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="TSV (header line unless --no-header) or Parquet "
+                                                               "(.parquet) files, all with the same columns")
+    ap.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                    help="output directory (words/, sentences/, summary.json); replaced as a whole at the end")
+    m = ap.add_argument_group("model and engine")
+    m.add_argument("--model", default=None, help="export directory (mlm-export) or checkpoint (default "
+                                                 "bert-base-uncased); every node must see the path")
+    m.add_argument("--model-version", type=int, default=None)
+    m.add_argument("--engine", default="saved_model", help="saved_model (default), onnx, torch, ...")
+    m.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option (repeatable), e.g. intra_op_threads=4")
+    m.add_argument("--cache-dir", help="where checkpoints are exported to")
+    s = ap.add_argument_group("scoring")
+    s.add_argument("--mode", default="whole-word", choices=["whole-word", "word-l2r", "token"])
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--batch-tokens", type=int, default=8192)
+    s.add_argument("--max-batch-size", type=int, default=None)
+    i = ap.add_argument_group("input")
+    i.add_argument("--text-column")
+    i.add_argument("--id-column")
+    i.add_argument("--no-header", action="store_true", help="TSV inputs have no header line")
+    i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
+    q = ap.add_argument_group("data quality")
+    q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
+    q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE")
+    r = ap.add_argument_group("ray")
+    r.add_argument("--num-actors", type=int, default=2, help="actors in the pool, each holding one model (default 2)")
+    r.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
+    r.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
+    r.add_argument("--batch-rows", type=int, default=512, help="rows handed to an actor at a time (default 512)")
+    r.add_argument("--address", help="Ray cluster address ('auto' for the running cluster); default: start a local Ray")
+    r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
+    o = ap.add_argument_group("output")
+    o.add_argument("-q", "--quiet", action="store_true")
+    o.add_argument("--summary-json", help="also write the summary to this path")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    opts: dict = {}
+    for item in args.engine_option:
+        if "=" not in item:
+            ap.error(f"--engine-option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        opts[k.strip().replace("-", "_")] = v
+    for flag in ("num_actors", "batch_rows", "batch_tokens"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.top_k < 0:
+        ap.error("--top-k must be >= 0")
+
+    from .errors import MlmScorerError
+    from .models import DEFAULT_MODEL
+    from .quality import parse_rule
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
+    try:
+        from .ray_data import score_dataset
+
+        rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        summary = score_dataset(
+            args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
+            engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
+            id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
+            flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
+            num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
+            max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
+            ray_init_options=init, log=log)
+    except ImportError as exc:
+        print(f"mlm-score ray: error: {exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'",
+              file=sys.stderr)
+        return 2
+    except MlmScorerError as exc:
+        print(f"mlm-score ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mlm-score ray: interrupted; the output directory was left as it was", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"mlm-score ray: error: {exc}", file=sys.stderr)
+        return 1
+    if args.summary_json:
+        with open(args.summary_json, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    if not args.quiet:
+        print(f"scored {summary['scored']}/{summary['rows']} rows ({summary['words']} words) with "
+              f"{summary['actors']} actor(s) in {summary['seconds']:.1f}s; skipped {summary['skipped']}"
+              + (f", flagged {summary['flagged']}" if summary["flagged"] else "")
+              + f" -> {summary['words_output']}, {summary['sentences_output']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""``mlm-score report``: turn a result into one self-contained HTML page.
+
+    mlm-score report probs.parquet -o report.html [--lowest 50]
+    make_report("probs.parquet", "report.html")
+
+The page has no external resources (inline CSS and SVG, no script, no network): the distribution of
+sentence pseudo-perplexity (log scale) and of the least likely word's probability as histograms; the
+lowest-scoring sentences (highest pseudo-perplexity) with each word coloured by its probability and the
+least likely word outlined; counts (rows, scored, skipped, flagged) and the settings recorded in the
+Parquet metadata (model, mode, engine, input, flag rules). Flag columns (``--flag-below/--flag-above``)
+are shown when present, and skipped rows are listed with their errors.
+
+Input: the words file (``probs.parquet``; its ``probs.sentences.parquet`` is found next to it), the
+sentences file itself, or a directory written by ``mlm-score ray`` (``words/`` and ``sentences/``).
+All text from the data is HTML-escaped.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import MlmScorerError, UsageError
+
+__all__ = ["make_report", "main"]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _paths(result: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(result)
+    if not p.exists():
+        raise UsageError(f"result {str(p)!r} does not exist (make one with: mlm-score IN.tsv -o {p.name})")
+    if p.is_dir():
+        if (p / "sentences").is_dir() and (p / "words").is_dir():
+            return p / "words", p / "sentences"
+        raise UsageError(f"{str(p)!r} is a directory without words/ and sentences/ (give probs.parquet, or a "
+                         f"directory written by mlm-score ray)")
+    from .writer import sentences_path
+
+    if p.name.endswith(".sentences.parquet"):
+        words = p.with_name(p.name[: -len(".sentences.parquet")] + ".parquet")
+        return words, p
+    return p, sentences_path(p)
+
+
+def _read(path: Path, columns: list[str] | None = None, filters=None):
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise UsageError(f"{str(path)!r} does not exist: the report needs both files of a result, "
+                         f"STEM.parquet (words) and STEM.sentences.parquet")
+    try:
+        if path.is_dir():
+            import pyarrow.dataset as ds
+
+            d = ds.dataset(str(path), format="parquet")
+            names = d.schema.names
+            cols = [c for c in columns if c in names] if columns else None
+            return d.to_table(columns=cols, filter=filters), d.schema
+        schema = pq.read_schema(path)
+        cols = [c for c in columns if c in schema.names] if columns else None
+        return pq.read_table(path, columns=cols, filters=filters), schema
+    except MlmScorerError:
+        raise
+    except Exception as exc:  # not Parquet, truncated...
+        raise UsageError(f"cannot read {str(path)!r} as Parquet: {type(exc).__name__}: {exc}") from None
+
+
+def _settings(schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(b"mlm_scorer")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {"metadata": raw.decode("utf-8", "replace")}
+    return meta if isinstance(meta, dict) else {"metadata": meta}
+
+
+# ------------------------------------------------------------------------------------------------- SVG
+def _nice_step(span: float, target: int) -> float:
+    raw = span / max(target, 1)
+    mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    for m in (1, 2, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _fmt_pow(x: float) -> str:
+    v = 10 ** x
+    if abs(x - round(x)) < 1e-9:
+        k = int(round(x))
+        return f"{10 ** k:g}" if -3 <= k <= 4 else f"1e{k}"
+    return f"{v:.3g}"
+
+
+def histogram_svg(values: list[float], *, title: str, x_label: str, log10: bool = True, bins: int = 30,
+                  css_class: str = "hist", width: int = 760, height: int = 260) -> str:
+    """An inline SVG histogram of ``values`` (log10 of them when ``log10``), with axes and a title per bar."""
+    vals = [math.log10(v) if log10 else v for v in values if v is not None and math.isfinite(v) and (v > 0 or not log10)]
+    esc = html.escape
+    head = (f'<svg class="{css_class}" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">'
+            f'<title>{esc(title)}</title>')
+    if not vals:
+        return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" class="empty">no scored sentences' \
+                      f'</text></svg>'
+    lo, hi = min(vals), max(vals)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    step = _nice_step(hi - lo, bins)
+    lo = math.floor(lo / step) * step
+    hi = max(lo + step, math.ceil(hi / step) * step)
+    nb = max(1, int(round((hi - lo) / step)))
+    counts = [0] * nb
+    for v in vals:
+        counts[min(nb - 1, int((v - lo) / step))] += 1
+    ml, mr, mt, mb = 52, 16, 28, 44
+    pw, ph = width - ml - mr, height - mt - mb
+    top = max(counts)
+    ystep = max(1, int(_nice_step(top, 4)))
+    ytop = max(ystep, math.ceil(top / ystep) * ystep)
+
+    def X(v: float) -> float:
+        return ml + (v - lo) / (hi - lo) * pw
+
+    def Y(c: float) -> float:
+        return mt + ph - c / ytop * ph
+
+    parts = [head, f'<text x="{ml}" y="16" class="t">{esc(title)}</text>']
+    for c in range(0, ytop + 1, ystep):  # horizontal grid + y labels
+        y = Y(c)
+        parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{c}</text>')
+    for i, c in enumerate(counts):
+        a, b = lo + i * step, lo + (i + 1) * step
+        if not c:
+            continue
+        label = (f"{_fmt_pow(a)} – {_fmt_pow(b)}" if log10 else f"{a:.4g} – {b:.4g}") + f": {c} sentence(s)"
+        parts.append(f'<rect class="bar" x="{X(a) + 0.5:.1f}" y="{Y(c):.1f}" width="{max(1.0, X(b) - X(a) - 1):.1f}" '
+                     f'height="{Y(0) - Y(c):.1f}"><title>{esc(label)}</title></rect>')
+    xstep = _nice_step(hi - lo, 8)
+    if log10:
+        xstep = max(xstep, 0.1 if hi - lo < 1.5 else 1.0)
+        if xstep < 1:
+            xstep = 1.0 if hi - lo >= 1 else xstep
+    t = math.ceil(lo / xstep) * xstep
+    while t <= hi + 1e-9:
+        x = X(t)
+        lab = _fmt_pow(t) if log10 else f"{t:.4g}"
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt + ph}" y2="{mt + ph + 5}" class="axis"/>'
+                     f'<text x="{x:.1f}" y="{mt + ph + 18}" text-anchor="middle" class="tick">{esc(lab)}</text>')
+        t += xstep
+    parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" class="axis"/>'
+                 f'<line x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + ph}" class="axis"/>'
+                 f'<text x="{ml + pw / 2}" y="{height - 6}" text-anchor="middle" class="lab">{esc(x_label)}</text>'
+                 f'<text x="14" y="{mt + ph / 2}" text-anchor="middle" class="lab" '
+                 f'transform="rotate(-90 14 {mt + ph / 2})">sentences</text></svg>')
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ highlighting
+def _colour(log10p: float, floor: float) -> str:
+    """White (p = 1) to red (p <= 10**floor), as an rgba background."""
+    a = 0.0 if floor >= 0 else min(1.0, max(0.0, log10p / floor))
+    return f"rgba(220, 38, 38, {0.08 + 0.82 * a:.2f})"
+
+
+def highlight(text: str, words: list[dict], *, floor: float, least: int | None) -> str:
+    """``text`` as HTML with each word in a coloured span (title: word, probability); everything escaped."""
+    out, pos = [], 0
+    for w in sorted(words, key=lambda w: w["char_start"]):
+        a, b = int(w["char_start"]), int(w["char_end"])
+        if a < pos or b > len(text) or a > b:
+            continue  # inconsistent spans: leave the text as is rather than garble it
+        out.append(html.escape(text[pos:a]))
+        lp = w["log_prob"]
+        l10 = lp / math.log(10) if lp is not None and math.isfinite(lp) else floor
+        cls = "w least" if w["word_index"] == least else "w"
+        tip = f"{text[a:b]}: p = {math.exp(lp):.3g} (log p = {lp:.3f})" if lp is not None else text[a:b]
+        out.append(f'<span class="{cls}" style="background:{_colour(l10, floor)}" title="{html.escape(tip)}">'
+                   f'{html.escape(text[a:b])}</span>')
+        pos = b
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------- report
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;
+max-width:1140px;padding:0 16px;color:#1f2937;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb;padding-bottom:4px}
+.sub{color:#6b7280;margin:0 0 16px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #e5e7eb;border-radius:8px;padding:10px 16px;min-width:110px}
+.card b{display:block;font-size:22px}.card span{color:#6b7280;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
+table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #e5e7eb;padding:6px 8px;text-align:left;vertical-align:top}
+th{background:#f9fafb;font-weight:600;font-size:12px;text-transform:uppercase;letter-spacing:.03em;color:#4b5563}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.settings td:first-child{width:180px;color:#4b5563}
+.w{border-radius:3px;padding:0 1px}.w.least{outline:2px solid #7f1d1d;font-weight:600}
+.flag{color:#b91c1c;font-weight:600;font-size:12px;max-width:220px}.err{color:#b91c1c}
+svg .bar{fill:#2563eb}svg .grid{stroke:#e5e7eb}svg .axis{stroke:#6b7280}svg .tick{font-size:11px;fill:#4b5563}
+svg .lab{font-size:12px;fill:#374151}svg .t{font-size:13px;font-weight:600;fill:#111827}svg{max-width:100%;height:auto}
+.legend{display:flex;align-items:center;gap:8px;font-size:12px;color:#4b5563;margin:6px 0}
+.legend .scale{display:inline-block;width:160px;height:12px;border-radius:3px;
+background:linear-gradient(90deg,rgba(220,38,38,.08),rgba(220,38,38,.9))}
+.plots{display:flex;flex-wrap:wrap;gap:8px}code{font-size:12px}
+"""
+
+
+def _num(x, fmt: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return format(x, fmt)
+
+
+def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, *, lowest: int = 50,
+                title: str | None = None) -> dict[str, Any]:
+    """Write the HTML report of ``result_parquet`` to ``out_html``; return the counts shown in it."""
+    import pyarrow.compute as pc
+
+    if lowest < 0:
+        raise UsageError("lowest must be >= 0")
+    words_path, sents_path = _paths(result_parquet)
+    sents, schema = _read(sents_path)
+    settings = _settings(schema)
+    names = sents.column_names
+    has = set(names)
+    for col in ("row", "text", "status", "pseudo_perplexity", "pll", "n_words", "min_word_log_prob"):
+        if col not in has:
+            raise UsageError(f"{str(sents_path)!r} is not an mlm-score sentences file: no {col!r} column")
+    n_rows = sents.num_rows
+    status = sents.column("status").to_pylist()
+    n_ok = sum(s == "ok" for s in status)
+    n_skipped = n_rows - n_ok
+    has_flag = "flag" in has
+    n_flagged = int(pc.sum(sents.column("flag").cast("int64")).as_py() or 0) if has_flag else None
+    rows = sents.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok" and r["pseudo_perplexity"] is not None
+          and math.isfinite(r["pseudo_perplexity"])]
+    worst = sorted(ok, key=lambda r: (-r["pseudo_perplexity"], r.get("file") or "", r["row"]))[:lowest]
+
+    # words of the sentences shown
+    keys = {(r.get("file"), r["row"]) for r in worst}
+    by_key: dict[tuple, list[dict]] = {}
+    if keys:
+        import pyarrow.dataset as ds
+
+        wanted = sorted({k[1] for k in keys})
+        wt, _ = _read(words_path, ["file", "row", "word_index", "char_start", "char_end", "log_prob"],
+                      filters=ds.field("row").isin(wanted))
+        for w in wt.to_pylist():
+            k = (w.get("file"), w["row"])
+            if k in keys:
+                by_key.setdefault(k, []).append(w)
+    shown_lp = [w["log_prob"] / math.log(10) for ws in by_key.values() for w in ws
+                if w["log_prob"] is not None and math.isfinite(w["log_prob"])]
+    floor = -1.0
+    if shown_lp:
+        shown_lp.sort()
+        floor = min(-1.0, shown_lp[max(0, int(0.05 * len(shown_lp)) - 1)])
+
+    esc = html.escape
+    ttl = title or f"mlm-scorer report: {Path(str(result_parquet)).name}"
+    show_file = "file" in has and len({r.get("file") for r in rows}) > 1
+    has_id = "id" in has
+    out: list[str] = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # nothing may load from elsewhere: the page is self-contained
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+        "img-src data:\">",
+        f"<title>{esc(ttl)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(ttl)}</h1>",
+        f'<p class="sub">{esc(str(settings.get("input", sents_path)))} · model {esc(str(settings.get("model", "?")))}'
+        f' · {esc(str(settings.get("mode", "?")))} · {esc(str(settings.get("engine", "?")))}</p>',
+        '<section id="counts"><div class="cards">',
+    ]
+    cards = [("rows", n_rows), ("scored", n_ok), ("skipped", n_skipped)]
+    if has_flag:
+        cards.append(("flagged", n_flagged))
+    words_total = sum(r["n_words"] or 0 for r in ok)
+    cards.append(("words", words_total))
+    if ok:
+        ppl = sorted(r["pseudo_perplexity"] for r in ok)
+        cards.append(("median pseudo-perplexity", _num(ppl[len(ppl) // 2], ".4g")))
+        cards.append(("mean PLL per word", _num(sum(r["pll"] for r in ok) / max(1, words_total), ".3f")))
+    for name, v in cards:
+        out.append(f'<div class="card" data-count="{esc(name)}"><b>{esc(str(v))}</b><span>{esc(name)}</span></div>')
+    out.append("</div></section>")
+
+    out.append('<section id="distribution"><h2>Score distribution</h2><div class="plots">')
+    out.append(histogram_svg([r["pseudo_perplexity"] for r in ok], title="Pseudo-perplexity per sentence (log scale)",
+                             x_label="pseudo-perplexity = exp(−PLL / words); higher is less likely",
+                             css_class="hist pppl"))
+    out.append(histogram_svg([math.exp(r["min_word_log_prob"]) for r in ok if r["min_word_log_prob"] is not None],
+                             title="Probability of each sentence's least likely word (log scale)",
+                             x_label="min word probability; lower is less likely", css_class="hist minp"))
+    out.append("</div></section>")
+
+    out.append(f'<section id="lowest"><h2>The {len(worst)} lowest-scoring sentence(s)</h2>')
+    out.append(f'<div class="legend">word probability: 1 <span class="scale"></span> ≤ {esc(_fmt_pow(floor))} · outlined: the '
+               f'sentence\'s least likely word · hover a word for its probability</div>')
+    head = ["#"] + (["file"] if show_file else []) + ["line"] + (["id"] if has_id else []) + \
+        ["pseudo-perplexity", "PLL", "min word p"] + (["flag"] if has_flag else []) + ["sentence"]
+    out.append('<table class="lowest"><thead><tr>' + "".join(f"<th>{esc(h)}</th>" for h in head)
+               + "</tr></thead><tbody>")
+    for i, r in enumerate(worst, 1):
+        ws = by_key.get((r.get("file"), r["row"]), [])
+        cells = [f'<td class="num">{i}</td>']
+        if show_file:
+            cells.append(f"<td>{esc(str(r.get('file')))}</td>")
+        cells.append(f'<td class="num">{esc(str(r["line"]))}</td>')
+        if has_id:
+            cells.append(f"<td>{esc(str(r['id'])) if r['id'] is not None else ''}</td>")
+        cells += [f'<td class="num">{_num(r["pseudo_perplexity"])}</td>', f'<td class="num">{_num(r["pll"], ".2f")}</td>',
+                  f'<td class="num">{_num(math.exp(r["min_word_log_prob"]), ".3g")}</td>']
+        if has_flag:
+            cells.append(f'<td class="flag">{esc(r.get("flag_reason") or "")}</td>' if r.get("flag") else "<td></td>")
+        cells.append(f'<td class="text">{highlight(r["text"], ws, floor=floor, least=r["min_word_index"])}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></section>")
+
+    if has_flag and n_flagged:
+        flagged = [r for r in rows if r.get("flag")][:lowest]
+        out.append(f'<section id="flagged"><h2>Flagged sentences ({n_flagged}'
+                   f'{", first " + str(len(flagged)) if len(flagged) < n_flagged else ""})</h2>'
+                   '<table class="flagged"><thead><tr><th>line</th>' + ("<th>id</th>" if has_id else "")
+                   + "<th>reason</th><th>sentence</th></tr></thead><tbody>")
+        for r in flagged:
+            out.append(f'<tr><td class="num">{esc(str(r["line"]))}</td>'
+                       + (f"<td>{esc(str(r['id'] or ''))}</td>" if has_id else "")
+                       + f'<td class="flag">{esc(r.get("flag_reason") or "")}</td><td>{esc(r["text"] or "")}</td></tr>')
+        out.append("</tbody></table></section>")
+
+    if n_skipped:
+        skipped = [r for r in rows if r["status"] != "ok"][:lowest]
+        out.append(f'<section id="skipped"><h2>Skipped rows ({n_skipped})</h2><table class="skipped"><thead><tr>'
+                   "<th>line</th><th>error</th><th>text</th></tr></thead><tbody>")
+        for r in skipped:
+            out.append(f'<tr><td class="num">{esc(str(r["line"]))}</td><td class="err">{esc(r.get("error") or "")}</td>'
+                       f'<td>{esc(r["text"] or "")}</td></tr>')
+        out.append("</tbody></table></section>")
+
+    out.append('<section id="settings"><h2>Settings</h2><table class="settings"><tbody>')
+    shown = dict(settings)
+    shown.setdefault("sentences file", str(sents_path))
+    for k, v in shown.items():
+        if isinstance(v, (list, dict)):
+            v = ", ".join(map(str, v)) if isinstance(v, list) else json.dumps(v, sort_keys=True)
+        out.append(f"<tr><td>{esc(str(k))}</td><td><code>{esc(str(v)) if v not in ('', None) else '–'}</code></td></tr>")
+    out.append("</tbody></table></section>")
+    out.append('<p class="sub">Generated by mlm-score report. PLL: pseudo-log-likelihood (natural log), the sum of '
+               "the words' log-probabilities; pseudo-perplexity = exp(−PLL / words).</p></body></html>")
+
+    dest = Path(out_html)
+    if not dest.parent.exists():
+        raise UsageError(f"output directory {str(dest.parent)!r} does not exist")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+    os.replace(tmp, dest)
+    return {"rows": n_rows, "scored": n_ok, "skipped": n_skipped, "flagged": n_flagged, "shown": len(worst),
+            "output": str(dest)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlm-score report",
+                                 description="Write a self-contained HTML report of a scoring result.")
+    ap.add_argument("result", help="probs.parquet (its probs.sentences.parquet next to it), a .sentences.parquet "
+                                   "file, or a directory written by mlm-score ray")
+    ap.add_argument("-o", "--output", required=True, help="HTML file to write")
+    ap.add_argument("--lowest", type=int, default=50, help="how many of the lowest-scoring sentences to show "
+                                                           "(default 50)")
+    ap.add_argument("--title", help="page title")
+    args = ap.parse_args(argv)
+    if args.lowest < 0:
+        ap.error("--lowest must be >= 0")
+    try:
+        info = make_report(args.result, args.output, lowest=args.lowest, title=args.title)
+    except MlmScorerError as exc:
+        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {info['rows']} rows, {info['scored']} scored, {info['skipped']} skipped"
+          + (f", {info['flagged']} flagged" if info["flagged"] is not None else "")
+          + f" -> {info['output']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Example Apache Airflow 3 DAG: score a TSV with mlm-scorer, once with the library (TaskFlow) and once
+with the CLI (BashOperator). Copy it into your DAGs folder and set the params (or trigger with a conf).
+
+    airflow dags test mlm_score_tsv 2024-01-01 -c '{"input": "/data/in.tsv", "output_dir": "/data/scores",
+                                                    "model": "/models/bert"}'
+
+Tasks:
+  score       TaskFlow @task calling mlm_scorer.airflow.score_task (-> score_file). Writes
+              OUTPUT_DIR/lib/<run key>/probs.parquet + probs.sentences.parquet and returns a small summary
+              (paths, counts, mean PLL) as its XCom.
+  score_cli   the same with the mlm-score CLI in a BashOperator (OUTPUT_DIR/cli/<run key>/...); its XCom is
+              the last line it prints: a one-line JSON summary.
+  publish     reads the score task's XCom summary (what a downstream task would do: alert, load, report).
+
+<run key> is the run's logical date (2024-01-01T000000), or its run id when it has none: a retry, or a
+re-run of the same date, writes the same paths, and the files are replaced atomically (never a mix of
+two attempts). A bad input row fails the task at once (no retries) with the scorer's file:line message;
+set on_bad_row to "skip" to record such rows (status "skipped") and go on.
+
+The model defaults to $MLM_SCORER_MODEL (an mlm-export directory, or a checkpoint id exported once into
+the cache); the scoring runs in the worker's Python, so install mlm-scorer[tf] there.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG, Param, get_current_context, task
+
+from mlm_scorer.airflow import run_key
+
+_bin = os.path.join(os.path.dirname(sys.executable), "mlm-score")
+MLM_SCORE = _bin if os.path.exists(_bin) else (shutil.which("mlm-score") or "mlm-score")
+# Retries are for transient failures (a worker lost, a model server down); a bad row fails at once.
+RETRIES = int(os.environ.get("MLM_SCORER_RETRIES", "2"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("MLM_SCORER_RETRY_DELAY_S", "60")))
+
+with DAG(
+    dag_id="mlm_score_tsv",
+    description="Score a TSV with a BERT masked LM (mlm-scorer): word and sentence Parquet",
+    schedule=None,  # e.g. "@daily" with an input path per date
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["mlm-scorer", "example"],
+    user_defined_macros={"mlm_run_key": run_key},
+    params={
+        "input": Param(os.environ.get("MLM_SCORER_INPUT", "data/sample.tsv"), type="string",
+                       description="TSV file to score (UTF-8, header line)"),
+        "output_dir": Param(os.environ.get("MLM_SCORER_OUTPUT_DIR", "/tmp/mlm-scores"), type="string"),
+        "model": Param(os.environ.get("MLM_SCORER_MODEL", "bert-base-uncased"), type="string",
+                       description="export directory (mlm-export) or checkpoint"),
+        "mode": Param("whole-word", enum=["whole-word", "word-l2r", "token"]),
+        "id_column": Param("", type="string", description="column with a row id ('' for none)"),
+        "text_column": Param("", type="string", description="column with the text ('' for the default)"),
+        "on_bad_row": Param("fail", enum=["fail", "skip"]),
+        "flag_below": Param([], type="array", description="e.g. ['min_word_prob=0.001']"),
+        "flag_above": Param([], type="array", description="e.g. ['pseudo_perplexity=500']"),
+    },
+) as dag:
+
+    # multiple_outputs=False: one XCom (the summary dict), not one per key
+    @task(retries=RETRIES, retry_delay=RETRY_DELAY, execution_timeout=timedelta(hours=12), multiple_outputs=False)
+    def score() -> dict:
+        from mlm_scorer.airflow import score_task
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        dag_run = ctx["dag_run"]
+        return score_task(
+            p["input"], os.path.join(p["output_dir"], "lib"), model=p["model"],
+            logical_date=getattr(dag_run, "logical_date", None), run_id=ctx["run_id"], mode=p["mode"],
+            id_column=p["id_column"], text_column=p["text_column"], on_bad_row=p["on_bad_row"],
+            flag_below=p["flag_below"], flag_above=p["flag_above"])
+
+    # The CLI form. Values reach the shell through env (never pasted into the command line), and the last
+    # line printed, a one-line JSON summary, becomes the XCom. Exit codes: 3 bad input row, 2 bad usage,
+    # 4 model problem (all fail the task; see `mlm-score --help`).
+    score_cli = BashOperator(
+        task_id="score_cli",
+        retries=RETRIES,
+        retry_delay=RETRY_DELAY,
+        env={
+            "MLM_SCORE": MLM_SCORE,
+            "PY": sys.executable,
+            "IN": "{{ params.input }}",
+            "OUT_DIR": "{{ params.output_dir }}/cli/{{ mlm_run_key(dag_run.logical_date, run_id) }}",
+            "MODEL": "{{ params.model }}",
+            "MODE": "{{ params.mode }}",
+            "ID_COLUMN": "{{ params.id_column }}",
+            "ON_BAD_ROW": "{{ params.on_bad_row }}",
+        },
+        append_env=True,
+        bash_command=(
+            'set -euo pipefail; mkdir -p "$OUT_DIR"; '
+            '"$MLM_SCORE" "$IN" -o "$OUT_DIR/probs.parquet" --model "$MODEL" --mode "$MODE" '
+            '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} -q '
+            '--summary-json "$OUT_DIR/summary.json"; '
+            '"$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(\',\', \':\')))" '
+            '"$OUT_DIR/summary.json"'
+        ),
+    )
+
+    @task
+    def publish(summary: dict) -> None:
+        print(f"scored {summary['scored']}/{summary['rows']} rows, skipped {summary['skipped']}, flagged "
+              f"{summary['flagged']}, mean PLL {summary['mean_pll']} -> {summary['output']}")
+
+    publish(score())
+    score_cli  # independent of the TaskFlow branch: the same job, the CLI way

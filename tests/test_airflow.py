@@ -1,0 +1,192 @@
+"""The example Airflow DAG (scripts/airflow_dag.py) under a real Apache Airflow 3, in its own venv.
+
+Airflow lives in a separate virtualenv (``scripts/airflow_test.sh`` builds ``.venv-airflow`` and runs
+this file); this test, in the main venv, makes the tiny model, then drives Airflow in that venv:
+``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` three times in one
+process: a run, a re-run of the same logical date (idempotence), and a run on a bad input.
+
+Skipped when the Airflow venv does not exist, unless MLM_REQUIRE_AIRFLOW=1 (the CI script sets it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import write_tsv
+
+pytestmark = pytest.mark.airflow
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("MLM_AIRFLOW_VENV", ROOT / ".venv-airflow"))
+if not VENV.is_absolute():
+    VENV = ROOT / VENV
+AIRFLOW_PY = VENV / "bin" / "python"
+LOGICAL_DATE = "2024-01-01T00:00:00+00:00"
+RUN_KEY = "2024-01-01T000000"
+
+if not (VENV / "bin" / "airflow").exists():
+    if os.environ.get("MLM_REQUIRE_AIRFLOW") == "1":
+        raise RuntimeError(f"MLM_REQUIRE_AIRFLOW=1 but there is no Airflow venv at {VENV} (scripts/airflow_test.sh)")
+    pytest.skip(f"no Airflow venv at {VENV}: run scripts/airflow_test.sh to build it and run this test",
+                allow_module_level=True)
+
+# Runs in the Airflow venv: dag.test() for each run spec, then one JSON line per run (states, XComs).
+DRIVER = r'''
+import json, shutil, sys, datetime, traceback
+sys.path.insert(0, sys.argv[1])
+import airflow_dag
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+
+dag = airflow_dag.dag
+for spec in json.loads(sys.argv[2]):
+    print(f"@@RUN {spec['name']}", flush=True)
+    try:
+        dr = dag.test(logical_date=datetime.datetime.fromisoformat(spec["logical_date"]), run_conf=spec["conf"])
+        tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number} for ti in dr.get_task_instances()}
+        with create_session() as s:
+            xcoms = {x.task_id: x.value for x in s.query(XComModel).filter(
+                XComModel.run_id == dr.run_id, XComModel.dag_id == dag.dag_id, XComModel.key == "return_value")}
+        out = {"name": spec["name"], "state": str(dr.state), "run_id": dr.run_id, "tis": tis, "xcoms": xcoms}
+        if spec.get("snapshot"):  # keep this run's files (with their mtimes) to compare with the next run's
+            shutil.copytree(spec["conf"]["output_dir"], spec["snapshot"], copy_function=shutil.copy2)
+    except Exception:
+        out = {"name": spec["name"], "state": "driver-error", "traceback": traceback.format_exc()}
+    print("@@RESULT " + json.dumps(out, default=str), flush=True)
+'''
+
+
+def _env(home: Path, dags: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags), AIRFLOW__CORE__LOAD_EXAMPLES="False",
+               AIRFLOW__CORE__UNIT_TEST_MODE="False", TF_CPP_MIN_LOG_LEVEL="2", MLM_SCORER_RETRIES="1",
+               MLM_SCORER_RETRY_DELAY_S="1", PATH=f"{VENV / 'bin'}:{env.get('PATH', '')}")
+    return env
+
+
+@pytest.fixture(scope="module")
+def airflow_runs(tiny_export, tmp_path_factory):
+    """Run the DAG three times under Airflow; return ({name: result}, paths, full log)."""
+    tmp = tmp_path_factory.mktemp("airflow")
+    home, dags, out = tmp / "home", tmp / "dags", tmp / "out"
+    for d in (home, dags, out):
+        d.mkdir()
+    shutil.copyfile(ROOT / "scripts" / "airflow_dag.py", dags / "airflow_dag.py")
+    good = write_tsv(tmp / "in.tsv", [["a", "The cat sat on the mat."], ["b", "A dog ran home."],
+                                      ["c", "The cat sat on the mat."]])
+    bad = write_tsv(tmp / "bad.tsv", [["a", "The cat sat on the mat."], ["b", "two\ttabs"]])
+    env = _env(home, dags)
+    mig = subprocess.run([str(VENV / "bin" / "airflow"), "db", "migrate"], env=env, cwd=tmp, capture_output=True,
+                         text=True, timeout=300)
+    assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
+
+    conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id"}
+    runs = [{"name": "first", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)},
+             "snapshot": str(tmp / "first")},
+            {"name": "again", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)}},
+            {"name": "bad", "logical_date": "2024-01-02T00:00:00+00:00", "conf": {**conf, "input": str(bad)}}]
+    # a crashed earlier attempt's leftover: a dead pid's temporary file where the outputs go; the next
+    # attempt must clean it up and never let it reach a final path
+    lib_dir = out / "lib" / RUN_KEY
+    lib_dir.mkdir(parents=True)
+    stale = lib_dir / ".probs.parquet.tmp-999999999"
+    stale.write_bytes(b"partial")
+    proc = subprocess.run([str(AIRFLOW_PY), "-c", DRIVER, str(dags), json.dumps(runs)], env=env, cwd=tmp,
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@RESULT "):
+            r = json.loads(line[len("@@RESULT "):])
+            results[r["name"]] = r
+    assert proc.returncode == 0 and len(results) == 3, log[-6000:]
+    for r in results.values():
+        assert r["state"] != "driver-error", r.get("traceback")
+    # the log of each run: between its @@RUN marker and the next
+    parts = {}
+    for chunk in proc.stdout.split("@@RUN ")[1:]:
+        name, _, body = chunk.partition("\n")
+        parts[name] = body
+    return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first"}, parts, proc.stderr
+
+
+def test_dag_scores_and_passes_a_small_summary(airflow_runs):
+    from helpers import read_outputs
+
+    from mlm_scorer.writer import sentences_path
+
+    results, paths, _, _ = airflow_runs
+    r = results["first"]
+    assert r["state"] == "success", r
+    assert {t: v["state"] for t, v in r["tis"].items()} == {"score": "success", "score_cli": "success",
+                                                           "publish": "success"}
+    summary = r["xcoms"]["score"]
+    # one small XCom (a dict of paths, counts, scores), not the data and not one XCom per key
+    assert isinstance(summary, dict) and len(json.dumps(summary)) < 4096
+    assert set(r["xcoms"]) == {"score", "score_cli"}
+    lib_out = paths["out"] / "lib" / RUN_KEY / "probs.parquet"
+    assert summary["output"] == str(lib_out) and summary["sentences_output"] == str(sentences_path(lib_out))
+    assert (summary["rows"], summary["scored"], summary["skipped"]) == (3, 3, 0)
+    assert summary["duplicates"] == 1 and summary["mean_pll"] < 0
+    words, sents = read_outputs(lib_out)
+    assert [s["id"] for s in sents] == ["a", "b", "c"] and all(s["status"] == "ok" for s in sents)
+    assert summary["words"] == len(words) == sum(s["n_words"] for s in sents) == 7 + 5 + 7  # "." is a word
+    assert abs(summary["mean_pll"] - sum(s["pll"] for s in sents) / 3) < 1e-9
+    # the CLI form (BashOperator) wrote the same numbers; its XCom is the last line: the JSON summary
+    cli = json.loads(r["xcoms"]["score_cli"])
+    cli_out = paths["out"] / "cli" / RUN_KEY / "probs.parquet"
+    assert cli["output"] == str(cli_out) and cli["scored"] == 3
+    cw, cs = read_outputs(cli_out)
+    assert [w["log_prob"] for w in cw] == [w["log_prob"] for w in words]
+    assert [s["pll"] for s in cs] == [s["pll"] for s in sents]
+
+
+def test_rerun_of_the_same_date_gives_identical_output(airflow_runs):
+    import pyarrow.parquet as pq
+
+    from mlm_scorer.writer import sentences_path
+
+    results, paths, _, _ = airflow_runs
+    first, again = results["first"], results["again"]
+    assert again["state"] == "success" and again["run_id"] != first["run_id"]
+    # the same logical date maps to the same paths, whichever run (or retry of a run) writes them
+    assert again["xcoms"]["score"]["output"] == first["xcoms"]["score"]["output"]
+    assert json.loads(again["xcoms"]["score_cli"])["output"] == json.loads(first["xcoms"]["score_cli"])["output"]
+    for sub in ("lib", "cli"):
+        d, d1 = paths["out"] / sub / RUN_KEY, paths["first"] / sub / RUN_KEY
+        # only the final files: no temporary file left, no second copy under another name
+        expected = ["probs.parquet", "probs.sentences.parquet"] + (["summary.json"] if sub == "cli" else [])
+        assert sorted(p.name for p in d.iterdir()) == expected
+        out, out1 = d / "probs.parquet", d1 / "probs.parquet"
+        for p, p1 in ((out, out1), (sentences_path(out), sentences_path(out1))):
+            assert p.stat().st_mtime_ns != p1.stat().st_mtime_ns, f"{p} was not rewritten by the second run"
+            t, t1 = pq.read_table(p), pq.read_table(p1)
+            assert t.num_rows > 0 and t.equals(t1), f"{p} differs between the two runs of one date"
+            assert t.schema.metadata == t1.schema.metadata
+    s1, s2 = first["xcoms"]["score"], again["xcoms"]["score"]
+    for k in ("rows", "scored", "skipped", "words", "mean_pll", "model_checksum", "output"):
+        assert s1[k] == s2[k], k
+    assert not paths["stale"].exists(), "the dead attempt's temporary file was not cleaned up"
+
+
+def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):
+    results, paths, logs, stderr = airflow_runs
+    r = results["bad"]
+    assert r["state"] == "failed", r
+    # library task: AirflowFailException, so no retry was spent on a row that cannot change
+    assert r["tis"]["score"] == {"state": "failed", "try_number": 1}
+    # the CLI task has no such signal: it fails on every try (exit code 3), using its retries
+    assert r["tis"]["score_cli"]["state"] == "failed" and r["tis"]["score_cli"]["try_number"] == 2
+    assert r["tis"]["publish"]["state"] == "upstream_failed"
+    assert "score" not in r["xcoms"]
+    log = logs["bad"] + stderr
+    where = f"{paths['bad']}:3:"
+    assert f"InputError: {where}" in log, log[-4000:]
+    assert "expected 2 tab-separated fields (id, text), found 3" in log
+    assert f"mlm-score: error: {where}" in log  # the CLI's message, in the BashOperator's log
+    # nothing written for the failed date
+    assert not (paths["out"] / "lib" / "2024-01-02T000000" / "probs.parquet").exists()
