@@ -67,22 +67,9 @@ def _is_parquet(path: str) -> bool:
 def _parquet_layout(path: str, text_column, id_column) -> Layout:
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
-    if text_column is None:
-        if "text" in names:
-            text_column = "text"
-        elif len(names) == 1:
-            text_column = 0
-        else:
-            raise UsageError(f"{path}: which column holds the text? The file has {names}; "
-                             f"pass --text-column NAME (or a 0-based index)")
-    from .reader import _resolve
+    from .reader import layout_for
 
-    t = _resolve(text_column, names, "--text-column", True)
-    i = _resolve(id_column, names, "--id-column", True)
-    if t == i:
-        raise UsageError("--text-column and --id-column name the same column")
-    return Layout(names=names, text=t, id=i, passthrough=[j for j in range(len(names)) if j not in (t, i)])
+    return layout_for(pq.read_schema(path).names, text_column, id_column, path)
 
 
 def _layout(path: str, text_column, id_column, header: bool) -> Layout:

@@ -63,6 +63,26 @@ def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) 
     raise UsageError(f"{what} {s!r} is not a column of the header {names}; give a name or a 0-based index")
 
 
+def layout_for(names: list[str], text_column: str | int | None, id_column: str | int | None, path: str) -> Layout:
+    """Resolve the text and id columns against named columns (a header, a Parquet schema).
+
+    The text column defaults to ``text``, or to the only column; every other column passes through.
+    """
+    if text_column is None:
+        if "text" in names:
+            text_column = "text"
+        elif len(names) == 1:
+            text_column = 0
+        else:
+            raise UsageError(f"{path}: which column holds the text? The columns are {names}; "
+                             f"pass --text-column NAME (or a 0-based index)")
+    t = _resolve(text_column, names, "--text-column", True)
+    i = _resolve(id_column, names, "--id-column", True)
+    if t == i:
+        raise UsageError("--text-column and --id-column name the same column")
+    return Layout(names=names, text=t, id=i, passthrough=[j for j in range(len(names)) if j not in (t, i)])
+
+
 def _open(path: str | os.PathLike) -> BinaryIO:
     if str(path) == "-":
         return sys.stdin.buffer
@@ -105,16 +125,7 @@ class TsvReader:
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise InputError(f"duplicate column name(s) in the header: {dup}", path=self.path, line=1)
-            if text_column is None:
-                if "text" in names:
-                    text_column = "text"
-                elif len(names) == 1:
-                    text_column = 0
-                else:
-                    raise UsageError(f"{self.path}: which column holds the text? The header has {names}; "
-                                     f"pass --text-column NAME (or a 0-based index)")
-            t = _resolve(text_column, names, "--text-column", True)
-            i = _resolve(id_column, names, "--id-column", True)
+            self.layout = layout_for(names, text_column, id_column, self.path)
         else:
             self._peek = self._next_raw()
             n = 1 if self._peek is None else _decode_or_count(self._peek)
@@ -126,10 +137,10 @@ class TsvReader:
             else:
                 t = _resolve(text_column, names, "--text-column", False)
                 i = _resolve(id_column, names, "--id-column", False)
-        if t is not None and t == i:
-            raise UsageError("--text-column and --id-column name the same column")
-        self.layout = Layout(names=names, text=t, id=i,
-                             passthrough=[j for j in range(len(names)) if j not in (t, i)] if t is not None else [])
+            if t is not None and t == i:
+                raise UsageError("--text-column and --id-column name the same column")
+            self.layout = Layout(names=names, text=t, id=i,
+                                 passthrough=[j for j in range(len(names)) if j not in (t, i)] if t is not None else [])
         self._index = 0
 
     def _next_raw(self) -> bytes | None:
