@@ -93,13 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _engine_options(args, ap) -> tuple[str, dict]:
+def parse_engine_options(items: list[str], ap: argparse.ArgumentParser) -> dict:
+    """``--engine-option KEY=VALUE`` items -> {key: "value"} (engines coerce the types)."""
     opts: dict = {}
-    for item in args.engine_option:
+    for item in items:
         if "=" not in item:
             ap.error(f"--engine-option expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         opts[k.strip().replace("-", "_")] = v
+    return opts
+
+
+def _engine_options(args, ap) -> tuple[str, dict]:
+    opts = parse_engine_options(args.engine_option, ap)
     for name in ("server", "model_name", "concurrency", "timeout", "retry_budget", "engine_file", "precision",
                  "device"):
         v = getattr(args, name)

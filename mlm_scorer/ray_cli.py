@@ -59,12 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    opts: dict = {}
-    for item in args.engine_option:
-        if "=" not in item:
-            ap.error(f"--engine-option expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        opts[k.strip().replace("-", "_")] = v
+    from .cli import parse_engine_options
+
+    opts = parse_engine_options(args.engine_option, ap)
     for flag in ("num_actors", "batch_rows", "batch_tokens"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
