@@ -1,8 +1,9 @@
 """Pack masked copies from many sentences into padded batches, grouped by length.
 
 Copies are sorted by (sequence length, predictions per copy) and cut into batches holding at most
-``max_batch_size`` copies and at most ``batch_tokens`` padded tokens, so a batch pads only to the
-longest copy among near-equal neighbours. ``plan`` returns index arrays; ``build`` makes the arrays.
+``max_batch_size`` copies and at most ``batch_tokens`` padded tokens; a batch is also closed before a
+longer copy would bring its padding efficiency (real tokens / computed tokens) under
+``min_efficiency``, so a batch pads only to the longest copy among near-equal neighbours. ``plan`` returns index arrays; ``build`` makes the arrays.
 """
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ class BatchPolicy:
 
     batch_tokens: int = 8192
     max_batch_size: int = 256
+    #: a batch is closed rather than take a longer copy that would make real/computed tokens drop below
+    #: this; near 1.0 suits CPUs (cost ~ computed tokens), lower values give GPUs larger batches
+    min_efficiency: float = 0.97
 
     def __post_init__(self):
         if self.batch_tokens < 1 or self.max_batch_size < 1:
             raise ValueError("batch_tokens and max_batch_size must be positive")
+        if not 0.0 <= self.min_efficiency <= 1.0:
+            raise ValueError("min_efficiency must be between 0 and 1")
 
 
 def copy_lengths(copies: np.ndarray) -> np.ndarray:
@@ -40,14 +46,20 @@ def plan(copies: np.ndarray, policy: BatchPolicy) -> list[np.ndarray]:
     lengths = copy_lengths(copies)
     preds = copies[:, PRED_B] - copies[:, PRED_A]
     order = np.lexsort((preds, lengths))
+    sorted_len = lengths[order].tolist()
     batches = []
     start = 0
     n = len(order)
     while start < n:
         # sorted ascending: the batch's padded length is the length of its last copy
         stop = start + 1
-        while stop < n and stop - start < policy.max_batch_size and \
-                (stop - start + 1) * lengths[order[stop]] <= policy.batch_tokens:
+        real = sorted_len[start]
+        while stop < n and stop - start < policy.max_batch_size:
+            T = sorted_len[stop]
+            padded = (stop - start + 1) * T
+            if padded > policy.batch_tokens or real + T < policy.min_efficiency * padded:
+                break
+            real += T
             stop += 1
         batches.append(order[start:stop])
         start = stop
