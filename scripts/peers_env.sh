@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Build the peer benchmark's own environment, .venv-peers, next to the main .venv.
+# minicons needs transformers < 5, so it cannot live in the main venv (transformers 5).
+# torch is pinned to the CPU build used by the main venv (a bare `torch` would pull CUDA wheels).
+#
+# Usage: bash scripts/peers_env.sh            (idempotent: re-running only checks the pins)
+#        PYTHON=python3.11 bash scripts/peers_env.sh
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv-peers"
+PY="${PYTHON:-$REPO/.venv/bin/python}"
+if [ ! -x "$PY" ]; then PY="$(command -v python3)"; fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # the main venv's interpreter is itself a venv: ask it for its base interpreter
+  BASE="$("$PY" -c 'import sys; print(sys._base_executable)')"
+  "$BASE" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install -q "torch==2.13.0" "transformers>=4.57,<5" "minicons==0.3.39"
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as m
+for p in ("minicons", "transformers", "torch", "tokenizers"):
+    print(f"{p}=={m.version(p)}")
+PY
