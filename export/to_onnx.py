@@ -22,7 +22,6 @@ manifest under ``reduced_precision["onnx-int8"]``.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import os
@@ -257,7 +256,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     """
     import json
 
-    from mlm_scorer.model_dir import MANIFEST_NAME
+    from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -284,7 +283,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
-        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "sha256": _sha256(tmp),
+        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "sha256": sha256_file(tmp),
                                  "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "verification": report,
                                  "versions": _versions()}
         drift = None
@@ -297,7 +296,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                     f"int8 quantization drifts too far from fp32 (mean |Δ log-prob| {drift['mean_abs_diff']:.3f} "
                     f"> {INT8_MAX_MEAN_ABS_DIFF} or top-1 agreement {drift['top1_agreement']:.1%} < "
                     f"{INT8_MIN_TOP1_AGREEMENT:.0%}); export without --quantize")
-            entry["int8"] = {"file": ONNX_INT8_NAME, "sha256": _sha256(tmp8)}
+            entry["int8"] = {"file": ONNX_INT8_NAME, "sha256": sha256_file(tmp8)}
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, final)
         updates: dict[str, Any] = {"onnx": entry}
@@ -316,14 +315,6 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
             if t.exists():
                 t.unlink()
     return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import sys
@@ -106,7 +105,7 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
                  n_profiles: int = 2, fp16: bool = True, workspace_gib: float = 4.0, log=print) -> Path:
     """Build and write the plan + manifest; return the plan path. Needs TensorRT >= 10 and a CUDA GPU."""
     from mlm_scorer.engines._shapes import profiles_from_workload
-    from mlm_scorer.model_dir import ModelDir
+    from mlm_scorer.model_dir import ModelDir, sha256_file
 
     try:
         import tensorrt as trt
@@ -155,7 +154,7 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
     gpu = _gpu_info()
     manifest = plan_manifest(model_dir=md, profiles=profiles, precision="fp16" if fp16 else "fp32",
                              trt_version=trt.__version__, gpu=gpu, fp32_layers=n_fp32,
-                             onnx_sha256=_sha256(onnx_path),
+                             onnx_sha256=sha256_file(onnx_path),
                              workload={"file": str(workload_file) if workload_file else None,
                                        "n_sentences": len(lengths)})
     _atomic_write(plan, bytes(serialized))
@@ -175,14 +174,6 @@ def _gpu_info() -> dict[str, Any]:
     except ImportError:
         pass
     return {"name": None}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
