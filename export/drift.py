@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MANIFEST_NAME = "mlm_scorer.json"  # == mlm_scorer.model_dir.MANIFEST_NAME (kept import-free)
+from mlm_scorer.fsutil import atomic_write_bytes
+from mlm_scorer.model_dir import MANIFEST_NAME
+
 MANIFEST_KEY = "reduced_precision"
 
 
@@ -94,20 +95,7 @@ def update_manifest(version_dir: str | os.PathLike, updates: dict[str, Any], *,
             manifest[key] = {**manifest[key], **value}
         else:
             manifest[key] = value
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=vdir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return manifest
 
 

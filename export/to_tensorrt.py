@@ -27,7 +27,6 @@ import datetime as _dt
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -105,6 +104,7 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
                  n_profiles: int = 2, fp16: bool = True, workspace_gib: float = 4.0, log=print) -> Path:
     """Build and write the plan + manifest; return the plan path. Needs TensorRT >= 10 and a CUDA GPU."""
     from mlm_scorer.engines._shapes import profiles_from_workload
+    from mlm_scorer.fsutil import atomic_write_bytes
     from mlm_scorer.model_dir import ModelDir, sha256_file
 
     try:
@@ -157,8 +157,8 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
                              onnx_sha256=sha256_file(onnx_path),
                              workload={"file": str(workload_file) if workload_file else None,
                                        "n_sentences": len(lengths)})
-    _atomic_write(plan, bytes(serialized))
-    _atomic_write(plan_manifest_path(plan), (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(plan, bytes(serialized))
+    atomic_write_bytes(plan_manifest_path(plan), (json.dumps(manifest, indent=2) + "\n").encode())
     log(f"wrote {plan} and {plan_manifest_path(plan).name} (TensorRT {trt.__version__}, {gpu.get('name')})")
     return plan
 
@@ -174,20 +174,6 @@ def _gpu_info() -> dict[str, Any]:
     except ImportError:
         pass
     return {"name": None}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

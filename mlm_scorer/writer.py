@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
+from .fsutil import atomic_write_bytes, fsync_path
 
 
 def sentences_path(words_path: str | os.PathLike) -> Path:
@@ -99,7 +100,7 @@ class _AtomicParquet:
 
     def close(self) -> None:
         self.writer.close()
-        _fsync(self.tmp)
+        fsync_path(self.tmp)
 
     def commit(self) -> None:
         os.replace(self.tmp, self.final)
@@ -201,7 +202,7 @@ class ResultWriter:
                 p.unlink()
 
     def _save(self, prog: dict) -> None:
-        _atomic_write_bytes(self.parts_dir / self.PROGRESS, json.dumps(prog, indent=1).encode())
+        atomic_write_bytes(self.parts_dir / self.PROGRESS, json.dumps(prog, indent=1).encode())
 
     @property
     def rows_done(self) -> int:
@@ -221,7 +222,7 @@ class ResultWriter:
             table = pa.Table.from_pydict(cols, schema=schema)
             tmp = self.parts_dir / f".{names[kind]}.tmp"
             pq.write_table(table, str(tmp), compression="zstd")
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self.parts_dir / names[kind])
         self.progress["parts"].append({**names, "rows": len(sentences["row"]), "stats": stats or {}})
         self._save(self.progress)
@@ -243,7 +244,7 @@ class ResultWriter:
             raise
         for w in writers:  # sentences first, words last: a words file always has its sentences file
             w.commit()
-        _fsync(self.words_path.parent)
+        fsync_path(self.words_path.parent)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.close()
 
@@ -265,23 +266,6 @@ def _diff(what: str, old: dict, new: dict) -> list[str]:
         if old.get(k) != new.get(k):
             out.append(f"{what} {k} changed ({old.get(k)!r} -> {new.get(k)!r})")
     return out
-
-
-def _fsync(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _remove_if_dead(tmp: str) -> None:
