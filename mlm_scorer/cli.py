@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("mlm-score: interrupted; no output was written", file=sys.stderr)
+        print("mlm-score: interrupted; nothing was written at the output path (chunks already committed in "
+              "OUTPUT.parts/ are kept: rerun with --resume to continue after them)", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, permission denied while writing...
         print(f"mlm-score: error: {exc}", file=sys.stderr)

@@ -75,7 +75,6 @@ class Prepared:
 
 @dataclass
 class Stats:
-    sentences: int = 0
     unique_scored: int = 0
     duplicates: int = 0
     copies: int = 0
@@ -246,7 +245,6 @@ class Scorer:
             redo = self.run(self.prepare([prep.texts[j] for j in missing], force=True))
             for j, r in zip(missing, redo):
                 out[j] = r
-        self.stats.sentences += len(prep.texts)
         self.stats.unique_scored += len(prep.unique)
         self.stats.duplicates += len(prep.texts) - len(prep.unique) - prep.n_stored
         return out
