@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+#: Revision of the graphs the exporter writes (SavedModel and ONNX), recorded in the manifest. Outputs
+#: do not change between revisions (every export is verified against the weights); speed does, so
+#: benchmark caches re-export when it differs. 2: 2-D hidden states, last layer only at masked positions.
+GRAPH_REVISION = 2
+
 # ---------------------------------------------------------------------------------------------- config
 
 

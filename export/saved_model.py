@@ -19,6 +19,7 @@ from pathlib import Path
 from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .config import GRAPH_REVISION
 from .serving_config import write_serving_files
 from .verify import verify_export
 
@@ -35,6 +36,12 @@ SIGNATURE = {
                    ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")},
         "outputs": {"top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
                     "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}},
+    },
+    # serving_default's masked_lm_log_probs alone, without the top-k search (graph revision 2 on)
+    "log_prob": {
+        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
+                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")},
+        "outputs": {"masked_lm_log_probs": {"dtype": "float32", "shape": [-1, -1]}},
     },
 }
 
@@ -79,12 +86,14 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
         tf.saved_model.save(module, str(tmp), signatures={
             "serving_default": module.serve.get_concrete_function(),
             "top_k": module.serve_top_k.get_concrete_function(),
+            "log_prob": module.serve_log_prob.get_concrete_function(),
         })
         del module
         _write_tokenizer(ckpt, tmp / "tokenizer")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "graph_revision": GRAPH_REVISION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": ckpt.source,
             "model_checksum": ckpt.checksum(),

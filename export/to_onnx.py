@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import BertConfig, weight_shapes
+from .config import GRAPH_REVISION, BertConfig, weight_shapes
 from .drift import drift_inputs, drift_report, record_drift, update_manifest
 from .verify import VerificationError, generated_inputs, reference_log_probs
 
@@ -57,6 +57,8 @@ def build_module(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int):
     import torch
     import torch.nn.functional as F
 
+    if cfg.num_hidden_layers < 1:
+        raise ValueError(f"num_hidden_layers must be at least 1, got {cfg.num_hidden_layers}")
     if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):
         raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
     expected = weight_shapes(cfg)
@@ -88,41 +90,43 @@ def build_module(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int):
         def p(self, name):
             return self.w[name.replace("/", "__")]
 
-        def dense(self, x, prefix):
+        def dense(self, x, prefix):  # x [rows,H]: 2-D MatMul + Add, which ONNX Runtime fuses into Gemm
             return torch.matmul(x, self.p(prefix + "/kernel")) + self.p(prefix + "/bias")
 
         def ln(self, x, prefix):
             return F.layer_norm(x, (self.H,), self.p(prefix + "/gamma"), self.p(prefix + "/beta"), self.eps)
 
+        def layer(self, x, q_rows, bias, i, B, T, Q):
+            """Encoder layer i for the rows q_rows [B*Q,H] attending over x [B*T,H] (Q == T but in the last)."""
+            N, D, H = self.N, self.D, self.H
+            pre = f"bert/encoder/layer_{i}/attention"
+            q = self.dense(q_rows, pre + "/self/query").reshape(B, Q, N, D).transpose(1, 2)  # [B,N,Q,D]
+            k = self.dense(x, pre + "/self/key").reshape(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
+            v = self.dense(x, pre + "/self/value").reshape(B, T, N, D).transpose(1, 2)
+            s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D)) + bias  # [B,N,Q,T]
+            ctx = torch.matmul(torch.softmax(s, dim=-1), v).transpose(1, 2).reshape(B * Q, H)
+            x = self.ln(q_rows + self.dense(ctx, pre + "/output/dense"), pre + "/output/LayerNorm")
+            lp = f"bert/encoder/layer_{i}"
+            h = act(self.dense(x, lp + "/intermediate/dense"))
+            return self.ln(x + self.dense(h, lp + "/output/dense"), lp + "/output/LayerNorm")
+
         def forward(self, input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids):
-            B, T = input_ids.shape[0], input_ids.shape[1]
-            N, D = self.N, self.D
+            B, T, P, H = input_ids.shape[0], input_ids.shape[1], masked_lm_positions.shape[1], self.H
             ids = input_ids.long()
             x = (F.embedding(ids, self.p("bert/embeddings/word_embeddings"))
                  + F.embedding(segment_ids.long(), self.p("bert/embeddings/token_type_embeddings"))
                  + self.p("bert/embeddings/position_embeddings")[:T].unsqueeze(0))  # [B,T,H]
-            x = self.ln(x, "bert/embeddings/LayerNorm")
+            x = self.ln(x.reshape(B * T, H), "bert/embeddings/LayerNorm")  # [B*T,H]
             bias = ((1.0 - input_mask.float()) * -10000.0)[:, None, None, :]  # [B,1,1,T]
-            scale = 1.0 / math.sqrt(D)
-            for i in range(cfg.num_hidden_layers):
-                pre = f"bert/encoder/layer_{i}/attention"
-
-                def heads(t):  # [B,T,H] -> [B,N,T,D]
-                    return t.reshape(B, T, N, D).transpose(1, 2)
-
-                q = heads(self.dense(x, pre + "/self/query"))
-                k = heads(self.dense(x, pre + "/self/key"))
-                v = heads(self.dense(x, pre + "/self/value"))
-                s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias  # [B,N,T,T]
-                ctx = torch.matmul(torch.softmax(s, dim=-1), v).transpose(1, 2).reshape(B, T, N * D)
-                x = self.ln(x + self.dense(ctx, pre + "/output/dense"), pre + "/output/LayerNorm")
-                lp = f"bert/encoder/layer_{i}"
-                h = act(self.dense(x, lp + "/intermediate/dense"))
-                x = self.ln(x + self.dense(h, lp + "/output/dense"), lp + "/output/LayerNorm")
+            last = cfg.num_hidden_layers - 1
+            for i in range(last):
+                x = self.layer(x, x, bias, i, B, T, T)
+            # The last layer only at the masked positions (keys/values still from every token), as bert_mlm.py.
             pos = masked_lm_positions.long()  # [B,P]
-            g = torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B,P,H] before the head
+            rows = torch.gather(x.reshape(B, T, H), 1, pos.unsqueeze(-1).expand(-1, -1, H)).reshape(B * P, H)
+            g = self.layer(x, rows, bias, last, B, T, P)  # [B*P,H]
             g = act(self.dense(g, "cls/predictions/transform/dense"))
-            g = self.ln(g, "cls/predictions/transform/LayerNorm")
+            g = self.ln(g, "cls/predictions/transform/LayerNorm").reshape(B, P, H)
             logits = (torch.matmul(g, self.p("bert/embeddings/word_embeddings").t())
                       + self.p("cls/predictions/output_bias"))  # [B,P,V]
             log_probs = torch.log_softmax(logits, dim=-1)
@@ -283,7 +287,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
-        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "sha256": sha256_file(tmp),
+        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION, "sha256": sha256_file(tmp),
                                  "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "verification": report,
                                  "versions": _versions()}
         drift = None
