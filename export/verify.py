@@ -102,6 +102,11 @@ def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: flo
     valid = pos > 0
     ref = np.where(valid, ref, 0.0)
     diff = float(np.max(np.abs(got - ref)))
+    if "log_prob" in loaded.signatures:  # the scorer's path without top-k: held to the same reference
+        lp = loaded.signatures["log_prob"](input_ids=tf.constant(ids), input_mask=tf.constant(mask),
+                                           segment_ids=tf.constant(seg), masked_lm_positions=tf.constant(pos),
+                                           masked_lm_ids=tf.constant(tgt))["masked_lm_log_probs"].numpy()
+        diff = max(diff, float(np.max(np.abs(lp - ref))))
     k = out["top_k_ids"].shape[-1]
     ref_top = np.argsort(-ref_full, axis=-1)[..., :k]
     top1_agree = float(np.mean((out["top_k_ids"].numpy()[..., 0] == ref_top[..., 0])[valid]))

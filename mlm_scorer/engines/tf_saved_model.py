@@ -1,7 +1,8 @@
 """In-process TensorFlow SavedModel engine (the default).
 
-Loads ``<export>/<version>`` with ``tf.saved_model.load`` and calls the ``serving_default`` signature
-(or ``top_k``-only outputs are simply ignored when top-k is not requested).
+Loads ``<export>/<version>`` with ``tf.saved_model.load`` and calls its ``log_prob`` signature (the
+target log-probs alone, no top-k search) unless top-k is requested or the export predates it; then
+``serving_default``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class SavedModelEngine(Engine):
 
             raise ModelError(f"cannot load the SavedModel at {model.path}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        self._fn = self._loaded.signatures["serving_default"]
+        sigs = self._loaded.signatures
+        self._fn = sigs["serving_default"] if top_k or "log_prob" not in sigs else sigs["log_prob"]
         # The first call optimizes the graph (seconds for bert-base): do it now, as part of start-up.
         one = np.array([[model.manifest.get("special_token_ids", {}).get("cls", 0), 0, 0]], np.int32)
         self.score_batch(Batch(one, np.ones_like(one), np.zeros_like(one), np.array([[1]], np.int32),
