@@ -77,6 +77,23 @@ def make_checkpoint(out: Path, shape: str = "bert-base", seed: int = 0) -> Path:
                         max_pos=512, seed=seed, init_range=0.02)
 
 
+def export_is_current(version_dir: Path, onnx: bool = False) -> bool:
+    """True if ``version_dir`` holds an export (and, with ``onnx``, an ONNX model) written by the graph
+    revision this checkout writes. Benchmark caches are rebuilt otherwise: an old graph is slower."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from export.config import GRAPH_REVISION
+
+    try:
+        m = json.loads((Path(version_dir) / "mlm_scorer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if m.get("graph_revision") != GRAPH_REVISION:
+        return False
+    return not onnx or (m.get("onnx") or {}).get("graph_revision") == GRAPH_REVISION
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -93,3 +110,15 @@ def flops_per_copy(shape: str, tokens: float) -> float:
     attn = 2 * 2 * tokens * h  # QK^T and AV per token per layer
     head = 2 * (h * h + h * V)
     return layers * tokens * (per_token_layer + attn) + head
+
+
+def executed_flops_ours(shape: str, tokens: float) -> float:
+    """FLOPs mlm-score's graphs execute for one copy of ``tokens`` (padded) tokens with one prediction:
+    like ``flops_per_copy`` except that the last layer computes keys and values for every token but its
+    query, attention output and feed-forward only at the masked position (export/bert_mlm.py)."""
+    h, layers, _, inter = SHAPES[shape]
+    per_token_layer = 2 * (4 * h * h + 2 * h * inter)
+    attn = 2 * 2 * tokens * h
+    last = tokens * 2 * (2 * h * h) + 2 * (2 * h * h + 2 * h * inter) + attn
+    head = 2 * (h * h + h * 30522)
+    return (layers - 1) * tokens * (per_token_layer + attn) + last + head

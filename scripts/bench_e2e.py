@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, blimp_sentences, flops_per_copy, git_rev, machine, make_checkpoint, write_tsv  # noqa: E402
+from bench_common import (REPO, blimp_sentences, export_is_current, flops_per_copy, git_rev, machine,  # noqa: E402
+                          make_checkpoint, write_tsv)
 
 
 def main() -> None:
@@ -41,10 +42,17 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
     export_dir = work / f"{args.shape}-export"
-    if not (export_dir / "1").is_dir():
+    if not export_is_current(export_dir / "1"):
         from mlm_export import export
 
-        export(ckpt, export_dir, log=print)
+        export(ckpt, export_dir, overwrite=True, log=print)
+    int8 = args.engine == "onnx" and args.precision == "int8"
+    if args.engine == "onnx" and not (export_is_current(export_dir / "1", onnx=True)
+                                      and (not int8 or (export_dir / "1" / "model.int8.onnx").is_file())):
+        import mlm_export
+        from mlm_export.to_onnx import write_onnx
+
+        write_onnx(export_dir / "1", mlm_export.load_checkpoint(ckpt), quantize="int8", log=print)
     tsv = write_tsv(work / f"blimp-{args.sentences}.tsv", blimp_sentences(args.sentences))
 
     # -- engine alone ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-VOCAB = Path("/work/shared/vocab/bert-base-uncased/vocab.txt")
+from bench_common import BERT_VOCAB as VOCAB, export_is_current  # noqa: E402
 BASE = dict(hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512)
 ENGINES = {  # label -> (engine name, options)
     "saved_model": ("saved_model", {}),
@@ -60,7 +60,7 @@ def prepare(work: Path, log) -> Path:
     from mlm_export.to_onnx import write_onnx
 
     export_base = work / "export"
-    if (export_base / "1" / "model.int8.onnx").is_file():
+    if (export_base / "1" / "model.int8.onnx").is_file() and export_is_current(export_base / "1", onnx=True):
         return export_base
     hf = work / "hf"
     if not (hf / "config.json").is_file():
