@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="8,32,128")
     ap.add_argument("--seq", type=int, default=24, help="tokens per copy incl. [CLS]/[SEP] (default 24)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell, over all rounds (default 4)")
     ap.add_argument("--drift-ref", default="onnx", choices=sorted(ENGINES),
                     help="fp32 engine the drift is measured against (run untimed if not in --engines)")
@@ -155,6 +157,12 @@ def main(argv=None) -> int:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.prepare_only:
+        prepare(work, log)
+        return 0
+    if not ((work / "export" / "1" / "model.int8.onnx").is_file() and export_is_current(work / "export" / "1", onnx=True)):
+        # in a child process: exporting starts TensorFlow here, after which its thread pools cannot be set
+        subprocess.run([sys.executable, __file__, "--prepare-only", "--work", str(work), "--out", a.out], check=True)
     md = ModelDir.open(prepare(work, log))
     V = int(md.manifest["vocab_size"])
     mask_id = int(md.manifest["special_token_ids"]["mask"])
