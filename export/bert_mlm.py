@@ -27,6 +27,10 @@ _ACTIVATIONS = {
 
 # --------------------------------------------------------------------------------------------- model
 
+#: The signatures' inputs, all int32 with dynamic batch and length: [B,T] x3, then [B,P] x2.
+_INPUTS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in
+           ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")]
+
 
 class BertMLM(tf.Module):
     """Encoder + MLM head. ``weights`` maps every name of ``weight_shapes(cfg)`` to a numpy array."""
@@ -140,13 +144,7 @@ class BertMLM(tf.Module):
         return log_probs, valid, top_ids, top_lp
 
     # -- serving signatures -------------------------------------------------------------------------
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="input_mask"),
-        tf.TensorSpec([None, None], tf.int32, name="segment_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="masked_lm_positions"),
-        tf.TensorSpec([None, None], tf.int32, name="masked_lm_ids"),
-    ])
+    @tf.function(input_signature=_INPUTS)
     def serve(self, input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids):
         log_probs, valid, top_ids, top_lp = self._predict(input_ids, input_mask, segment_ids, masked_lm_positions)
         target = tf.gather(log_probs, masked_lm_ids, batch_dims=2)  # [B,P]
@@ -156,23 +154,12 @@ class BertMLM(tf.Module):
             "top_k_log_probs": top_lp,
         }
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="input_mask"),
-        tf.TensorSpec([None, None], tf.int32, name="segment_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="masked_lm_positions"),
-    ])
+    @tf.function(input_signature=_INPUTS[:4])  # no masked_lm_ids
     def serve_top_k(self, input_ids, input_mask, segment_ids, masked_lm_positions):
         _, _, top_ids, top_lp = self._predict(input_ids, input_mask, segment_ids, masked_lm_positions)
         return {"top_k_ids": top_ids, "top_k_log_probs": top_lp}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="input_mask"),
-        tf.TensorSpec([None, None], tf.int32, name="segment_ids"),
-        tf.TensorSpec([None, None], tf.int32, name="masked_lm_positions"),
-        tf.TensorSpec([None, None], tf.int32, name="masked_lm_ids"),
-    ])
+    @tf.function(input_signature=_INPUTS)
     def serve_log_prob(self, input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids):
         """serving_default's ``masked_lm_log_probs`` alone: the target's logit minus the log-sum-exp over
         the vocabulary, with no [B,P,V] log-softmax written and no top-k search (a sixth of the small
