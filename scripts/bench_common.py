@@ -77,13 +77,11 @@ def make_checkpoint(out: Path, shape: str = "bert-base", seed: int = 0) -> Path:
                         max_pos=512, seed=seed, init_range=0.02)
 
 
-def export_is_current(version_dir: Path, onnx: bool = False) -> bool:
-    """True if ``version_dir`` holds an export (and, with ``onnx``, an ONNX model) written by the graph
-    revision this checkout writes. Benchmark caches are rebuilt otherwise: an old graph is slower."""
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from export.config import GRAPH_REVISION
+def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False) -> bool:
+    """True if ``version_dir`` holds an export (and, with ``onnx``, an ONNX model; with ``int8`` also its
+    int8 file) written by the graph revision this checkout writes. Benchmark caches are rebuilt
+    otherwise: an old graph is slower."""
+    from mlm_export.config import GRAPH_REVISION
 
     try:
         m = json.loads((Path(version_dir) / "mlm_scorer.json").read_text(encoding="utf-8"))
@@ -91,7 +89,9 @@ def export_is_current(version_dir: Path, onnx: bool = False) -> bool:
         return False
     if m.get("graph_revision") != GRAPH_REVISION:
         return False
-    return not onnx or (m.get("onnx") or {}).get("graph_revision") == GRAPH_REVISION
+    if (onnx or int8) and (m.get("onnx") or {}).get("graph_revision") != GRAPH_REVISION:
+        return False
+    return not int8 or (Path(version_dir) / "model.int8.onnx").is_file()
 
 
 def git_rev() -> str:

@@ -46,9 +46,7 @@ def main() -> None:
         from mlm_export import export
 
         export(ckpt, export_dir, overwrite=True, log=print)
-    int8 = args.engine == "onnx" and args.precision == "int8"
-    if args.engine == "onnx" and not (export_is_current(export_dir / "1", onnx=True)
-                                      and (not int8 or (export_dir / "1" / "model.int8.onnx").is_file())):
+    if args.engine == "onnx" and not export_is_current(export_dir / "1", onnx=True, int8=args.precision == "int8"):
         import mlm_export
         from mlm_export.to_onnx import write_onnx
 

@@ -61,7 +61,7 @@ def prepare(work: Path, log) -> Path:
     from mlm_export.to_onnx import write_onnx
 
     export_base = work / "export"
-    if (export_base / "1" / "model.int8.onnx").is_file() and export_is_current(export_base / "1", onnx=True):
+    if export_is_current(export_base / "1", int8=True):
         return export_base
     hf = work / "hf"
     if not (hf / "config.json").is_file():
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     if a.prepare_only:
         prepare(work, log)
         return 0
-    if not ((work / "export" / "1" / "model.int8.onnx").is_file() and export_is_current(work / "export" / "1", onnx=True)):
+    if not export_is_current(work / "export" / "1", int8=True):
         # in a child process: exporting starts TensorFlow here, after which its thread pools cannot be set
         subprocess.run([sys.executable, __file__, "--prepare-only", "--work", str(work), "--out", a.out], check=True)
     md = ModelDir.open(prepare(work, log))

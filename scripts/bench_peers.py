@@ -197,8 +197,7 @@ def main() -> None:
         log(f"exporting {ckpt} -> {export_dir}")
         subprocess.run([sys.executable, "-c", "import sys; from mlm_export import export; "
                         "export(sys.argv[1], sys.argv[2], overwrite=True, log=print)", str(ckpt), str(export_dir)], check=True)
-    if args.engine == "onnx" and not (export_is_current(export_dir / "1", onnx=True)
-                                      and (args.precision != "int8" or (export_dir / "1" / "model.int8.onnx").is_file())):
+    if args.engine == "onnx" and not export_is_current(export_dir / "1", onnx=True, int8=args.precision == "int8"):
         log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
         subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
                         "write_onnx(sys.argv[2], mlm_export.load_checkpoint(sys.argv[1]), quantize='int8', log=print)",
