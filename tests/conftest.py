@@ -22,13 +22,18 @@ def tiny_hf(tmp_path_factory) -> Path:
     return make_hf_bert(tmp_path_factory.mktemp("tiny_hf"))
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny_hf, tmp_path_factory) -> Path:
+def _export(hf: Path, tmp_path_factory, name: str, **kw) -> Path:
+    """Export ``hf`` (quietly) into a fresh session temp dir; returns the export base directory."""
     from mlm_export import export
 
-    base = tmp_path_factory.mktemp("tiny_export")
-    export(tiny_hf, base, top_k=5, log=lambda m: None)
+    base = tmp_path_factory.mktemp(name)
+    export(hf, base, log=lambda m: None, **kw)
     return base
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_hf, tmp_path_factory) -> Path:
+    return _export(tiny_hf, tmp_path_factory, "tiny_export", top_k=5)
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +47,7 @@ def realvocab_hf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def realvocab_export(realvocab_hf, tmp_path_factory) -> Path:
-    from mlm_export import export
-
-    base = tmp_path_factory.mktemp("realvocab_export")
-    export(realvocab_hf, base, log=lambda m: None)
-    return base
+    return _export(realvocab_hf, tmp_path_factory, "realvocab_export")
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +58,7 @@ def short_hf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def short_export(short_hf, tmp_path_factory) -> Path:
-    from mlm_export import export
-
-    base = tmp_path_factory.mktemp("short_export")
-    export(short_hf, base, log=lambda m: None)
-    return base
+    return _export(short_hf, tmp_path_factory, "short_export")
 
 
 @pytest.fixture(scope="session")

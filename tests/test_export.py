@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_models import make_hf_bert
 
@@ -36,8 +37,6 @@ def test_signatures_manifest_and_tokenizer(tiny_export):
     assert set(loaded.signatures["top_k"].structured_outputs) == {"top_k_ids", "top_k_log_probs"}
     assert m["graph_revision"] >= 2 and set(m["signature"]) == {"serving_default", "top_k", "log_prob"}
     # log_prob (the scorer's path without top-k) answers what serving_default answers, unused slots included
-    import numpy as np
-
     feed = {"input_ids": [[2, 7, 8, 9, 3], [2, 10, 3, 0, 0]], "input_mask": [[1] * 5, [1, 1, 1, 0, 0]],
             "segment_ids": [[0] * 5] * 2, "masked_lm_positions": [[1, 3], [2, 0]], "masked_lm_ids": [[7, 9], [10, 0]]}
     feed = {k: tf.constant(v, tf.int32) for k, v in feed.items()}

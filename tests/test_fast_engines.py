@@ -210,16 +210,22 @@ def _manifest(model):
     return json.loads((model.path / MANIFEST_NAME).read_text())
 
 
-def test_onnx_int8_within_tolerance_and_recorded(model, copies_batch):
-    batch, (lp, top, _) = copies_batch
-    res = get_engine("onnx", model=model, top_k=True, precision="int8").run(batch)
+def _assert_drift_within(res, batch, lp, top, tol) -> np.ndarray:
+    """Reduced-precision results against the fp32 reference: mean / max |Δ log-prob| and top-1 agreement
+    within ``tol``, unused slots padded. Returns the per-prediction |Δ| for further checks."""
     used = batch.masked_lm_positions > 0
     d = np.abs(res.log_probs - lp)[used]
     top1 = np.mean((res.top_k_ids[..., 0] == top[..., 0])[used])
-    assert d.mean() <= INT8_TOL["mean"] and d.max() <= INT8_TOL["max"] and top1 >= INT8_TOL["top1"], \
-        (d.mean(), d.max(), top1)
-    assert d.max() > 1e-6, "int8 gave fp32-identical numbers: the quantized file is not being used"
+    assert d.mean() <= tol["mean"] and d.max() <= tol["max"] and top1 >= tol["top1"], (d.mean(), d.max(), top1)
     _assert_slot_padding(res, batch)
+    return d
+
+
+def test_onnx_int8_within_tolerance_and_recorded(model, copies_batch):
+    batch, (lp, top, _) = copies_batch
+    res = get_engine("onnx", model=model, top_k=True, precision="int8").run(batch)
+    d = _assert_drift_within(res, batch, lp, top, INT8_TOL)
+    assert d.max() > 1e-6, "int8 gave fp32-identical numbers: the quantized file is not being used"
     rep = _manifest(model)["reduced_precision"]["onnx-int8"]
     assert {"mean_abs_diff", "max_abs_diff", "top1_agreement", "n_predictions"} <= set(rep)
     assert rep["mean_abs_diff"] <= INT8_TOL["mean"]
@@ -237,13 +243,8 @@ def test_torch_bf16_cpu_within_tolerance_and_recorded(model, copies_batch, capsy
     eng = get_engine("torch", model=model, top_k=True, precision="bf16")
     assert "drift torch-bf16-cpu" in capsys.readouterr().err
     res = eng.run(batch)
-    used = batch.masked_lm_positions > 0
-    d = np.abs(res.log_probs - lp)[used]
-    top1 = np.mean((res.top_k_ids[..., 0] == top[..., 0])[used])
-    assert d.mean() <= BF16_TOL["mean"] and d.max() <= BF16_TOL["max"] and top1 >= BF16_TOL["top1"], \
-        (d.mean(), d.max(), top1)
+    d = _assert_drift_within(res, batch, lp, top, BF16_TOL)
     assert d.max() > 1e-5, "bf16 gave fp32-identical numbers: autocast is not in effect"
-    _assert_slot_padding(res, batch)
     rep = _manifest(model)["reduced_precision"]["torch-bf16-cpu"]
     assert rep["mean_abs_diff"] == pytest.approx(eng.drift["mean_abs_diff"])
 
