@@ -39,6 +39,60 @@ def machine() -> dict:
             "date": _dt.date.today().isoformat()}
 
 
+def parse_proc_stat(text: str) -> tuple[int, int] | None:
+    """(steal, total) CPU time from /proc/stat's aggregate "cpu" line; None if it has no steal field."""
+    f = text.split("\n", 1)[0].split()
+    if len(f) < 9 or f[0] != "cpu":
+        return None
+    v = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return v[7], sum(v)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time since boot, summed over all CPUs; None where /proc/stat is unreadable."""
+    try:
+        return parse_proc_stat(Path("/proc/stat").read_text())
+    except OSError:
+        return None
+
+
+class Steal:
+    """CPU steal while a block runs: the share of this VM's CPU time its hypervisor gave to other guests.
+
+    On a shared VM this is what makes the same run 1.5x slower from one minute to the next; the
+    benchmarks print it next to each rate so a disturbed measurement shows as one. ``pct`` is None
+    where /proc/stat is unavailable (not Linux).
+
+        with Steal() as st:
+            run()
+        print(st.pct)
+    """
+
+    def __init__(self) -> None:
+        self.pct: float | None = None
+        self._start: tuple[int, int] | None = None
+
+    def start(self) -> "Steal":
+        self._start = _cpu_jiffies()
+        return self
+
+    def stop(self) -> float | None:
+        end = _cpu_jiffies()
+        if self._start and end and end[1] > self._start[1]:
+            self.pct = 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
+        return self.pct
+
+    def __enter__(self) -> "Steal":
+        return self.start()
+
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
+    def __str__(self) -> str:
+        return "n/a" if self.pct is None else f"{self.pct:.0f} %"
+
+
 def blimp_sentences(n: int, seed: int = 0) -> list[str]:
     """n sentences (good and bad halves of minimal pairs) drawn evenly from BLiMP's 67 paradigms."""
     with zipfile.ZipFile(BLIMP_ZIP) as z:

@@ -22,8 +22,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, blimp_sentences, export_is_current, flops_per_copy, git_rev, machine,  # noqa: E402
+from bench_common import (REPO, Steal, blimp_sentences, export_is_current, flops_per_copy, git_rev, machine,  # noqa: E402
                           make_checkpoint, write_tsv)
+
+
+def fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0f} %"
 
 
 def main() -> None:
@@ -90,11 +94,17 @@ def main() -> None:
         assert s["copies"] == n_copies, (s["copies"], n_copies)
         return s["copies_per_second"], s, wall
 
-    eng_runs, e2e_runs = [], []
+    eng_runs, e2e_runs, eng_steal, e2e_steal = [], [], [], []
+    whole = Steal().start()
     for _ in range(args.rounds):
-        eng_runs.append(engine_alone())
-        cps, s, wall = end_to_end()
+        with Steal() as st:
+            eng_runs.append(engine_alone())
+        eng_steal.append(st.pct)
+        with Steal() as st:
+            cps, s, wall = end_to_end()
         e2e_runs.append(cps)
+        e2e_steal.append(st.pct)
+    whole.stop()
     eng.close()
     engine_cps, e2e_cps = max(eng_runs), max(e2e_runs)
     engine_med, e2e_med = statistics.median(eng_runs), statistics.median(e2e_runs)
@@ -114,7 +124,9 @@ def main() -> None:
         f"{n_copies} copies, {tokens:.1f} tokens per copy on average, {gflop:.2f} GFLOP per copy, padding "
         f"efficiency {s['padding_efficiency']:.1%}. End-to-end wall time {wall:.1f} s of which start-up "
         f"{s['load_seconds']:.1f} s (excluded from copies/s). {args.rounds} interleaved rounds; load average "
-        f"{os.getloadavg()[0]:.2f} at the end.",
+        f"{os.getloadavg()[0]:.2f} at the end; CPU steal (time the hypervisor gave to other VMs) {whole} over the "
+        f"rounds, {fmt_pct(eng_steal[eng_runs.index(engine_cps)])} / {fmt_pct(e2e_steal[e2e_runs.index(e2e_cps)])} "
+        f"in the best engine-alone / end-to-end round.",
         "",
         "| path | copies/s best | copies/s median | GFLOP/s best | vs engine alone (best) | (median) |",
         "|---|---:|---:|---:|---:|---:|",

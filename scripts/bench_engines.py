@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench_common import BERT_VOCAB as VOCAB, export_is_current  # noqa: E402
+from bench_common import BERT_VOCAB as VOCAB, Steal, export_is_current  # noqa: E402
 BASE = dict(hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512)
 ENGINES = {  # label -> (engine name, options)
     "saved_model": ("saved_model", {}),
@@ -207,15 +207,18 @@ def main(argv=None) -> int:
     # On a shared machine the load moves; interleaving spreads it over all cells alike, and the best
     # round of each cell is its least disturbed measurement.
     ceils = [ceil32]
+    whole = Steal().start()
     for r in range(a.rounds):
         for label, eng in engines.items():
             for B in sizes:
                 ceils.append(matmul_ceiling(a.threads, "fp32", seconds=0.3))  # next to every cell
                 torch.set_num_threads(a.threads)
-                best, med = time_engine(eng, batches[B], a.seconds / a.rounds, warmup=1 if r == 0 else 0)
+                with Steal() as st:
+                    best, med = time_engine(eng, batches[B], a.seconds / a.rounds, warmup=1 if r == 0 else 0)
                 results[label][B].append(best)
                 log(f"round {r + 1}/{a.rounds} {label:16s} batch {B:4d}: {best:8.1f} copies/s "
-                    f"({best * fpc / 1e9:.0f} GFLOP/s; fp32 matmul just before: {ceils[-1]:.0f})")
+                    f"({best * fpc / 1e9:.0f} GFLOP/s; fp32 matmul just before: {ceils[-1]:.0f}; CPU steal {st})")
+    whole.stop()
     for label, eng in engines.items():
         results[label] = {B: (max(v), float(np.median(v))) for B, v in results[label].items()}
         eng.close()
@@ -227,7 +230,8 @@ def main(argv=None) -> int:
              f"Machine: {platform.processor() or platform.machine()}, {a.threads} threads "
              f"({_cpu_name()}); torch {torch.__version__}"
              + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU")
-             + ". Random weights (bert-base shape, 30,522 vocab).", "",
+             + f". Random weights (bert-base shape, 30,522 vocab). CPU steal (time the hypervisor gave to other "
+             f"VMs) over the timed rounds: {whole}.", "",
              f"Measured matmul ceiling ([768x768]x[768x3072], torch, best in the run): **fp32 {ceil32:.0f} "
              f"GFLOP/s**, bf16 {ceil16:.0f} GFLOP/s. Model cost: {fpc / 1e9:.2f} GFLOP per copy.", "",
              "Cells: best / median over interleaved rounds of copies/s "

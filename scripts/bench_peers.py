@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, blimp_sentences, executed_flops_ours, export_is_current,  # noqa: E402
+from bench_common import (REPO, SHAPES, Steal, blimp_sentences, executed_flops_ours, export_is_current,  # noqa: E402
                           flops_per_copy, git_rev, machine, make_checkpoint, write_tsv)
 
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
@@ -190,6 +190,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     load_before = load_average()
+    whole = Steal().start()
 
     ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
     export_dir = work / f"{args.shape}-export"
@@ -216,22 +217,27 @@ def main() -> None:
         for mode, metric in PAIRS:
             log(f"[round {rnd + 1}/{args.rounds}] minicons {metric} ({args.minicons_batch} sentences per call) ...")
             mini_json = work / f"minicons-{args.shape}-{metric}.json"
-            subprocess.run([str(PEERS_PY), str(WORKER), "--model", str(ckpt), "--tsv", str(tsv), "--out",
-                            str(mini_json), "--batch-size", str(args.minicons_batch), "--metrics", metric], check=True,
-                           stdout=subprocess.DEVNULL)
+            with Steal() as st:
+                subprocess.run([str(PEERS_PY), str(WORKER), "--model", str(ckpt), "--tsv", str(tsv), "--out",
+                                str(mini_json), "--batch-size", str(args.minicons_batch), "--metrics", metric],
+                               check=True, stdout=subprocess.DEVNULL)
             part = json.loads(mini_json.read_text())
+            part["metrics"][metric]["steal_pct"] = st.pct
             if not mini:
                 mini = part
             elif part["metrics"][metric]["seconds"] < mini["metrics"].get(metric, {"seconds": float("inf")})["seconds"]:
                 mini["metrics"][metric] = part["metrics"][metric]
             log(f"[round {rnd + 1}/{args.rounds}] mlm-score --mode {mode} ...")
-            res = run_mlm_score(tsv, export_dir, mode, work, args.engine, args.precision)
+            with Steal() as st:
+                res = run_mlm_score(tsv, export_dir, mode, work, args.engine, args.precision)
+            res[0]["steal_pct"] = st.pct
             if mode not in ours or res[0]["copies_per_second"] > ours[mode][0]["copies_per_second"]:
                 ours[mode] = res
 
     log("fp32 ceiling (after) ...")
     ceil_after = matmul_ceiling(repeats=args.repeats)
     load_after = load_average()
+    whole.stop()
 
     # ---- agreement -------------------------------------------------------------------------------
     agree = [agreement(mode, metric, mini, work, texts, export_dir) for mode, metric in PAIRS]
@@ -259,10 +265,11 @@ def main() -> None:
         rows.append({"tool": f"minicons {metric}", "words_s": n_words / m["seconds"], "copies_s": m_cps,
                      "useful": m_cps * gflop, "executed": m_cps * executed_flops_minicons(args.shape, pad_len) / 1e9,
                      "ratio": None, "seconds": m["seconds"], "copies": m["copies"], "startup": mini["load_seconds"],
-                     "padding_efficiency": tokens_per_copy / pad_len})
+                     "padding_efficiency": tokens_per_copy / pad_len, "steal_pct": m.get("steal_pct")})
         rows.append({"tool": f"mlm-score {mode}", "words_s": s["words"] / busy, "copies_s": o_cps,
                      "useful": o_cps * gflop, "executed": o_cps * o_exec, "ratio": o_cps / m_cps, "seconds": busy,
-                     "copies": s["copies"], "startup": s["load_seconds"], "padding_efficiency": eff})
+                     "copies": s["copies"], "startup": s["load_seconds"], "padding_efficiency": eff,
+                     "steal_pct": s.get("steal_pct")})
 
     mach = machine()
     h, layers, heads, inter = SHAPES[args.shape]
@@ -277,7 +284,8 @@ def main() -> None:
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, no GPU; Python {mach['python']}; "
         f"{mach['date']}; commit {git_rev()}. Best of {args.rounds} interleaved round(s). Shared machine: load average {load_before} before, {load_after} "
-        f"after (1/5/15 min).",
+        f"after (1/5/15 min); CPU steal (time the hypervisor gave to other VMs) over the whole run {whole}, "
+        f"and per kept run in the last column.",
         f"Input: {len(texts)} sentences, {n_words} words, {copies} copies per mode (one per word piece), "
         f"{tokens_per_copy:.1f} tokens per copy incl. [CLS]/[SEP], {gflop:.3f} GFLOP per copy (useful).",
         f"fp32 ceiling (4096x4096 matmul, best of {args.repeats}): torch {ceil_before.get('torch', 0):.0f} / "
@@ -292,13 +300,14 @@ def main() -> None:
         f"call's longest), one untimed warm-up call, model load ({mini['load_seconds']:.1f} s) excluded.",
         "",
         "| tool, PLL | words/s | copies/s | useful GFLOP/s | % of fp32 ceiling | executed GFLOP/s | padding eff. "
-        "| mlm-score / minicons |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mlm-score / minicons | CPU steal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['tool']} | {r['words_s']:.1f} | {r['copies_s']:.1f} | {r['useful']:.0f} | "
                      f"{100 * r['useful'] / ceiling:.0f} % | {r['executed']:.0f} | {100 * r['padding_efficiency']:.0f} % | "
-                     + (f"**{r['ratio']:.2f}×**" if r["ratio"] is not None else "—") + " |")
+                     + (f"**{r['ratio']:.2f}×**" if r["ratio"] is not None else "—")
+                     + (f" | {r['steal_pct']:.0f} % |" if r.get("steal_pct") is not None else " | n/a |"))
     lines += [
         "",
         "Agreement (checked before timing is reported; natural log, sums over word pieces):",
@@ -322,6 +331,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "agreement": agree, "ceiling_before": ceil_before,
                                                "ceiling_after": ceil_after, "load_before": load_before,
+                                               "steal_pct": whole.pct,
                                                "load_after": load_after, "machine": mach, "shape": args.shape,
                                                "sentences": len(texts), "tokens_per_copy": tokens_per_copy,
                                                "minicons_versions": mv}, indent=1), encoding="utf-8")
