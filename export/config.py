@@ -9,7 +9,16 @@ from dataclasses import asdict, dataclass, fields
 #: Revision of the graphs the exporter writes (SavedModel and ONNX), recorded in the manifest. Outputs
 #: do not change between revisions (every export is verified against the weights); speed does, so
 #: benchmark caches re-export when it differs. 2: 2-D hidden states, last layer only at masked positions.
-GRAPH_REVISION = 2
+#: 3: LayerNorm written as the FusedBatchNormV3 form that TensorFlow's oneDNN rewrite runs as one op.
+GRAPH_REVISION = 3
+
+#: How the SavedModel writes LayerNorm (``mlm-export --layer-norm``), recorded in the manifest.
+#: "fused": one FusedBatchNormV3 per LayerNorm over rows seen as channels, plus scale and shift, the
+#: pattern TensorFlow's oneDNN graph rewrite (on by default in x86-64 Linux builds) replaces with a single
+#: ``_MklLayerNorm`` op. "plain": mean, variance, rsqrt and element-wise arithmetic, for a TensorFlow
+#: built without oneDNN (there the fused form runs FusedBatchNorm's NCHW path, with transposes).
+#: Both compute the same function; each export is verified against the weights.
+LAYER_NORMS = ("fused", "plain")
 
 # ---------------------------------------------------------------------------------------------- config
 

@@ -50,7 +50,7 @@ DEFAULT_TOLERANCE = 1e-4
 
 def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
            max_seq_length: int | None = None, do_lower_case: bool | None = None, overwrite: bool = False,
-           tolerance: float = DEFAULT_TOLERANCE, log=print) -> Path:
+           tolerance: float = DEFAULT_TOLERANCE, layer_norm: str = "fused", log=print) -> Path:
     """Export ``source`` (HF dir, hub id or TF-1 dir) to ``out_dir/version``; return the version dir.
 
     The version directory appears atomically (written to a temporary sibling, verified, then renamed).
@@ -59,12 +59,13 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: in
     """
     ckpt = load_checkpoint(source, do_lower_case=do_lower_case)
     return export_checkpoint(ckpt, out_dir, version=version, top_k=top_k, max_seq_length=max_seq_length,
-                             overwrite=overwrite, tolerance=tolerance, log=log)
+                             overwrite=overwrite, tolerance=tolerance, layer_norm=layer_norm, log=log)
 
 
 def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
                       max_seq_length: int | None = None, overwrite: bool = False,
-                      tolerance: float = DEFAULT_TOLERANCE, serving_max_batch_size: int = 64, log=print) -> Path:
+                      tolerance: float = DEFAULT_TOLERANCE, serving_max_batch_size: int = 64,
+                      layer_norm: str = "fused", log=print) -> Path:
     import tensorflow as tf
 
     from .bert_mlm import BertMLM
@@ -82,7 +83,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
     try:
-        module = BertMLM(cfg, ckpt.weights, top_k=top_k)
+        module = BertMLM(cfg, ckpt.weights, top_k=top_k, layer_norm=layer_norm)
         tf.saved_model.save(module, str(tmp), signatures={
             "serving_default": module.serve.get_concrete_function(),
             "top_k": module.serve_top_k.get_concrete_function(),
@@ -94,6 +95,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "graph_revision": GRAPH_REVISION,
+            "layer_norm": layer_norm,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": ckpt.source,
             "model_checksum": ckpt.checksum(),

@@ -189,3 +189,39 @@ def test_checkpoint_model_is_exported_once_into_cache(tiny_hf, tmp_path, capsys)
     assert main(args) == 0
     assert "exporting" not in capsys.readouterr().err
     assert len(list((tmp_path / "c" / "exports").glob("*/1/mlm_scorer.json"))) == 1
+
+
+def _graph_op_types(concrete_fn) -> set[str]:
+    gd = concrete_fn.graph.as_graph_def()
+    return {n.op for n in gd.node} | {n.op for f in gd.library.function for n in f.node_def}
+
+
+def test_layer_norm_forms_compute_the_same_function(tiny_hf, tiny_export, tmp_path):
+    """The default (fused) LayerNorm and --layer-norm plain: the same log-probs and top-k, each recorded in its
+    manifest; the default graph holds the FusedBatchNormV3 form that oneDNN's rewrite runs as one op."""
+    import tensorflow as tf
+
+    plain = export(tiny_hf, tmp_path / "plain", layer_norm="plain", log=lambda m: None)
+    fused = tiny_export / "1"
+    assert json.loads((fused / "mlm_scorer.json").read_text())["layer_norm"] == "fused"
+    assert json.loads((plain / "mlm_scorer.json").read_text())["layer_norm"] == "plain"
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 60, size=(4, 9)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0  # padding in one row
+    ids[1, 6:] = 0
+    feed = {"input_ids": ids, "input_mask": mask, "segment_ids": np.zeros_like(ids),
+            "masked_lm_positions": np.array([[1, 4], [2, 5], [3, 0], [7, 8]], np.int32),
+            "masked_lm_ids": np.array([[11, 12], [13, 14], [15, 0], [16, 17]], np.int32)}
+    feed = {k: tf.constant(v) for k, v in feed.items()}
+    sig_f = tf.saved_model.load(str(fused)).signatures["serving_default"]
+    sig_p = tf.saved_model.load(str(plain)).signatures["serving_default"]
+    out_f, out_p = sig_f(**feed), sig_p(**feed)
+    np.testing.assert_allclose(out_f["masked_lm_log_probs"].numpy(), out_p["masked_lm_log_probs"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out_f["top_k_log_probs"].numpy(), out_p["top_k_log_probs"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out_f["top_k_ids"].numpy(), out_p["top_k_ids"].numpy())
+    assert "FusedBatchNormV3" in _graph_op_types(sig_f)
+    assert "FusedBatchNormV3" not in _graph_op_types(sig_p)
+    with pytest.raises(ValueError, match="layer_norm must be one of"):
+        export(tiny_hf, tmp_path / "bad", layer_norm="nope", log=lambda m: None)
+    assert not any((tmp_path / "bad").glob("1*"))  # nothing half-written
