@@ -90,7 +90,12 @@ class Steal:
         return False
 
     def __str__(self) -> str:
-        return "n/a" if self.pct is None else f"{self.pct:.0f} %"
+        return fmt_pct(self.pct)
+
+
+def fmt_pct(x: float | None) -> str:
+    """A share in percent as the tables print it; "n/a" for an unknown one."""
+    return "n/a" if x is None else f"{x:.0f} %"
 
 
 def blimp_sentences(n: int, seed: int = 0) -> list[str]:

@@ -22,12 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, Steal, blimp_sentences, export_is_current, flops_per_copy, git_rev, machine,  # noqa: E402
-                          make_checkpoint, write_tsv)
-
-
-def fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0f} %"
+from bench_common import (REPO, Steal, blimp_sentences, export_is_current, flops_per_copy, fmt_pct,  # noqa: E402
+                          git_rev, machine, make_checkpoint, write_tsv)
 
 
 def main() -> None:
