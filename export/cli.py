@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import LAYER_NORMS  # TensorFlow-free
+
 EPILOG = """examples:
   mlm-export ./my-bert-hf-dir models/bert          # Hugging Face dir (model.safetensors / pytorch_model.bin)
   mlm-export ./uncased_L-12_H-768_A-12 models/bert  # original Google TF-1 checkpoint directory
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false")
     ap.add_argument("--tolerance", type=float, default=None, help="max |Δ log-prob| allowed by verification")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
-    ap.add_argument("--layer-norm", choices=["fused", "plain"], default="fused",
+    ap.add_argument("--layer-norm", choices=LAYER_NORMS, default="fused",
                     help="how the SavedModel writes LayerNorm: fused (default) is the form TensorFlow's oneDNN "
                          "rewrite (default in x86-64 Linux builds) runs as one op; plain is faster on a "
                          "TensorFlow (Serving) built without oneDNN")

@@ -23,26 +23,17 @@ from .config import GRAPH_REVISION
 from .serving_config import write_serving_files
 from .verify import verify_export
 
+_INT32_2D = {"dtype": "int32", "shape": [-1, -1]}
+_INPUTS = {n: _INT32_2D for n in ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")}
+_LOG_PROBS = {"masked_lm_log_probs": {"dtype": "float32", "shape": [-1, -1]}}
+_TOP_K = {"top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
+          "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}}
+
 SIGNATURE = {
-    "serving_default": {
-        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
-                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")},
-        "outputs": {"masked_lm_log_probs": {"dtype": "float32", "shape": [-1, -1]},
-                    "top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
-                    "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}},
-    },
-    "top_k": {
-        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
-                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")},
-        "outputs": {"top_k_ids": {"dtype": "int32", "shape": [-1, -1, -1]},
-                    "top_k_log_probs": {"dtype": "float32", "shape": [-1, -1, -1]}},
-    },
+    "serving_default": {"inputs": {**_INPUTS, "masked_lm_ids": _INT32_2D}, "outputs": {**_LOG_PROBS, **_TOP_K}},
+    "top_k": {"inputs": _INPUTS, "outputs": _TOP_K},
     # serving_default's masked_lm_log_probs alone, without the top-k search (graph revision 2 on)
-    "log_prob": {
-        "inputs": {n: {"dtype": "int32", "shape": [-1, -1]} for n in
-                   ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")},
-        "outputs": {"masked_lm_log_probs": {"dtype": "float32", "shape": [-1, -1]}},
-    },
+    "log_prob": {"inputs": {**_INPUTS, "masked_lm_ids": _INT32_2D}, "outputs": _LOG_PROBS},
 }
 
 DEFAULT_TOLERANCE = 1e-4

@@ -287,8 +287,8 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
-        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION, "sha256": sha256_file(tmp),
-                                 "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "verification": report,
+        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION,
+                                 "sha256": sha256_file(tmp), "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "verification": report,
                                  "versions": _versions()}
         drift = None
         if quantize == "int8":
