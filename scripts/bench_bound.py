@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, executed_flops_ours, export_is_current, git_rev,  # noqa: E402
+from bench_common import (REPO, SHAPES, Steal, ensure_export, executed_flops_ours, fmt_pct, git_rev,  # noqa: E402
                           machine, make_checkpoint)
 
 V = 30522
@@ -66,11 +66,7 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(work / "bert-base-hf", "bert-base")
-    export_dir = work / "bert-base-export"
-    if not export_is_current(export_dir / "1"):
-        from mlm_export import export
-
-        export(ckpt, export_dir, overwrite=True, log=log)
+    export_dir = ensure_export(ckpt, work / "bert-base-export", log=log)
 
     import numpy as np
     import tensorflow as tf
@@ -140,8 +136,7 @@ def main() -> None:
     ]
     for x in rows:
         c = max(x["ceil_tf"], x["ceil_np"])
-        steal = "n/a" if x["steal"] is None else f"{x['steal']:.0f} %"
-        lines.append(f"| {x['round']} | {steal} | "
+        lines.append(f"| {x['round']} | {fmt_pct(x['steal'])} | "
                      f"{x['ceil_tf']:.0f} | {x['ceil_np']:.0f} | {x['products']:.0f} | {x['products_cps']:.1f} | "
                      f"{x['engine_cps']:.1f} | {x['engine_cps'] / x['products_cps']:.0%} | {x['products'] / c:.0%} |")
     lines += [

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -153,6 +154,23 @@ def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False)
     return not int8 or (Path(version_dir) / "model.int8.onnx").is_file()
 
 
+def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: bool = False, log=print) -> Path:
+    """Export ``ckpt`` to ``export_dir/1`` unless a current one is there (``export_is_current``); with
+    ``onnx``/``int8`` also write its ONNX fp32 + int8 files. Each step runs in a child process, so this
+    process has not started TensorFlow (whose thread pools cannot be set once it has). Returns export_dir."""
+    if not export_is_current(export_dir / "1"):
+        log(f"exporting {ckpt} -> {export_dir}")
+        subprocess.run([sys.executable, "-c", "import sys; from mlm_export import export; "
+                        "export(sys.argv[1], sys.argv[2], overwrite=True, log=print)", str(ckpt), str(export_dir)],
+                       check=True)
+    if (onnx or int8) and not export_is_current(export_dir / "1", onnx=True, int8=int8):
+        log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
+        subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
+                        "write_onnx(sys.argv[2], mlm_export.load_checkpoint(sys.argv[1]), quantize='int8', log=print)",
+                        str(ckpt), str(export_dir / "1")], check=True)
+    return export_dir
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -174,10 +192,8 @@ def flops_per_copy(shape: str, tokens: float) -> float:
 def executed_flops_ours(shape: str, tokens: float) -> float:
     """FLOPs mlm-score's graphs execute for one copy of ``tokens`` (padded) tokens with one prediction:
     like ``flops_per_copy`` except that the last layer computes keys and values for every token but its
-    query, attention output and feed-forward only at the masked position (export/bert_mlm.py)."""
-    h, layers, _, inter = SHAPES[shape]
-    per_token_layer = 2 * (4 * h * h + 2 * h * inter)
-    attn = 2 * 2 * tokens * h
-    last = tokens * 2 * (2 * h * h) + 2 * (2 * h * h + 2 * h * inter) + attn
-    head = 2 * (h * h + h * 30522)
-    return (layers - 1) * tokens * (per_token_layer + attn) + last + head
+    query, attention output and feed-forward only at the masked position (export/bert_mlm.py): the
+    other tokens - 1 rows of those, and of the last layer's attention, are not computed."""
+    h, _, _, inter = SHAPES[shape]
+    skipped_per_row = 2 * (2 * h * h + 2 * h * inter) + 2 * 2 * tokens * h  # Q, output, FFN; QK^T and AV
+    return flops_per_copy(shape, tokens) - (tokens - 1) * skipped_per_row

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, Steal, blimp_sentences, export_is_current, flops_per_copy, fmt_pct,  # noqa: E402
+from bench_common import (REPO, Steal, blimp_sentences, ensure_export, flops_per_copy, fmt_pct,  # noqa: E402
                           git_rev, machine, make_checkpoint, write_tsv)
 
 
@@ -42,15 +42,7 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
     export_dir = work / f"{args.shape}-export"
-    if not export_is_current(export_dir / "1"):
-        from mlm_export import export
-
-        export(ckpt, export_dir, overwrite=True, log=print)
-    if args.engine == "onnx" and not export_is_current(export_dir / "1", onnx=True, int8=args.precision == "int8"):
-        import mlm_export
-        from mlm_export.to_onnx import write_onnx
-
-        write_onnx(export_dir / "1", mlm_export.load_checkpoint(ckpt), quantize="int8", log=print)
+    ensure_export(ckpt, export_dir, onnx=args.engine == "onnx", int8=args.precision == "int8")
     tsv = write_tsv(work / f"blimp-{args.sentences}.tsv", blimp_sentences(args.sentences))
 
     # -- engine alone ---------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, blimp_sentences, executed_flops_ours, export_is_current,  # noqa: E402
-                          flops_per_copy, git_rev, machine, make_checkpoint, write_tsv)
+from bench_common import (REPO, SHAPES, Steal, blimp_sentences, ensure_export, executed_flops_ours,  # noqa: E402
+                          flops_per_copy, fmt_pct, git_rev, machine, make_checkpoint, write_tsv)
 
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "peers_minicons_worker.py"
@@ -194,15 +194,7 @@ def main() -> None:
 
     ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
     export_dir = work / f"{args.shape}-export"
-    if not export_is_current(export_dir / "1"):
-        log(f"exporting {ckpt} -> {export_dir}")
-        subprocess.run([sys.executable, "-c", "import sys; from mlm_export import export; "
-                        "export(sys.argv[1], sys.argv[2], overwrite=True, log=print)", str(ckpt), str(export_dir)], check=True)
-    if args.engine == "onnx" and not export_is_current(export_dir / "1", onnx=True, int8=args.precision == "int8"):
-        log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
-        subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
-                        "write_onnx(sys.argv[2], mlm_export.load_checkpoint(sys.argv[1]), quantize='int8', log=print)",
-                        str(ckpt), str(export_dir / "1")], check=True)
+    ensure_export(ckpt, export_dir, onnx=args.engine == "onnx", int8=args.precision == "int8", log=log)
     texts = list(dict.fromkeys(blimp_sentences(args.sentences)))  # no duplicates: both tools score every row
     tsv = write_tsv(work / f"blimp-{len(texts)}.tsv", texts)
 
@@ -307,7 +299,7 @@ def main() -> None:
         lines.append(f"| {r['tool']} | {r['words_s']:.1f} | {r['copies_s']:.1f} | {r['useful']:.0f} | "
                      f"{100 * r['useful'] / ceiling:.0f} % | {r['executed']:.0f} | {100 * r['padding_efficiency']:.0f} % | "
                      + (f"**{r['ratio']:.2f}×**" if r["ratio"] is not None else "—")
-                     + (f" | {r['steal_pct']:.0f} % |" if r.get("steal_pct") is not None else " | n/a |"))
+                     + f" | {fmt_pct(r.get('steal_pct'))} |")
     lines += [
         "",
         "Agreement (checked before timing is reported; natural log, sums over word pieces):",
