@@ -244,7 +244,7 @@ def test_torch_bf16_cpu_within_tolerance_and_recorded(model, copies_batch, capsy
     assert "drift torch-bf16-cpu" in capsys.readouterr().err
     res = eng.run(batch)
     d = _assert_drift_within(res, batch, lp, top, BF16_TOL)
-    assert d.max() > 1e-5, "bf16 gave fp32-identical numbers: autocast is not in effect"
+    assert d.max() > 1e-5, "bf16 gave fp32-identical numbers: the bf16 cast of the model is not in effect"
     rep = _manifest(model)["reduced_precision"]["torch-bf16-cpu"]
     assert rep["mean_abs_diff"] == pytest.approx(eng.drift["mean_abs_diff"])
 
