@@ -45,6 +45,7 @@ class ScoreSummary:
     mode: str
     model: str
     model_checksum: str
+    engine_streams: int = 1  # batches the engine scored at once (in-process engines: see engines.base)
     rows: int = 0
     scored: int = 0
     skipped: int = 0
@@ -74,7 +75,8 @@ class ScoreSummary:
     def line(self) -> str:
         s = (f"scored {self.scored}/{self.rows} rows ({self.words} words, {self.copies} copies, "
              f"{self.copies_per_second:.1f} copies/s, {self.duplicates} duplicates reused, padding efficiency "
-             f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}/{self.mode}; "
+             f"{self.padding_efficiency:.1%}) in {self.seconds:.1f}s ({self.load_seconds:.1f}s start-up) with {self.engine}"
+             + (f" ({self.engine_streams} streams)" if self.engine_streams > 1 else "") + f"/{self.mode}; "
              f"skipped {self.skipped}" + (f", flagged {self.flagged}" if self.flagged else ""))
         if self.cache_lookups:
             s += f"; score cache hit rate {self.cache_hits / self.cache_lookups:.1%} ({self.cache_hits}/{self.cache_lookups})"
@@ -160,7 +162,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
-                           mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
+                           engine_streams=scorer.engine.streams, mode=scorer.mode, model=str(md.path),
+                           model_checksum=md.checksum)
     if resume and input_path == "-":
         raise UsageError("--resume needs an input file, not stdin (a stream cannot be checked or re-read)")
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and

@@ -168,6 +168,30 @@ def test_fp32_engine_matches_transformers(name, opts, model, copies_batch):
         plain.close()
 
 
+@pytest.mark.parametrize("name", ["saved_model", "onnx", "torch"])
+def test_streams_score_every_batch_as_one_stream_does(name, model, copies_batch):
+    """Several batches in flight at once (threads sharing one model) give each batch its own results, in
+    order, equal to a single stream's and to the reference."""
+    batch, (lp, top, top_lp) = copies_batch
+    cuts = list(range(0, len(batch), 5)) + [len(batch)]
+    parts = [batch.slice(a, b) for a, b in zip(cuts, cuts[1:])]
+    assert len(parts) >= 6
+    with get_engine(name, model=model, top_k=True, streams=1, **_THREADS[name]) as one:
+        assert one.streams == 1
+        single = list(one.map(parts))
+    for streams in (2, 3):
+        with get_engine(name, model=model, top_k=True, streams=streams) as eng:
+            assert eng.streams == streams
+            got = list(eng.map(parts))
+        assert len(got) == len(parts)
+        for (a, b), r, r1 in zip(zip(cuts, cuts[1:]), got, single):
+            _check_parity(r, batch.slice(a, b), (lp[a:b], top[a:b], top_lp[a:b]))
+            np.testing.assert_allclose(r.log_probs, r1.log_probs, rtol=0, atol=1e-6)
+
+
+_THREADS = {"saved_model": {"intra_op_threads": 1}, "onnx": {"threads": 1}, "torch": {"threads": 1}}
+
+
 def test_engines_do_not_modify_batch(model, copies_batch):
     batch, _ = copies_batch
     before = {k: v.copy() for k, v in batch.as_dict().items()}

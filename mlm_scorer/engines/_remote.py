@@ -16,7 +16,6 @@ Arrays crossing the engine boundary are those of ``Batch`` / ``BatchResult``: in
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import dataclasses
 import logging
@@ -31,7 +30,7 @@ import numpy as np
 
 from ..errors import EngineError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine
+from .base import INPUT_NAMES, Batch, BatchResult, Engine, ordered_map  # noqa: F401 (re-exported)
 
 log = logging.getLogger("mlm_scorer.engines.remote")
 
@@ -250,35 +249,6 @@ def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial:
                     f"{budget:g}s); last error: {exc}") from None
             log.warning("%s: %s; retrying in %.2fs (attempt %d)", what, exc, pause, attempts + 1)
             sleep(pause)
-
-
-# --------------------------------------------------------------------------------------------- ordering
-
-def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: int,
-                executor: cf.Executor) -> Iterator[T]:
-    """``map(fn, items)`` with up to ``concurrency`` calls running at once; results in input order.
-
-    ``items`` is consumed lazily (at most ``concurrency`` ahead of the consumer). The first exception
-    (in input order) is raised after cancelling the calls not yet started.
-    """
-    window: collections.deque[cf.Future] = collections.deque()
-    it = iter(items)
-    try:
-        for item in it:
-            window.append(executor.submit(fn, item))
-            if len(window) >= concurrency:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-    finally:
-        for fut in window:
-            fut.cancel()
-        for fut in window:  # do not leave requests running behind the caller's back
-            if not fut.cancelled():
-                try:
-                    fut.result()
-                except BaseException:  # noqa: BLE001 - already failing or closing
-                    pass
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -14,13 +14,19 @@ Padding convention (shared by every engine and the exported model):
 from __future__ import annotations
 
 import abc
+import collections
+import concurrent.futures as cf
 import importlib
+import os
+import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from ..errors import MissingDependencyError, UnknownEngineError
+
+T = TypeVar("T")
 
 INPUT_NAMES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 OUTPUT_NAMES = ("masked_lm_log_probs", "top_k_ids", "top_k_log_probs")
@@ -84,13 +90,17 @@ class BatchResult:
 class Engine(abc.ABC):
     """Runs the exported masked-LM on batches of copies.
 
-    Subclasses implement ``score_batch``; callers use ``run`` (which caps batch size) and ``close``.
+    Subclasses implement ``score_batch``; callers use ``run`` (which caps batch size), ``map`` and ``close``.
+    An in-process engine that sets ``streams`` > 1 gets ``map`` scoring that many batches at once, each on
+    its own thread (``score_batch`` must then be safe to call concurrently).
     """
 
     #: Name used by ``get_engine`` and shown in summaries.
     name: str = "engine"
     #: Largest batch the backend accepts in one call (None: no limit).
     max_batch_size: int | None = None
+    #: Batches ``map`` scores at once (see ``plan_streams``).
+    streams: int = 1
 
     @abc.abstractmethod
     def score_batch(self, batch: Batch) -> BatchResult:
@@ -107,19 +117,113 @@ class Engine(abc.ABC):
     def map(self, batches: Iterable[Batch]) -> Iterator[BatchResult]:
         """Score many batches, yielding results in input order.
 
-        Sequential by default; remote engines override this to keep several requests in flight.
+        With ``streams`` > 1, that many batches run at once on a thread pool (one more waits in its queue,
+        so a stream that finishes starts the next batch at once); remote engines override this to keep
+        several requests in flight.
         """
-        for batch in batches:
-            yield self.run(batch)
+        if self.streams <= 1:
+            for batch in batches:
+                yield self.run(batch)
+            return
+        yield from ordered_map(self.run, batches, concurrency=self.streams + 1, executor=self._stream_pool())
+
+    def _stream_pool(self) -> cf.ThreadPoolExecutor:
+        with _POOL_LOCK:
+            pool = self.__dict__.get("_streams_executor")
+            if pool is None:
+                pool = cf.ThreadPoolExecutor(self.streams, thread_name_prefix=f"mlm-{self.name}-stream")
+                self._streams_executor = pool
+            return pool
 
     def close(self) -> None:
-        """Release resources (sessions, connections). Safe to call twice."""
+        """Release resources (sessions, connections, stream threads). Safe to call twice."""
+        with _POOL_LOCK:
+            pool = self.__dict__.pop("_streams_executor", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_POOL_LOCK = threading.Lock()
+
+#: ``plan_streams``' automatic choice uses at most this many streams (measured on 2 cores only; above 4
+#: cores each stream gets several threads).
+MAX_AUTO_STREAMS = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: int | None = None,
+                 engine: str = "engine") -> tuple[int, int | None]:
+    """(streams, threads per stream) for an in-process CPU engine.
+
+    A stream is one batch in flight, on its own thread. Streams of one thread each need no
+    synchronisation between cores, which on a shared 2-core VM ran the same products faster than one
+    batch split over both cores (BENCHMARKS.md, fourth session).
+
+    * neither given: ``min(cpus, MAX_AUTO_STREAMS)`` streams sharing the CPUs (one thread each up to 4 CPUs);
+    * only ``threads``: one stream of that many threads (the behaviour before streams existed: a Ray
+      actor or a user that sized its threads keeps exactly that);
+    * only ``streams``: the CPUs shared among them;
+    * both: as given.
+    """
+    from ..errors import UsageError
+
+    def positive(v, what):
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1:
+            raise UsageError(f"engine {engine!r}: {what} must be a positive integer, not {v!r}")
+        return n
+
+    cpus = cpus or usable_cpus()
+    s = positive(streams, "streams") if streams not in (None, "", "auto") else None
+    t = positive(threads, "threads") if threads not in (None, "", 0) else None
+    if s is None and t is not None:
+        return 1, t
+    if s is None:
+        s = min(cpus, MAX_AUTO_STREAMS)
+    return s, t if t is not None else max(1, cpus // s)
+
+
+def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: int,
+                executor: cf.Executor) -> Iterator[T]:
+    """``map(fn, items)`` with up to ``concurrency`` calls running at once; results in input order.
+
+    ``items`` is consumed lazily (at most ``concurrency`` ahead of the consumer). The first exception
+    (in input order) is raised after cancelling the calls not yet started.
+    """
+    window: collections.deque[cf.Future] = collections.deque()
+    it = iter(items)
+    try:
+        for item in it:
+            window.append(executor.submit(fn, item))
+            if len(window) >= concurrency:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for fut in window:
+            fut.cancel()
+        for fut in window:  # do not leave calls running behind the caller's back
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - already failing or closing
+                    pass
 
 
 # name -> "module:Class" (imported lazily: heavy dependencies load only when the engine is chosen),

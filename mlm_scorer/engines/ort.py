@@ -5,7 +5,9 @@ Options:
              its drift against fp32 was printed and recorded in the manifest at export). bf16/fp16 are
              refused here: on CPU the torch engine's bf16 (AMX) path is the faster one.
   device:    "cpu" (default) or "cuda" (needs onnxruntime-gpu with CUDAExecutionProvider).
-  threads:   intra-op threads (default: ONNX Runtime's, one per physical core).
+  streams:   batches scored at once, each on its own thread (default: one per CPU up to
+             ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``); one session serves them all.
+  threads:   intra-op threads per stream (alone, without streams: one stream of that many threads).
 
 The ONNX graph has the SavedModel's inputs and outputs (see ``mlm_export.to_onnx``), so the batch goes in
 as is: int32 arrays, outputs float32 [B,P], int32 [B,P,k], float32 [B,P,k].
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine
+from .base import INPUT_NAMES, Batch, BatchResult, Engine, plan_streams
 
 _FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
@@ -25,10 +27,10 @@ class OnnxEngine(Engine):
     name = "onnx"
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, **options):
+                 threads: int | None = None, streams: int | str | None = None, **options):
         if options:
             raise UsageError(f"engine 'onnx' does not take option(s): {', '.join(sorted(options))}; "
-                             f"it takes precision, device, threads")
+                             f"it takes precision, device, threads, streams")
         if precision not in _FILES:
             raise UsageError(f"engine 'onnx' supports precision fp32 or int8, not {precision!r}"
                              + ("; for bf16 use --engine torch (CPU autocast on AMX)" if precision == "bf16" else "")
@@ -53,6 +55,8 @@ class OnnxEngine(Engine):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if device == "cpu":
+            self.streams, threads = plan_streams(streams, threads, engine=self.name)
         if threads:
             so.intra_op_num_threads = int(threads)
         try:
@@ -84,4 +88,5 @@ class OnnxEngine(Engine):
         return res
 
     def close(self) -> None:
+        super().close()
         self._sess = None

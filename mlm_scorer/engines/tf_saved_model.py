@@ -3,7 +3,19 @@
 Loads ``<export>/<version>`` with ``tf.saved_model.load`` and calls its ``log_prob`` signature (the
 target log-probs alone, no top-k search) unless top-k is requested or the export predates it; then
 ``serving_default``.
+
+Options:
+  streams:          batches scored at once, each on its own thread (default: one per CPU up to
+                    ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``).
+  intra_op_threads: threads per stream. TensorFlow's intra-op pool is shared by the streams: it gets 1
+                    thread when each stream has one (every op then runs on its stream's thread) and
+                    streams x threads otherwise.
+  inter_op_threads: TensorFlow's inter-op pool (default: the number of streams).
+
+TensorFlow's thread pools are process-wide and fixed once TensorFlow has run anything: an engine created
+after that keeps the pools it finds (``threading`` records what is in effect) and still scores correctly.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,23 +24,24 @@ import numpy as np
 
 from ..errors import EngineError, UsageError
 from ..model_dir import ModelDir
-from .base import Batch, BatchResult, Engine
+from .base import Batch, BatchResult, Engine, plan_streams
 
 
 class SavedModelEngine(Engine):
     name = "saved_model"
 
-    def __init__(self, model: ModelDir, *, top_k: bool = False, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None, **options):
+    def __init__(self, model: ModelDir, *, top_k: bool = False, streams: int | str | None = None,
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None, **options):
         if options:
-            raise UsageError(f"engine 'saved_model' does not take option(s): {', '.join(sorted(options))}")
+            raise UsageError(f"engine 'saved_model' does not take option(s): {', '.join(sorted(options))}; "
+                             f"it takes streams, intra_op_threads, inter_op_threads")
+        self.streams, per_stream = plan_streams(streams, intra_op_threads, engine=self.name)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
-        if intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(int(intra_op_threads))
-        if inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(int(inter_op_threads))
+        intra = per_stream if self.streams == 1 or per_stream == 1 else per_stream * self.streams
+        inter = int(inter_op_threads) if inter_op_threads else self.streams
+        self.threading = _set_tf_threads(tf, intra, inter)
         self._tf = tf
         self.model = model
         self.want_top_k = top_k
@@ -58,3 +71,16 @@ class SavedModelEngine(Engine):
             res.top_k_ids = out["top_k_ids"].numpy().astype(np.int32, copy=False)
             res.top_k_log_probs = out["top_k_log_probs"].numpy()
         return res
+
+
+def _set_tf_threads(tf, intra: int | None, inter: int | None) -> dict[str, int]:
+    """Set TensorFlow's process-wide intra/inter-op pools where it still allows it; return what is in effect."""
+    for value, setter in ((intra, tf.config.threading.set_intra_op_parallelism_threads),
+                          (inter, tf.config.threading.set_inter_op_parallelism_threads)):
+        if value:
+            try:
+                setter(int(value))
+            except RuntimeError:  # TensorFlow already ran in this process: its pools are fixed
+                pass
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}

@@ -17,7 +17,10 @@ Options:
              same cast). A reduced-precision
              engine measures its drift against fp32 when it is created, prints it to stderr and records it
              in the manifest under ``reduced_precision["torch-<precision>-<device>"]``.
-  threads:   torch intra-op threads (``torch.set_num_threads``: process-wide).
+  streams:   on CPU, batches scored at once, each on its own thread (default: one per CPU up to
+             ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``).
+  threads:   torch intra-op threads per stream (``torch.set_num_threads``: process-wide; alone, without
+             streams: one stream of that many threads).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import Batch, BatchResult, Engine
+from .base import Batch, BatchResult, Engine, plan_streams
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -120,10 +123,10 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, **options):
+                 threads: int | None = None, streams: int | str | None = None, **options):
         if options:
             raise UsageError(f"engine 'torch' does not take option(s): {', '.join(sorted(options))}; "
-                             f"it takes precision, device, threads")
+                             f"it takes precision, device, threads, streams")
         if precision not in PRECISIONS:
             raise UsageError(f"engine 'torch' precision must be one of {', '.join(PRECISIONS)}, not {precision!r}"
                              + ("; int8 is --engine onnx --precision int8" if precision == "int8" else ""))
@@ -143,6 +146,8 @@ class TorchEngine(Engine):
         if device == "cpu" and precision == "bf16" and not cpu_has_bf16():
             raise UsageError("bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 in /proc/cpuinfo) "
                              "and slower than fp32; use fp32 or --engine onnx --precision int8")
+        if device == "cpu":
+            self.streams, threads = plan_streams(streams, threads, engine=self.name)
         if threads:
             torch.set_num_threads(int(threads))
         self._torch = torch
@@ -239,5 +244,6 @@ class TorchEngine(Engine):
                               f"{str(exc).splitlines()[0]}") from None
 
     def close(self) -> None:
+        super().close()
         self.net = None
 
