@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_engines.py --out bench.md [--work /tmp/bench-bert-base]
         [--engines saved_model,onnx,onnx-int8,torch,torch-bf16] [--batch-sizes 8,32,128] [--seq 24]
-        [--threads N] [--seconds 4] [--rounds 3] [--drift-ref onnx]
+        [--threads N] [--streams auto|N] [--seconds 4] [--rounds 3] [--drift-ref onnx]
 
 On a CUDA machine (agreement with CPU fp32 via --drift-ref):
     python scripts/bench_engines.py --out gpu.md --engines torch-cuda,torch-cuda-fp16,torch-cuda-bf16 \
@@ -20,6 +20,11 @@ Also measured:
   * the drift of every reduced-precision path against the fp32 ONNX engine on the benchmark batch (mean
     and max |Δ log-prob|, top-1 agreement). With random weights predictions are nearly uniform, so the
     drift here is indicative only; the tests measure it on a peaky tiny model.
+
+CPU engines run as the scorer runs them: ``--streams`` batches at once (default: the engines' automatic
+choice, one single-threaded stream per core on up to 4 cores), the --threads shared among them; a cell's
+batch size is per stream. ``--streams 1`` gives one stream of --threads threads (the tables before the
+fourth session).
 
 Prints a markdown table and writes it to --out.
 """
@@ -119,19 +124,22 @@ def flops_per_copy(T: int, H=768, L=12, I=3072, V=30522, P=1) -> float:
 
 
 def time_engine(eng, batch, seconds: float, warmup: int = 1, min_runs: int = 1) -> tuple[float, float]:
-    """(best, median) copies/s over repeated runs of one batch for about ``seconds`` (at least ``min_runs``).
+    """(best, median) copies/s over repeated runs for about ``seconds`` (at least ``min_runs``); a run is
+    one batch per stream, all in flight at once (``eng.map``), as the scorer feeds the engine.
 
     The machine may be shared: the best run is the least disturbed one, so it is what the table
     reports (with the median next to it to show the noise).
     """
+    work = [batch] * max(1, eng.streams)
     for _ in range(warmup):  # graph optimisation, kernel selection, allocations
-        eng.run(batch)
+        list(eng.map(work))
     times, t_end = [], time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < min_runs:
         t0 = time.perf_counter()
-        eng.run(batch)
+        list(eng.map(work))
         times.append(time.perf_counter() - t0)
-    return len(batch) / min(times), len(batch) / float(np.median(times))
+    n = len(batch) * len(work)
+    return n / min(times), n / float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -141,7 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="saved_model,onnx,onnx-int8,torch,torch-bf16")
     ap.add_argument("--batch-sizes", default="8,32,128")
     ap.add_argument("--seq", type=int, default=24, help="tokens per copy incl. [CLS]/[SEP] (default 24)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all (default: all cores)")
+    ap.add_argument("--streams", default="auto",
+                    help="batches in flight per CPU engine, sharing --threads (default: the engines' automatic choice)")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per cell, over all rounds (default 4)")
     ap.add_argument("--drift-ref", default="onnx", choices=sorted(ENGINES),
@@ -153,6 +163,7 @@ def main(argv=None) -> int:
     import torch
 
     from mlm_scorer.engines import get_engine
+    from mlm_scorer.engines.base import plan_streams
     from mlm_scorer.model_dir import ModelDir
 
     work = Path(a.work)
@@ -168,6 +179,7 @@ def main(argv=None) -> int:
     mask_id = int(md.manifest["special_token_ids"]["mask"])
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     labels = [e for e in a.engines.split(",") if e]
+    streams, per_stream = plan_streams(a.streams, None, cpus=a.threads)
     torch.set_num_threads(a.threads)
     ceil32 = matmul_ceiling(a.threads, "fp32")
     try:
@@ -183,9 +195,9 @@ def main(argv=None) -> int:
         name, opts = ENGINES[label]
         opts = dict(opts)
         if name == "saved_model":
-            opts.update(intra_op_threads=a.threads, inter_op_threads=1)
+            opts.update(streams=streams, intra_op_threads=per_stream)
         elif "device" not in opts:
-            opts["threads"] = a.threads
+            opts.update(streams=streams, threads=per_stream)
         try:
             eng = get_engine(name, model=md, top_k=True, **opts)
         except Exception as exc:  # a missing extra / no GPU: report and go on
@@ -212,7 +224,8 @@ def main(argv=None) -> int:
         for label, eng in engines.items():
             for B in sizes:
                 ceils.append(matmul_ceiling(a.threads, "fp32", seconds=0.3))  # next to every cell
-                torch.set_num_threads(a.threads)
+                # torch's threads are process-wide: the torch engine's streams each get their share
+                torch.set_num_threads(a.threads if eng.streams == 1 else per_stream)
                 with Steal() as st:
                     best, med = time_engine(eng, batches[B], a.seconds / a.rounds, warmup=1 if r == 0 else 0)
                 results[label][B].append(best)
@@ -228,7 +241,8 @@ def main(argv=None) -> int:
 
     lines = [f"### Engines on the bert-base shape ({a.seq} tokens, 1 masked position per copy)", "",
              f"Machine: {platform.processor() or platform.machine()}, {a.threads} threads "
-             f"({_cpu_name()}); torch {torch.__version__}"
+             f"({_cpu_name()}); CPU engines: {streams} stream(s) x {per_stream if streams > 1 else a.threads} "
+             f"thread(s), batch size per stream; torch {torch.__version__}"
              + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU")
              + f". Random weights (bert-base shape, 30,522 vocab). CPU steal (time the hypervisor gave to other "
              f"VMs) over the timed rounds: {whole}.", "",

@@ -110,13 +110,15 @@ def version(*names: str) -> str:
 
 
 def run_mlm_score(tsv: Path, export_dir: Path, mode: str, work: Path, engine: str = "saved_model",
-                  precision: str | None = None) -> tuple[dict, float]:
+                  precision: str | None = None, engine_options: list[str] = ()) -> tuple[dict, float]:
     out = work / f"mlm-{mode}.parquet"
     summ = work / f"mlm-{mode}.summary.json"
     cmd = [sys.executable, "-m", "mlm_scorer", str(tsv), "-o", str(out), "--model", str(export_dir), "--id-column", "id",
            "--mode", mode, "-q", "--summary-json", str(summ), "--engine", engine]
     if precision:
         cmd += ["--precision", precision]
+    for kv in engine_options:
+        cmd += ["--engine-option", kv]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     wall = time.perf_counter() - t
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--engine", default="saved_model", help="mlm-score's engine (default: the in-process SavedModel)")
+    ap.add_argument("--engine-option", action="append", default=[], metavar="K=V",
+                    help="mlm-score --engine-option (repeatable), e.g. streams=1")
     ap.add_argument("--precision", default=None,
                     help="mlm-score's reduced precision (e.g. int8 with --engine onnx): the agreement table then "
                          "states its drift from minicons' fp32 scores instead of gating the run")
@@ -221,7 +225,7 @@ def main() -> None:
                 mini["metrics"][metric] = part["metrics"][metric]
             log(f"[round {rnd + 1}/{args.rounds}] mlm-score --mode {mode} ...")
             with Steal() as st:
-                res = run_mlm_score(tsv, export_dir, mode, work, args.engine, args.precision)
+                res = run_mlm_score(tsv, export_dir, mode, work, args.engine, args.precision, args.engine_option)
             res[0]["steal_pct"] = st.pct
             if mode not in ours or res[0]["copies_per_second"] > ours[mode][0]["copies_per_second"]:
                 ours[mode] = res
@@ -267,6 +271,7 @@ def main() -> None:
     h, layers, heads, inter = SHAPES[args.shape]
     tf_version = version("tensorflow", "tensorflow-cpu", "tf-nightly")
     engine_label = (f"{args.engine} {args.precision or 'fp32'}"
+                    + "".join(f", {kv}" for kv in args.engine_option)
                     + (f", TensorFlow {tf_version}" if args.engine == "saved_model" else
                        f", ONNX Runtime {version('onnxruntime')}" if args.engine == "onnx" else ""))
     mv = mini["versions"]
