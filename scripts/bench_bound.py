@@ -11,11 +11,18 @@ Three things are timed in interleaved rounds, in one process, on the same batch 
              embedding: what the engine would reach if everything but these products were free
   engine     the in-process SavedModel engine (the default) on a batch of that shape
 
+With ``--streams S`` (default: the engine's automatic choice, one per core up to 4) the engine runs S
+batches at once, one per stream, and so do the TensorFlow products and the TensorFlow 4096² product (S
+concurrent calls on S threads: TensorFlow's thread pools are the engine's); numpy's 4096² product keeps
+its own threads. ``--streams 1`` is the single-stream engine of the third session, one batch over all
+cores.
+
 "engine / products" says how close the graph runs to its own products (the rest of the graph's
 cost); "products / ceiling" says how fast fp32 products of BERT's shapes (K = 768) run on this CPU
 compared with a large square one. Their product is the engine's share of the ceiling.
 
-Usage: python scripts/bench_bound.py [--batch 256] [--seq 13] [--rounds 4] [--seconds 8] [--out FILE]
+Usage: python scripts/bench_bound.py [--batch 256] [--seq 13] [--streams auto|S] [--rounds 4] [--seconds 8]
+                                    [--out FILE]
 Each round also records the CPU steal (time the hypervisor gave to other VMs).
 """
 from __future__ import annotations
@@ -52,10 +59,21 @@ def rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def in_streams(fn, streams: int):
+    """A callable that runs fn() once on each of ``streams`` threads at once (fn() itself for one)."""
+    if streams == 1:
+        return fn
+    import concurrent.futures as cf
+
+    pool = cf.ThreadPoolExecutor(streams)
+    return lambda: [f.result() for f in [pool.submit(fn) for _ in range(streams)]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256, help="copies per call (the CLI's default max batch)")
     ap.add_argument("--seq", type=int, default=13, help="tokens per copy incl. [CLS]/[SEP] (BLiMP: ~13)")
+    ap.add_argument("--streams", default="auto", help="engine streams (default: the engine's automatic choice)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
     ap.add_argument("--work", default=str(REPO / "bench-out" / "peers"))
@@ -76,7 +94,8 @@ def main() -> None:
 
     B, T = a.batch, a.seq
     md = ModelDir.open(export_dir)
-    eng = get_engine("saved_model", model=md)
+    eng = get_engine("saved_model", model=md, **({} if a.streams == "auto" else {"streams": a.streams}))
+    S = eng.streams
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, V, size=(B, T)).astype(np.int32)
     ids[:, 0], ids[:, -1] = 101, 102
@@ -108,10 +127,10 @@ def main() -> None:
     rows = []
     for r in range(a.rounds):
         with Steal() as st:
-            c_tf = rate(lambda: square_tf().numpy(), a.seconds / 2) * sq_flop / 1e9
+            c_tf = rate(in_streams(lambda: square_tf().numpy(), S), a.seconds / 2) * S * sq_flop / 1e9
             c_np = rate(lambda: sq_np @ sq_np, a.seconds / 2) * sq_flop / 1e9
-            p = rate(lambda: products().numpy(), a.seconds) * prod_flop / 1e9
-            e = rate(lambda: eng.run(batch), a.seconds) * B
+            p = rate(in_streams(lambda: products().numpy(), S), a.seconds) * S * prod_flop / 1e9
+            e = rate(lambda: list(eng.map([batch] * S)), a.seconds) * S * B
         row = {"round": r + 1, "steal": st.pct, "ceil_tf": c_tf, "ceil_np": c_np, "products": p,
                "products_cps": p * 1e9 / prod_flop * B, "engine_cps": e, "engine_gflops": e * exec_flop / 1e9}
         rows.append(row)
@@ -123,7 +142,10 @@ def main() -> None:
     best = max(rows, key=lambda x: x["engine_cps"])
     ceil = max(max(x["ceil_tf"], x["ceil_np"]) for x in rows)
     lines = [
-        f"### What bounds the fp32 engine: bert-base, {B} copies × {T} tokens per call",
+        f"### What bounds the fp32 engine: bert-base, {B} copies × {T} tokens per call, {S} stream(s)",
+        "",
+        f"Engine threading: {S} stream(s); TensorFlow intra-op {eng.threading['intra_op']}, inter-op "
+        f"{eng.threading['inter_op']} threads (the TensorFlow rows run as {S} concurrent call(s) too).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; Python {m['python']}; TensorFlow "
         f"{tf.__version__}; {m['date']}; commit {git_rev()}. {a.rounds} interleaved rounds of {a.seconds:g} s "
