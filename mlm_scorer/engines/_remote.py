@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import EngineError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine, ordered_map  # noqa: F401 (re-exported)
+from .base import INPUT_NAMES, Batch, BatchResult, Engine, ordered_map
 
 log = logging.getLogger("mlm_scorer.engines.remote")
 

@@ -101,6 +101,8 @@ class Engine(abc.ABC):
     max_batch_size: int | None = None
     #: Batches ``map`` scores at once (see ``plan_streams``).
     streams: int = 1
+    #: The threads behind ``streams`` > 1, made on first use and shut down by ``close``.
+    _streams_executor: cf.ThreadPoolExecutor | None = None
 
     @abc.abstractmethod
     def score_batch(self, batch: Batch) -> BatchResult:
@@ -129,16 +131,15 @@ class Engine(abc.ABC):
 
     def _stream_pool(self) -> cf.ThreadPoolExecutor:
         with _POOL_LOCK:
-            pool = self.__dict__.get("_streams_executor")
-            if pool is None:
-                pool = cf.ThreadPoolExecutor(self.streams, thread_name_prefix=f"mlm-{self.name}-stream")
-                self._streams_executor = pool
-            return pool
+            if self._streams_executor is None:
+                self._streams_executor = cf.ThreadPoolExecutor(self.streams,
+                                                               thread_name_prefix=f"mlm-{self.name}-stream")
+            return self._streams_executor
 
     def close(self) -> None:
         """Release resources (sessions, connections, stream threads). Safe to call twice."""
         with _POOL_LOCK:
-            pool = self.__dict__.pop("_streams_executor", None)
+            pool, self._streams_executor = self._streams_executor, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -165,7 +166,7 @@ def usable_cpus() -> int:
 
 
 def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: int | None = None,
-                 engine: str = "engine") -> tuple[int, int | None]:
+                 engine: str = "engine") -> tuple[int, int]:
     """(streams, threads per stream) for an in-process CPU engine.
 
     A stream is one batch in flight, on its own thread. Streams of one thread each need no
