@@ -56,14 +56,14 @@ def main() -> None:
     # -- engine alone ---------------------------------------------------------------------------------
     import statistics
 
+    from mlm_scorer.cli import parse_engine_options
     from mlm_scorer.engines.base import get_engine
     from mlm_scorer.model_dir import ModelDir
     from mlm_scorer.scorer import Scorer
 
     md = ModelDir.open(export_dir)
     texts = [line.split("\t", 1)[1].rstrip("\n") for line in tsv.read_text(encoding="utf-8").splitlines()[1:]]
-    base_opts = dict(kv.split("=", 1) for kv in args.engine_option)
-    opts = {**base_opts, **({"precision": args.precision} if args.precision else {})}
+    opts = {**parse_engine_options(args.engine_option, ap), **({"precision": args.precision} if args.precision else {})}
     eng = get_engine(args.engine, model=md, **opts)
     prep = Scorer(md, eng, mode=args.mode).prepare(texts)
     eng.run(prep.built[0])  # warm
@@ -116,7 +116,8 @@ def main() -> None:
     m = machine()
     label = args.engine + (f" {args.precision}" if args.precision else "") + \
         (f" ({', '.join(args.engine_option)})" if args.engine_option else "")
-    rows = [(f"engine alone ({label})", engine_cps, engine_med, "—", "—", fmt_pct(eng_steal[eng_runs.index(engine_cps)]))]
+    rows = [(f"engine alone ({label})", engine_cps, engine_med, "—", "—",
+             fmt_pct(eng_steal[eng_runs.index(engine_cps)]))]
     for v in variants:
         best, med = max(e2e_runs[v]), statistics.median(e2e_runs[v])
         rows.append((f"end to end (mlm-score{' ' + v if v else ''})", best, med, f"{best / engine_cps:.1%}",
@@ -132,7 +133,8 @@ def main() -> None:
         f"{os.getloadavg()[0]:.2f} at the end; CPU steal (time the hypervisor gave to other VMs) {whole} over the "
         f"rounds, and in each path's best round in the last column.",
         "",
-        "| path | copies/s best | copies/s median | GFLOP/s best | vs engine alone (best) | (median) | steal (best round) |",
+        "| path | copies/s best | copies/s median | GFLOP/s best | vs engine alone (best) | (median) "
+        "| steal (best round) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ] + [f"| {a} | {b:.1f} | {c:.1f} | {b * gflop:.0f} | {d} | {e} | {f} |" for a, b, c, d, e, f in rows]
     table = "\n".join(lines)

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
     lines = [f"### Engines on the bert-base shape ({a.seq} tokens, 1 masked position per copy)", "",
              f"Machine: {platform.processor() or platform.machine()}, {a.threads} threads "
-             f"({_cpu_name()}); CPU engines: {streams} stream(s) x {per_stream if streams > 1 else a.threads} "
+             f"({_cpu_name()}); CPU engines: {streams} stream(s) x {per_stream} "
              f"thread(s), batch size per stream; torch {torch.__version__}"
              + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU")
              + f". Random weights (bert-base shape, 30,522 vocab). CPU steal (time the hypervisor gave to other "
