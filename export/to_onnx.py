@@ -288,8 +288,8 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
         entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION,
-                                 "sha256": sha256_file(tmp), "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES, "verification": report,
-                                 "versions": _versions()}
+                                 "sha256": sha256_file(tmp), "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES,
+                                 "verification": report, "versions": _versions()}
         drift = None
         if quantize == "int8":
             quantize_int8(tmp, tmp8)

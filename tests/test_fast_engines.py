@@ -168,6 +168,10 @@ def test_fp32_engine_matches_transformers(name, opts, model, copies_batch):
         plain.close()
 
 
+# One single-threaded stream, each engine's way of saying so: the reference for the streams test.
+_THREADS = {"saved_model": {"intra_op_threads": 1}, "onnx": {"threads": 1}, "torch": {"threads": 1}}
+
+
 @pytest.mark.parametrize("name", ["saved_model", "onnx", "torch"])
 def test_streams_score_every_batch_as_one_stream_does(name, model, copies_batch):
     """Several batches in flight at once (threads sharing one model) give each batch its own results, in
@@ -187,9 +191,6 @@ def test_streams_score_every_batch_as_one_stream_does(name, model, copies_batch)
         for (a, b), r, r1 in zip(zip(cuts, cuts[1:]), got, single):
             _check_parity(r, batch.slice(a, b), (lp[a:b], top[a:b], top_lp[a:b]))
             np.testing.assert_allclose(r.log_probs, r1.log_probs, rtol=0, atol=1e-6)
-
-
-_THREADS = {"saved_model": {"intra_op_threads": 1}, "onnx": {"threads": 1}, "torch": {"threads": 1}}
 
 
 def test_engines_do_not_modify_batch(model, copies_batch):
