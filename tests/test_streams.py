@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from mlm_scorer.engines.base import MAX_AUTO_STREAMS, Batch, BatchResult, Engine, plan_streams
+from mlm_scorer.engines.base import (MAX_AUTO_STREAMS, Batch, BatchResult, Engine, get_engine_class, plan_streams,
+                                    refuse_streams_off_cpu)
 from mlm_scorer.errors import EngineError, UsageError
 
 
@@ -36,6 +37,24 @@ def test_plan_streams(streams, threads, cpus, expected):
 def test_plan_streams_refuses_nonsense(streams, threads):
     with pytest.raises(UsageError, match="positive integer"):
         plan_streams(streams, threads, cpus=2, engine="saved_model")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_streams_are_refused_off_the_cpu(device):
+    for left_out in (None, "", "auto"):
+        refuse_streams_off_cpu(left_out, device, engine="torch")  # not given: fine anywhere
+    refuse_streams_off_cpu(2, "cpu", engine="torch")
+    with pytest.raises(UsageError, match="streams applies to device cpu only"):
+        refuse_streams_off_cpu(1, device, engine="torch")
+
+
+@pytest.mark.parametrize("name,device", [("onnx", "cuda"), ("torch", "cuda"), ("torch", "cuda:0")])
+def test_gpu_engines_refuse_streams_before_loading_anything(name, device):
+    pytest.importorskip("onnxruntime" if name == "onnx" else "torch")
+    # The refusal comes before the model is read or CUDA is looked for, so no model (None) is needed
+    # and the message is the same on a machine without a GPU.
+    with pytest.raises(UsageError, match="streams applies to device cpu only"):
+        get_engine_class(name)(None, device=device, streams=2)
 
 
 class _SlowEngine(Engine):

@@ -200,6 +200,16 @@ def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: 
     return s, t if t is not None else max(1, cpus // s)
 
 
+def refuse_streams_off_cpu(streams: int | str | None, device: str, *, engine: str) -> None:
+    """Raise UsageError if ``streams`` was given for a device other than the CPU, where ``map`` runs one
+    batch at a time (streams are a CPU-engine setting; silently ignoring it would mislead)."""
+    from ..errors import UsageError
+
+    if device != "cpu" and streams not in (None, "", "auto"):
+        raise UsageError(f"engine {engine!r}: streams applies to device cpu only; on {device} one batch "
+                         f"runs at a time (leave streams out)")
+
+
 def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: int,
                 executor: cf.Executor) -> Iterator[T]:
     """``map(fn, items)`` with up to ``concurrency`` calls running at once; results in input order.

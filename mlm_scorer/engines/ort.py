@@ -7,6 +7,7 @@ Options:
   device:    "cpu" (default) or "cuda" (needs onnxruntime-gpu with CUDAExecutionProvider).
   streams:   batches scored at once, each on its own thread (default: one per CPU up to
              ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``); one session serves them all.
+             CPU only: refused with device cuda.
   threads:   intra-op threads per stream (alone, without streams: one stream of that many threads).
 
 The ONNX graph has the SavedModel's inputs and outputs (see ``mlm_export.to_onnx``), so the batch goes in
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine, plan_streams
+from .base import INPUT_NAMES, Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
 
 _FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
@@ -38,6 +39,7 @@ class OnnxEngine(Engine):
                                 if precision == "fp16" else ""))
         if device not in ("cpu", "cuda"):
             raise UsageError(f"engine 'onnx' device must be cpu or cuda, not {device!r}")
+        refuse_streams_off_cpu(streams, device, engine=self.name)
         try:
             import onnxruntime as ort
         except ImportError as exc:
