@@ -6,9 +6,10 @@ when it exists and the ``onnx`` package is installed (fast, no TensorFlow), else
 variables (needs TensorFlow). They are renamed to transformers' names and loaded into a
 ``BertForMaskedLM`` built from the manifest's config.
 
-The forward pass: ``model.bert`` -> sequence output [B,T,H] -> gather the masked positions [B,P,H] ->
-``model.cls`` (transform + tied decoder) -> [B,P,V] logits -> float32 log_softmax -> target log-prob and
-top-k, with the slot-padding rule (0.0, -1, -inf in unused slots).
+The forward pass: ``model.bert``'s embeddings and layers, the last layer only at the masked positions
+(keys/values from every token; see ``_encode_at``) -> [B,P,H] -> ``model.cls`` (transform + tied
+decoder) -> [B,P,V] logits -> float32 log_softmax -> target log-prob and top-k, with the slot-padding
+rule (0.0, -1, -inf in unused slots).
 
 Options:
   device:    "cpu" (default) or "cuda" (device 0; "cuda:N" for another).
@@ -18,7 +19,7 @@ Options:
              engine measures its drift against fp32 when it is created, prints it to stderr and records it
              in the manifest under ``reduced_precision["torch-<precision>-<device>"]``.
   streams:   on CPU, batches scored at once, each on its own thread (default: one per CPU up to
-             ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``).
+             ``base.MAX_AUTO_STREAMS``; see ``base.plan_streams``); refused with device cuda.
   threads:   torch intra-op threads per stream (``torch.set_num_threads``: process-wide; alone, without
              streams: one stream of that many threads).
 """
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import Batch, BatchResult, Engine, plan_streams
+from .base import Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -132,6 +133,7 @@ class TorchEngine(Engine):
                              + ("; int8 is --engine onnx --precision int8" if precision == "int8" else ""))
         if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
             raise UsageError(f"engine 'torch' device must be cpu or cuda[:N], not {device!r}")
+        refuse_streams_off_cpu(streams, device, engine=self.name)
         try:
             import torch
             from transformers import BertConfig, BertForMaskedLM
@@ -217,9 +219,7 @@ class TorchEngine(Engine):
              for k, v in feed.items()}
         pos = t["masked_lm_positions"]
         with torch.inference_mode():
-            seq = self.net.bert(input_ids=t["input_ids"], attention_mask=t["input_mask"],
-                                token_type_ids=t["segment_ids"])[0]  # [B,T,H]
-            g = torch.gather(seq, 1, pos.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # [B,P,H]
+            g = self._encode_at(t["input_ids"], t["input_mask"], t["segment_ids"], pos)  # [B,P,H]
             logits = self.net.cls(g)  # [B,P,V], head only at the masked positions
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             valid = pos > 0
@@ -234,6 +234,34 @@ class TorchEngine(Engine):
                 res.top_k_ids = top_ids.to(torch.int32).cpu().numpy()
                 res.top_k_log_probs = top_lp.cpu().numpy().astype(np.float32, copy=False)
         return res
+
+    def _encode_at(self, input_ids, input_mask, segment_ids, pos):
+        """The encoder's output [B,P,H] at the masked positions ``pos`` [B,P].
+
+        ``BertModel``'s own modules, called layer by layer, so that the last layer runs only where it is
+        read: its keys and values come from every token, its query, attention output and feed-forward
+        only from the P gathered rows (as the SavedModel and ONNX graphs do; ~1/L of the encoder saved).
+        """
+        torch = self._torch
+        bert = self.net.bert
+        x = bert.embeddings(input_ids=input_ids, token_type_ids=segment_ids)  # [B,T,H]
+        # BERT's additive mask, as BertModel builds it for eager and SDPA attention alike.
+        bias = (1.0 - input_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # [B,1,1,T]
+        layers = bert.encoder.layer
+        for layer in layers[:-1]:
+            out = layer(x, bias)
+            x = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple, 5 a tensor
+        last = layers[-1]
+        att = last.attention.self
+        B, T, H = x.shape
+        N, D = att.num_attention_heads, att.attention_head_size
+        rows = torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, H))  # [B,P,H]
+        q = att.query(rows).view(B, -1, N, D).transpose(1, 2)  # [B,N,P,D]
+        k = att.key(x).view(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
+        v = att.value(x).view(B, T, N, D).transpose(1, 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(D)
+        a = last.attention.output(ctx.transpose(1, 2).reshape(B, -1, N * D), rows)  # dense, + rows, LayerNorm
+        return last.output(last.intermediate(a), a)
 
     def score_batch(self, batch: Batch) -> BatchResult:
         """int32 [B,T]/[B,P] arrays in; log_probs float32 [B,P] (+ top-k int32/float32 [B,P,k]) out."""
