@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engines.base import Batch
+from .engines.base import Batch, Engine
 from .expand import PRED_A, PRED_B, WIN_A, WIN_B
 from .segment import Sentence
 
@@ -32,6 +32,15 @@ class BatchPolicy:
             raise ValueError("batch_tokens and max_batch_size must be positive")
         if not 0.0 <= self.min_efficiency <= 1.0:
             raise ValueError("min_efficiency must be between 0 and 1")
+
+    @classmethod
+    def for_engine(cls, engine: Engine, batch_tokens: int | None = None,
+                   max_batch_size: int | None = None) -> "BatchPolicy":
+        """The policy for ``engine``: ``batch_tokens`` if given, else the engine's
+        ``preferred_batch_tokens``, else 8192; at most ``max_batch_size``, the engine's limit and 256 copies."""
+        tokens = batch_tokens or engine.preferred_batch_tokens or cls.batch_tokens
+        return cls(batch_tokens=int(tokens),
+                   max_batch_size=min(x for x in (max_batch_size, engine.max_batch_size, cls.max_batch_size) if x))
 
 
 def copy_lengths(copies: np.ndarray) -> np.ndarray:

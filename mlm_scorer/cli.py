@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "token: Salazar et al. 2020")
     s.add_argument("--top-k", type=int, default=0, help="also write the K most likely tokens at each word's "
                                                         "first piece (K <= the export's k)")
-    s.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (default 8192)")
+    s.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per batch (default: the engine's preference: 1024 for onnx on CPU, "
+                        "else 8192)")
     s.add_argument("--max-batch-size", type=int, default=None, help="copies per batch at most (default 256)")
     s.add_argument("--chunk-rows", type=int, default=2048, help="rows read and prepared at a time (default 2048)")
     s.add_argument("--cache", metavar="DIR", help="persistent score cache: sentences scored before with the same "
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None and engine in ("rest", "grpc"):
         ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
     for flag in ("batch_tokens", "chunk_rows"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")

@@ -46,6 +46,7 @@ class ScoreSummary:
     model: str
     model_checksum: str
     engine_streams: int = 1  # batches the engine scored at once (in-process engines: see engines.base)
+    batch_tokens: int = 0  # padded tokens per batch at most (--batch-tokens, else the engine's preference)
     rows: int = 0
     scored: int = 0
     skipped: int = 0
@@ -101,7 +102,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                model_version: int | None = None, engine: str = "saved_model",
                engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
                text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
-               on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int = 8192,
+               on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int | None = None,
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
                flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
@@ -134,8 +135,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         if scorer is None:
             md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
             eng = get_engine(engine, model=md, top_k=top_k > 0, **(engine_options or {}))
-            policy = BatchPolicy(batch_tokens=batch_tokens,
-                                 max_batch_size=min(x for x in (max_batch_size, eng.max_batch_size, 256) if x))
+            policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
             try:
                 scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy, cache_size=dedupe_cache,
                                 store_dir=score_cache)
@@ -162,7 +162,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
-                           engine_streams=scorer.engine.streams, mode=scorer.mode, model=str(md.path),
+                           engine_streams=scorer.engine.streams,
+                           batch_tokens=scorer.policy.batch_tokens, mode=scorer.mode, model=str(md.path),
                            model_checksum=md.checksum)
     if resume and input_path == "-":
         raise UsageError("--resume needs an input file, not stdin (a stream cannot be checked or re-read)")

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("scoring")
     s.add_argument("--mode", default="whole-word", choices=["whole-word", "word-l2r", "token"])
     s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--batch-tokens", type=int, default=8192)
+    s.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per batch (default: the engine's preference, else 8192)")
     s.add_argument("--max-batch-size", type=int, default=None)
     i = ap.add_argument_group("input")
     i.add_argument("--text-column")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = parse_engine_options(args.engine_option, ap)
     for flag in ("num_actors", "batch_rows", "batch_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")

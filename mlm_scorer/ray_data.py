@@ -175,8 +175,7 @@ class _ScoreActor:
 
         md = resolve_model(model, version=model_version, cache_dir=cache_dir)
         eng = get_engine(engine, model=md, top_k=top_k > 0, **engine_options)
-        policy = BatchPolicy(batch_tokens=batch_tokens,
-                             max_batch_size=min(x for x in (max_batch_size, eng.max_batch_size, 256) if x))
+        policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
         self.scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
         self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"  # which actor scored a row (summary: actors)
@@ -261,7 +260,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                   on_bad_row: str = "fail", top_k: int = 0, flag_rules: list[FlagRule] | None = None,
                   num_actors: int = 2, num_cpus_per_actor: float = 1, num_gpus_per_actor: float = 0,
                   batch_rows: int = 512, read_chunk_rows: int = 2048, read_num_cpus: float = 0.25,
-                  batch_tokens: int = 8192, max_batch_size: int | None = None,
+                  batch_tokens: int | None = None, max_batch_size: int | None = None,
                   cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
                   ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
                   wait_for_actors_s: float = 600,

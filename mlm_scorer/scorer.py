@@ -101,7 +101,7 @@ class Scorer:
         self.engine = engine
         self.mode = mode
         self.top_k = top_k
-        self.policy = policy or BatchPolicy(max_batch_size=engine.max_batch_size or 256)
+        self.policy = policy or BatchPolicy.for_engine(engine)
         if engine.max_batch_size and self.policy.max_batch_size > engine.max_batch_size:
             self.policy = BatchPolicy(self.policy.batch_tokens, engine.max_batch_size)
         self.tokenizer = WordTokenizer(model)

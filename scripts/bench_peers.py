@@ -265,7 +265,7 @@ def main() -> None:
         rows.append({"tool": f"mlm-score {mode}", "words_s": s["words"] / busy, "copies_s": o_cps,
                      "useful": o_cps * gflop, "executed": o_cps * o_exec, "ratio": o_cps / m_cps, "seconds": busy,
                      "copies": s["copies"], "startup": s["load_seconds"], "padding_efficiency": eff,
-                     "steal_pct": s.get("steal_pct")})
+                     "steal_pct": s.get("steal_pct"), "batch_tokens": s.get("batch_tokens")})
 
     mach = machine()
     h, layers, heads, inter = SHAPES[args.shape]
@@ -289,7 +289,8 @@ def main() -> None:
         f"{ceil_after.get('torch', 0):.0f} GFLOP/s, numpy {ceil_before['numpy']:.0f} / {ceil_after['numpy']:.0f} "
         f"GFLOP/s (before / after); ceiling used: {ceiling:.0f} GFLOP/s.",
         f"mlm-score {version('mlm-scorer')} (commit {git_rev()}), engine {engine_label}, "
-        f"CLI defaults (batch_tokens 8192, max batch 256), start-up (imports, model load) excluded from rates: "
+        f"CLI defaults (batch_tokens {', '.join(sorted({str(r['batch_tokens']) for r in rows if r['ratio'] is not None}))}"
+        f" (the engine's choice), max batch 256), start-up (imports, model load) excluded from rates: "
         + ", ".join(f"{r['tool'].split()[-1]} {r['startup']:.1f} s" for r in rows if r["ratio"] is not None) + ".",
         f"minicons {mv['minicons']} (transformers {mv['transformers']}, torch {mv['torch']}, "
         f"{mini['torch_threads']} threads), MaskedLMScorer(ckpt, 'cpu').sequence_score with "

@@ -114,7 +114,7 @@ def accuracy(pll_good: list[float], pll_bad: list[float]) -> float:
 
 def evaluate(model: str | os.PathLike, *, modes=MODES, pairs_per_paradigm: int | None = None,
              zip_path: str | os.PathLike = BLIMP_ZIP, paradigms: list[str] | None = None, engine: str = "saved_model",
-             label: str | None = None, chunk: int = 4096, batch_tokens: int = 8192, cache_dir=None,
+             label: str | None = None, chunk: int = 4096, batch_tokens: int | None = None, cache_dir=None,
              log=lambda m: None) -> Evaluation:
     """Score every pair of the chosen paradigms under each mode with one model load."""
     from mlm_scorer.batching import BatchPolicy
@@ -138,7 +138,7 @@ def evaluate(model: str | os.PathLike, *, modes=MODES, pairs_per_paradigm: int |
     for p in pars:
         where.append((len(texts), len(p.good)))
         texts += p.good + p.bad
-    policy = BatchPolicy(batch_tokens=batch_tokens, max_batch_size=min(x for x in (eng.max_batch_size, 256) if x))
+    policy = BatchPolicy.for_engine(eng, batch_tokens)
     try:
         for mode in modes:
             scorer = Scorer(md, eng, mode=mode, policy=policy)
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> Evaluation:
     ap.add_argument("--engine", default="saved_model")
     ap.add_argument("--label", default=None, help="the model's name in the table")
     ap.add_argument("--blimp-zip", default=str(BLIMP_ZIP))
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="padded tokens per batch (default: the engine's preference, else 8192)")
     ap.add_argument("--cache-dir", default=None, help="where a checkpoint's export is cached")
     ap.add_argument("--work", default=str(REPO / "bench-out" / "blimp"), help="for --shape: where the checkpoint goes")
     ap.add_argument("--out", default=None, help="write the markdown report here")

@@ -97,3 +97,17 @@ def test_duplicates_across_chunks_survive_cache_eviction(fake_export):
     ref = Scorer(md, FakeEngine(md), mode="token")
     want = [[ref.score([t])[0].pll for t in c] for c in chunks]
     assert got == want
+
+
+def test_policy_for_engine_takes_the_users_then_the_engines_batch_tokens(fake_export):
+    md = ModelDir.open(fake_export)
+    eng = FakeEngine(md, max_batch_size=64)
+    assert eng.preferred_batch_tokens is None
+    p = BatchPolicy.for_engine(eng)
+    assert (p.batch_tokens, p.max_batch_size) == (BatchPolicy.batch_tokens, 64)  # the scorer's default
+    eng.preferred_batch_tokens = 1024
+    assert BatchPolicy.for_engine(eng).batch_tokens == 1024  # the engine's preference
+    p = BatchPolicy.for_engine(eng, batch_tokens=300, max_batch_size=16)  # the user's settings win
+    assert (p.batch_tokens, p.max_batch_size) == (300, 16)
+    assert BatchPolicy.for_engine(FakeEngine(md), max_batch_size=1000).max_batch_size == BatchPolicy.max_batch_size
+    assert Scorer(md, eng, mode="token").policy.batch_tokens == 1024  # a Scorer made without a policy too

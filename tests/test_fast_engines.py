@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlm_scorer.batching import BatchPolicy
 from mlm_scorer.engines import Batch, get_engine
 from mlm_scorer.errors import ModelError, UsageError
 from mlm_scorer.model_dir import MANIFEST_NAME, ModelDir
@@ -572,6 +573,9 @@ def test_score_file_same_parquet_as_saved_model(engine, opts, mode, fast_export,
     summary = pipeline.score_file(tsv, out, model=fast_export, engine=engine, engine_options=opts, mode=mode,
                                   id_column="id", top_k=3)
     assert summary.scored == len(SENTENCES)
+    # No --batch-tokens given: the engine's preference (ONNX Runtime on CPU asks for smaller batches).
+    from mlm_scorer.engines.ort import CPU_BATCH_TOKENS
+    assert summary.batch_tokens == (CPU_BATCH_TOKENS if engine == "onnx" else BatchPolicy.batch_tokens)
     words, sents = read_outputs(out)
     assert len(words) == len(ref[0]) > len(SENTENCES)
     _compare(words, ref[0], TOL, "words")

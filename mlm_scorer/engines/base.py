@@ -99,6 +99,9 @@ class Engine(abc.ABC):
     name: str = "engine"
     #: Largest batch the backend accepts in one call (None: no limit).
     max_batch_size: int | None = None
+    #: Padded tokens per batch the backend runs fastest at: the scorer's batch size when the user sets
+    #: none (``BatchPolicy.for_engine``; None: the scorer's default, 8192). A preference, not a limit.
+    preferred_batch_tokens: int | None = None
     #: Batches ``map`` scores at once (see ``plan_streams``).
     streams: int = 1
     #: The threads behind ``streams`` > 1, made on first use and shut down by ``close``.

@@ -10,6 +10,9 @@ Options:
              CPU only: refused with device cuda.
   threads:   intra-op threads per stream (alone, without streams: one stream of that many threads).
 
+On CPU the engine asks for batches of ``CPU_BATCH_TOKENS`` padded tokens unless ``--batch-tokens`` is
+given: ONNX Runtime's fp32 and int8 products run faster on smaller batches than TensorFlow's do.
+
 The ONNX graph has the SavedModel's inputs and outputs (see ``mlm_export.to_onnx``), so the batch goes in
 as is: int32 arrays, outputs float32 [B,P], int32 [B,P,k], float32 [B,P,k].
 """
@@ -22,6 +25,8 @@ from ..model_dir import ModelDir
 from .base import INPUT_NAMES, Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
 
 _FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+#: Padded tokens per batch on CPU when the user sets none (``Engine.preferred_batch_tokens``).
+CPU_BATCH_TOKENS = 1024
 
 
 class OnnxEngine(Engine):
@@ -59,6 +64,9 @@ class OnnxEngine(Engine):
         so.log_severity_level = 3
         if device == "cpu":
             self.streams, threads = plan_streams(streams, threads, engine=self.name)
+            # MLAS's fp32 products slow down as a batch grows past ~1000 rows (BENCHMARKS.md, fifth session:
+            # bert-base, 2 streams, 384 padded tokens per batch 43 copies/s, 3072 tokens 34; int8 from 3072).
+            self.preferred_batch_tokens = CPU_BATCH_TOKENS
         if threads:
             so.intra_op_num_threads = int(threads)
         try:
