@@ -289,7 +289,7 @@ def main() -> None:
         f"{ceil_after.get('torch', 0):.0f} GFLOP/s, numpy {ceil_before['numpy']:.0f} / {ceil_after['numpy']:.0f} "
         f"GFLOP/s (before / after); ceiling used: {ceiling:.0f} GFLOP/s.",
         f"mlm-score {version('mlm-scorer')} (commit {git_rev()}), engine {engine_label}, "
-        f"CLI defaults (batch_tokens {', '.join(sorted({str(r['batch_tokens']) for r in rows if r['ratio'] is not None}))}"
+        f"CLI defaults (batch_tokens {', '.join(sorted({str(r['batch_tokens']) for r in rows if r['ratio']}))}"
         f" (the engine's choice), max batch 256), start-up (imports, model load) excluded from rates: "
         + ", ".join(f"{r['tool'].split()[-1]} {r['startup']:.1f} s" for r in rows if r["ratio"] is not None) + ".",
         f"minicons {mv['minicons']} (transformers {mv['transformers']}, torch {mv['torch']}, "
