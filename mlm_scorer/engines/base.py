@@ -194,7 +194,7 @@ def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: 
         return n
 
     cpus = cpus or usable_cpus()
-    s = positive(streams, "streams") if streams not in (None, "", "auto") else None
+    s = positive(streams, "streams") if _streams_given(streams) else None
     t = positive(threads, "threads") if threads not in (None, "", 0) else None
     if s is None and t is not None:
         return 1, t
@@ -203,12 +203,17 @@ def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: 
     return s, t if t is not None else max(1, cpus // s)
 
 
+def _streams_given(streams: int | str | None) -> bool:
+    """False for the values that mean "not given, choose automatically": None, "" and "auto"."""
+    return streams not in (None, "", "auto")
+
+
 def refuse_streams_off_cpu(streams: int | str | None, device: str, *, engine: str) -> None:
     """Raise UsageError if ``streams`` was given for a device other than the CPU, where ``map`` runs one
     batch at a time (streams are a CPU-engine setting; silently ignoring it would mislead)."""
     from ..errors import UsageError
 
-    if device != "cpu" and streams not in (None, "", "auto"):
+    if device != "cpu" and _streams_given(streams):
         raise UsageError(f"engine {engine!r}: streams applies to device cpu only; on {device} one batch "
                          f"runs at a time (leave streams out)")
 
