@@ -355,12 +355,26 @@ def test_onnx_file_has_savedmodel_signature(model):
     ("torch", {"engine_file": "x"}, UsageError, "engine_file"),
     ("torch", {"precision": "fp16"}, UsageError, "fp16 on CPU"),
     ("torch", {"precision": "int8"}, UsageError, "int8"),
+    ("torch", {"memory": "jemalloc"}, UsageError, "memory must be one of retain, system"),
     ("tensorrt", {"threads": 2}, UsageError, "threads"),
     ("tensorrt", {"engine_file": "/nonexistent/model.plan"}, UsageError, "not found"),
 ])
 def test_engine_options_are_checked(model, name, opts, exc, match):
     with pytest.raises(exc, match=match):
         get_engine(name, model=model, **opts)
+
+
+def test_torch_engine_retains_freed_memory_on_cpu_unless_told(model, monkeypatch):
+    """The torch engine asks glibc to keep freed memory (``engines._malloc``; its effect is tested in
+    test_malloc.py) by default on CPU, and leaves malloc alone with memory=system."""
+    from mlm_scorer.engines import torch_engine
+
+    calls = []
+    monkeypatch.setattr(torch_engine, "retain_freed_memory", lambda: calls.append(1) or True)
+    with get_engine("torch", model=model) as eng:
+        assert eng.memory_retained is True and calls == [1]
+    with get_engine("torch", model=model, memory="system") as eng:
+        assert eng.memory_retained is False and calls == [1]
 
 
 def test_onnx_int8_missing_file_says_how_to_make_it(model, tmp_path):
