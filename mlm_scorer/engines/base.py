@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from ..errors import MissingDependencyError, UnknownEngineError
+from ..errors import MissingDependencyError, UnknownEngineError, UsageError
 
 T = TypeVar("T")
 
@@ -182,8 +182,6 @@ def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: 
     * only ``streams``: the CPUs shared among them;
     * both: as given.
     """
-    from ..errors import UsageError
-
     def positive(v, what):
         try:
             n = int(v)
@@ -211,8 +209,6 @@ def _streams_given(streams: int | str | None) -> bool:
 def refuse_streams_off_cpu(streams: int | str | None, device: str, *, engine: str) -> None:
     """Raise UsageError if ``streams`` was given for a device other than the CPU, where ``map`` runs one
     batch at a time (streams are a CPU-engine setting; silently ignoring it would mislead)."""
-    from ..errors import UsageError
-
     if device != "cpu" and _streams_given(streams):
         raise UsageError(f"engine {engine!r}: streams applies to device cpu only; on {device} one batch "
                          f"runs at a time (leave streams out)")
