@@ -21,6 +21,9 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q '$(TORCH)'
 	$(BIN)/pip install -q -e '.[tf,hub,test,serving,grpc,onnx,onnx-export,torch,ray]'
 	$(BIN)/pip install -q --no-deps 'tensorflow-serving-api==2.21.0'
+	# AntiBERTy (MIT): a real pretrained BERT masked LM shipped inside this wheel (later versions download
+	# their weights instead). --no-deps: the tests read its files; its runner's pins are not wanted here.
+	$(BIN)/pip install -q --no-deps 'antiberty==0.1.3'
 	touch $@
 
 run: $(VENV)/.run-deps

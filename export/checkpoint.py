@@ -38,6 +38,9 @@ class Checkpoint:
     special_tokens: dict[str, str] = field(default_factory=lambda: {
         "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"})
     source: dict = field(default_factory=dict)
+    #: Tensors of the source that are not part of the encoder or the MLM head (a pooler, the NSP head, task
+    #: heads such as classifiers), by their name in the source. Not exported; listed and recorded.
+    ignored: list[str] = field(default_factory=list)
 
     def checksum(self) -> str:
         """sha256 over the weights (name, shape, bytes, in name order), the vocab and the casing."""
@@ -124,7 +127,7 @@ def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) 
                               f"supported; only 'absolute'")
     cfg = BertConfig.from_dict(cfg_dict)
     raw = _read_hf_tensors(path)
-    weights = _rename_hf(raw, path)
+    weights, ignored = _rename_hf(raw, path)
     vocab = path / "vocab.txt"
     tok_cfg = _read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     if do_lower_case is None:
@@ -135,7 +138,8 @@ def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) 
         config=cfg, weights=weights, vocab_path=vocab, do_lower_case=bool(do_lower_case),
         tokenize_chinese_chars=bool(tok_cfg.get("tokenize_chinese_chars", True)),
         strip_accents=tok_cfg.get("strip_accents"),
-        source={"kind": "huggingface", "path": str(path), **({"hub_id": hub_id} if hub_id else {})})
+        source={"kind": "huggingface", "path": str(path), **({"hub_id": hub_id} if hub_id else {})},
+        ignored=ignored)
     for key, default in (("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"), ("pad", "[PAD]"), ("unk", "[UNK]")):
         tok = tok_cfg.get(f"{key}_token", default)
         ckpt.special_tokens[key] = tok["content"] if isinstance(tok, dict) else str(tok)
@@ -200,11 +204,15 @@ _HF_TOP = {
     "cls.predictions.transform.LayerNorm.bias": "cls/predictions/transform/LayerNorm/beta",
     "cls.predictions.bias": "cls/predictions/output_bias",
 }
-# Keys that carry no weights of their own (buffers, tied copies, the NSP head, the pooler).
-_HF_IGNORED = re.compile(r"(.*position_ids|.*num_batches_tracked|cls\.seq_relationship\..*|bert\.pooler\..*)$")
+# Buffers that carry no weights (not listed as ignored: they are not tensors a user trained).
+_HF_BUFFERS = re.compile(r"(.*position_ids|.*num_batches_tracked)$")
+# Names that belong to the encoder or the MLM head: one of these that cannot be mapped is an error (the
+# scores would be wrong without it); any other tensor (pooler, NSP, classifiers, task heads) is ignored.
+_HF_ENCODER = re.compile(r"(bert\.embeddings\.|bert\.encoder\.|cls\.predictions\.).*")
 
 
-def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
+def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """HF tensors -> (weights by google-research/bert name, names of the tensors ignored)."""
     # Old checkpoints use LayerNorm.gamma/beta; some lack the 'bert.' prefix (BertModel saved bare).
     norm = {}
     for k, v in raw.items():
@@ -215,7 +223,7 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
             f"{path} has no masked-LM head weights (cls.predictions.*): it looks like a bare BertModel or a "
             f"fine-tuned classifier. Scoring needs a BertForMaskedLM / BertForPreTraining checkpoint")
     out: dict[str, np.ndarray] = {}
-    unused = []
+    unused, ignored = [], []
     decoder_w = norm.pop("cls.predictions.decoder.weight", None)
     decoder_b = norm.pop("cls.predictions.decoder.bias", None)
     for k, v in norm.items():
@@ -231,10 +239,12 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
             else:
                 unused.append(k)
             continue
-        if not _HF_IGNORED.fullmatch(k):
-            unused.append(k)
+        if _HF_BUFFERS.fullmatch(k):
+            continue
+        (unused if _HF_ENCODER.fullmatch(k) else ignored).append(k)
     if unused:
-        raise CheckpointError(f"{path}: weights not understood as BERT: {unused[:8]}")
+        raise CheckpointError(f"{path}: encoder or MLM-head weights that cannot be mapped to BERT: {unused[:8]}"
+                              f"{' …' if len(unused) > 8 else ''}")
     for k in list(out):
         if k.endswith("/kernel"):
             out[k] = np.ascontiguousarray(out[k].T)  # torch Linear is [out, in]; TF kernels are [in, out]
@@ -244,7 +254,7 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
         if not np.array_equal(decoder_w, out["bert/embeddings/word_embeddings"]):
             raise CheckpointError(f"{path}: the decoder (cls.predictions.decoder.weight) is not tied to the word "
                                   f"embeddings; untied MLM decoders are not supported")
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}, sorted(ignored)
 
 
 # ------------------------------------------------------------------------------------------- TF-1
@@ -264,18 +274,22 @@ def _load_tf1(path: Path, do_lower_case: bool | None) -> Checkpoint:
     if not any(n.startswith("cls/predictions") for n in names):
         raise CheckpointError(f"{prefix}: no masked-LM head (cls/predictions/*) in the checkpoint")
     needed = weight_shapes(cfg)
-    weights = {}
-    for n in names:
+    weights, ignored = {}, []
+    for n in sorted(names):
         if n in needed:
             weights[n] = reader.get_tensor(n).astype(np.float32)
-        elif not (n.startswith(("bert/pooler", "cls/seq_relationship", "global_step"))
-                  or "adam_" in n or n.endswith("/Adam") or n.endswith("/Adam_1")):
-            raise CheckpointError(f"{prefix}: variable {n!r} is not part of BERT's masked-LM graph")
+        elif n == "global_step" or "adam_" in n or n.endswith(("/Adam", "/Adam_1")):
+            continue  # optimizer state
+        elif n.startswith(("bert/embeddings/", "bert/encoder/", "cls/predictions/")):
+            raise CheckpointError(f"{prefix}: variable {n!r} looks like part of BERT's encoder or MLM head "
+                                  f"but is not one of its weights for this config")
+        else:
+            ignored.append(n)  # pooler, NSP head, task heads
     vocab = path / "vocab.txt"
     if do_lower_case is None:
         do_lower_case = _guess_lower_case(vocab, str(path))
     ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=do_lower_case,
-                      source={"kind": "tf1", "path": str(prefix)})
+                      source={"kind": "tf1", "path": str(prefix)}, ignored=ignored)
     _check_vocab(ckpt)
     return ckpt
 

@@ -62,6 +62,9 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     from .bert_mlm import BertMLM
 
     cfg = ckpt.config
+    if ckpt.ignored:
+        log(f"ignoring {len(ckpt.ignored)} tensors that are not part of the encoder or the MLM head: "
+            f"{', '.join(ckpt.ignored)}")
     if not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}, got {top_k}")
     max_len = min(max_seq_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -89,6 +92,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "layer_norm": layer_norm,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": ckpt.source,
+            "ignored_tensors": list(ckpt.ignored),
             "model_checksum": ckpt.checksum(),
             "config": cfg.to_dict(),
             "vocab_size": cfg.vocab_size,

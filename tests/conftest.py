@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TorchReference  # noqa: E402
-from tiny_models import SHARED_VOCAB, SMALL_VOCAB, make_hf_bert  # noqa: E402
+from tiny_models import SHARED_VOCAB, SMALL_VOCAB, antiberty_files, copy_antiberty, make_hf_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +69,21 @@ def tiny_reference(tiny_hf) -> TorchReference:
 @pytest.fixture(scope="session")
 def realvocab_reference(realvocab_hf) -> TorchReference:
     return TorchReference(realvocab_hf)
+
+
+@pytest.fixture(scope="session")
+def antiberty_hf(tmp_path_factory) -> Path:
+    """AntiBERTy, real pretrained weights (8 layers, hidden 512, 25-token residue vocabulary), copied out of
+    the antiberty==0.1.3 wheel exactly as a user would: vocab.txt, config.json, pytorch_model.bin."""
+    if antiberty_files() is None:
+        pytest.skip("antiberty==0.1.3 is not installed (make test installs it: pip install --no-deps "
+                    "antiberty==0.1.3)")
+    return copy_antiberty(tmp_path_factory.mktemp("antiberty_hf"))
+
+
+@pytest.fixture(scope="session")
+def antiberty_export(antiberty_hf, tmp_path_factory) -> Path:
+    return _export(antiberty_hf, tmp_path_factory, "antiberty_export", top_k=5)
 
 
 @pytest.fixture()

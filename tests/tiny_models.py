@@ -41,6 +41,32 @@ def make_hf_bert(out: Path, *, vocab: Path = SMALL_VOCAB, hidden: int = 32, laye
     return out
 
 
+def antiberty_files() -> dict[str, Path] | None:
+    """The three files of AntiBERTy (a real pretrained BERT masked LM, MIT) in the antiberty==0.1.3 wheel,
+    or None when it is not installed (``make test`` installs it with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("antiberty")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "trained_models"
+    files = {"vocab.txt": root / "vocab.txt", "config.json": root / "AntiBERTy_md_smooth" / "config.json",
+             "pytorch_model.bin": root / "AntiBERTy_md_smooth" / "pytorch_model.bin"}
+    return files if all(p.is_file() for p in files.values()) else None
+
+
+def copy_antiberty(out: Path) -> Path:
+    """The checkpoint as a user lays it out: the wheel's vocab.txt, config.json and pytorch_model.bin in one
+    directory, untouched (no tokenizer_config.json; the weights carry species/chain/graft heads)."""
+    files = antiberty_files()
+    if files is None:
+        raise FileNotFoundError("antiberty==0.1.3 is not installed (pip install --no-deps antiberty==0.1.3)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        shutil.copyfile(src, out / name)
+    return out
+
+
 def load_reference(hf_dir: Path):
     """(model, tokenizer) from transformers, for independent reference numbers."""
     from transformers import BertForMaskedLM, BertTokenizerFast
