@@ -185,6 +185,14 @@ class TsvReader:
         return Row(idx, line, fields[lay.text], fields[lay.id] if lay.id is not None else None,
                    tuple(fields[j] for j in lay.passthrough))
 
+    def seek(self, offset: int, *, line: int, index: int) -> None:
+        """Continue at byte ``offset`` (the start of a line; a file, not stdin), which is physical
+        ``line`` (1-based) and data row ``index`` (0-based): a worker reads its own slice of a file."""
+        self._f.seek(offset)
+        self._line, self._index = line - 1, index
+        self._first = offset == 0  # a BOM can only start the file
+        self._peek = None
+
     def close(self) -> None:
         if self._f is not sys.stdin.buffer:
             self._f.close()

@@ -161,7 +161,11 @@ MAX_AUTO_STREAMS = 4
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    """CPUs this process may run on: ``$MLM_SCORER_CPUS`` where set (a Ray actor sets its share of a node
+    there), else the affinity mask, which containers and ``taskset`` narrow."""
+    env = os.environ.get("MLM_SCORER_CPUS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
