@@ -44,7 +44,7 @@ SAMPLE = "data/sample.tsv"
 MODEL = "models/bert"
 SHELL_TAGS = ("bash", "shell", "console", "zsh")
 OPERATORS = {"&&", "||", ";", "|", "&"}
-REDIRECTS = {">", ">>", "<", ">&", "<&"}
+REDIRECT = re.compile(r"(?<!\S)\d*(?:>>?|<)(?:&\d+|\s*[^\s;&|]+)")
 
 #: Pages linked from the documents that are written alongside this test's pages and land separately.
 #: Remove a name once its page is in docs/; a link to a page neither here nor on disk fails.
@@ -97,16 +97,13 @@ def split_commands(doc: Path, fence: int, lines: list[tuple[int, str]]) -> list[
             pending += text.rstrip()[:-1] + " "
             continue
         logical, pending = pending + text, ""
+        logical = REDIRECT.sub(" ", logical)  # 2>&1, > out.log, < in.tsv: not the command's arguments
         lex = shlex.shlex(logical, posix=True, punctuation_chars=True)
         lex.whitespace_split = True
         lex.commenters = "#"
-        words, cur, skip = list(lex), [], False
-        for w in words + [";"]:
-            if skip:
-                skip = False
-            elif w in REDIRECTS or re.fullmatch(r"\d*[<>]+&?", w):
-                skip = True  # the redirection's target
-            elif w in OPERATORS:
+        cur: list[str] = []
+        for w in list(lex) + [";"]:
+            if w in OPERATORS:
                 env = []
                 while cur and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", cur[0]):
                     env.append(cur.pop(0))
