@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted; the output directory was left as it was")
+        log.error("interrupted; the output directory was left as it was", extra={"bare": True})
         return 130
     except OSError as exc:
         log.error(str(exc))

@@ -100,13 +100,15 @@ def _fit(capacity: list[float], need: float) -> int:
 
 
 def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None, cpus_per_actor: float | None = None,
-                gpus_per_actor: float = 0) -> ActorPlan:
+                gpus_per_actor: float = 0, available: list[dict[str, float]] | None = None) -> ActorPlan:
     """Choose the actor pool from the alive nodes' resources (``[{"CPU": 16, "GPU": 2}, ...]``).
 
     CPU only: neither given, one actor per CPU (1 CPU each, which on 2 CPUs ran 8 % faster than one
     actor of 2 CPUs: BENCHMARKS.md); ``num_actors`` alone: the largest equal share of a node's CPUs that
     still places them all; ``cpus_per_actor`` alone: as many as the nodes hold. With GPUs: one actor per
     ``gpus_per_actor`` share of every node's GPUs, with an equal share of that node's CPUs.
+    ``available``: the nodes' free resources now (others' work holds the rest); the pool starts with the
+    actors that fit there (at least one) and grows to ``num_actors`` as resources free up.
     """
     cpus = [float(n.get("CPU", 0)) for n in nodes]
     if not any(c > 0 for c in cpus):
@@ -145,12 +147,25 @@ def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None,
                              f"lower num_cpus_per_actor (--cpus-per-actor) or leave it out to choose from the cluster")
         n = num_actors or fit
     cpus_per_actor = round(float(cpus_per_actor), 4)  # Ray's resolution for fractional resources
+    if available is not None:
+        free = _fit([float(a.get("CPU", 0)) for a in available], cpus_per_actor)
+        if gpus_per_actor > 0:
+            free = min(free, _fit([float(a.get("GPU", 0)) for a in available], gpus_per_actor))
+        fit = min(fit, free)
     return ActorPlan(num_actors=n, min_actors=max(1, min(n, fit)), cpus=cpus_per_actor,
                      gpus=float(gpus_per_actor), threads=max(1, int(cpus_per_actor + 0.5)))
 
 
-def _alive_nodes(ray) -> list[dict[str, float]]:
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def _alive_nodes(ray) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """Total and free resources of each alive node (free: None where this Ray cannot say)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import available_resources_per_node  # a DeveloperAPI of Ray 2.x
+
+        free = available_resources_per_node()
+        return [n["Resources"] for n in alive], [free.get(n["NodeID"], {}) for n in alive]
+    except Exception:  # noqa: BLE001 - an optional refinement
+        return [n["Resources"] for n in alive], None
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -314,6 +329,23 @@ class _ScoreActor:
         log.setLevel(log_level)  # quiet or verbose as the driver (TensorFlow's start-up lines follow it)
         import ray
 
+        self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
+        self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
+                        "batch_rows": batch_rows}
+        self.out = Path(out_dir)
+        self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()
+        # An error here (a model a node cannot see, an engine option, a missing package) is raised by the
+        # first call instead: Ray would otherwise restart the actor over and over, and the run would end
+        # in a bare ActorDiedError rather than our message.
+        self.error: MlmScorerError | None = None
+        try:
+            self._open(model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size)
+        except MlmScorerError as exc:
+            self.error = exc
+
+    def _open(self, model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size) -> None:
         from .batching import BatchPolicy
         from .engines.base import get_engine
         from .model_dir import ModelDir
@@ -323,17 +355,12 @@ class _ScoreActor:
         eng = get_engine(engine, model=md, top_k=top_k > 0, **engine_options)
         policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
         self.scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
-        self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
-        self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
-                        "batch_rows": batch_rows}
-        self.out = Path(out_dir)
-        self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
-        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
-        self.node_id = ray.get_runtime_context().get_node_id()
         self.vocab = ([self.scorer.tokenizer.id_to_token(i) for i in range(self.scorer.tokenizer.vocab_size)]
                       if top_k else None)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        if self.error is not None:
+            raise _Shipped(self.error)
         for spec in batch.to_pylist():
             for rows in _read_split(spec, self.layout, **self.read_kw):
                 yield self._score(spec, rows)
@@ -509,11 +536,18 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
         ray.init(address=ray_address, **opts)
     import ray.data
 
-    plan = plan_actors(_alive_nodes(ray), num_actors=num_actors, cpus_per_actor=num_cpus_per_actor,
-                       gpus_per_actor=num_gpus_per_actor)
+    deadline = time.monotonic() + 5  # the actors of a run that just ended free their CPUs within a second or two
+    while True:
+        total_res, free_res = _alive_nodes(ray)
+        plan = plan_actors(total_res, num_actors=num_actors, cpus_per_actor=num_cpus_per_actor,
+                           gpus_per_actor=num_gpus_per_actor, available=free_res)
+        if plan.min_actors >= plan.num_actors or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     if plan.min_actors < plan.num_actors:
-        log.warning(f"{plan.num_actors} actors of {plan.cpus:g} CPU(s) asked for, {plan.min_actors} fit in the "
-                    f"cluster now: starting with {plan.min_actors}, adding the others as nodes join")
+        log.warning(f"{plan.num_actors} actors of {plan.cpus:g} CPU(s) planned, {plan.min_actors} fit in the "
+                    f"cluster's free resources now: starting with {plan.min_actors}, adding the others as "
+                    f"resources free up or nodes join")
     if sum(len(run) for *_, runs in scan for run in runs) < min(plan.num_actors, total):
         # a small input: batches small enough that every actor gets one
         scan = _scan(inputs, header=header, batch_rows=math.ceil(total / plan.num_actors))
@@ -536,8 +570,10 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     levels = [h.level for h in console]
     if not verbose():
-        for h in console:  # "Starting execution of Dataset ..." and the like (its log file keeps them)
-            h.setLevel(logging.ERROR)
+        # "Starting execution of Dataset ...", and a failed task's traceback logged before the exception we
+        # report anyway (Ray Data's log file keeps them all)
+        for h in console:
+            h.setLevel(logging.CRITICAL + 1)
     from .progress import Progress
 
     mode = Progress.auto_mode(progress) if log.isEnabledFor(logging.INFO) else "off"
@@ -556,8 +592,12 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
             batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors),
             num_cpus=plan.cpus, num_gpus=plan.gpus or None)
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        # closed on any exit: an exception's traceback would otherwise keep the iterator, its execution
+        # and its actors alive (holding their CPUs) for as long as the caller keeps the exception
+        stack.callback(getattr(batches, "close", lambda: None))
         try:
-            for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for t in batches:
                 for r in t.to_pylist():
                     if (r["file"], r["row"]) in seen:  # a batch redone after a lost actor: count it once
                         continue

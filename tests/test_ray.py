@@ -212,6 +212,12 @@ def test_ray_bad_row_fails_with_file_and_line(local_ray, fake_export, tmp_path):
     other = write_tsv(tmp_path / "other.tsv", [["x"]], header=["text"])
     with pytest.raises(UsageError, match="same columns"):
         score_dataset([str(bad), str(other)], out, model=str(fake_export), engine="fake")
+    # a failure while an actor opens the model or the engine comes back as our error, at once (Ray would
+    # otherwise restart the actor again and again)
+    with pytest.raises(UsageError, match="does not take option"):
+        score_dataset([str(other)], out, model=str(fake_export), engine="saved_model",
+                      engine_options={"bogus": "1"})
+    assert not out.exists()
     # a directory that is not ours is never replaced
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
@@ -259,6 +265,9 @@ def test_plan_actors_from_the_cluster():
         plan_actors(two, cpus_per_actor=4)
     # both, more than fit now: start with those that fit, grow as nodes join
     assert plan_actors(two, num_actors=4, cpus_per_actor=1) == ActorPlan(4, 2, 1.0, 0.0, 1)
+    # others' work holds part of the cluster: start with what is free now (at least one), grow later
+    assert plan_actors([{"CPU": 4}], available=[{"CPU": 1.5}]) == ActorPlan(4, 1, 1.0, 0.0, 1)
+    assert plan_actors([{"CPU": 4}], available=[{"CPU": 0}]).min_actors == 1
     # GPUs: one actor per GPU share, an equal share of that node's CPUs
     gpu = [{"CPU": 8, "GPU": 2}, {"CPU": 4}]
     assert plan_actors(gpu, gpus_per_actor=1) == ActorPlan(2, 2, 4.0, 1.0, 4)
