@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
                    help="flag sentences whose METRIC is above VALUE: pseudo_perplexity")
     o = ap.add_argument_group("output")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    o.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress, no summary")
+    o.add_argument("-v", "--verbose", action="count", default=0,
+                   help="debug messages, and TensorFlow's own log lines (hidden otherwise)")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="rows done, copies/s and ETA, after every batch: a bar on a terminal, a line every "
+                        "10 s elsewhere (default on; -q turns it off)")
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
     return ap
 
@@ -151,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--top-k must be >= 0")
 
     from .errors import MlmScorerError
+    from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
         summary = score_file(
@@ -163,30 +169,29 @@ def main(argv: list[str] | None = None) -> int:
             engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
             id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
             batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
-            limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
+            limit=args.limit, progress=False if args.quiet else args.progress,
             cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
-            score_cache=args.cache, log=log)
+            score_cache=args.cache, log=log.info)
     except MlmScorerError as exc:
-        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("mlm-score: interrupted; nothing was written at the output path (chunks already committed in "
-              "OUTPUT.parts/ are kept: rerun with --resume to continue after them)", file=sys.stderr)
+        log.error("interrupted; nothing was written at the output path (chunks already committed in "
+                  "OUTPUT.parts/ are kept: rerun with --resume to continue after them)", extra={"bare": True})
         return 130
     except OSError as exc:  # disk full, permission denied while writing...
-        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
         if os.environ.get("MLM_SCORER_DEBUG"):
             raise
-        print(f"mlm-score: internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the "
-              f"traceback, and please report it)", file=sys.stderr)
+        log.critical(f"internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the traceback, "
+                     f"and please report it)", extra={"bare": True})
         return 1
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.to_dict(), f, indent=2)
-    if not args.quiet:
-        print(summary.line(), file=sys.stderr)
+    log.info(summary.line())
     return 0
 
 

@@ -98,7 +98,9 @@ def load_export_weights(model: ModelDir) -> tuple[dict[str, np.ndarray], str]:
             if _complete(model, w):  # else (an ONNX file written differently) read the SavedModel
                 return {k: np.asarray(v, np.float32) for k, v in w.items()}, str(onnx_path)
     try:
-        import tensorflow as tf
+        from ..logs import import_tensorflow
+
+        tf = import_tensorflow()
     except ImportError:
         raise MissingDependencyError(
             f"engine 'torch' reads the weights from {onnx_path} (with the onnx package) or from the SavedModel "
