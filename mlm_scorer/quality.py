@@ -186,9 +186,10 @@ def metric_array(table, metric: str):
 
 
 def scored_mask(table):
-    import numpy as np
+    """bool array: the rows with status "ok"."""
+    import pyarrow.compute as pc
 
-    return np.asarray(table.column("status").to_pylist(), dtype=object) == "ok"
+    return pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
 
 
 @dataclass
@@ -211,6 +212,7 @@ class Scores:
 def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     """Read the score columns of a result (either file of the pair, or a Ray output directory)."""
     import numpy as np
+    import pyarrow.compute as pc
 
     from .results import read_table, result_paths, settings
 
@@ -226,7 +228,7 @@ def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     values = {m: metric_array(table, m)[ok] for m in METRICS}
     flag = None
     if "flag" in table.column_names:
-        flag = np.asarray([bool(f) for f in table.column("flag").to_pylist()], dtype=bool)[ok]
+        flag = np.asarray(pc.fill_null(table.column("flag"), False).to_numpy(), dtype=bool)[ok]
     return Scores(path=str(result), sentences=sents_path, settings=settings(schema), rows=table.num_rows,
                   scored=int(ok.sum()), values=values, flag=flag)
 
@@ -295,22 +297,22 @@ class RunQuantiles:
 
     def apply(self, table):
         """``table`` (a sentences table with flag columns) with ``flag`` and ``flag_reason`` recomputed."""
+        import numpy as np
         import pyarrow as pa
 
         ok = scored_mask(table)
         metrics = {m: metric_array(table, m) for m in {r.metric for r in self.rules}}
-        flags: list[bool | None] = []
-        reasons: list[str | None] = []
-        for i in range(table.num_rows):
-            if not ok[i]:
-                flags.append(None)
-                reasons.append(None)
-                continue
-            why = [r.reason(metrics[r.metric][i]) for r in self.rules if r.fires(metrics[r.metric][i])]
-            flags.append(bool(why))
-            reasons.append("; ".join(why) or None)
-        self.flagged += sum(bool(f) for f in flags)
-        for name, arr in (("flag", pa.array(flags, pa.bool_())), ("flag_reason", pa.array(reasons, pa.string()))):
+        fired = []  # per rule: the rows where it fires (the comparisons of FlagRule.fires; NaN never fires)
+        for r in self.rules:
+            x = metrics[r.metric]
+            hit = np.zeros(len(x), bool) if r.value is None else (x < r.value if r.op == "below" else x > r.value)
+            fired.append(hit & ok)
+        anyf = np.logical_or.reduce(fired) if fired else np.zeros(table.num_rows, bool)
+        reasons: list[str | None] = [None] * table.num_rows
+        for i in np.flatnonzero(anyf):
+            reasons[i] = "; ".join(r.reason(metrics[r.metric][i]) for r, hit in zip(self.rules, fired) if hit[i])
+        self.flagged += int(anyf.sum())
+        for name, arr in (("flag", pa.array(anyf, pa.bool_(), mask=~ok)), ("flag_reason", pa.array(reasons, pa.string()))):
             i = table.schema.get_field_index(name)
             table = table.set_column(i, table.schema.field(i), arr)
         return table
