@@ -162,7 +162,7 @@ def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) 
         config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
         tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
         strip_accents=settings["strip_accents"], special_tokens=special,
-        source={"kind": "huggingface", "path": str(path), **({"hub_id": hub_id} if hub_id else {})},
+        source={"kind": "huggingface", "path": os.path.abspath(path), **({"hub_id": hub_id} if hub_id else {})},
         ignored=ignored, casing=casing)
     _check_vocab(ckpt, tokens)
     return ckpt
@@ -456,7 +456,7 @@ def _load_tf1(path: Path, do_lower_case: bool | None) -> Checkpoint:
     ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
                       tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
                       strip_accents=settings["strip_accents"], special_tokens=special,
-                      source={"kind": "tf1", "path": str(prefix)}, ignored=ignored, casing=casing)
+                      source={"kind": "tf1", "path": os.path.abspath(prefix)}, ignored=ignored, casing=casing)
     _check_vocab(ckpt, tokens)
     return ckpt
 
