@@ -136,12 +136,13 @@ def _download(hub_id: str, log) -> Path:
 
 
 def engine_files(md: ModelDir, engine: str | None, precision: str | None) -> list[str]:
-    """Files the engine needs beside the SavedModel that ``md`` lacks: ``model.onnx`` for onnx (and for
-    torch, which reads its weights from it without TensorFlow), ``model.int8.onnx`` for onnx int8."""
+    """Files the engine needs beside the SavedModel that ``md`` lacks: ``model.onnx`` for onnx, and for
+    torch where it can be written (the torch engine reads its weights from it without TensorFlow, else from
+    the SavedModel with TensorFlow); ``model.int8.onnx`` for onnx int8."""
     want = []
     if engine == "onnx":
         want = ["model.int8.onnx"] if precision == "int8" else ["model.onnx"]
-    elif engine == "torch":
+    elif engine == "torch" and _can_write_onnx():
         want = ["model.onnx"]
     return [f for f in want if not (md.path / f).is_file()]
 
@@ -181,15 +182,15 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
             md = ModelDir.open(target)
             check_top_k(md, top_k, model=model)
             missing = engine_files(md, engine, precision)
-            if missing and (engine == "onnx" or _can_write_onnx()):
+            if missing:
                 from mlm_export.to_onnx import write_onnx
 
                 log(f"building {', '.join(missing)} into the cached export for --engine {engine} (once)")
                 write_onnx(md.path, checkpoint(), quantize="int8" if "model.int8.onnx" in missing else None,
                            log=log)
-            elif missing:
-                log(f"the torch engine will read the weights from the SavedModel with TensorFlow (writing "
-                    f"model.onnx, which it reads faster, needs pip install 'mlm-scorer[onnx-export]')")
+            elif engine == "torch" and not (md.path / "model.onnx").is_file():
+                log("the torch engine reads the weights from the SavedModel with TensorFlow (model.onnx, which it "
+                    "reads without TensorFlow, needs pip install 'mlm-scorer[onnx-export]' to be written)")
     except (VerificationError, ValueError) as exc:
         raise ModelError(f"exporting {model!r} failed: {exc}") from None
     except ImportError as exc:  # write_onnx names its extra; a module missing elsewhere is the exporter's
@@ -213,7 +214,10 @@ def _cache_lock(target: Path) -> Iterator[None]:
     file it locked, and starts over if not.
     """
     lock_path = Path(str(target) + ".lock")
-    made = [d for d in (target.parent.parent, target.parent) if not d.exists()]
+    made, d = [], target.parent  # the cache directories this call creates, innermost first
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
     while True:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -239,7 +243,7 @@ def _cache_lock(target: Path) -> Iterator[None]:
         finally:
             os.close(fd)
         if not ok:
-            for d in reversed(made):
+            for d in made:
                 try:
                     d.rmdir()  # only if empty
                 except OSError:
@@ -270,7 +274,11 @@ def rebuild_hint(md: ModelDir, model: str | None, *flags: str) -> str:
     if not source:
         return f"Export the checkpoint again with mlm-export CHECKPOINT OUT {' '.join(flags)}"
     args = ["mlm-export", shlex.quote(str(source))]
-    if model is None:
+    if model is None and md.version is None:  # an export directory without version directories
+        out = f"{md.path}-2"
+        args += [shlex.quote(out)]
+        use = f"then pass --model {shlex.quote(out)}"
+    elif model is None:
         base = md.path.parent
         version = max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0) + 1
         args += [shlex.quote(str(base)), "--version", str(version)]

@@ -209,3 +209,18 @@ def test_onnx_engine_on_an_export_without_onnx_names_the_command(tiny_export, tm
     src = json.loads((tiny_export / "1" / "mlm_scorer.json").read_text())["source"]["path"]
     assert rc == 4 and "model.onnx is missing (this export was made without it)" in err, err
     assert f"Export it with: mlm-export {src} {tiny_export} --version 2 --onnx; then --model" in err
+
+
+def test_what_each_engine_needs_beside_the_saved_model(tiny_export, monkeypatch):
+    import mlm_scorer.models as models
+    from mlm_scorer.model_dir import ModelDir
+
+    md = ModelDir.open(tiny_export)  # a SavedModel export without ONNX files
+    monkeypatch.setattr(models, "_can_write_onnx", lambda: True)
+    assert models.engine_files(md, "saved_model", None) == []
+    assert models.engine_files(md, "onnx", None) == ["model.onnx"]
+    assert models.engine_files(md, "onnx", "int8") == ["model.int8.onnx"]
+    assert models.engine_files(md, "torch", "bf16") == ["model.onnx"]
+    monkeypatch.setattr(models, "_can_write_onnx", lambda: False)  # torch then reads the SavedModel
+    assert models.engine_files(md, "torch", None) == []
+    assert models.engine_files(md, "onnx", None) == ["model.onnx"]  # onnx cannot do without: its error says why
