@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
                     help="count rows above this as flagged (pNN: the baseline's percentile); default with a "
                          "baseline: pseudo_perplexity=p99 and --flag-below min_word_prob=p1")
-    ap.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
+    ap.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
+                    help="count rows below this as flagged (e.g. min_word_prob=p1)")
     ap.add_argument("--json", metavar="FILE", help="also write the statistics and the verdict as JSON")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     args = ap.parse_args(argv)
