@@ -420,7 +420,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                   cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
                   ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
                   wait_for_actors_s: float = 600, progress: bool | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  baseline: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Score TSV and/or Parquet files with a Ray actor pool; write ``output_dir/{words,sentences}``.
 
     The pool comes from the cluster's resources unless given (``plan_actors``): ``num_actors`` actors,
@@ -432,7 +432,9 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
 
     Raises InputError (with file:line) for a bad row under ``on_bad_row="fail"``, UsageError for bad
     arguments; on any error ``output_dir`` is left as it was. Returns the summary dict also written to
-    ``summary.json``.
+    ``summary.json``. Percentile flag rules (``pseudo_perplexity=p99``) take the percentile from
+    ``baseline`` when given, else from this run: a second pass over the written sentence files before
+    the output is published.
     """
     from .pipeline import ON_BAD_ROW
 
@@ -467,12 +469,18 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     # the model is resolved once here (exported into the cache if it is a checkpoint) so the actors only open it
     from .models import resolve_model
 
-    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
-    if top_k < 0 or top_k > md.top_k:
-        raise UsageError(f"top_k must be between 0 and the export's k ({md.top_k}), got {top_k}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                       precision=(engine_options or {}).get("precision"), top_k=top_k)
+    if baseline is not None and any(r.relative for r in flag_rules):
+        from .quality import baseline_rules
+
+        flag_rules = baseline_rules(flag_rules, baseline, model_checksum=md.checksum, mode=mode)
     meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": mode, "engine": engine,
             "input": inputs[0] if len(inputs) == 1 else ", ".join(inputs), "inputs": inputs,
-            "flag_rules": [str(r) for r in flag_rules], "runner": "ray"}
+            "flag_rules": [str(r) for r in flag_rules], "runner": "ray",
+            **({"baseline": str(baseline)} if baseline else {})}
     summary: dict[str, Any] = {
         "inputs": inputs, "output": str(out), "words_output": str(out / "words"),
         "sentences_output": str(out / "sentences"), "engine": engine, "mode": mode, "model": str(md.path),
@@ -506,6 +514,13 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
             for stray in (tmp / sub).glob(".*"):  # a killed attempt's temporary file
                 stray.unlink()
         summary["mean_pll"] = summary.pop("_pll_sum", 0.0) / summary["scored"] if summary["scored"] else None
+        parts = sorted((tmp / "sentences").glob("part-*.parquet"))
+        from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
+
+        second = RunQuantiles.fit(flag_rules, parts)
+        if second is not None:
+            second.rewrite(parts, {"flag_rules": second.rule_strings})
+            summary["flagged"], summary["flag_rules"] = second.flagged, second.rule_strings
         summary["seconds"] = time.perf_counter() - t0
         (tmp / OUTPUT_MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         old = None
