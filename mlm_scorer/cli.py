@@ -15,6 +15,7 @@ EPILOG = """examples:
   mlm-score input.tsv -o probs.parquet --model models/bert  # an export made by mlm-export
   mlm-score input.tsv -o probs.parquet --model ./my-hf-bert # a local checkpoint, exported once into the cache
   mlm-score sents.txt --no-header -o probs.parquet --mode token
+  mlm-score input.parquet -o probs.parquet --text-column sentence --id-column id
   mlm-score input.tsv -o probs.parquet --text-column sentence --id-column id --on-bad-row skip --top-k 5
   mlm-score input.tsv -o probs.parquet --server http://localhost:8501 --model-name bert --model models/bert
 
@@ -33,7 +34,9 @@ exit codes: 0 ok, 1 other error, 2 bad usage, 3 bad input row, 4 model problem, 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header); '-' for stdin")
+    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header; '-' for stdin), "
+                                  "or a Parquet file (.parquet: --text-column/--id-column by name, the other "
+                                  "columns passed through)")
     ap.add_argument("-o", "--output", required=True, help="output Parquet path for word rows; sentence rows go "
                                                           "next to it as STEM.sentences.parquet")
     m = ap.add_argument_group("model and engine")

@@ -145,6 +145,8 @@ class _Format(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
+        if getattr(record, "bare", False):  # "mlm-score: interrupted; ..." rather than "error: interrupted"
+            return f"{self.prog}: {msg}"
         if record.levelno >= logging.ERROR:
             return f"{self.prog}: error: {msg}"
         if record.levelno >= logging.WARNING:

@@ -11,6 +11,7 @@ of the chunk's copies), so the count moves with every batch, not only when a chu
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -44,9 +45,14 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="row", file=stream or sys.stderr, dynamic_ncols=True,
-                             leave=False, bar_format="{l_bar}{bar}| {n:,.0f}/{total_fmt} rows "
-                                                     "[{elapsed}<{remaining}{postfix}]")
+            stream = stream or sys.stderr
+            try:  # a terminal that reports no size (a bare pty) would get a bar 0 columns wide
+                sized = os.get_terminal_size(stream.fileno()).columns > 0
+            except (AttributeError, ValueError, OSError):
+                sized = False
+            self._bar = tqdm(total=total, initial=initial, unit="row", file=stream, leave=False,
+                             **({"dynamic_ncols": True} if sized else {"ncols": 100, "nrows": 24}),
+                             bar_format="{l_bar}{bar}| {n:,.0f}/{total_fmt} rows [{elapsed}<{remaining}{postfix}]")
 
     @staticmethod
     def auto_mode(progress: bool | None, *, stream=None) -> str:
@@ -59,6 +65,10 @@ class Progress:
         except (AttributeError, ValueError):
             tty = False
         return "bar" if tty else "log"
+
+    def restart(self) -> None:
+        """Start the clock now (when the work begins, after start-up): rates and ETA leave start-up out."""
+        self.t0 = self._last = self._clock()
 
     def set_total(self, total: int | None) -> None:
         self.total = total

@@ -63,7 +63,7 @@ from .errors import InputError, MlmScorerError, UsageError
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .quality import FlagRule
-from .reader import Layout, Row, TsvReader
+from .reader import Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
 from .writer import sentence_schema, word_schema
 
 __all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER"]
@@ -169,22 +169,8 @@ def _alive_nodes(ray) -> tuple[list[dict[str, float]], list[dict[str, float]] | 
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def _is_parquet(path: str) -> bool:
-    return path.lower().endswith((".parquet", ".pq"))
-
-
-def _parquet_layout(path: str, text_column, id_column) -> Layout:
-    import pyarrow.parquet as pq
-
-    from .reader import layout_for
-
-    return layout_for(pq.read_schema(path).names, text_column, id_column, path)
-
-
 def _layout(path: str, text_column, id_column, header: bool) -> Layout:
-    if _is_parquet(path):
-        return _parquet_layout(path, text_column, id_column)
-    with TsvReader(path, text_column=text_column, id_column=id_column, header=header) as r:
+    with open_reader(path, text_column=text_column, id_column=id_column, header=header or is_parquet(path)) as r:
         return r.layout
 
 
@@ -235,7 +221,7 @@ def _scan(inputs: list[str], *, header: bool, batch_rows: int) -> list[tuple]:
 
     scan = []
     for i, path in enumerate(inputs):
-        if _is_parquet(path):
+        if is_parquet(path):
             md = pq.ParquetFile(path).metadata
             runs, offset = [], 0
             for g in range(md.num_row_groups):
@@ -295,25 +281,10 @@ def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[spec["row_group"]]):
         a, b = max(start - pos, 0), min(start + spec["rows"] - pos, batch.num_rows)
         if a < b:
-            yield _parquet_rows(batch.slice(a, b - a), lay, path, first=spec["row"] + pos + a - start)
+            yield parquet_rows(batch.slice(a, b - a), lay, path, first=spec["row"] + pos + a - start)
         pos += batch.num_rows
         if pos >= start + spec["rows"]:
             return
-
-
-def _parquet_rows(batch: pa.RecordBatch, lay: Layout, path: str, *, first: int) -> list[Row]:
-    """Rows of a Parquet batch whose first row is row ``first`` (0-based) of the file; line = row + 1."""
-    col = lambda j: batch.column(j).cast(pa.string()).to_pylist()  # noqa: E731
-    text = col(lay.text)
-    ids = col(lay.id) if lay.id is not None else [None] * len(text)
-    passthrough = [col(j) for j in lay.passthrough]
-    rows = []
-    for k, t in enumerate(text):
-        i = first + k
-        err = None if t is not None else InputError(f"the text column {lay.names[lay.text]!r} is null", path=path,
-                                                    line=i + 1, reason="null_text")
-        rows.append(Row(i, i + 1, t, ids[k], tuple(p[k] for p in passthrough), err))
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- actors

@@ -155,6 +155,53 @@ class Engine(abc.ABC):
 
 _POOL_LOCK = threading.Lock()
 
+
+class LazyEngine(Engine):
+    """An engine opened on first use: ``factory()`` runs when a batch must be scored (or a property below
+    is read). A run whose every sentence comes from the score cache, or an empty input, never imports
+    the engine's runtime (TensorFlow, onnxruntime, torch)."""
+
+    def __init__(self, name: str, factory: Callable[[], Engine]):
+        self.name = name
+        self._factory = factory
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        self.open_seconds = 0.0  # how long ``factory()`` took (imports, model load, warm-up)
+
+    @property
+    def opened(self) -> bool:
+        return self._engine is not None
+
+    def open(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                import time
+
+                t0 = time.perf_counter()
+                self._engine = self._factory()
+                self.open_seconds = time.perf_counter() - t0
+            return self._engine
+
+    # what the scorer asks of an engine; reading them opens it
+    max_batch_size = property(lambda self: self.open().max_batch_size)  # type: ignore[assignment]
+    preferred_batch_tokens = property(lambda self: self.open().preferred_batch_tokens)  # type: ignore[assignment]
+    streams = property(lambda self: self.open().streams)  # type: ignore[assignment]
+
+    def score_batch(self, batch: Batch) -> BatchResult:
+        return self.open().score_batch(batch)
+
+    def run(self, batch: Batch) -> BatchResult:
+        return self.open().run(batch)
+
+    def map(self, batches: Iterable[Batch]) -> Iterator[BatchResult]:
+        return self.open().map(batches)
+
+    def close(self) -> None:
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
 #: ``plan_streams``' automatic choice uses at most this many streams (measured on 2 cores only; above 4
 #: cores each stream gets several threads).
 MAX_AUTO_STREAMS = 4
