@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("MLM_SCORER_SHARED") or REPO.parent / "shared")  # ../shared beside the checkout
 BLIMP_ZIP = SHARED / "benchmarks" / "blimp" / "BLiMP.zip"
 BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased" / "vocab.txt"
 
