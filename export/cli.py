@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         "outputs; needs mlm-scorer[onnx-export])")
     ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
                                                          "model.int8.onnx, with its drift report (implies --onnx)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    ap.add_argument("-v", "--verbose", action="count", default=0,
-                    help="debug messages, and TensorFlow's own log lines (hidden otherwise)")
+    from mlm_scorer.logs import add_output_flags
+
+    add_output_flags(ap, progress=False)
     args = ap.parse_args(argv)
     if args.version < 0:
         ap.error("--version must be a non-negative integer")

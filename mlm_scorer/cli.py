@@ -32,6 +32,8 @@ exit codes: 0 ok, 1 other error, 2 bad usage, 3 bad input row, 4 model problem, 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .logs import add_output_flags
+
     ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header; '-' for stdin), "
@@ -98,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
                         "directory, scored with the same model and mode) instead of this run")
     o = ap.add_argument_group("output")
-    o.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress, no summary")
-    o.add_argument("-v", "--verbose", action="count", default=0,
-                   help="debug messages, and TensorFlow's own log lines (hidden otherwise)")
-    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="rows done, copies/s and ETA, after every batch: a bar on a terminal, a line every "
-                        "10 s elsewhere (default on; -q turns it off)")
+    add_output_flags(o)
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
     return ap
 

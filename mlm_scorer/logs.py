@@ -154,6 +154,20 @@ class _Format(logging.Formatter):
         return msg
 
 
+def add_output_flags(group, *, progress: bool = True, others: str = "TensorFlow's") -> None:
+    """-q, -v (and --progress / --no-progress) on an argparse group, the same for every command."""
+    import argparse
+
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="warnings and errors only" + (": no progress, no summary" if progress else ""))
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help=f"debug messages, and {others} own log lines (hidden otherwise)")
+    if progress:
+        group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                           help="rows done, copies/s and ETA, after every batch: a bar on a terminal, a line "
+                                "every 10 s elsewhere (default on; -q turns it off)")
+
+
 def configure_cli(prog: str, *, quiet: bool = False, verbose: int = 0) -> None:
     """Send ``mlm_scorer`` (and ``mlm_export``) log records to stderr, prefixed with ``prog`` for
     warnings and errors. Replaces the handler an earlier call installed (tests call main repeatedly)."""

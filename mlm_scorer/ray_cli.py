@@ -21,6 +21,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .logs import add_output_flags
+
     ap = argparse.ArgumentParser(prog="mlm-score ray", description=__doc__.split("\n\n")[0],
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster address ('auto' for the running cluster); default: start a local Ray")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
     o = ap.add_argument_group("output")
-    o.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (no progress, no summary)")
-    o.add_argument("-v", "--verbose", action="count", default=0,
-                   help="debug messages, and Ray's and TensorFlow's own log lines")
-    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="rows done, copies/s and ETA: a bar on a terminal, a line every 10 s elsewhere "
-                        "(default on; -q turns it off)")
+    add_output_flags(o, others="Ray's and TensorFlow's")
     o.add_argument("--summary-json", help="also write the summary to this path")
     return ap
 

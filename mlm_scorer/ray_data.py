@@ -146,7 +146,8 @@ def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None,
             raise UsageError(f"no node of the Ray cluster has {cpus_per_actor:g} CPUs (CPUs per node: {cpus}); "
                              f"lower num_cpus_per_actor (--cpus-per-actor) or leave it out to choose from the cluster")
         n = num_actors or fit
-    cpus_per_actor = round(float(cpus_per_actor), 4)  # Ray's resolution for fractional resources
+    # Ray's resolution for fractional resources is 1e-4; round down, or 3 actors of 2/3 CPU would not fit in 2
+    cpus_per_actor = math.floor(float(cpus_per_actor) * 1e4 + 1e-6) / 1e4
     if available is not None:
         free = _fit([float(a.get("CPU", 0)) for a in available], cpus_per_actor)
         if gpus_per_actor > 0:
