@@ -4,9 +4,9 @@
     mlm-score ray a.tsv b.tsv -o out/ --model models/bert --num-actors 4 --cpus-per-actor 2
     mlm-score ray part-*.parquet -o out/ --text-column sentence --address auto --gpus-per-actor 1
 
-Install: pip install 'mlm-scorer[ray]' (Ray Data). Without --num-actors and --cpus-per-actor, every CPU
-of every node gets an actor of 1 CPU; with --num-actors alone, the CPUs are shared among them; with
---cpus-per-actor alone, as many actors as the nodes hold. Each actor reads, scores and writes its own
+Install: pip install 'mlm-scorer[ray]' (Ray Data). Without --num-actors and --cpus-per-actor, every
+node's CPUs are shared equally among actors of up to 4 CPUs (one model each); with --num-actors alone,
+the CPUs are shared among that many; with --cpus-per-actor alone, as many actors as the nodes hold. Each actor reads, scores and writes its own
 batches, so memory does not grow with the dataset. Ray's own log lines stay off stderr unless -v.
 
 Writes out/words/ and out/sentences/ (Parquet datasets: a ``file`` column, then the single-machine

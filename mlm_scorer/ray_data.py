@@ -21,8 +21,8 @@ driver holds the split list, so the memory of a run does not grow with the datas
 (``tests/test_ray.py`` measures peak RSS and object-store use at 1x and 10x rows). The actors are the only
 Ray tasks that take CPUs: no read or write task can be starved by the pool.
 
-Defaults from the cluster (``plan_actors``): one actor per CPU of every node, each reserving one CPU and
-running its engine on one thread; ``num_actors`` alone shares the cluster's CPUs among that many actors;
+Defaults from the cluster (``plan_actors``): actors of up to 4 CPUs sharing every node's CPUs equally,
+each running its engine's streams on its share; ``num_actors`` alone shares the cluster's CPUs among that many actors;
 ``num_cpus_per_actor`` alone fits as many as the nodes hold; with GPUs (``num_gpus_per_actor``), one
 actor per GPU share. The engine of each actor plans its threads for its CPUs (``MLM_SCORER_CPUS``).
 
@@ -74,6 +74,9 @@ _STATS = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("rows", pa.int64
                     ("pll_sum", pa.float64()), ("skipped_rows", pa.string()), ("actor", pa.string()),
                     ("node", pa.string()), ("max_rss", pa.int64())])
 MAX_LISTED = 20  # skipped rows listed in the summary (the CLI's ScoreSummary.MAX_LISTED)
+#: The largest actor the defaults make: as many CPUs as one process's engine runs streams for by default
+#: (engines.base.MAX_AUTO_STREAMS); a bigger node gets several actors.
+MAX_ACTOR_CPUS = 4
 
 
 # ------------------------------------------------------------------------------------------- resources
@@ -103,9 +106,10 @@ def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None,
                 gpus_per_actor: float = 0, available: list[dict[str, float]] | None = None) -> ActorPlan:
     """Choose the actor pool from the alive nodes' resources (``[{"CPU": 16, "GPU": 2}, ...]``).
 
-    CPU only: neither given, one actor per CPU (1 CPU each, which on 2 CPUs ran 8 % faster than one
-    actor of 2 CPUs: BENCHMARKS.md); ``num_actors`` alone: the largest equal share of a node's CPUs that
-    still places them all; ``cpus_per_actor`` alone: as many as the nodes hold. With GPUs: one actor per
+    CPU only: neither given, actors of up to ``MAX_ACTOR_CPUS`` CPUs, one model each, the node's CPUs
+    shared equally (a 2-CPU node: one actor of 2 CPUs, which scored as fast as two of 1 CPU with half
+    the memory, BENCHMARKS.md; 16 CPUs: four of 4), one size for every node (the smallest node's share);
+    ``num_actors`` alone: the largest equal share of a node's CPUs that still places them all; ``cpus_per_actor`` alone: as many as the nodes hold. With GPUs: one actor per
     ``gpus_per_actor`` share of every node's GPUs, with an equal share of that node's CPUs.
     ``available``: the nodes' free resources now (others' work holds the rest); the pool starts with the
     actors that fit there (at least one) and grows to ``num_actors`` as resources free up.
@@ -133,7 +137,8 @@ def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None,
         n = num_actors or fit_gpu
         fit = min(fit_gpu, _fit(cpus, cpus_per_actor))
     elif num_actors is None and cpus_per_actor is None:
-        cpus_per_actor = 1.0 if max(cpus) >= 1 else max(cpus)
+        whole = [c for c in cpus if c >= 1]
+        cpus_per_actor = min(c / math.ceil(c / MAX_ACTOR_CPUS) for c in whole) if whole else max(cpus)
         n = fit = _fit(cpus, cpus_per_actor)
     elif cpus_per_actor is None:
         # the largest c = (a node's CPUs) / k under which all num_actors actors are placed
@@ -579,10 +584,11 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
             batch_size=1, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors),
             num_cpus=plan.cpus, num_gpus=plan.gpus or None)
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         # closed on any exit: an exception's traceback would otherwise keep the iterator, its execution
         # and its actors alive (holding their CPUs) for as long as the caller keeps the exception
         stack.callback(getattr(batches, "close", lambda: None))
+        failure: MlmScorerError | None = None
         try:
             for t in batches:
                 for r in t.to_pylist():
@@ -600,20 +606,29 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
                     bar.add(r["rows"], r["copies"])
             bar.close()
         except ray.exceptions.GetTimeoutError:
-            raise UsageError(f"the Ray cluster did not start {plan.min_actors} actor(s) of {plan.cpus:g} CPU(s)"
-                             + (f" and {plan.gpus:g} GPU(s)" if plan.gpus else "")
-                             + f" within {wait_for_actors_s:g} s: lower --num-actors / --cpus-per-actor, or add "
-                             f"nodes") from None
+            failure = UsageError(f"the Ray cluster did not start {plan.min_actors} actor(s) of {plan.cpus:g} "
+                                 f"CPU(s)" + (f" and {plan.gpus:g} GPU(s)" if plan.gpus else "")
+                                 + f" within {wait_for_actors_s:g} s: lower --num-actors / --cpus-per-actor, or "
+                                 f"add nodes")
         except Exception as exc:  # Ray wraps the actor's exception: hand back ours (file:line message)
-            own = _find_own_error(exc)
-            if own is not None:
-                raise own from None
-            raise
+            failure = _find_own_error(exc)
+            if failure is None:
+                raise
         finally:
             (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
              ctx.wait_for_min_actors_s) = saved
             for h, lvl in zip(console, levels):
                 h.setLevel(lvl)
+    if failure is not None:
+        # The failed execution's actors are released when its objects are collected, and they sit in
+        # reference cycles: collect them now, or the actors keep their CPUs until some later collection
+        # (a second run in the same process would wait for them). Raised afresh, outside the except block.
+        del ds, batches
+        failure.__cause__ = failure.__context__ = failure.__traceback__ = None
+        import gc
+
+        gc.collect()
+        raise failure
     if summary["rows"] != total:  # every batch came back, or the output is not complete
         raise MlmScorerError(f"internal error: {summary['rows']} of {total} rows came back from the actors")
     summary["skipped"] = summary["rows"] - summary["scored"]

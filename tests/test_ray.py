@@ -36,8 +36,9 @@ def test_mlm_score_ray_with_no_resource_options_finishes_quietly(tiny_export, tm
     summary = json.loads((out / "summary.json").read_text())
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert summary["rows"] == summary["scored"] == 30 and summary["skipped"] == 0
-    # one actor of 1 CPU per CPU of the machine (a new Ray counts the CPUs it may use)
-    assert summary["cpus_per_actor"] == 1.0 and summary["num_actors"] in (cpus, os.cpu_count()), summary
+    # actors of up to 4 CPUs sharing the machine's CPUs (a new Ray counts the CPUs it may use)
+    n = summary["num_actors"]
+    assert summary["cpus_per_actor"] * n in (cpus, os.cpu_count()) and summary["cpus_per_actor"] <= 4, summary
     lines = p.stderr.splitlines()
     assert lines and all(line.startswith(("scoring ", "progress: ", "scored ")) for line in lines), p.stderr
     assert lines[-1].startswith("scored 30/30 rows")
@@ -128,9 +129,9 @@ def test_ray_matches_single_machine_row_by_row(local_ray, tiny_export, tmp_path)
     rules = [parse_rule("min_word_prob=1e-30", "below")]
     kw = dict(model=str(tiny_export), id_column="id", on_bad_row="skip", flag_rules=rules)
     out = tmp_path / "ray_out"
-    run = dict(batch_rows=8, **kw)  # the actors and their CPUs from the cluster: 2 CPUs, 2 actors of 1 CPU
+    run = dict(batch_rows=8, **kw)  # the actors and their CPUs from the cluster: 2 CPUs, 1 actor of 2
     summary = score_dataset([str(sample), str(extra), str(pq_in)], out, **run)
-    assert (summary["num_actors"], summary["cpus_per_actor"], summary["threads_per_actor"]) == (2, 1.0, 1)
+    assert (summary["num_actors"], summary["cpus_per_actor"], summary["threads_per_actor"]) == (1, 2.0, 2)
     # one part file per batch, named by input file and first row; no temporary file left
     assert sorted(p.name for p in (out / "sentences").iterdir()) == sorted(p.name for p in (out / "words").iterdir())
     assert "part-00000-000000000008.parquet" in os.listdir(out / "words")
@@ -143,8 +144,7 @@ def test_ray_matches_single_machine_row_by_row(local_ray, tiny_export, tmp_path)
     assert wschema.remove(0).remove_metadata() == word_schema("id", ["source"], False)
     meta = json.loads(sschema.metadata[b"mlm_scorer"])
     assert meta["mode"] == "whole-word" and meta["engine"] == "saved_model" and meta["runner"] == "ray"
-    assert 1 <= summary["actors"] <= 2, summary  # (which actors get work is timing: see the fake-engine test)
-    assert summary["nodes"] == 1 and summary["copies"] > 0
+    assert summary["actors"] == summary["nodes"] == 1 and summary["copies"] > 0
     assert json.loads((out / "summary.json").read_text()) == summary
 
     # The SavedModel computes in float32, and a sentence's numbers move in the last float32 bits with the
@@ -214,9 +214,9 @@ def test_ray_bad_row_fails_with_file_and_line(local_ray, fake_export, tmp_path):
         score_dataset([str(bad), str(other)], out, model=str(fake_export), engine="fake")
     # a failure while an actor opens the model or the engine comes back as our error, at once (Ray would
     # otherwise restart the actor again and again)
-    with pytest.raises(UsageError, match="does not take option"):
+    with pytest.raises(UsageError, match="does not take option"):  # (the first run's actor is gone: it fits)
         score_dataset([str(other)], out, model=str(fake_export), engine="saved_model",
-                      engine_options={"bogus": "1"})
+                      engine_options={"bogus": "1"}, wait_for_actors_s=60)
     assert not out.exists()
     # a directory that is not ours is never replaced
     (tmp_path / "mine").mkdir()
@@ -292,10 +292,13 @@ def test_plan_actors_from_the_cluster():
     from mlm_scorer.ray_data import ActorPlan, plan_actors
 
     one, two = [{"CPU": 1}], [{"CPU": 2}]
-    # defaults: an actor of 1 CPU (1 engine thread) per CPU, whatever the shape; nothing else needs CPUs
+    # defaults: actors of up to 4 CPUs sharing each node's CPUs equally, one size for all (nothing else
+    # needs CPUs: the actors read and write themselves)
     assert plan_actors(one) == ActorPlan(1, 1, 1.0, 0.0, 1)
-    assert plan_actors(two) == ActorPlan(2, 2, 1.0, 0.0, 1)
-    assert plan_actors([{"CPU": 16}, {"CPU": 4}, {"CPU": 0}]).num_actors == 20
+    assert plan_actors(two) == ActorPlan(1, 1, 2.0, 0.0, 2)
+    assert plan_actors([{"CPU": 16}, {"CPU": 4}, {"CPU": 0}]) == ActorPlan(5, 5, 4.0, 0.0, 4)
+    assert plan_actors([{"CPU": 6}]) == ActorPlan(2, 2, 3.0, 0.0, 3)
+    assert plan_actors([{"CPU": 2}, {"CPU": 16}]).num_actors == 9  # the 2-CPU node's size: 1 + 8
     assert plan_actors([{"CPU": 0.5}]) == ActorPlan(1, 1, 0.5, 0.0, 1)  # a fraction of a CPU: one actor
     # --num-actors alone: the largest equal share that places them all
     assert plan_actors(two, num_actors=1) == ActorPlan(1, 1, 2.0, 0.0, 2)
@@ -309,7 +312,7 @@ def test_plan_actors_from_the_cluster():
     # both, more than fit now: start with those that fit, grow as nodes join
     assert plan_actors(two, num_actors=4, cpus_per_actor=1) == ActorPlan(4, 2, 1.0, 0.0, 1)
     # others' work holds part of the cluster: start with what is free now (at least one), grow later
-    assert plan_actors([{"CPU": 4}], available=[{"CPU": 1.5}]) == ActorPlan(4, 1, 1.0, 0.0, 1)
+    assert plan_actors([{"CPU": 4}], cpus_per_actor=1, available=[{"CPU": 1.5}]) == ActorPlan(4, 1, 1.0, 0.0, 1)
     assert plan_actors([{"CPU": 4}], available=[{"CPU": 0}]).min_actors == 1
     # GPUs: one actor per GPU share, an equal share of that node's CPUs
     gpu = [{"CPU": 8, "GPU": 2}, {"CPU": 4}]
@@ -401,7 +404,7 @@ def test_ray_memory_is_flat_at_10x_rows(local_ray, fake_export, tmp_path):
         with _ObjectStoreSampler() as store:
             s = score_dataset([str(tsv)], tmp_path / name, model=str(fake_export), engine="fake", id_column="id",
                               batch_rows=256)
-        assert s["rows"] == n and s["actors"] == 2
+        assert s["rows"] == n and s["actors"] >= 1
         return {"driver": _peak_rss_of_this_process_since_reset(), "actor": s["max_actor_rss_bytes"],
                 "store": store.peak, "words": s["words"]}
 

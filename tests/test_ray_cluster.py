@@ -37,7 +37,7 @@ def test_two_node_cluster_with_defaults_equals_score_file(two_nodes, tiny_export
     kw = dict(model=str(tiny_export), id_column="id", on_bad_row="skip")
     out = tmp_path / "out"
     summary = score_dataset([str(sample), str(extra), str(pq_in)], out, batch_rows=4, **kw)
-    # the pool from the cluster: one actor of 1 CPU on each node, both used
+    # the pool from the cluster: one actor of 1 CPU on each node (a node's share), both used
     assert (summary["num_actors"], summary["cpus_per_actor"], summary["nodes"], summary["actors"]) == (2, 1.0, 2, 2)
     words, _ = _rows(out, "words")
     sents, _ = _rows(out, "sentences")
