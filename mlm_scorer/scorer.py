@@ -260,12 +260,18 @@ class Scorer:
             return {}
         hit_texts = list(found)
         out = {}
+        wrong = []
         for t, sent in zip(hit_texts, self.tokenizer.tokenize(hit_texts)):
             lp, ids, tlp, n_copies = found[t]
-            if len(lp) != sent.n_pieces:  # cannot happen for the same model checksum; never trust blindly
+            k = self.top_k
+            copies = sent.n_words if self.mode == "whole-word" else sent.n_pieces  # one per word / per piece
+            if len(lp) != sent.n_pieces or n_copies != copies or (ids is None) != (k == 0) or \
+                    (ids is not None and ids.shape != (sent.n_words, k)):
+                wrong.append(t)  # values that do not fit this sentence: damaged, score it again
                 continue
             out[t] = SentenceResult(sentence=sent, piece_log_probs=lp, top_k_ids=ids, top_k_log_probs=tlp,
                                     n_copies=n_copies)
+        self.store.reject(wrong)
         with self._lock:
             for t, r in out.items():
                 self._cache[t] = r
