@@ -124,6 +124,9 @@ class ModelDir:
         md = cls(vdir, manifest)
         if not md.vocab_path.is_file():
             raise ModelError(f"{md.vocab_path} is missing; re-export the model")
+        positions = (manifest.get("config") or {}).get("max_position_embeddings")
+        if isinstance(positions, int):
+            md.check_positions(positions, "config.max_position_embeddings")
         if check_vocab:
             actual = sha256_file(md.vocab_path)
             if actual != manifest["vocab_sha256"]:
@@ -131,6 +134,15 @@ class ModelDir:
                                  f"({actual[:12]}… vs {manifest['vocab_sha256'][:12]}…): the tokenizer "
                                  f"was changed after export")
         return md
+
+    def check_positions(self, positions: int, where: str) -> None:
+        """Raise ModelError if ``max_seq_length`` exceeds the model's ``positions`` (read from ``where``)."""
+        L = self.max_seq_length
+        if L > positions:
+            raise ModelError(f"{self.path / MANIFEST_NAME}: max_seq_length {L} exceeds the {positions} positions "
+                             f"of the model ({where}): the manifest contradicts its graph, and every copy longer "
+                             f"than {positions} tokens would fail. Re-export with mlm-export --max-seq-length "
+                             f"{positions} (or set max_seq_length to at most {positions} in the manifest)")
 
     @property
     def vocab_path(self) -> Path:

@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
 from ._malloc import retain_freed_memory
-from .base import Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
+from .base import Batch, BatchResult, Engine, check_identity, plan_streams, refuse_streams_off_cpu
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY = ("retain", "system")
@@ -170,6 +170,9 @@ class TorchEngine(Engine):
         self.k = model.top_k
 
         weights, self.weights_from = load_export_weights(model)
+        table = weights.get("bert/embeddings/position_embeddings")
+        if table is not None:
+            model.check_positions(int(table.shape[0]), f"{self.weights_from}, position_embeddings")
         c = model.manifest.get("config") or {}
         try:
             cfg = BertConfig(vocab_size=int(model.manifest["vocab_size"]), hidden_size=c["hidden_size"],
@@ -194,6 +197,10 @@ class TorchEngine(Engine):
         net.cls.predictions.decoder.bias = net.cls.predictions.bias
         net.to(self.device)
         self.net = net
+        # The weights must be the manifest's: checked in fp32, before any cast to a reduced precision.
+        want_top_k, self.want_top_k = self.want_top_k, False
+        self.identity_diff = check_identity(self, model, weights=self.weights_from)
+        self.want_top_k = want_top_k
         if precision != "fp32":
             self._cast_and_report(precision)
 
