@@ -35,7 +35,7 @@ from .writer import ResultWriter, check_output_path, pseudo_perplexity
 ON_BAD_ROW = ("fail", "skip")
 #: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
 #: per chunk stays bounded however long the rows are (up to ``max_row_chars`` each).
-CHUNK_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 18
 
 
 @dataclass
