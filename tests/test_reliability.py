@@ -274,3 +274,87 @@ def test_resume_validates_committed_parts_before_scoring(tmp_path, fake_export, 
     ref = tmp_path / "ref.parquet"
     assert main(_args(inp, ref, fake_export, "-q", "--on-bad-row", "skip")) == 0
     assert read_outputs(out) == read_outputs(ref)
+
+
+# --------------------------------------------------------------- property: the input is never touched
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# Where the input may lie, relative to the output path OUT: every file a run writes or deletes, and some
+# it must leave alone.
+PLACES = {
+    "words": lambda o: o,
+    "sentences": lambda o: o.with_name((o.name[:-8] if o.name.endswith(".parquet") else o.name)
+                                       + ".sentences.parquet"),
+    "words_tmp": lambda o: o.with_name(f".{o.name}.tmp-999999999"),
+    "in_parts": lambda o: Path(str(o) + ".parts") / "input.tsv",
+    "part": lambda o: Path(str(o) + ".parts") / "sentences-000000.parquet",
+    "progress": lambda o: Path(str(o) + ".parts") / "progress.json",
+    "lock": lambda o: Path(str(o) + ".parts") / "lock",
+    "summary": lambda o: o.with_name("summary.json"),
+    "cache_db": lambda o: o.parent / "cache" / "scores.sqlite",
+    "cache_wal": lambda o: o.parent / "cache" / "scores.sqlite-wal",
+    "beside": lambda o: o.with_name("in.tsv"),
+    "elsewhere": lambda o: o.parent.parent / "data" / "in.tsv",
+}
+SAFE = {"beside", "elsewhere"}
+
+names = st.one_of(st.sampled_from(["o.parquet", "o", "in.sentences.parquet", ".o.parquet", "o.parquet.parts",
+                                   "x.y.parquet"]),
+                  st.text(alphabet="ab._-", min_size=1, max_size=10).filter(lambda s: s not in (".", "..")))
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(name=names, sub=st.booleans(), place=st.sampled_from(sorted(PLACES)),
+       link=st.sampled_from(["direct", "hardlink", "symlink"]), give_link=st.booleans(),
+       stale_parts=st.booleans(), summary=st.booleans(), cache=st.booleans(), resume=st.booleans())
+def test_no_run_ever_writes_to_or_deletes_its_input(fake_export_session, name, sub, place, link, give_link,
+                                                     stale_parts, summary, cache, resume):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        out = root / "w" / ("sub" if sub else "") / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        where = PLACES[place](out)
+        if where == out.parent or where.name in ("", ".", ".."):
+            return
+        data = _tsv_bytes(7, seed=len(name))
+        if stale_parts:  # a parts directory left by an interrupted run
+            parts = Path(str(out) + ".parts")
+            parts.mkdir(exist_ok=True)
+            (parts / "words-000000.parquet").write_bytes(b"stale")
+        where.parent.mkdir(parents=True, exist_ok=True)
+        if link == "direct":
+            real = given_path = where
+            if real.exists():
+                return
+            real.write_bytes(data)
+        else:
+            real = root / "real" / "in.tsv"
+            real.parent.mkdir()
+            real.write_bytes(data)
+            if where.exists():
+                return
+            os.link(real, where) if link == "hardlink" else where.symlink_to(real)
+            given_path = where if give_link else real
+        ino = real.stat().st_ino
+        args = [given_path, "-o", out, "--model", fake_export_session, "--engine", "fake", "-q", "--id-column", "id"]
+        if summary:
+            args += ["--summary-json", PLACES["summary"](out)]
+        if cache:
+            args += ["--cache", out.parent / "cache"]
+        if resume:
+            args.append("--resume")
+        code = main([str(a) for a in args])
+        event(f"exit {code}")
+        assert real.exists() and real.stat().st_ino == ino and real.read_bytes() == data, "the input was touched"
+        assert given_path.exists() and given_path.read_bytes() == data
+        collides = place not in SAFE and not (place == "summary" and not summary) and \
+            not (place.startswith("cache") and not cache)
+        if collides:
+            assert code == 2, (place, link)
+        else:
+            assert code in (0, 2)
