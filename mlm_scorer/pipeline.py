@@ -150,7 +150,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     owns_engine = scorer is None
     try:
         if scorer is None:
-            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
+            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                               precision=(engine_options or {}).get("precision"), top_k=top_k)
             eng = get_engine(engine, model=md, top_k=top_k > 0, **(engine_options or {}))
             policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
             try:

@@ -310,9 +310,10 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     # the model is resolved once here (exported into the cache if it is a checkpoint) so the actors only open it
     from .models import resolve_model
 
-    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
-    if top_k < 0 or top_k > md.top_k:
-        raise UsageError(f"top_k must be between 0 and the export's k ({md.top_k}), got {top_k}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                       precision=(engine_options or {}).get("precision"), top_k=top_k)
     engine_options = dict(engine_options or {})
     if engine == "saved_model" and num_cpus_per_actor >= 1:
         # one TF thread pool per actor, sized to its CPUs: actors sharing a node do not oversubscribe it

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TorchReference  # noqa: E402
-from tiny_models import SHARED_VOCAB, SMALL_VOCAB, antiberty_files, copy_antiberty, make_hf_bert  # noqa: E402
+from tiny_models import SMALL_VOCAB, UNCASED_VOCAB, antiberty_files, copy_antiberty, make_hf_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,7 @@ def tiny_export(tiny_hf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def realvocab_hf(tmp_path_factory) -> Path:
     """Tiny random BERT on the real 30,522-token uncased vocabulary: realistic word-piece splits."""
-    if not SHARED_VOCAB.is_file():
-        pytest.skip(f"the shared bert-base-uncased vocab is not at {SHARED_VOCAB}")
-    return make_hf_bert(tmp_path_factory.mktemp("realvocab_hf"), vocab=SHARED_VOCAB, hidden=32, layers=2,
+    return make_hf_bert(tmp_path_factory.mktemp("realvocab_hf"), vocab=UNCASED_VOCAB, hidden=32, layers=2,
                         heads=2, intermediate=48, max_pos=64, seed=1)
 
 
