@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mlm-score: {exc}", file=sys.stderr)
             return exc.exit_code
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
-        print(f"mlm-score: {what} before scoring began; nothing was written at the output path (chunks "
-              f"committed by an earlier run, if any, are kept in OUTPUT.parts/ for --resume)", file=sys.stderr)
+        print(f"mlm-score: {what} outside the scoring loop (starting or closing); committed chunks, if any, "
+              f"are kept in {args.output}.parts/ for --resume", file=sys.stderr)
         return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:  # disk full, permission denied while writing...
         print(f"mlm-score: error: {exc}", file=sys.stderr)

@@ -352,7 +352,8 @@ def explain_committed(exc: BaseException, note: str | None) -> BaseException:
 
     Ctrl-C / SIGTERM -> ``Interrupted`` (its message says what is kept, and how to resume); an OSError
     (disk full, ...) -> ``StorageError``; an MlmScorerError gets the note in its message; anything else
-    (a bug) carries it as ``mlm_committed`` for the CLI to print.
+    (a bug, or a caller's own signal exception) carries it as ``mlm_committed`` for the CLI to print,
+    and as a note where Python has them.
     """
     if isinstance(exc, KeyboardInterrupt):
         signum = getattr(exc, "signum", signal.SIGINT)
@@ -367,6 +368,8 @@ def explain_committed(exc: BaseException, note: str | None) -> BaseException:
     if isinstance(exc, OSError):
         return StorageError(f"{exc} [{note}]")
     exc.mlm_committed = note
+    if hasattr(exc, "add_note"):  # Python 3.11+: shown with the traceback (an Airflow task's log)
+        exc.add_note(note)
     return exc
 
 
