@@ -2,12 +2,13 @@
 probe the in-process engines run (three masked copies of 12 tokens, compared with the log-probs the
 exporter recorded) against checksumming the files each engine loads (sha256, page cache warm and cold).
 
-  open          creating the engine as the scorer does (load + the probe; for ONNX also its copy of
-                max_seq_length tokens, the positions check), best of --rounds, each in a fresh process
+  open          creating the engine as the scorer does (load + the probe), best of --rounds, each in a
+                fresh process
   probe         the probe batch alone on the open engine (median of 5), i.e. what the check adds to a
                 start-up that runs a first batch anyway (it used to be a [1, 3] warm-up batch)
   warm-up       the old [1, 3] warm-up batch on the same engine (median of 5)
-  length probe  ONNX only: the max_seq_length copy (median of 5)
+  length probe  ONNX only: one copy of max_seq_length tokens (median of 5), what checking the graph's
+                positions by running it would cost (ONNX Runtime shows no initializer shapes); not done
   sha256 warm   hashing the weight file(s) the engine loads, just read (in the page cache)
   sha256 cold   the same after posix_fadvise(DONTNEED) drops them from the page cache
 

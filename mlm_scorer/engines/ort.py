@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
-from ..model_dir import MANIFEST_NAME, ModelDir
+from ..model_dir import ModelDir
 from .base import (IDENTITY_TOLERANCE, INPUT_NAMES, Batch, BatchResult, Engine, check_identity, plan_streams,
                    refuse_streams_off_cpu)
 
@@ -37,21 +37,6 @@ def identity_tolerance(model: ModelDir, precision: str) -> float:
         return IDENTITY_TOLERANCE
     drift = ((model.manifest.get("reduced_precision") or {}).get(f"onnx-{precision}") or {}).get("max_abs_diff")
     return max(IDENTITY_TOLERANCE, 2 * float(drift)) if isinstance(drift, (int, float)) else 0.5
-
-
-def check_positions_by_running(engine: Engine, model: ModelDir, *, weights: str) -> None:
-    """Run one copy of ``max_seq_length`` tokens: a graph with fewer positions fails on it (ONNX Runtime
-    exposes no initializer shapes), and is refused with the reason rather than on the first long batch."""
-    L = model.max_seq_length
-    ids = np.zeros((1, L), np.int32)
-    one = np.ones((1, 1), np.int32)
-    try:
-        engine.run(Batch(ids, np.ones_like(ids), np.zeros_like(ids), one, one * 0))
-    except EngineError as exc:
-        raise ModelError(f"{model.path / MANIFEST_NAME}: max_seq_length {L} is more than the model has positions "
-                         f"for: {weights} fails on a copy of {L} tokens ({exc}). The manifest contradicts its "
-                         f"graph: re-export with mlm-export --max-seq-length N (N at most the model's "
-                         f"max_position_embeddings)") from None
 
 
 class OnnxEngine(Engine):
@@ -109,8 +94,8 @@ class OnnxEngine(Engine):
         self.want_top_k = top_k
         self._outputs = (["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"] if top_k
                          else ["masked_lm_log_probs"])
-        self.identity_diff = check_identity(self, model, weights=str(path), tolerance=identity_tolerance(model, precision))
-        check_positions_by_running(self, model, weights=str(path))
+        self.identity_diff = check_identity(self, model, weights=str(path),
+                                            tolerance=identity_tolerance(model, precision))
 
     def score_batch(self, batch: Batch) -> BatchResult:
         """int32 [B,T]/[B,P] arrays in; log_probs float32 [B,P] (+ top-k int32/float32 [B,P,k]) out."""
