@@ -18,8 +18,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" "transformers>=4.57,<5" "minicons==0.3.39"
+# AntiBERTy's own runner (AntiBERTyRunner.pseudo_log_likelihood) needs transformers < 5 too. 0.1.3 is the
+# last version that ships its weights in the wheel; --no-deps: torch and transformers are pinned above.
+"$VENV/bin/python" -m pip install -q --no-deps "antiberty==0.1.3"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m
-for p in ("minicons", "transformers", "torch", "tokenizers"):
+for p in ("minicons", "antiberty", "transformers", "torch", "tokenizers"):
     print(f"{p}=={m.version(p)}")
 PY
