@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the peer benchmark's own environment, .venv-peers, next to the main .venv.
-# minicons needs transformers < 5, so it cannot live in the main venv (transformers 5).
+# Build the peers' own environment, .venv-peers, next to the main .venv: minicons (scripts/bench_peers.py,
+# scripts/bench_antiberty.py) and AntiBERTy's runner (those benchmarks and tests/test_real_weights.py; `make
+# test` runs this script). Both need transformers < 5, so they cannot live in the main venv (transformers 5).
 # torch is pinned to the CPU build used by the main venv (a bare `torch` would pull CUDA wheels).
 #
 # Usage: bash scripts/peers_env.sh            (idempotent: re-running only checks the pins)
