@@ -323,7 +323,8 @@ def accuracy_table(ev: Evaluation) -> str:
     lines = ["| engine | " + " | ".join(heads) + " | mean PLL per residue: natural / shuffled / substituted "
              "| copies/s |",
              "|---|" + "---:|" * (len(heads) + 2),
-             "| pairs | " + " | ".join(str(x) for x in [n["shuffled"], *(n[s] for s in SITES), sum(n[s] for s in SITES)])
+             "| pairs | " + " | ".join(str(x) for x in [n["shuffled"], *(n[s] for s in SITES),
+                                                       sum(n[s] for s in SITES)])
              + " | | |"]
     for c, r in ev.runs.items():
         if r.skipped:

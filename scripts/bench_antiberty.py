@@ -75,8 +75,9 @@ def run_runner(seqs_file: Path, work: Path) -> dict:
 
 def run_minicons(hf: Path, tsv: Path, batch: int, work: Path) -> dict:
     out = work / "minicons.json"
-    wall, steal = timed([str(PEERS_PY), str(SCRIPTS / "peers_minicons_worker.py"), "--model", str(hf), "--tsv", str(tsv),
-                         "--out", str(out), "--batch-size", str(batch), "--metrics", "original", "--cased"],
+    wall, steal = timed([str(PEERS_PY), str(SCRIPTS / "peers_minicons_worker.py"), "--model", str(hf),
+                         "--tsv", str(tsv), "--out", str(out), "--batch-size", str(batch), "--metrics", "original",
+                         "--cased"],
                         stdout=subprocess.DEVNULL)
     r = json.loads(out.read_text())
     m = r["metrics"]["original"]
@@ -127,7 +128,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(antiberty_eval.DATA))
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest run of each tool is kept")
     ap.add_argument("--minicons-batch", type=int, default=2, help="sequences per minicons sequence_score call")
-    ap.add_argument("--tol", type=float, default=1e-4, help="max |Δ| to agree: a residue's log-prob vs minicons, a sequence's mean vs AntiBERTy")
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="max |Δ| to agree: a residue's log-prob vs minicons, a sequence's mean vs AntiBERTy")
     ap.add_argument("--work", default=str(REPO / "bench-out" / "antiberty"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
@@ -174,7 +176,8 @@ def main() -> None:
     n_res = sum(len(s) for s in seqs)
     rv, mv = runner["versions"], mini["versions"]
     lines = [
-        f"### Real model: AntiBERTy, mlm-score vs AntiBERTy's own PLL vs minicons, {len(seqs)} antibody variable domains",
+        f"### Real model: AntiBERTy, mlm-score vs AntiBERTy's own PLL vs minicons, {len(seqs)} antibody "
+        f"variable domains",
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, no GPU; Python {mach['python']}; "
         f"{mach['date']}; commit {git_rev()}. Best of {args.rounds} interleaved round(s). Load average "
@@ -196,7 +199,8 @@ def main() -> None:
         f"Agreement ({'yes' if ok else '**NO**'}): minicons' token ids equal ours on "
         f"{agree['minicons_same_ids']}/{len(seqs)} sequences (given do_lower_case=False; by default transformers "
         f"lower-cases this vocabulary and every residue becomes [UNK]); max |Δ| residue log-prob vs minicons "
-        f"{agree['max_abs_residue_vs_minicons']:.1e} (sentence PLL {agree['max_abs_pll_vs_minicons']:.1e}); max |Δ| per-residue mean after renormalising over the 20 "
+        f"{agree['max_abs_residue_vs_minicons']:.1e} (sentence PLL {agree['max_abs_pll_vs_minicons']:.1e}); "
+        f"max |Δ| per-residue mean after renormalising over the 20 "
         f"residues vs AntiBERTy's pseudo_log_likelihood {agree['max_abs_mean_vs_antiberty']:.1e} (the "
         f"renormalisation itself moves the mean by at most {agree['max_renormalisation_shift']:.1e}); "
         f"AntiBERTy's mean PLL over these sequences {agree['mean_pll_per_residue']:.3f} nats per residue.",

@@ -268,10 +268,10 @@ def renormalised_mean(words: list[dict]) -> float:
     return float(np.mean(vals))
 
 
-def test_antiberty_runner_pll_equals_renormalised_mean(onnx_token, tmp_path, antiberty_hf):
-    """mlm-score (token mode, top-k 25) against AntiBERTyRunner.pseudo_log_likelihood, run by its own package
-    in .venv-peers (transformers < 5), on the same texts: equal within 1e-5 per sequence once the runner's
-    definitions are applied (renormalise over the 20 residues, average per residue)."""
+@pytest.fixture(scope="module")
+def peers_python() -> Path:
+    """.venv-peers' python with antiberty importable; skipped without it, failed under MLM_REQUIRE_PEERS=1
+    (make test builds the venv and sets it). Checked before the export, so a skip costs nothing."""
     py = PEERS / "bin" / "python"
     ok = py.is_file() and subprocess.run([str(py), "-c", "import antiberty"], capture_output=True).returncode == 0
     if not ok:
@@ -279,6 +279,14 @@ def test_antiberty_runner_pll_equals_renormalised_mean(onnx_token, tmp_path, ant
         if os.environ.get("MLM_REQUIRE_PEERS") == "1":
             pytest.fail(f"MLM_REQUIRE_PEERS=1 but {msg}")
         pytest.skip(msg)
+    return py
+
+
+def test_antiberty_runner_pll_equals_renormalised_mean(peers_python, onnx_token, tmp_path, antiberty_hf):
+    """mlm-score (token mode, top-k 25) against AntiBERTyRunner.pseudo_log_likelihood, run by its own package
+    in .venv-peers (transformers < 5), on the same texts: equal within 1e-5 per sequence once the runner's
+    definitions are applied (renormalise over the 20 residues, average per residue)."""
+    py = peers_python
     seqs = tmp_path / "seqs.txt"
     seqs.write_text("".join(s + "\n" for s in TEXTS.values()), encoding="utf-8")
     out = tmp_path / "runner.json"
