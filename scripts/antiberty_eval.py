@@ -9,7 +9,7 @@ Each natural sequence is paired with variants of the same length:
 
       site     VH           VL (kappa)   motif (0-based index of the marked residue)
       cys1     C22          C23          the first C before index 30: intradomain disulfide
-      trp      W36          W35          W of W[VYF][RKQ]Q after cys1 (framework 2)
+      trp      W36          W35          W of W[VIYF][RKQ]Q after cys1 (framework 2)
       cys2     C92          C88          C of Y[YF]C, 50 or more residues after trp: the disulfide's partner
       j        W103         F98          W/F of [WF]G.G after cys2 (J region, framework 4)
 
@@ -79,19 +79,27 @@ class Pair:
 
 
 def load_antibodies(path: str | os.PathLike = DATA) -> list[Antibody]:
-    """The sequences of the data file: tab-separated antibody, chain, sequence, source; '#' lines are comments."""
-    out = []
+    """The sequences of a data file: tab-separated, a header naming the antibody (``antibody`` or ``name``),
+    ``chain`` (VH or VL) and ``sequence`` columns, optionally ``source``; '#' lines are comments. Reads
+    tests/data/antibodies.tsv and tests/data/antibodies_jain2017.tsv alike."""
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#")]
-    header = lines[0].split("\t")
-    if header[:4] != ["antibody", "chain", "sequence", "source"]:
-        raise ValueError(f"{path}: expected the header antibody<TAB>chain<TAB>sequence<TAB>source, got {header}")
+    header = lines[0].split("\t") if lines else []
+    col = {h: i for i, h in enumerate(header)}
+    name_col = col.get("antibody", col.get("name"))
+    if name_col is None or "chain" not in col or "sequence" not in col:
+        raise ValueError(f"{path}: expected a header with antibody (or name), chain and sequence columns, got "
+                         f"{header}")
+    out = []
     for n, line in enumerate(lines[1:], 2):
-        name, chain, seq, source = line.split("\t")
+        f = line.split("\t")
+        if len(f) != len(header):
+            raise ValueError(f"{path}: data line {n}: {len(f)} fields, the header has {len(header)}")
+        name, chain, seq = f[name_col], f[col["chain"]], f[col["sequence"]]
         bad = sorted(set(seq) - set(AMINO_ACIDS))
         if bad or chain not in KABAT:
             raise ValueError(f"{path}: {name} {chain}: chain must be VH or VL and residues of {AMINO_ACIDS}, "
                              f"found {bad}")
-        out.append(Antibody(name, chain, seq, source))
+        out.append(Antibody(name, chain, seq, f[col["source"]] if "source" in col else ""))
     return out
 
 
@@ -106,7 +114,7 @@ def conserved_sites(seq: str) -> dict[str, int]:
     cys1 = seq.find("C", 0, 30)
     if cys1 >= 0:
         found["cys1"] = cys1
-        m = re.compile(r"W[VYF][RKQ]Q").search(seq, cys1 + 8, cys1 + 28)
+        m = re.compile(r"W[VIYF][RKQ]Q").search(seq, cys1 + 8, cys1 + 28)
         if m:
             found["trp"] = m.start()
             cs = [m2.start() + 2 for m2 in re.finditer(r"(?=Y[YF]C)", seq) if m2.start() + 2 >= m.start() + 50]

@@ -25,6 +25,18 @@ def test_data_file_holds_named_variable_domains():
         assert 100 <= len(a.sequence) <= 130 and a.source.startswith(f"INN {a.name}") and "PDB" in a.source
 
 
+def test_the_other_antibody_file_reads_too_and_agrees():
+    """tests/data/antibodies_jain2017.tsv (name, chain, sequence; no source) loads, and the sequences the two
+    files share are the same."""
+    jain = ae.load_antibodies(Path(__file__).resolve().parent / "data" / "antibodies_jain2017.tsv")
+    assert len(jain) >= 30 and all(a.source == "" for a in jain)
+    ours = {a.label: a.sequence for a in ANTIBODIES}
+    shared = [a for a in jain if a.label in ours]
+    assert len(shared) >= 10 and all(ours[a.label] == a.sequence for a in shared)
+    for a in jain:
+        ae.conserved_sites(a.sequence)  # every domain of it has the four sites
+
+
 @pytest.mark.parametrize("ab", ANTIBODIES, ids=[a.label for a in ANTIBODIES])
 def test_conserved_sites_found_in_every_sequence(ab):
     s = ae.conserved_sites(ab.sequence)

@@ -51,8 +51,10 @@ class OnnxEngine(Engine):
             raise MissingDependencyError("engine 'onnx' needs onnxruntime: pip install 'mlm-scorer[onnx]'") from exc
         path = model.path / _FILES[precision]
         if not path.is_file():
-            flag = "--onnx --quantize int8" if precision == "int8" else "--onnx"
-            raise ModelError(f"{path} is missing: re-export with mlm-export ... {flag}")
+            from ..models import rebuild_hint
+
+            raise ModelError(f"{path} is missing (this export was made without it). "
+                             + rebuild_hint(model, None, "--quantize int8" if precision == "int8" else "--onnx"))
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -64,8 +66,8 @@ class OnnxEngine(Engine):
         so.log_severity_level = 3
         if device == "cpu":
             self.streams, threads = plan_streams(streams, threads, engine=self.name)
-            # MLAS's fp32 products slow down as a batch grows past ~1000 rows (BENCHMARKS.md, fifth session:
-            # bert-base, 2 streams, 384 padded tokens per batch 43 copies/s, 3072 tokens 34; int8 from 3072).
+            # MLAS's fp32 products slow down as a batch grows past ~1000 rows (BENCHMARKS.md, "What batch
+            # size?": bert-base, 2 streams, 384 padded tokens per batch 43 copies/s, 3072 tokens 34).
             self.preferred_batch_tokens = CPU_BATCH_TOKENS
         if threads:
             so.intra_op_num_threads = int(threads)
