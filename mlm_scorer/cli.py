@@ -23,6 +23,7 @@ EPILOG = """examples:
 
 subcommands:
   mlm-score report probs.parquet -o report.html   # a self-contained HTML data-quality report
+  mlm-score check probs.parquet --baseline ref.parquet   # a quality gate: exit 0 pass, 1 fail
   mlm-score ray in1.tsv in2.parquet -o outdir/    # score with Ray Data (see mlm-score ray --help)
 
 outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
@@ -93,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
                    help="flag sentences whose METRIC is below VALUE: min_word_prob, min_word_log_prob, "
-                        "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns)")
+                        "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns). VALUE is "
+                        "a number or a percentile pNN: p1 is the run's 1st percentile (or the baseline's)")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
-                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity")
+                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99)")
+    q.add_argument("--baseline", metavar="RESULT",
+                   help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
+                        "directory, scored with the same model and mode) instead of this run")
     o = ap.add_argument_group("output")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
@@ -158,6 +163,7 @@ def sigterm_as_interrupt():
 SUBCOMMANDS = {
     "report": "mlm_scorer.report",  # mlm-score report RESULT.parquet -o report.html
     "ray": "mlm_scorer.ray_cli",  # mlm-score ray INPUT... -o OUTDIR (Ray Data, past one machine)
+    "check": "mlm_scorer.check",  # mlm-score check RESULT [--baseline B]: a quality gate (exit 0/1)
 }
 
 
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_row_chars is not None and args.max_row_chars < 1:
         ap.error("--max-row-chars must be positive")
 
-    from .errors import Interrupted, MlmScorerError
+    from .errors import Interrupted, MlmScorerError, UsageError
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
@@ -192,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.summary_json:
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        if args.baseline and not any(r.relative for r in rules):
+            raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
+                             "--flag-above pseudo_perplexity=p99")
         with sigterm_as_interrupt():
             summary = score_file(
                 args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 limit=args.limit,
                 progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
                 cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
-                score_cache=args.cache, max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log)
+                score_cache=args.cache, baseline=args.baseline,
+                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log)
     except MlmScorerError as exc:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -117,3 +117,27 @@ def make_fake_export(base: Path) -> Path:
     (vdir / MANIFEST_NAME).write_text(json.dumps(manifest))
     return vdir.parent
 
+
+
+@pytest.fixture(scope="session")
+def antibody_batches(antiberty_export, tmp_path_factory):
+    """The baseline of natural antibody domains and the current batch with three corrupted rows
+    (tests/antibodies.py), scored with AntiBERTy once per session. Scoring goes through a persistent
+    score cache (``cache``): tests that score these rows again, with other flag rules or under
+    Airflow, read the engine's results from it instead of running the model again."""
+    from types import SimpleNamespace
+
+    from antibodies import baseline_rows, corrupted_ids, current_rows
+    from helpers import write_tsv
+
+    from mlm_scorer.pipeline import score_file
+
+    d = tmp_path_factory.mktemp("antibodies")
+    ns = SimpleNamespace(dir=d, cache=d / "cache", model=antiberty_export, corrupted=corrupted_ids())
+    for name, rows in (("baseline", baseline_rows()), ("current", current_rows())):
+        tsv = write_tsv(d / f"{name}.tsv", rows)
+        out = d / f"{name}.parquet"
+        score_file(tsv, out, model=antiberty_export, id_column="id", score_cache=ns.cache)
+        setattr(ns, f"{name}_tsv", tsv)
+        setattr(ns, name, out)
+    return ns
