@@ -23,7 +23,7 @@ subcommands:
   mlm-score ray in1.tsv in2.parquet -o outdir/    # score with Ray Data (see mlm-score ray --help)
 
 outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
-atomically at the end. Modes, formulas and schemas: see the README.
+atomically at the end. Modes and formulas: docs/scoring.md; schemas: docs/input-output.md.
 
 exit codes: 0 ok, 1 other error, 2 bad usage, 3 bad input row, 4 model problem, 5 engine failure, 130 interrupted
 """

@@ -14,8 +14,8 @@ Three things are timed in interleaved rounds, in one process, on the same batch 
 With ``--streams S`` (default: the engine's automatic choice, one per core up to 4) the engine runs S
 batches at once, one per stream, and so do the TensorFlow products and the TensorFlow 4096² product (S
 concurrent calls on S threads: TensorFlow's thread pools are the engine's); numpy's 4096² product keeps
-its own threads. ``--streams 1`` is the single-stream engine of the third session, one batch over all
-cores.
+its own threads. ``--streams 1`` is the single-stream engine (one batch over all cores, as before commit
+59dcbab).
 
 "engine / products" says how close the graph runs to its own products (the rest of the graph's
 cost); "products / ceiling" says how fast fp32 products of BERT's shapes (K = 768) run on this CPU
@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, ensure_export, executed_flops_ours, fmt_pct, git_rev,  # noqa: E402
-                          machine, make_checkpoint)
+from bench_common import (REPO, SHAPES, Steal, command_line, ensure_export, executed_flops_ours,  # noqa: E402
+                          fmt_pct, git_rev, machine, make_checkpoint)
 
 V = 30522
 
@@ -150,7 +150,8 @@ def main() -> None:
         f"{eng.threading['inter_op']} threads (the TensorFlow rows run as {S} concurrent call(s) too).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; Python {m['python']}; TensorFlow "
-        f"{tf.__version__}; {m['date']}; commit {git_rev()}. {a.rounds} interleaved rounds of {a.seconds:g} s "
+        f"{tf.__version__}; {m['date']}; commit {git_rev()}; command `{command_line()}`. "
+        f"{a.rounds} interleaved rounds of {a.seconds:g} s "
         f"per measurement. Dense products per call: {len(shapes)}, {prod_flop / 1e9:.1f} GFLOP "
         f"({prod_flop / B / 1e9:.3f} per copy; the engine executes {exec_flop / 1e9:.3f} per copy with attention).",
         "",

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import zipfile
@@ -177,6 +178,19 @@ def git_rev() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
+    """The benchmark's command as run, ``python scripts/NAME.py ARGS``, for the header of its table.
+
+    ``argv`` defaults to ``sys.argv[1:]`` and ``script`` to ``sys.argv[0]``, shown relative to the checkout.
+    """
+    path = Path(script or sys.argv[0]).resolve()
+    try:
+        name = str(path.relative_to(REPO))
+    except ValueError:
+        name = str(path)
+    return shlex.join(["python", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 def flops_per_copy(shape: str, tokens: float) -> float:

@@ -12,7 +12,7 @@ Usage: python scripts/bench_e2e.py [--sentences 400] [--shape bert-base] [--mode
 The paths alternate for --rounds rounds (this machine's speed drifts from minute to minute); the
 table gives the best and the median round. --engine-option applies to every path; each --variant adds
 an end-to-end row run with those engine options on top (e.g. ``--variant streams=1,intra_op_threads=2``,
-the single-stream engine of the third session), interleaved with the others. --record appends the table
+one stream over all cores, the engine before commit 59dcbab), interleaved with the others. --record appends the table
 to BENCHMARKS.md with the machine.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, Steal, blimp_sentences, ensure_export, flops_per_copy, fmt_pct,  # noqa: E402
-                          git_rev, machine, make_checkpoint, write_tsv)
+from bench_common import (REPO, Steal, blimp_sentences, command_line, ensure_export, flops_per_copy,  # noqa: E402
+                          fmt_pct, git_rev, machine, make_checkpoint, write_tsv)
 
 
 def main() -> None:
@@ -126,7 +126,7 @@ def main() -> None:
         f"### End to end vs engine alone — {args.shape}, {label}, {args.mode}, {args.sentences} BLiMP sentences",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; Python {m['python']}; {m['date']}; "
-        f"commit {git_rev()}.",
+        f"commit {git_rev()}. Command: `{command_line()}`.",
         f"{n_copies} copies, {tokens:.1f} tokens per copy on average, {gflop:.2f} GFLOP per copy, padding "
         f"efficiency {s['padding_efficiency']:.1%}. Last end-to-end run: wall time {wall:.1f} s of which start-up "
         f"{s['load_seconds']:.1f} s (excluded from copies/s). {args.rounds} interleaved rounds; load average "

@@ -23,8 +23,8 @@ Also measured:
 
 CPU engines run as the scorer runs them: ``--streams`` batches at once (default: the engines' automatic
 choice, one single-threaded stream per core on up to 4 cores), the --threads shared among them; a cell's
-batch size is per stream. ``--streams 1`` gives one stream of --threads threads (the tables before the
-fourth session).
+batch size is per stream. ``--streams 1`` gives one stream of --threads threads (the engine before
+commit 59dcbab).
 
 Prints a markdown table and writes it to --out.
 """
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench_common import BERT_VOCAB as VOCAB, Steal, export_is_current  # noqa: E402
+from bench_common import BERT_VOCAB as VOCAB, Steal, command_line, export_is_current, git_rev, machine  # noqa: E402
 BASE = dict(hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512)
 ENGINES = {  # label -> (engine name, options)
     "saved_model": ("saved_model", {}),
@@ -244,8 +244,9 @@ def main(argv=None) -> int:
              f"({_cpu_name()}); CPU engines: {streams} stream(s) x {per_stream} "
              f"thread(s), batch size per stream; torch {torch.__version__}"
              + (f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no GPU")
-             + f". Random weights (bert-base shape, 30,522 vocab). CPU steal (time the hypervisor gave to other "
-             f"VMs) over the timed rounds: {whole}.", "",
+             + f"; {machine()['date']}; commit {git_rev()}. Random weights (bert-base shape, 30,522 vocab). "
+             f"CPU steal (time the hypervisor gave to other VMs) over the timed rounds: {whole}.", "",
+             f"Command: `{command_line(argv)}`.", "",
              f"Measured matmul ceiling ([768x768]x[768x3072], torch, best in the run): **fp32 {ceil32:.0f} "
              f"GFLOP/s**, bf16 {ceil16:.0f} GFLOP/s. Model cost: {fpc / 1e9:.2f} GFLOP per copy.", "",
              "Cells: best / median over interleaved rounds of copies/s "

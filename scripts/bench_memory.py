@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         print(json.dumps(cell(work, memory, int(B), a.seq, a.seconds)))
         return 0
 
-    from bench_common import export_is_current
+    from bench_common import command_line, export_is_current, git_rev, machine
     from bench_engines import _cpu_name, flops_per_copy
 
     if not export_is_current(work / "export" / "1"):
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     gflop = flops_per_copy(a.seq) / 1e9
     lines = [f"### torch engine: glibc keeps freed memory or not (bert-base shape, {a.seq} tokens)", "",
              f"Machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.libc_ver()[0]} "
-             f"{platform.libc_ver()[1]}. Each cell in a fresh process; {a.rounds} interleaved rounds; "
+             f"{platform.libc_ver()[1]}; {machine()['date']}; commit {git_rev()}. Command: `{command_line(argv)}`. "
+             f"Each cell in a fresh process; {a.rounds} interleaved rounds; "
              f"best over rounds for the rates, median over rounds for the rest. {gflop:.2f} GFLOP per copy.", "",
              "| batch (per stream) | memory | copies/s (wall, best) | copies per CPU-s (best / median) "
              "| GFLOP/s per core (best) | system share of CPU time | page faults per copy | steal |",

@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, blimp_sentences, ensure_export, executed_flops_ours,  # noqa: E402
-                          flops_per_copy, fmt_pct, git_rev, machine, make_checkpoint, write_tsv)
+from bench_common import (REPO, SHAPES, Steal, blimp_sentences, command_line, ensure_export,  # noqa: E402
+                          executed_flops_ours, flops_per_copy, fmt_pct, git_rev, machine, make_checkpoint, write_tsv)
 
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "peers_minicons_worker.py"
@@ -280,7 +280,8 @@ def main() -> None:
         f"random weights), {len(texts)} BLiMP sentences",
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, no GPU; Python {mach['python']}; "
-        f"{mach['date']}; commit {git_rev()}. Best of {args.rounds} interleaved round(s). Shared machine: load average {load_before} before, {load_after} "
+        f"{mach['date']}; commit {git_rev()}. Command: `{command_line()}`. Best of {args.rounds} interleaved "
+        f"round(s). Shared machine: load average {load_before} before, {load_after} "
         f"after (1/5/15 min); CPU steal (time the hypervisor gave to other VMs) over the whole run {whole}, "
         f"and per kept run in the last column.",
         f"Input: {len(texts)} sentences, {n_words} words, {copies} copies per mode (one per word piece), "

@@ -51,3 +51,9 @@ def test_steal_on_this_machine_is_a_share():
     if bench_common._cpu_jiffies() is None:
         pytest.skip("no /proc/stat here")
     assert st.pct is None or 0.0 <= st.pct <= 100.0  # None: no clock tick passed during the block
+
+
+def test_command_line_names_the_script_relative_to_the_checkout_and_quotes_its_arguments():
+    script = str(bench_common.REPO / "scripts" / "bench_e2e.py")
+    assert bench_common.command_line(["--shape", "small", "--out", "a b.md"], script) == \
+        "python scripts/bench_e2e.py --shape small --out 'a b.md'"

@@ -15,7 +15,7 @@ LONG = ("The quick brown fox jumps over the lazy dog and the cat sat on the mat 
 
 
 def policy_window(max_len):
-    """The documented policy, written from the README's words: at most max_len-2 pieces, centred on the
+    """The documented policy, written from docs/scoring.md's words: at most max_len-2 pieces, centred on the
     masked word(s), shifted inwards at the ends, then trimmed to whole words."""
     cap = max_len - 2
 

@@ -4,8 +4,8 @@ torch on CPU has no caching allocator: each forward pass allocates its activatio
 tensor at bert-base shape) and frees them again. glibc serves blocks that large with ``mmap`` and
 returns them with ``munmap`` (in thread arenas too, and trims freed heap tops), so the next batch's
 first write to each page is a page fault: about 1,800 faults per scored copy at bert-base shape, 24
-tokens, 8192 tokens a batch, 9 % of the CPU time spent in the kernel (measured; BENCHMARKS.md, sixth
-session). ``retain_freed_memory`` keeps freed memory in the process for reuse instead:
+tokens, 8192 tokens a batch, 9 % of the CPU time spent in the kernel (measured; BENCHMARKS.md, "How
+much memory does a run take?"). ``retain_freed_memory`` keeps freed memory in the process for reuse instead:
 
 - ``M_MMAP_MAX = 0``: no block is served by its own ``mmap``;
 - ``M_TRIM_THRESHOLD = 2 GiB``: freed memory at the top of the heap is not given back below that;

@@ -69,7 +69,7 @@ def _opt_int(value: Any) -> int | None:
     return int(value)
 
 
-#: option name -> (converter, default). The same list for both engines; see the README's serving section.
+#: option name -> (converter, default). The same list for both engines; see docs/tf-serving.md.
 OPTION_SPEC: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "server": (str, None),                 # http(s)://host:port for REST, grpc(s)://host:port for gRPC
     "model_name": (str, DEFAULT_MODEL_NAME),

@@ -174,7 +174,7 @@ def plan_streams(streams: int | str | None, threads: int | str | None, *, cpus: 
 
     A stream is one batch in flight, on its own thread. Streams of one thread each need no
     synchronisation between cores, which on a shared 2-core VM ran the same products faster than one
-    batch split over both cores (BENCHMARKS.md, fourth session).
+    batch split over both cores (BENCHMARKS.md, "Why streams rather than one batch over all cores?").
 
     * neither given: ``min(cpus, MAX_AUTO_STREAMS)`` streams sharing the CPUs (one thread each up to 4 CPUs);
     * only ``threads``: one stream of that many threads (the behaviour before streams existed: a Ray

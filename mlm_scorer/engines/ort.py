@@ -64,8 +64,8 @@ class OnnxEngine(Engine):
         so.log_severity_level = 3
         if device == "cpu":
             self.streams, threads = plan_streams(streams, threads, engine=self.name)
-            # MLAS's fp32 products slow down as a batch grows past ~1000 rows (BENCHMARKS.md, fifth session:
-            # bert-base, 2 streams, 384 padded tokens per batch 43 copies/s, 3072 tokens 34; int8 from 3072).
+            # MLAS's fp32 products slow down as a batch grows past ~1000 rows (BENCHMARKS.md, "What batch
+            # size?": bert-base, 2 streams, 384 padded tokens per batch 43 copies/s, 3072 tokens 34).
             self.preferred_batch_tokens = CPU_BATCH_TOKENS
         if threads:
             so.intra_op_num_threads = int(threads)
