@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json
-from .config import BertConfig
+from .config import BertConfig, weight_shapes
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
 SUPPORTED = {
@@ -106,7 +106,6 @@ class Family:
     tokenizer: str  # "wordpiece" (vocab.txt, as BERT), "json" (tokenizer.json) or "esm" (vocab.txt, per token)
     special: dict[str, str]  # default special tokens
     buffers: re.Pattern = re.compile(r".*(position_ids|token_type_ids|num_batches_tracked|inv_freq)$")
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _common(c: dict, **kw) -> BertConfig:
@@ -310,6 +309,13 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         raise CheckpointError(f"{path} has no masked-LM head ({', '.join(head)} missing): it looks like a bare "
                               f"{model_type} model or a fine-tuned classifier. Scoring needs a "
                               f"{_MLM_CLASS.get(model_type, 'ForMaskedLM')} checkpoint")
+    expected = weight_shapes(cfg)
+    wrong = [f"{g} missing" if g not in weights else f"{g} {tuple(weights[g].shape)}, config.json implies {shape}"
+             for g, shape in expected.items() if g not in weights or tuple(weights[g].shape) != shape]
+    wrong += [f"{g} not used by a {model_type} of this config" for g in weights if g not in expected]
+    if wrong:
+        raise CheckpointError(f"{path}: the weights do not fit config.json: {'; '.join(wrong[:5])}"
+                              f"{' …' if len(wrong) > 5 else ''}")
     source = {"kind": "huggingface", "path": str(path), "model_type": model_type,
               **({"hub_id": hub_id} if hub_id else {})}
     if family.tokenizer == "wordpiece":
@@ -383,7 +389,7 @@ def _normalizer_lowercases(spec) -> bool:
 def _json_tokenizer(path: Path, tok_cfg: dict):
     """The checkpoint's tokenizer as a `tokenizers` Tokenizer: tokenizer.json, else RoBERTa's vocab.json +
     merges.txt, else a SentencePiece model converted by transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if (path / "tokenizer.json").is_file():
         try:
@@ -399,7 +405,9 @@ def _json_tokenizer(path: Path, tok_cfg: dict):
         prefix = bool(tok_cfg.get("add_prefix_space", False))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens(list(dict.fromkeys(special.values())))
+        # as RobertaTokenizer: the mask token takes the space before it
+        tok.add_special_tokens([AddedToken(t, lstrip=t == special["mask"], special=True)
+                                for t in dict.fromkeys(special.values())])
         sep, cls = special["sep"], special["cls"]
         tok.post_processor = processors.RobertaProcessing((sep, tok.token_to_id(sep)), (cls, tok.token_to_id(cls)),
                                                           trim_offsets=bool(tok_cfg.get("trim_offsets", True)),
@@ -448,6 +456,9 @@ def check_tokenizer(ckpt: Checkpoint, cfg_dict: dict) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(ckpt.tokenizer_json)
+    if tok.pre_tokenizer is None:
+        raise CheckpointError("the checkpoint's tokenizer has no pre-tokenizer, so its text has no word units to "
+                              "score: mlm-scorer scores words, the units a pre-tokenizer makes")
     n = tok.get_vocab_size(with_added_tokens=True)
     if n != ckpt.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {n} tokens but the model's vocab_size is {ckpt.config.vocab_size}: "
