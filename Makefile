@@ -29,10 +29,12 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 run: $(VENV)/.run-deps
 	$(BIN)/mlm-score data/sample.tsv -o probs.parquet --id-column id
 
-# The whole suite: system packages for the report test (chromium; skipped without root), the main
-# suite, then the Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
+# The whole suite: system packages for the report test (chromium; skipped without root), minicons in its
+# own venv for the RoBERTa comparison (.venv-peers: it needs transformers < 5), the main suite, then the
+# Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
 test: $(VENV)/.test-deps
 	bash scripts/ci_system_deps.sh
+	bash scripts/peers_env.sh
 	$(BIN)/python -m pytest -q -m "not airflow"
 	bash scripts/airflow_test.sh
 
@@ -40,4 +42,4 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python scripts/bench_e2e.py
 
 clean:
-	rm -rf $(VENV) .venv-airflow probs.parquet probs.sentences.parquet
+	rm -rf $(VENV) .venv-airflow .venv-peers probs.parquet probs.sentences.parquet

@@ -1,4 +1,5 @@
-"""Families beyond BERT: RoBERTa, CamemBERT, XLM-RoBERTa, DistilBERT, the ELECTRA generator and ESM-2.
+"""Families beyond BERT: RoBERTa, CamemBERT, XLM-RoBERTa, DistilBERT, the ELECTRA generator, ESM-2 (and
+ESM-1b's variant of ESM: absolute positions, LayerNorm after the embeddings).
 
 Each is built with random weights (range 0.3) and a tokenizer trained here (tests/tiny_families.py),
 exported (SavedModel + ONNX), and every word log-prob, in all three modes, is compared with transformers'
@@ -38,7 +39,7 @@ _REFERENCE: dict[tuple[str, str], list[list[float]]] = {}
 
 
 def texts_for(family: str) -> list[str]:
-    return PROTEINS if family == "esm" else SENTENCES
+    return PROTEINS if family.startswith("esm") else SENTENCES
 
 
 def built(family: str, tmp_path_factory) -> dict:
@@ -273,6 +274,27 @@ def test_electra_discriminator_is_refused(tmp_path_factory, tmp_path):
         load_checkpoint(d)
 
 
+def test_missing_or_misshapen_weight_is_refused(tmp_path_factory, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlm_export import CheckpointError, load_checkpoint
+
+    d = tmp_path / "distil"
+    shutil.copytree(built("distilbert", tmp_path_factory)["hf"], d)
+    weights = load_file(str(d / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "distilbert.transformer.layer.1.ffn.lin2.bias"},
+              str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="bert/encoder/layer_1/output/dense/bias missing"):
+        load_checkpoint(d)
+    weights["distilbert.embeddings.position_embeddings.weight"] = weights[
+        "distilbert.embeddings.position_embeddings.weight"][:10]
+    save_file(weights, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"position_embeddings \(10, 32\), config.json implies \(64, 32\)"):
+        load_checkpoint(d)
+
+
 def test_contradicting_casing_flag_is_refused(tmp_path_factory):
     from mlm_export import CheckpointError, load_checkpoint
 
@@ -292,6 +314,37 @@ def test_roberta_from_vocab_json_and_merges(tmp_path_factory, tmp_path):
     ref = built("roberta", tmp_path_factory)["ref"]
     for text in SENTENCES:
         assert tok.encode(text, add_special_tokens=False).ids == ref.tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------- minicons
+
+PEERS_PY = Path(__file__).resolve().parents[1] / ".venv-peers" / "bin" / "python"
+
+
+def test_roberta_matches_minicons(tmp_path_factory, tmp_path):
+    """minicons' MaskedLMScorer (its own venv: transformers < 5) on the same RoBERTa checkpoint: its
+    per-token scores, summed per word, equal ours -- token mode vs its original PLL, word-l2r vs its
+    within_word_l2r -- and it predicts the same pieces."""
+    import subprocess
+
+    if not PEERS_PY.is_file():
+        pytest.skip(f"{PEERS_PY} is missing: bash scripts/peers_env.sh builds it (make test does)")
+    b = built("roberta", tmp_path_factory)
+    # minicons' within_word_l2r makes the whitespace-only unit of "  " a word of its own; ours joins the next word
+    texts = [t for t in SENTENCES if "  " not in t]
+    tsv = write_tsv(tmp_path / "in.tsv", [[str(i), t] for i, t in enumerate(texts)])
+    worker = Path(__file__).resolve().parents[1] / "scripts" / "peers_minicons_worker.py"
+    subprocess.run([str(PEERS_PY), str(worker), "--model", str(b["hf"]), "--tsv", str(tsv), "--threads", "1",
+                    "--metrics", "original,within_word_l2r", "--out", str(tmp_path / "mini.json")], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    mini = json.loads((tmp_path / "mini.json").read_text(encoding="utf-8"))
+    model = ModelDir.open(b["export"])
+    with get_engine("onnx", model=model) as eng:
+        for mode, metric in (("token", "original"), ("word-l2r", "within_word_l2r")):
+            results = Scorer(model, eng, mode=mode).score(texts)
+            for r, ids, scores in zip(results, mini["token_ids"], mini["metrics"][metric]["scores"]):
+                assert r.sentence.ids.tolist() == ids
+                np.testing.assert_allclose(r.piece_log_probs, scores, atol=TOL, rtol=0)
 
 
 # ------------------------------------------------------------------- windows, cache, Ray

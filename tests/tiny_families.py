@@ -5,7 +5,8 @@ Weights are drawn with a large range (0.3, biases and LayerNorms included), as t
 BERT, so that a position, target or mask out of place changes the scores visibly. The tokenizers are
 trained on tests/data/blimp_402.txt (BLiMP sentences, CC-BY: see tests/data/README.md): byte-level BPE
 for RoBERTa, Unigram (SentencePiece style) for XLM-R and CamemBERT; DistilBERT and ELECTRA use the
-small WordPiece vocabulary; ESM the 33 tokens of ESM-2's vocabulary.
+small WordPiece vocabulary; ESM (ESM-2's rotary positions, or ESM-1b's absolute ones) the 33 tokens of
+ESM-2's vocabulary.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from tiny_models import SMALL_VOCAB
 CORPUS = Path(__file__).resolve().parent / "data" / "blimp_402.txt"
 ESM_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q",
              "N", "F", "Y", "M", "H", "W", "C", "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>"]
-FAMILIES = ("roberta", "camembert", "xlm-roberta", "distilbert", "electra", "esm")
+#: What make_family builds: one per model_type, and "esm1b" (ESM with ESM-1b's absolute positions and
+#: LayerNorm after the embeddings, model_type esm).
+FAMILIES = ("roberta", "camembert", "xlm-roberta", "distilbert", "electra", "esm", "esm1b")
 
 
 def corpus() -> list[str]:
@@ -28,13 +31,14 @@ def corpus() -> list[str]:
 
 
 @lru_cache(maxsize=None)
-def _bpe(vocab_size: int):
-    """(vocab, merges) of a byte-level BPE trained on the corpus, RoBERTa's four specials first."""
+def _bpe(vocab_size: int, lines: tuple[str, ...] | None = None):
+    """(vocab, merges) of a byte-level BPE trained on ``lines`` (default: the corpus), RoBERTa's four
+    specials first."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+    tok.train_from_iterator(lines or corpus(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     model = json.loads(tok.to_str())["model"]
@@ -68,12 +72,14 @@ def _randomize(model, init_range: float, seed: int) -> None:
 
 
 def make_family(family: str, out: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 64,
-                max_pos: int = 64, seed: int = 0, init_range: float = 0.3, tokenizer_files: str = "tokenizer.json"
-                ) -> Path:
+                max_pos: int = 64, seed: int = 0, init_range: float = 0.3, tokenizer_files: str = "tokenizer.json",
+                bpe_vocab: int = 600, bpe_lines: tuple[str, ...] | None = None, vocab_size: int | None = None) -> Path:
     """Write a random ``family`` masked LM (config.json, model.safetensors, the tokenizer's files) to ``out``.
 
-    ``tokenizer_files`` (RoBERTa only): "tokenizer.json" as transformers saves it, or "vocab.json+merges.txt"
-    (no tokenizer.json, as older RoBERTa checkpoints are laid out).
+    RoBERTa only: ``tokenizer_files`` "tokenizer.json" as transformers saves it, or "vocab.json+merges.txt"
+    (no tokenizer.json, as older RoBERTa checkpoints are laid out); a BPE of ``bpe_vocab`` tokens trained on
+    ``bpe_lines`` (default: the test corpus); ``vocab_size`` pads the vocabulary with tokens no text produces
+    (``<unused_N>``: unreachable without merges) to give the embeddings and the head a real model's size.
     """
     import torch
     import transformers as T
@@ -84,8 +90,11 @@ def make_family(family: str, out: Path, *, hidden: int = 32, layers: int = 2, he
                   intermediate_size=intermediate, initializer_range=init_range)
     if family in ("roberta", "camembert", "xlm-roberta"):
         if family == "roberta":
-            vocab, merges = _bpe(600)
-            tok = T.RobertaTokenizer(vocab=dict(vocab), merges=list(merges))
+            vocab, merges = _bpe(bpe_vocab, bpe_lines)
+            vocab = dict(vocab)
+            for i in range(len(vocab), (vocab_size or 0) - 1):  # - 1: <mask> is added after
+                vocab[f"<unused_{i}>"] = i
+            tok = T.RobertaTokenizer(vocab=vocab, merges=list(merges))
         elif family == "xlm-roberta":
             tok = T.XLMRobertaTokenizer(vocab=_unigram(500))
         else:
@@ -107,12 +116,14 @@ def make_family(family: str, out: Path, *, hidden: int = 32, layers: int = 2, he
         n = len(SMALL_VOCAB.read_text(encoding="utf-8").rstrip("\n").split("\n"))
         cfg = T.ElectraConfig(vocab_size=n, embedding_size=hidden // 2, max_position_embeddings=max_pos, **common)
         model = T.ElectraForMaskedLM(cfg).eval()
-    elif family == "esm":
+    elif family in ("esm", "esm1b"):
         (out / "vocab.txt").write_text("\n".join(ESM_VOCAB) + "\n", encoding="utf-8")
         tok = T.EsmTokenizer(str(out / "vocab.txt"))
+        esm2 = family == "esm"
         cfg = T.EsmConfig(vocab_size=len(ESM_VOCAB), pad_token_id=1, mask_token_id=ESM_VOCAB.index("<mask>"),
-                          max_position_embeddings=max_pos, position_embedding_type="rotary", token_dropout=True,
-                          emb_layer_norm_before=False, **common)
+                          max_position_embeddings=max_pos + (0 if esm2 else 2), token_dropout=True,
+                          position_embedding_type="rotary" if esm2 else "absolute", emb_layer_norm_before=not esm2,
+                          **common)
         model = T.EsmForMaskedLM(cfg).eval()
     else:
         raise ValueError(family)
@@ -125,7 +136,7 @@ def make_family(family: str, out: Path, *, hidden: int = 32, layers: int = 2, he
     else:
         tok.save_pretrained(str(out))
     if family == "roberta" and tokenizer_files == "vocab.json+merges.txt":
-        vocab, merges = _bpe(600)
+        vocab, merges = _bpe(bpe_vocab, bpe_lines)
         (out / "vocab.json").write_text(json.dumps(dict(vocab)), encoding="utf-8")
         (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
         (out / "tokenizer.json").unlink()
@@ -144,9 +155,10 @@ class FamilyReference(TorchReference):
         self.tok = AutoTokenizer.from_pretrained(str(hf_dir))
         assert len(self.tok) == self.model.config.vocab_size, (len(self.tok), self.model.config.vocab_size)
         cfg = self.model.config
-        # the longest copy: RoBERTa's positions start at padding_idx + 1
-        self.max_len = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.model_type in (
-            "roberta", "camembert", "xlm-roberta") else 0)
+        # the longest copy: RoBERTa's (and ESM-1b's) positions start at padding_idx + 1
+        offset = cfg.model_type in ("roberta", "camembert", "xlm-roberta") or (
+            cfg.model_type == "esm" and cfg.position_embedding_type == "absolute")
+        self.max_len = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if offset else 0)
         self.cls_id = self.tok.cls_token_id
         self.sep_id = self.tok.sep_token_id if self.tok.sep_token_id is not None else self.tok.eos_token_id
 
