@@ -5,8 +5,9 @@ Installed as the package ``mlm_export`` (from the repository's ``export/`` direc
 ``export(source, out_dir)`` is the Python entry point; ``mlm-export`` is its command line.
 """
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .errors import CasingError
 
-__all__ = ["export", "load_checkpoint", "Checkpoint", "CheckpointError"]
+__all__ = ["export", "load_checkpoint", "Checkpoint", "CheckpointError", "CasingError"]
 
 
 def export(*args, **kwargs):

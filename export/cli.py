@@ -28,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
                          "RoBERTa's minus 2, its positions start at 2)")
     case = ap.add_mutually_exclusive_group()
     case.add_argument("--do-lower-case", dest="do_lower_case", action="store_true", default=None,
-                      help="force lower-casing (default: from tokenizer_config.json, the name, or the vocab)")
-    case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false")
+                      help="lower-case the input (default: decided from tokenizer_config.json / tokenizer.json, "
+                           "else the checkpoint's name, else the vocabulary; contradictory evidence is refused)")
+    case.add_argument("--no-lower-case", dest="do_lower_case", action="store_false",
+                      help="do not lower-case (a cased model)")
     ap.add_argument("--tolerance", type=float, default=None, help="max |Δ log-prob| allowed by verification")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT/VERSION")
     ap.add_argument("--layer-norm", choices=LAYER_NORMS, default="fused",

@@ -28,6 +28,7 @@ ESM's ``vocab.txt`` becomes a tokenizer splitting the text into the vocabulary's
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,9 @@ from typing import Callable
 
 import numpy as np
 
+from .casing import SAMPLE_TEXTS, Casing, Evidence
 from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json
-from .config import BertConfig, weight_shapes
+from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
 SUPPORTED = {
@@ -309,14 +311,12 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         raise CheckpointError(f"{path} has no masked-LM head ({', '.join(head)} missing): it looks like a bare "
                               f"{model_type} model or a fine-tuned classifier. Scoring needs a "
                               f"{_MLM_CLASS.get(model_type, 'ForMaskedLM')} checkpoint")
-    expected = weight_shapes(cfg)
-    wrong = [f"{g} missing" if g not in weights else f"{g} {tuple(weights[g].shape)}, config.json implies {shape}"
-             for g, shape in expected.items() if g not in weights or tuple(weights[g].shape) != shape]
-    wrong += [f"{g} not used by a {model_type} of this config" for g in weights if g not in expected]
-    if wrong:
-        raise CheckpointError(f"{path}: the weights do not fit config.json: {'; '.join(wrong[:5])}"
-                              f"{' …' if len(wrong) > 5 else ''}")
-    source = {"kind": "huggingface", "path": str(path), "model_type": model_type,
+    from .checkpoint import _check_weights, _hf_shape
+
+    hf_names = {g: h for h, g in family.top.items()}
+    _check_weights(weights, cfg, where=str(path), source_name=lambda g: hf_names.get(g) or _layer_name(family, g),
+                   source_shape=_hf_shape)
+    source = {"kind": "huggingface", "path": os.path.abspath(path), "model_type": model_type,
               **({"hub_id": hub_id} if hub_id else {})}
     if family.tokenizer == "wordpiece":
         return _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source)
@@ -328,9 +328,12 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         raise CheckpointError(f"--{'do' if do_lower_case else 'no'}-lower-case contradicts the checkpoint's "
                               f"tokenizer, whose normalizer {'lower-cases' if lower else 'keeps the case'}; the "
                               f"casing of a {family.name} tokenizer is fixed by it: leave the flag out")
+    what = ("ESM's vocab.txt (case-sensitive residues)" if family.tokenizer == "esm" else
+            f"the tokenizer's normalizer {'lower-cases' if lower else 'does not lower-case'}")
+    casing = Casing(lower, what, [Evidence(lower, what)])
     ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=path / "vocab.txt", do_lower_case=lower,
                       special_tokens=special, source=source, ignored=ignored, family=family.name,
-                      tokenizer_json=tok.to_str())
+                      tokenizer_json=tok.to_str(), casing=casing)
     check_tokenizer(ckpt, cfg_dict)
     return ckpt
 
@@ -341,22 +344,33 @@ _MLM_CLASS = {"roberta": "RobertaForMaskedLM", "camembert": "CamembertForMaskedL
 
 
 def _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source) -> Checkpoint:
-    """DistilBERT and ELECTRA tokenize as BERT does: the BERT loader's vocabulary, casing and special tokens."""
-    from . import checkpoint as ck
+    """DistilBERT and ELECTRA tokenize as BERT does: the BERT loader's vocabulary, casing evidence and
+    special tokens."""
+    from .casing import checkpoint_name, decide_casing, tokenizer_settings
+    from .checkpoint import _check_vocab, _read_vocab
 
-    tok_cfg = _tokenizer_config(path)
+    special = _special_tokens(_tokenizer_config(path), family.special)
     vocab = path / "vocab.txt"
-    if do_lower_case is None:
-        do_lower_case = tok_cfg.get("do_lower_case")
-    if do_lower_case is None:
-        do_lower_case = ck._guess_lower_case(vocab, str(hub_id or path))
-    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=bool(do_lower_case),
-                      tokenize_chinese_chars=bool(tok_cfg.get("tokenize_chinese_chars", True)),
-                      strip_accents=tok_cfg.get("strip_accents"),
-                      special_tokens=_special_tokens(tok_cfg, family.special),
-                      source=source, ignored=ignored, family=family.name)
-    ck._check_vocab(ckpt)
+    tokens = _read_vocab(vocab)
+    casing = decide_casing(directory=path, name=checkpoint_name(path, hub_id), vocab_tokens=tokens,
+                           special=set(special.values()), given=do_lower_case)
+    settings = tokenizer_settings(path)
+    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
+                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
+                      strip_accents=settings["strip_accents"], special_tokens=special, source=source,
+                      ignored=ignored, family=family.name, casing=casing)
+    _check_vocab(ckpt, tokens)
     return ckpt
+
+
+def _layer_name(family: Family, google: str) -> str:
+    """The transformers name of a google-named layer weight of ``family`` (for messages)."""
+    m = re.fullmatch(r"bert/encoder/layer_(\d+)/(.+)", google)
+    if m:
+        for hf, g in family.layer_names.items():
+            if g == m.group(2):
+                return f"{family.layers}.{m.group(1)}.{hf}"
+    return google
 
 
 def _tokenizer_config(path: Path) -> dict:
@@ -481,3 +495,50 @@ def check_tokenizer(ckpt: Checkpoint, cfg_dict: dict) -> None:
         if t is None or "\n" in t or "\r" in t:
             raise CheckpointError(f"the tokenizer's token {i} is {t!r}: the export lists the vocabulary one token a "
                                   f"line (tokenizer/vocab.txt) and cannot hold it")
+
+
+# ---------------------------------------------------------------------------------- the cross-check
+
+#: ESM's text: residues, with and without spaces, lower case (unknown), the rarer letters, a mask.
+PROTEIN_TEXTS = ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQ",
+                 "M K T A Y", "mktay MKTAY", "XBUZO.-GAVL", "QIS<mask>VKS<mask>")
+
+
+def check_pieces(tokenizer_json: Path, source_dir: Path, family: str) -> dict:
+    """Compare the export's tokenizer with transformers' ``AutoTokenizer`` of the source directory on
+    sample texts (casing.SAMPLE_TEXTS; ESM: PROTEIN_TEXTS): the ids must be equal.
+
+    Returns a report (recorded in the manifest); raises VerificationError on the first text that differs.
+    Skipped (and the report says why) without transformers or when it cannot read the directory.
+    """
+    from tokenizers import Tokenizer
+
+    from .verify import VerificationError
+
+    try:
+        import transformers
+        from transformers import AutoTokenizer
+    except ImportError:
+        return {"skipped": "transformers is not installed"}
+    try:
+        ref = AutoTokenizer.from_pretrained(str(source_dir))
+    except Exception as exc:  # a directory transformers cannot read: say so, do not fail the export
+        return {"skipped": f"transformers could not build a tokenizer from {source_dir}: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    ours = Tokenizer.from_file(str(tokenizer_json))
+    ours.no_truncation()
+    ours.no_padding()
+    texts = PROTEIN_TEXTS if family == "esm" else SAMPLE_TEXTS
+    n_pieces = 0
+    for text in texts:
+        got = ours.encode(text, add_special_tokens=False).ids
+        want = ref(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            raise VerificationError(
+                f"the export's tokenizer and transformers' {type(ref).__name__} (from {source_dir}) split {text!r} "
+                f"differently: ours {got[:24]}, transformers {want[:24]}")
+        n_pieces += len(got)
+    about = ("residues with and without spaces, lower case, rare letters, <mask>" if family == "esm" else
+             "capitals, accents, CJK, punctuation")
+    return {"reference": f"transformers {transformers.__version__} {type(ref).__name__} from the source directory",
+            "texts": len(texts), "pieces": n_pieces, "about": about, "equal": True}

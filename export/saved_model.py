@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
+from .casing import check_pieces
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import GRAPH_REVISION
 from .serving_config import write_serving_files
@@ -62,8 +63,11 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     from .bert_mlm import BertMLM
 
     cfg = ckpt.config
+    if ckpt.casing is not None:
+        log(ckpt.casing.line())
     if ckpt.ignored:
-        log(f"ignoring {len(ckpt.ignored)} tensors that are not part of the encoder or the MLM head: "
+        n = len(ckpt.ignored)
+        log(f"ignoring {n} tensor{'s' if n != 1 else ''} that are not part of the encoder or the MLM head: "
             f"{', '.join(ckpt.ignored)}")
     if not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}, got {top_k}")
@@ -77,6 +81,8 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
     try:
+        _write_tokenizer(ckpt, tmp / "tokenizer")
+        casing = _check_tokenizer(ckpt, tmp / "tokenizer" / "tokenizer.json", log)
         module = BertMLM(cfg, ckpt.weights, top_k=top_k, layer_norm=layer_norm)
         tf.saved_model.save(module, str(tmp), signatures={
             "serving_default": module.serve.get_concrete_function(),
@@ -84,7 +90,6 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "log_prob": module.serve_log_prob.get_concrete_function(),
         })
         del module
-        _write_tokenizer(ckpt, tmp / "tokenizer")
         special_ids = _special_ids(tmp / "tokenizer" / "vocab.txt", ckpt.special_tokens)
         manifest = {
             "format": FORMAT,
@@ -104,6 +109,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "max_seq_length": max_len,
             "top_k": top_k,
             "do_lower_case": bool(ckpt.do_lower_case),
+            "casing": casing,
             "tokenize_chinese_chars": bool(ckpt.tokenize_chinese_chars),
             "strip_accents": ckpt.strip_accents,
             "special_tokens": dict(ckpt.special_tokens),
@@ -170,6 +176,31 @@ def _write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
         **{f"{k}_token": v for k, v in st.items()}}, indent=2) + "\n", encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(
         {f"{k}_token": v for k, v in st.items()}, indent=2) + "\n", encoding="utf-8")
+
+
+def _check_tokenizer(ckpt: Checkpoint, tokenizer_json: Path, log) -> dict:
+    """The casing record for the manifest, with the check of the export's pieces against transformers'
+    tokenizer built from the source directory (VerificationError if they differ)."""
+    if ckpt.casing is None:  # a Checkpoint built by the caller, not by load_checkpoint
+        return {"do_lower_case": bool(ckpt.do_lower_case), "decided_by": "given (Checkpoint built by the caller)"}
+    if ckpt.tokenizer_json is not None:  # RoBERTa, XLM-R, ESM: their own tokenizer, against AutoTokenizer
+        from .families import check_pieces as check_family_pieces
+
+        report = check_family_pieces(tokenizer_json, ckpt.vocab_path.parent, ckpt.family)
+    else:
+        special = set(ckpt.special_tokens.values())
+        tokens = ckpt.vocab_path.read_text(encoding="utf-8").split("\n")
+        report = check_pieces(tokenizer_json, ckpt.vocab_path.parent, do_lower_case=ckpt.do_lower_case,
+                              strip_accents=ckpt.strip_accents, tokenize_chinese_chars=ckpt.tokenize_chinese_chars,
+                              vocab_tokens=[t for t in tokens if t], special=special)
+    if report.get("equal"):
+        about = report.get("about", "capitals, accents, CJK, punctuation, vocabulary words")
+        log(f"tokenizer: the same pieces as transformers' tokenizer of the source directory on {report['texts']} "
+            f"texts ({report['pieces']} pieces; {about})")
+    else:
+        log(f"tokenizer: not checked against transformers ({report['skipped']})")
+    ckpt.casing.pieces_check = report
+    return ckpt.casing.to_manifest()
 
 
 def _special_ids(vocab: Path, special: dict[str, str]) -> dict[str, int]:

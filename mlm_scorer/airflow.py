@@ -13,6 +13,10 @@ it can be imported (and tested) without Airflow installed.
   once (``AirflowFailException``: no retries) with the scorer's message, e.g.
   ``InputError: /data/in.tsv:3:19: expected 2 tab-separated fields (id, text), found 3 (...)``. An
   engine failure (a server down past its retry budget) is raised as is, so Airflow's retries apply.
+- A quality gate: ``check_task`` runs ``mlm-score check`` on the scored batch (against a baseline when
+  given), writes the statistics as JSON next to the output and returns them (small) as its XCom; a
+  batch that fails the gate fails the task at once (``AirflowFailException``: rescoring or retrying
+  does not change the data), so the tasks after it do not run.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import Any, Iterable
 
 from .errors import InputError, MissingDependencyError, ModelError, UsageError
 
-__all__ = ["run_key", "output_path", "score_task", "xcom_summary", "NOT_TRANSIENT"]
+__all__ = ["run_key", "output_path", "score_task", "check_task", "xcom_summary", "NOT_TRANSIENT"]
 
 # errors a retry cannot fix: fail the task without using up its retries
 NOT_TRANSIENT = (InputError, UsageError, ModelError, MissingDependencyError)
@@ -78,11 +82,14 @@ def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, 
                engine: str = "saved_model", engine_options: dict[str, Any] | None = None,
                text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
                on_bad_row: str = "fail", top_k: int = 0, flag_below: Iterable[str] = (),
-               flag_above: Iterable[str] = (), log=print) -> dict[str, Any]:
+               flag_above: Iterable[str] = (), baseline: str | os.PathLike | None = None,
+               score_cache: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
     """Score ``input_path`` into ``output_path(output_dir, ...)``; return the XCom-sized summary.
 
     Meant to be called from a TaskFlow ``@task`` (see scripts/airflow_dag.py) with the run's logical
     date and run id. Raises ``AirflowFailException`` for errors a retry cannot fix (see the module doc).
+    ``baseline`` gives percentile flag rules their reference; ``score_cache`` is a persistent score cache
+    directory (sentences scored by an earlier run or task are not scored again).
     """
     from .pipeline import score_file
     from .quality import parse_rule
@@ -93,9 +100,45 @@ def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, 
         rules = [parse_rule(x, "below") for x in flag_below or ()] + [parse_rule(x, "above") for x in flag_above or ()]
         summary = score_file(input_path, out, model=model, engine=engine, engine_options=engine_options, mode=mode,
                              text_column=text_column or None, id_column=id_column or None, header=header,
-                             on_bad_row=on_bad_row, top_k=top_k, flag_rules=rules, log=log)
+                             on_bad_row=on_bad_row, top_k=top_k, flag_rules=rules, baseline=baseline or None,
+                             score_cache=score_cache or None, log=log)
     except NOT_TRANSIENT as exc:
         raise _fail_fast(exc) from exc
     if log:
         log(summary.line())
     return xcom_summary(summary)
+
+
+def check_task(result: str | os.PathLike, *, baseline: str | os.PathLike | None = None,
+               max_flagged_rate: float | None = None, max_skipped_rate: float | None = None,
+               max_shift: float | None = None, json_path: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
+    """The quality gate on a scored batch (``mlm_scorer.check.run_check``); a limit left None takes its
+    default. Writes the full statistics to ``json_path`` (default: ``check.json`` next to the result) and
+    returns a small summary for XCom. Raises ``AirflowFailException`` when the batch fails the gate (the
+    message lists the failed criteria) or the check cannot run (a missing baseline, another model's)."""
+    import json
+
+    from .check import DEFAULTS, QualityGateFailed, format_text, run_check
+    from .fsutil import atomic_write_bytes
+
+    limits = {k: v if v is not None else DEFAULTS[k] for k, v in (("max_flagged_rate", max_flagged_rate),
+                                                                  ("max_skipped_rate", max_skipped_rate),
+                                                                  ("max_shift", max_shift))}
+    try:
+        r = run_check(result, baseline=baseline or None, **limits)
+    except NOT_TRANSIENT as exc:
+        raise _fail_fast(exc) from exc
+    dest = Path(json_path) if json_path else Path(result).parent / "check.json"
+    if Path(result).is_dir():  # a Ray output directory: the JSON goes inside it
+        dest = Path(json_path) if json_path else Path(result) / "check.json"
+    atomic_write_bytes(dest, (json.dumps(r, indent=2) + "\n").encode())
+    if log:
+        log(format_text(r))
+    small = {"passed": r["passed"], "failures": [_cut(f) for f in r["failures"]], "json": str(dest),
+             "rows": r["result"]["rows"], "scored": r["result"]["scored"], "flagged": r["flagged"],
+             "flagged_rate": r["flagged_rate"], "skipped_rate": r["skipped_rate"],
+             "ks": {m: st["ks"] for m, st in (r.get("metrics") or {}).items()}}
+    if not r["passed"]:
+        raise _fail_fast(QualityGateFailed(f"{result} failed the quality gate: " + "; ".join(r["failures"])
+                                           + f" (statistics: {dest})"))
+    return small

@@ -20,6 +20,7 @@ EPILOG = """examples:
 
 subcommands:
   mlm-score report probs.parquet -o report.html   # a self-contained HTML data-quality report
+  mlm-score check probs.parquet --baseline ref.parquet   # a quality gate: exit 0 pass, 1 fail
   mlm-score ray in1.tsv in2.parquet -o outdir/    # score with Ray Data (see mlm-score ray --help)
 
 outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
@@ -86,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
                    help="flag sentences whose METRIC is below VALUE: min_word_prob, min_word_log_prob, "
-                        "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns)")
+                        "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns). VALUE is "
+                        "a number or a percentile pNN: p1 is the run's 1st percentile (or the baseline's)")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
-                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity")
+                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99)")
+    q.add_argument("--baseline", metavar="RESULT",
+                   help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
+                        "directory, scored with the same model and mode) instead of this run")
     o = ap.add_argument_group("output")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
@@ -130,6 +135,7 @@ def _engine_options(args, ap) -> tuple[str, dict]:
 SUBCOMMANDS = {
     "report": "mlm_scorer.report",  # mlm-score report RESULT.parquet -o report.html
     "ray": "mlm_scorer.ray_cli",  # mlm-score ray INPUT... -o OUTDIR (Ray Data, past one machine)
+    "check": "mlm_scorer.check",  # mlm-score check RESULT [--baseline B]: a quality gate (exit 0/1)
 }
 
 
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
 
-    from .errors import MlmScorerError
+    from .errors import MlmScorerError, UsageError
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
@@ -158,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        if args.baseline and not any(r.relative for r in rules):
+            raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
+                             "--flag-above pseudo_perplexity=p99")
         summary = score_file(
             args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
             engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
@@ -165,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
             limit=args.limit, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
             cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
-            score_cache=args.cache, log=log)
+            score_cache=args.cache, baseline=args.baseline, log=log)
     except MlmScorerError as exc:
         print(f"mlm-score: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,21 +1,43 @@
 """Resolve ``--model``: an export directory is used as is; a checkpoint (Hugging Face directory, TF-1
 directory or hub id) is exported once into a cache and reused on later runs.
 
+What ``--model`` names, in order:
+  1. an export (``mlm_scorer.json`` in it or in a numeric version directory): opened as is;
+  2. an existing local path: a checkpoint directory, exported into the cache;
+  3. a path that does not exist but looks like one (it starts with ``.``, ``/`` or ``~``, or its first
+     component exists here, as ``models/`` for ``models/bret``): a missing directory, ModelError (exit
+     4), with the nearest names; the Hub is never asked;
+  4. anything else of the form ``name`` or ``org/name``: a Hugging Face hub id, downloaded (the
+     needed files only) and exported into the cache.
+
 Cache: ``$MLM_SCORER_CACHE`` or ``~/.cache/mlm-scorer``, under ``exports/<key>/1`` where the key is a
 hash of the source (a local directory: its absolute path and its files' names, sizes and mtimes; a hub
-id: the id). Concurrent runs take a file lock, so a model is exported once.
+id: the id). The export, and what the run's engine needs beside the SavedModel (``model.onnx`` for the
+onnx and torch engines, ``model.int8.onnx`` for onnx int8), are built on first use under a file lock
+(``<key>.lock``, removed when done), so concurrent runs build each once. A failed resolution leaves
+nothing in the cache.
 """
 from __future__ import annotations
 
+import difflib
 import fcntl
 import hashlib
+import importlib.util
 import os
+import re
+import shlex
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-from .errors import MissingDependencyError, ModelError
+from .errors import MissingDependencyError, ModelError, UsageError
 from .model_dir import ModelDir, is_export_dir
 
 DEFAULT_MODEL = "bert-base-uncased"
+#: The k of an implicit export (a larger --top-k on first use exports with that k).
+DEFAULT_TOP_K = 5
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -40,30 +62,239 @@ def source_key(source: str) -> str:
 
 
 def resolve_model(model: str | os.PathLike, *, version: int | None = None, cache_dir: str | os.PathLike | None = None,
-                  log=None) -> ModelDir:
-    """Return the export for ``model``, exporting a checkpoint into the cache on first use."""
+                  log: Callable[[str], None] | None = None, engine: str | None = None,
+                  precision: str | None = None, top_k: int = 0) -> ModelDir:
+    """Return the export for ``model``, exporting a checkpoint into the cache on first use.
+
+    ``engine`` / ``precision``: what the run will score with; a cached export gets what that engine needs
+    built into it on first use (``engine_files``). ``top_k``: the run's --top-k, refused here (before any
+    engine or TensorFlow loads) when above the export's k, naming the command that gives a larger k.
+
+    Raises ModelError (a missing local directory, a checkpoint that cannot be exported), UsageError
+    (``top_k`` above the export's k), MissingDependencyError (the exporter's extras are not installed).
+    """
     model = str(model)
-    if is_export_dir(model):
-        return ModelDir.open(model, version)
-    target = cache_root(cache_dir) / "exports" / source_key(model)
+    local = Path(model).expanduser()
+    if is_export_dir(local):
+        md = ModelDir.open(local, version)
+        check_top_k(md, top_k)
+        return md
+    _refuse_missing_local(model, local)
+    target = cache_root(cache_dir) / "exports" / source_key(str(local) if local.exists() else model)
     if is_export_dir(target):
-        return ModelDir.open(target)
+        md = ModelDir.open(target)
+        check_top_k(md, top_k, model=model)
+        if not engine_files(md, engine, precision):
+            return md
+    source, hub_id = (Path(os.path.abspath(local)), None) if local.exists() else (_download(model, log), model)
+    return _build(model, source, hub_id, target, engine=engine, precision=precision, top_k=top_k,
+                  log=log or (lambda m: None))
+
+
+# ------------------------------------------------------------------------------------- the source
+
+
+def _refuse_missing_local(model: str, local: Path) -> None:
+    """A value that does not exist but names a local path is a missing directory, not a hub id."""
+    if local.exists():
+        return
+    parts = Path(model).parts
+    looks_local = (model.startswith((".", "/", "~")) or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir())
+                   or not _HUB_ID.fullmatch(model))
+    if not looks_local:
+        return
+    parent = local.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    hint = ""
+    if parent.is_dir():
+        names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+        close = difflib.get_close_matches(local.name, names, n=3, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {' or '.join(repr(str(Path(model).parent / c)) for c in close)}?"
+        elif names:
+            hint = f"; {str(parent)!r} holds: {', '.join(names[:10])}{' …' if len(names) > 10 else ''}"
+    raise ModelError(f"model directory {model!r} does not exist{hint} (--model takes an export directory, a "
+                     f"checkpoint directory, or a Hugging Face hub id such as bert-base-uncased)")
+
+
+def _download(hub_id: str, log) -> Path:
     try:
-        from mlm_export import CheckpointError, export
+        from mlm_export.checkpoint import CheckpointError, download_from_hub
+    except ImportError as exc:
+        raise MissingDependencyError(f"exporting {hub_id!r} needs the exporter's dependencies ({exc.name}): "
+                                     f"pip install 'mlm-scorer[tf,hub]'") from None
+    if log:
+        log(f"downloading {hub_id} from the Hugging Face Hub (the files an export needs)")
+    try:
+        return download_from_hub(hub_id)
+    except CheckpointError as exc:
+        raise ModelError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------- the cached build
+
+
+def engine_files(md: ModelDir, engine: str | None, precision: str | None) -> list[str]:
+    """Files the engine needs beside the SavedModel that ``md`` lacks: ``model.onnx`` for onnx, and for
+    torch where it can be written (the torch engine reads its weights from it without TensorFlow, else from
+    the SavedModel with TensorFlow); ``model.int8.onnx`` for onnx int8."""
+    want = []
+    if engine == "onnx":
+        want = ["model.int8.onnx"] if precision == "int8" else ["model.onnx"]
+    elif engine == "torch" and _can_write_onnx():
+        want = ["model.onnx"]
+    return [f for f in want if not (md.path / f).is_file()]
+
+
+def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine, precision, top_k: int,
+           log) -> ModelDir:
+    try:
+        from mlm_export import CasingError, CheckpointError, load_checkpoint
+        from mlm_export.saved_model import export_checkpoint
+        from mlm_export.verify import VerificationError
     except ImportError as exc:
         raise MissingDependencyError(f"exporting {model!r} needs the exporter's dependencies ({exc.name}): "
                                      f"pip install 'mlm-scorer[tf]'") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(target) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be exporting the same model
-        if not is_export_dir(target):
-            if log:
-                log(f"exporting {model} to {target} (once; later runs reuse it)")
+    ckpt = None
+
+    def checkpoint():
+        nonlocal ckpt
+        if ckpt is None:
             try:
-                export(model, target, version=1, log=log or (lambda m: None))
+                ckpt = load_checkpoint(source, hub_id=hub_id)
+            except CasingError as exc:
+                out = shlex.quote(f"{Path(model).name}-export")
+                raise ModelError(f"{exc}. For mlm-score --model {model}: export it once with your choice, e.g. "
+                                 f"mlm-export {shlex.quote(model)} {out} --do-lower-case (or --no-lower-case), "
+                                 f"and pass --model {out}") from None
             except CheckpointError as exc:
                 raise ModelError(str(exc)) from None
-            except ImportError as exc:
-                raise MissingDependencyError(f"exporting {model!r} needs {exc.name}: pip install "
-                                             f"'mlm-scorer[tf]'") from None
+        return ckpt
+
+    try:
+        with _cache_lock(target):
+            if not is_export_dir(target):
+                k = max(DEFAULT_TOP_K, top_k)
+                checkpoint()
+                log(f"exporting {model} to {target} (once; later runs reuse it)")
+                export_checkpoint(checkpoint(), target, version=1, top_k=k, overwrite=True, log=log)
+            md = ModelDir.open(target)
+            check_top_k(md, top_k, model=model)
+            missing = engine_files(md, engine, precision)
+            if missing:
+                from mlm_export.to_onnx import write_onnx
+
+                log(f"building {', '.join(missing)} into the cached export for --engine {engine} (once)")
+                write_onnx(md.path, checkpoint(), quantize="int8" if "model.int8.onnx" in missing else None,
+                           log=log)
+            elif engine == "torch" and not (md.path / "model.onnx").is_file():
+                log("the torch engine reads the weights from the SavedModel with TensorFlow (model.onnx, which it "
+                    "reads without TensorFlow, needs pip install 'mlm-scorer[onnx-export]' to be written)")
+    except (VerificationError, ValueError) as exc:
+        raise ModelError(f"exporting {model!r} failed: {exc}") from None
+    except ImportError as exc:  # write_onnx names its extra; a module missing elsewhere is the exporter's
+        raise MissingDependencyError(
+            f"exporting {model!r} for --engine {engine or 'saved_model'}: " + (
+                str(exc) if exc.name is None else f"{exc.name} is not installed: pip install 'mlm-scorer[tf]'")
+        ) from None
     return ModelDir.open(target)
+
+
+def _can_write_onnx() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx", "onnxruntime"))
+
+
+@contextmanager
+def _cache_lock(target: Path) -> Iterator[None]:
+    """Hold ``<target>.lock`` exclusively; on exit remove it, and on failure remove what was made for
+    ``target`` (a partial export directory, cache directories this call created).
+
+    Safe to remove while others wait: a waiter that gets the lock checks that the path still names the
+    file it locked, and starts over if not.
+    """
+    lock_path = Path(str(target) + ".lock")
+    made, d = [], target.parent  # the cache directories this call creates, innermost first
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the directory was removed between the two calls
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run may be exporting the same model
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder before us removed that file: lock the current one
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        try:
+            if not ok and target.exists() and not is_export_dir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            os.unlink(lock_path)
+        finally:
+            os.close(fd)
+        if not ok:
+            for d in made:
+                try:
+                    d.rmdir()  # only if empty
+                except OSError:
+                    pass
+
+
+# ------------------------------------------------------------------------------- --top-k and commands
+
+
+def check_top_k(md: ModelDir, top_k: int, *, model: str | None = None) -> None:
+    """Refuse ``top_k`` above the export's k, naming the mlm-export command that gives a larger one."""
+    if top_k <= md.top_k:
+        return
+    raise UsageError(f"--top-k {top_k} is above this export's k ({md.top_k}): the export returns at most "
+                     f"{md.top_k} predictions per word. {rebuild_hint(md, model, f'--top-k {top_k}')}")
+
+
+def rebuild_hint(md: ModelDir, model: str | None, *flags: str) -> str:
+    """The exact mlm-export command that makes an export like ``md`` with ``flags`` added, and how to use it.
+
+    ``model``: the --model value when ``md`` is the cache's export of a checkpoint (then the command writes
+    a new directory); None when ``md`` is the user's own export (then a new version beside it)."""
+    m = md.manifest
+    src = m.get("source") or {}
+    source = src.get("hub_id") or src.get("path")
+    if src.get("kind") == "tf1" and source:
+        source = str(Path(source).parent)
+    if not source:
+        return f"Export the checkpoint again with mlm-export CHECKPOINT OUT {' '.join(flags)}"
+    args = ["mlm-export", shlex.quote(str(source))]
+    if model is None and md.version is None:  # an export directory without version directories
+        out = f"{md.path}-2"
+        args += [shlex.quote(out)]
+        use = f"then pass --model {shlex.quote(out)}"
+    elif model is None:
+        base = md.path.parent
+        version = max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0) + 1
+        args += [shlex.quote(str(base)), "--version", str(version)]
+        use = f"then --model {shlex.quote(str(base))} uses version {version}"
+    else:
+        out = f"{Path(str(source)).name}-export"
+        args += [shlex.quote(out)]
+        use = f"then pass --model {shlex.quote(out)}"
+    flag_names = {f.split()[0] for f in flags}
+    if m.get("top_k", DEFAULT_TOP_K) != DEFAULT_TOP_K and "--top-k" not in flag_names:
+        args += ["--top-k", str(m["top_k"])]
+    if m.get("layer_norm", "fused") != "fused":
+        args += ["--layer-norm", str(m["layer_norm"])]
+    cfg_max = (m.get("config") or {}).get("max_position_embeddings")
+    if cfg_max and m.get("max_seq_length") != cfg_max:
+        args += ["--max-seq-length", str(m["max_seq_length"])]
+    if (m.get("casing") or {}).get("given"):
+        args += ["--do-lower-case" if m.get("do_lower_case") else "--no-lower-case"]
+    return f"Export it with: {' '.join(args + list(flags))}; {use}"

@@ -26,7 +26,7 @@ from .engines.base import get_engine
 from .errors import InputError, MlmScorerError, UsageError
 from .model_dir import sha256_file
 from .models import DEFAULT_MODEL, resolve_model
-from .quality import FlagRule, evaluate
+from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
 from .reader import Layout, Row, TsvReader, count_lines
 from .scorer import Scorer, SentenceResult
 from .writer import ResultWriter, check_output_path, pseudo_perplexity
@@ -62,6 +62,7 @@ class ScoreSummary:
     cache_lookups: int = 0  # persistent score cache (--cache): distinct sentences looked up, found
     cache_hits: int = 0
     resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
+    flag_rules: list[str] = field(default_factory=list)  # as applied: percentiles with the value taken
     _pll_sum: float = field(default=0.0, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
 
@@ -106,7 +107,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
                flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
-               score_cache: str | os.PathLike | None = None,
+               score_cache: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
                log: Callable[[str], None] | None = None,
                scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
@@ -116,7 +117,9 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     Outputs appear atomically at the end; on any error no file appears at the final paths. Chunks are
     committed as they finish (``OUTPUT.parts/``): ``resume=True`` continues after the last committed row
     of an interrupted run, and refuses if the input or the settings changed.
-    ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns.
+    ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns; a
+    percentile threshold (``pseudo_perplexity=p99``) is taken from ``baseline`` (a result scored with the
+    same model and mode) when one is given, else from this run in a second pass at the end.
     ``score_cache`` is a directory for the persistent score cache (see ``cache.py``).
     """
     if on_bad_row not in ON_BAD_ROW:
@@ -133,7 +136,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     owns_engine = scorer is None
     try:
         if scorer is None:
-            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
+            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                               precision=(engine_options or {}).get("precision"), top_k=top_k)
             eng = get_engine(engine, model=md, top_k=top_k > 0, **(engine_options or {}))
             policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
             try:
@@ -142,10 +146,13 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
             except ValueError as exc:
                 eng.close()
                 raise UsageError(str(exc)) from None
+        rules = list(flag_rules or [])
+        if baseline is not None and any(r.relative for r in rules):
+            rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
-                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=flag_rules or [],
-                       resume=resume)
+                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
+                       resume=resume, baseline=None if baseline is None else str(baseline))
         summary.load_seconds = load_seconds
         summary.seconds += load_seconds
         return summary
@@ -158,7 +165,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
 
 
 def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
-         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule], resume: bool) -> ScoreSummary:
+         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule], resume: bool,
+         baseline: str | None = None) -> ScoreSummary:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
@@ -176,7 +184,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                           flag=bool(flag_rules), metadata={
                               "model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
                               "engine": scorer.engine.name, "input": input_path,
-                              "flag_rules": [str(r) for r in flag_rules]},
+                              "flag_rules": [str(r) for r in flag_rules],
+                              **({"baseline": baseline} if baseline else {})},
                           identity=input_identity(input_path), settings=settings, resume=resume)
     summary.sentences_output = str(writer.sentences_path)
     skip_rows = writer.rows_done
@@ -259,7 +268,15 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             bar.update(len(rows))
             el = time.perf_counter() - t0
             bar.set_postfix_str(f"{scorer.stats.copies / el:.0f} copies/s", refresh=False)
-        writer.commit()
+        # percentiles of the run itself: a second pass over the committed parts (all of them, after --resume)
+        second = RunQuantiles.fit(flag_rules, writer.sentence_parts())
+        if second is None:
+            writer.commit()
+        else:
+            writer.commit(transform=second.apply, metadata={"flag_rules": second.rule_strings})
+            summary.flagged = second.flagged
+            flag_rules = second.rules
+        summary.flag_rules = [str(r) for r in flag_rules]
     except BaseException as exc:
         stop.set()
         writer.abort()

@@ -1,14 +1,39 @@
-"""Data-quality flags: thresholds on sentence scores, written as the ``flag`` / ``flag_reason`` columns.
+"""Data quality: flag rules on sentence scores, and the statistics that compare a batch with a baseline.
 
-Rules are ``METRIC=VALUE`` with a direction: ``--flag-below min_word_prob=0.001`` flags a sentence
-whose least likely word has probability under 0.001; ``--flag-above pseudo_perplexity=500`` flags a
-sentence whose pseudo-perplexity exceeds 500. A sentence is flagged when any rule fires; skipped rows
-get a null flag.
+Rules are ``METRIC=THRESHOLD`` with a direction, written as the ``flag`` / ``flag_reason`` sentence
+columns. A sentence is flagged when any rule fires; skipped rows get a null flag. The threshold is
+either a number or a percentile ``pNN`` (``p99``, ``p1``, ``p99.9``)::
+
+    --flag-below min_word_prob=0.001       least likely word's probability under 0.001
+    --flag-above pseudo_perplexity=500     pseudo-perplexity over 500
+    --flag-above pseudo_perplexity=p99     over the run's own 99th percentile
+    --flag-above pseudo_perplexity=p99 --baseline base.parquet   over the baseline's 99th percentile
+
+Percentiles (nearest rank): ``pNN`` of n values is the smallest of them such that at least NN % of
+the values are less than or equal to it, i.e. the ceil(NN/100 * n)-th smallest (the smallest for
+p0). It is always one of the values, never interpolated, so ``--flag-above X=p99`` flags at most 1 % of
+the rows it was taken from (fewer with ties) and ``--flag-below X=p1`` at most 1 %. Only scored rows
+count (status "ok"); skipped rows have no scores.
+
+A percentile of the run itself is known only once every row is scored: the scorer commits the chunks
+with the other rules applied, then takes the percentiles in a second pass over the committed sentence
+parts (reading only the score columns) and writes the flags while it assembles the final file. An
+interrupted run resumed with ``--resume`` does the same over all parts, old and new.
+
+The statistics (``compare``) that ``mlm-score check`` and ``mlm-score report --baseline`` share, per
+metric: the two-sample Kolmogorov-Smirnov statistic D (the largest gap between the two cumulative
+distributions: a batch in which a share s of the rows moved past every baseline score has D close to
+s) with its asymptotic p-value; the population stability index over the baseline's deciles; the
+share of rows beyond the baseline's p99 (p1 for metrics that get worse downwards).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -20,41 +45,84 @@ METRICS = {
     "mean_word_log_prob": "below",
     "pll": "below",
 }
+# what check and the report compare with a baseline: a sentence's overall fit and its worst word (the
+# other metrics are monotone transforms of these, or depend on the length)
+COMPARED = ("pseudo_perplexity", "min_word_prob")
+SCORE_COLUMNS = ["status", "pll", "n_words", "pseudo_perplexity", "min_word_log_prob"]
 
 
+# ------------------------------------------------------------------------------------------------ rules
 @dataclass(frozen=True)
 class FlagRule:
     metric: str
     op: str  # "below" | "above"
-    value: float
+    value: float | None  # the threshold; None for a percentile of the run not taken yet (NaN: no rows)
+    percentile: Fraction | None = None  # pNN; None for a fixed threshold
+    of: str | None = None  # where the percentile was taken: "run" or "baseline"
+
+    @property
+    def relative(self) -> bool:
+        return self.percentile is not None
+
+    @property
+    def pending(self) -> bool:
+        """A percentile of the run itself, known only after the run (``RunQuantiles``)."""
+        return self.value is None
+
+    def fires(self, x: float) -> bool:
+        if self.value is None:
+            return False
+        return x < self.value if self.op == "below" else x > self.value
 
     def check(self, metrics: dict[str, float]) -> str | None:
         """The reason text if the rule fires, else None."""
         x = metrics[self.metric]
-        if self.op == "below" and x < self.value:
-            return f"{self.metric} {x:.4g} < {self.value:g}"
-        if self.op == "above" and x > self.value:
-            return f"{self.metric} {x:.4g} > {self.value:g}"
-        return None
+        return self.reason(x) if self.fires(x) else None
+
+    def reason(self, x: float) -> str:
+        sym = "<" if self.op == "below" else ">"
+        if not self.relative:
+            return f"{self.metric} {x:.4g} {sym} {self.value:g}"
+        return f"{self.metric} {x:.4g} {sym} {self.value:.4g} (p{_pct(self.percentile)} of the {self.of})"
 
     def __str__(self) -> str:
-        return f"--flag-{self.op} {self.metric}={self.value:g}"
+        if not self.relative:
+            return f"--flag-{self.op} {self.metric}={self.value:g}"
+        s = f"--flag-{self.op} {self.metric}=p{_pct(self.percentile)}"
+        if self.value is not None:
+            s += f" (of the {self.of}: " + ("no scored rows" if math.isnan(self.value) else f"{self.value:.6g}") + ")"
+        return s
+
+
+def _pct(p: Fraction) -> str:
+    return str(p.numerator) if p.denominator == 1 else f"{float(p):g}"
 
 
 def parse_rule(spec: str, op: str) -> FlagRule:
+    """``METRIC=VALUE`` or ``METRIC=pNN`` for ``--flag-below`` (op "below") or ``--flag-above``."""
     if "=" not in spec:
-        raise UsageError(f"--flag-{op} expects METRIC=VALUE (metrics: {', '.join(METRICS)}), got {spec!r}")
+        raise UsageError(f"--flag-{op} expects METRIC=VALUE or METRIC=pNN (metrics: {', '.join(METRICS)}), "
+                         f"got {spec!r}")
     metric, value = (x.strip() for x in spec.split("=", 1))
     metric = metric.replace("-", "_")
     if metric not in METRICS:
         raise UsageError(f"--flag-{op}: unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
-    try:
-        v = float(value)
-    except ValueError:
-        raise UsageError(f"--flag-{op} {metric}: {value!r} is not a number") from None
     if METRICS[metric] != op:
         raise UsageError(f"{metric} gets worse {METRICS[metric]} a threshold: use "
                          f"--flag-{METRICS[metric]} {metric}={value}")
+    if value[:1] in ("p", "P"):
+        try:
+            pct = Fraction(value[1:])
+        except ValueError:
+            pct = None
+        if pct is None or not 0 <= pct <= 100 or not value[1:].replace(".", "", 1).isdigit():
+            raise UsageError(f"--flag-{op} {metric}: {value!r} is not a percentile; write p0 to p100, e.g. "
+                             f"p99 or p99.9")
+        return FlagRule(metric, op, None, percentile=pct, of="run")
+    try:
+        v = float(value)
+    except ValueError:
+        raise UsageError(f"--flag-{op} {metric}: {value!r} is not a number (or a percentile such as p99)") from None
     if math.isnan(v):
         raise UsageError(f"--flag-{op} {metric}: the threshold is NaN")
     return FlagRule(metric, op, v)
@@ -74,3 +142,273 @@ def evaluate(rules: list[FlagRule], pll: float, n_words: int, min_word_log_prob:
     m = sentence_metrics(pll, n_words, min_word_log_prob)
     reasons = [r for r in (rule.check(m) for rule in rules) if r]
     return bool(reasons), "; ".join(reasons) or None
+
+
+def default_baseline_rules() -> list[FlagRule]:
+    """What check and the report flag against a baseline when not told otherwise: a sentence less likely
+    overall than 99 % of the baseline's, or with a word less likely than the baseline's 1 % worst."""
+    return [FlagRule("pseudo_perplexity", "above", None, percentile=Fraction(99), of="baseline"),
+            FlagRule("min_word_prob", "below", None, percentile=Fraction(1), of="baseline")]
+
+
+# ------------------------------------------------------------------------------------------ percentiles
+def quantile(values, percentile: Fraction | float) -> float:
+    """Nearest-rank percentile (see the module doc) of ``values``; NaN when there are none."""
+    import numpy as np
+
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if not v.size:
+        return float("nan")
+    k = math.ceil(Fraction(percentile) * v.size / 100)  # exact: Fraction("99.9") * n / 100
+    return float(v[max(k, 1) - 1])
+
+
+# -------------------------------------------------------------------------------------------- scores
+def metric_array(table, metric: str):
+    """``metric`` for every row of a sentences table, float64 (NaN where a row has no score)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def col(name):
+        return pc.fill_null(table.column(name).cast(pa.float64()), float("nan")).to_numpy()
+
+    if metric == "pseudo_perplexity":
+        return col("pseudo_perplexity")
+    if metric == "min_word_prob":  # math.exp, as the per-row rules compute it: the same value to the bit
+        return np.fromiter((math.exp(x) for x in col("min_word_log_prob")), np.float64, table.num_rows)
+    if metric == "mean_word_log_prob":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return col("pll") / col("n_words")
+    if metric in ("min_word_log_prob", "pll"):
+        return col(metric)
+    raise ValueError(metric)
+
+
+def scored_mask(table):
+    """bool array: the rows with status "ok"."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
+
+
+@dataclass
+class Scores:
+    """The scores of one result's scored rows (in row order), for percentiles and comparisons."""
+
+    path: str  # as given
+    sentences: Path
+    settings: dict[str, Any]
+    rows: int
+    scored: int
+    values: dict[str, Any]  # metric -> float64 array over the scored rows
+    flag: Any | None  # bool array over the scored rows (the result's flag column), None without one
+
+    @property
+    def skipped(self) -> int:
+        return self.rows - self.scored
+
+
+def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
+    """Read the score columns of a result (either file of the pair, or a Ray output directory)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from .results import read_table, result_paths, settings
+
+    try:
+        _, sents_path = result_paths(result)
+        table, schema = read_table(sents_path, SCORE_COLUMNS + ["flag"])
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    missing = [c for c in SCORE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UsageError(f"{what}: {str(sents_path)!r} is not an mlm-score sentences file: no {missing[0]!r} column")
+    ok = scored_mask(table)
+    values = {m: metric_array(table, m)[ok] for m in METRICS}
+    flag = None
+    if "flag" in table.column_names:
+        flag = np.asarray(pc.fill_null(table.column("flag"), False).to_numpy(), dtype=bool)[ok]
+    return Scores(path=str(result), sentences=sents_path, settings=settings(schema), rows=table.num_rows,
+                  scored=int(ok.sum()), values=values, flag=flag)
+
+
+def resolve(rules: list[FlagRule], values: dict[str, Any], *, of: str) -> list[FlagRule]:
+    """The rules with every percentile taken from ``values`` (metric -> scores of the reference)."""
+    return [replace(r, value=quantile(values[r.metric], r.percentile), of=of) if r.relative else r for r in rules]
+
+
+def check_comparable(reference: Scores, *, model_checksum: str | None, mode: str | None, what: str = "baseline",
+                     other: str = "this run") -> None:
+    """Refuse to compare scores of different models or modes (their scales differ)."""
+    s = reference.settings
+    diffs = []
+    if model_checksum and s.get("model_checksum") and s["model_checksum"] != model_checksum:
+        diffs.append(f"model checksum {s['model_checksum'][:16]} ({s.get('model', '?')}) vs {model_checksum[:16]}")
+    if mode and s.get("mode") and s["mode"] != mode:
+        diffs.append(f"mode {s['mode']} vs {mode}")
+    if diffs:
+        raise UsageError(f"the {what} {reference.path} and {other} were scored differently ({'; '.join(diffs)}): "
+                         f"scores of different models or modes are not comparable. Score the {what} with the same "
+                         f"--model and --mode")
+
+
+def baseline_rules(rules: list[FlagRule], baseline: str | os.PathLike, *, model_checksum: str | None = None,
+                   mode: str | None = None) -> list[FlagRule]:
+    """``rules`` with their percentiles taken from the baseline result (refused if it was scored with
+    another model or mode, or has no scored rows)."""
+    ref = load_scores(baseline, what="baseline")
+    check_comparable(ref, model_checksum=model_checksum, mode=mode)
+    if ref.scored == 0:
+        raise UsageError(f"the baseline {baseline} has no scored rows: its percentiles are undefined")
+    return resolve(rules, ref.values, of="baseline")
+
+
+class RunQuantiles:
+    """The second pass for rules relative to the run itself: ``fit`` takes the percentiles from the
+    committed sentence parts, ``apply`` recomputes the flag columns of a sentences table with every rule."""
+
+    def __init__(self, rules: list[FlagRule]):
+        self.rules = rules  # every percentile taken
+        self.flagged = 0  # rows flagged by ``apply`` so far
+
+    @classmethod
+    def fit(cls, rules: list[FlagRule], parts: list[str | os.PathLike]) -> RunQuantiles | None:
+        """None when no rule needs the run's percentiles; reads only the score columns of ``parts``."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        pending = sorted({r.metric for r in rules if r.pending})
+        if not pending:
+            return None
+        chunks: dict[str, list] = {m: [] for m in pending}
+        for p in parts:
+            t = pq.read_table(p, columns=SCORE_COLUMNS)
+            ok = scored_mask(t)
+            for m in pending:
+                chunks[m].append(metric_array(t, m)[ok])
+        values = {m: np.concatenate(c) if c else np.empty(0) for m, c in chunks.items()}
+        rules = [replace(r, value=quantile(values[r.metric], r.percentile)) if r.pending else r for r in rules]
+        return cls(rules)
+
+    @property
+    def rule_strings(self) -> list[str]:
+        return [str(r) for r in self.rules]
+
+    def apply(self, table):
+        """``table`` (a sentences table with flag columns) with ``flag`` and ``flag_reason`` recomputed."""
+        import numpy as np
+        import pyarrow as pa
+
+        ok = scored_mask(table)
+        metrics = {m: metric_array(table, m) for m in {r.metric for r in self.rules}}
+        fired = []  # per rule: the rows where it fires (the comparisons of FlagRule.fires; NaN never fires)
+        for r in self.rules:
+            x = metrics[r.metric]
+            hit = np.zeros(len(x), bool) if r.value is None else (x < r.value if r.op == "below" else x > r.value)
+            fired.append(hit & ok)
+        anyf = np.logical_or.reduce(fired) if fired else np.zeros(table.num_rows, bool)
+        reasons: list[str | None] = [None] * table.num_rows
+        for i in np.flatnonzero(anyf):
+            reasons[i] = "; ".join(r.reason(metrics[r.metric][i]) for r, hit in zip(self.rules, fired) if hit[i])
+        self.flagged += int(anyf.sum())
+        for name, arr in (("flag", pa.array(anyf, pa.bool_(), mask=~ok)), ("flag_reason", pa.array(reasons, pa.string()))):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, table.schema.field(i), arr)
+        return table
+
+    def rewrite(self, paths: list[str | os.PathLike], metadata: dict[str, Any] | None = None) -> None:
+        """Apply to Parquet files in place (each written to a temporary name, then renamed), updating the
+        ``mlm_scorer`` metadata with ``metadata``. For outputs not yet published (the Ray runner's)."""
+        import json
+
+        import pyarrow.parquet as pq
+
+        for p in map(Path, paths):
+            t = self.apply(pq.read_table(p))
+            if metadata:
+                meta = dict(t.schema.metadata or {})
+                old = json.loads(meta.get(b"mlm_scorer", b"{}"))
+                meta[b"mlm_scorer"] = json.dumps({**old, **metadata}, sort_keys=True).encode()
+                t = t.replace_schema_metadata(meta)
+            tmp = p.with_name(f".{p.name}.tmp")
+            pq.write_table(t, tmp, compression="zstd")
+            os.replace(tmp, p)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def ks_2samp(a, b) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov: (D, asymptotic p-value). D = max over x of |F_a(x) - F_b(x)|
+    (ties handled: F counts values <= x). NaN, NaN when a sample is empty."""
+    import numpy as np
+
+    a = np.sort(np.asarray(a, dtype=np.float64))
+    b = np.sort(np.asarray(b, dtype=np.float64))
+    if not a.size or not b.size:
+        return float("nan"), float("nan")
+    x = np.concatenate([a, b])
+    d = float(np.max(np.abs(np.searchsorted(a, x, side="right") / a.size
+                            - np.searchsorted(b, x, side="right") / b.size)))
+    ne = a.size * b.size / (a.size + b.size)
+    return d, kolmogorov_q((math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d)
+
+
+def kolmogorov_q(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution: the asymptotic KS p-value (Stephens' small-sample
+    correction is applied by the caller). Two series, each fast where it is used."""
+    if lam <= 0:
+        return 1.0
+    if lam < 1.18:  # 1 - sqrt(2 pi)/lam * sum exp(-(2j-1)^2 pi^2 / (8 lam^2))
+        y = math.exp(-math.pi ** 2 / (8 * lam * lam))
+        s = sum(y ** ((2 * j - 1) ** 2) for j in range(1, 8))
+        return min(1.0, max(0.0, 1 - math.sqrt(2 * math.pi) / lam * s))
+    x = math.exp(-2 * lam * lam)  # 2 sum (-1)^(j-1) exp(-2 j^2 lam^2)
+    return min(1.0, max(0.0, 2 * sum((-1) ** (j - 1) * x ** (j * j) for j in range(1, 8))))
+
+
+def psi(baseline, current, bins: int = 10) -> float:
+    """Population stability index of ``current`` against ``baseline`` over the baseline's ``bins``
+    quantile bins (deciles): sum (a - e) ln(a / e) over bins, with e and a the baseline's and the
+    current batch's shares. Half a row is added to every bin of both, so an empty bin stays finite.
+    0 for identical distributions; by convention < 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a
+    major one."""
+    import numpy as np
+
+    b = np.asarray(baseline, dtype=np.float64)
+    c = np.asarray(current, dtype=np.float64)
+    if not b.size or not c.size:
+        return float("nan")
+    edges = np.unique([quantile(b, Fraction(100 * k, bins)) for k in range(1, bins)])
+    k = edges.size + 1
+    e = (np.bincount(np.searchsorted(edges, b, side="left"), minlength=k) + 0.5) / (b.size + 0.5 * k)
+    a = (np.bincount(np.searchsorted(edges, c, side="left"), minlength=k) + 0.5) / (c.size + 0.5 * k)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _finite(x: float) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def compare(current: Scores, baseline: Scores) -> dict[str, dict[str, Any]]:
+    """Per metric in COMPARED: KS D and p-value, PSI, percentiles of both, and the share of the current
+    rows beyond the baseline's p99 (p1 for metrics that get worse downwards). JSON-ready (NaN -> None)."""
+    import numpy as np
+
+    out = {}
+    for m in COMPARED:
+        b, c = baseline.values[m], current.values[m]
+        d, p = ks_2samp(c, b)
+        tail = Fraction(99) if METRICS[m] == "above" else Fraction(1)
+        thr = quantile(b, tail)
+        rule = FlagRule(m, METRICS[m], thr, percentile=tail, of="baseline")
+        beyond_c = np.array([rule.fires(x) for x in c], dtype=bool)
+        beyond_b = np.array([rule.fires(x) for x in b], dtype=bool)
+        out[m] = {
+            "direction": METRICS[m], "ks": _finite(d), "ks_pvalue": _finite(p), "psi": _finite(psi(b, c)),
+            "tail": f"p{_pct(tail)}", "baseline_threshold": _finite(thr),
+            "rows_beyond": int(beyond_c.sum()), "share_beyond": float(beyond_c.mean()) if c.size else None,
+            "baseline_share_beyond": float(beyond_b.mean()) if b.size else None,
+            "baseline_percentiles": {q: _finite(quantile(b, Fraction(q[1:]))) for q in ("p1", "p50", "p99")},
+            "current_percentiles": {q: _finite(quantile(c, Fraction(q[1:]))) for q in ("p1", "p50", "p99")},
+        }
+    return out

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
-    q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE")
+    q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
+                   help="as mlm-score: a number or a percentile pNN of the run (of --baseline when given)")
+    q.add_argument("--baseline", metavar="RESULT", help="take pNN thresholds from this earlier result")
     r = ap.add_argument_group("ray")
     r.add_argument("--num-actors", type=int, default=2, help="actors in the pool, each holding one model (default 2)")
     r.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
 
-    from .errors import MlmScorerError
+    from .errors import MlmScorerError, UsageError
     from .models import DEFAULT_MODEL
     from .quality import parse_rule
 
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         from .ray_data import score_dataset
 
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        if args.baseline and not any(r.relative for r in rules):
+            raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
+                             "--flag-above pseudo_perplexity=p99")
         summary = score_dataset(
             args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
             engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
             max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
-            ray_init_options=init, log=log)
+            ray_init_options=init, baseline=args.baseline, log=log)
     except ImportError as exc:
         print(f"mlm-score ray: error: {exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'",
               file=sys.stderr)

@@ -263,7 +263,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                   batch_tokens: int | None = None, max_batch_size: int | None = None,
                   cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
                   ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
-                  wait_for_actors_s: float = 600,
+                  wait_for_actors_s: float = 600, baseline: str | os.PathLike | None = None,
                   log: Callable[[str], None] | None = None) -> dict:
     """Score TSV and/or Parquet files with a Ray actor pool; write ``output_dir/{words,sentences}``.
 
@@ -273,6 +273,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     ``ray_address`` (or starts a local Ray) unless Ray is already initialized. Raises InputError (with
     file:line) for a bad row under ``on_bad_row="fail"``, UsageError for bad arguments; on any error
     ``output_dir`` is left as it was. Returns the summary dict also written to ``summary.json``.
+    Percentile flag rules (``pseudo_perplexity=p99``) take the percentile from ``baseline`` when given,
+    else from this run: a second pass over the written sentence files before the output is published.
     """
     from .pipeline import ON_BAD_ROW
 
@@ -310,9 +312,14 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     # the model is resolved once here (exported into the cache if it is a checkpoint) so the actors only open it
     from .models import resolve_model
 
-    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log)
-    if top_k < 0 or top_k > md.top_k:
-        raise UsageError(f"top_k must be between 0 and the export's k ({md.top_k}), got {top_k}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                       precision=(engine_options or {}).get("precision"), top_k=top_k)
+    if baseline is not None and any(r.relative for r in flag_rules):
+        from .quality import baseline_rules
+
+        flag_rules = baseline_rules(flag_rules, baseline, model_checksum=md.checksum, mode=mode)
     engine_options = dict(engine_options or {})
     if engine == "saved_model" and num_cpus_per_actor >= 1:
         # one TF thread pool per actor, sized to its CPUs: actors sharing a node do not oversubscribe it
@@ -340,7 +347,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                         top_k=top_k, flag_rules=flag_rules, num_actors=num_actors,
                         num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
                         batch_rows=batch_rows, read_chunk_rows=read_chunk_rows, read_num_cpus=read_num_cpus,
-                        batch_tokens=batch_tokens, max_batch_size=max_batch_size, cache_dir=cache_dir, t0=t0)
+                        batch_tokens=batch_tokens, max_batch_size=max_batch_size, cache_dir=cache_dir, t0=t0,
+                        baseline=None if baseline is None else str(baseline))
     finally:  # leave the caller's Ray Data settings as they were
         (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
          ctx.wait_for_min_actors_s) = saved
@@ -348,7 +356,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
 
 def _execute(ray, inputs: list[str], out: Path, *, md, lay: Layout, mode, engine, engine_options, text_column,
              id_column, header, on_bad_row, top_k, flag_rules, num_actors, num_cpus_per_actor, num_gpus_per_actor,
-             batch_rows, read_chunk_rows, read_num_cpus, batch_tokens, max_batch_size, cache_dir, t0) -> dict:
+             batch_rows, read_chunk_rows, read_num_cpus, batch_tokens, max_batch_size, cache_dir, t0,
+             baseline=None) -> dict:
     specs = _read_specs(inputs)
     read_kw = {"text_column": text_column, "id_column": id_column, "header": header, "chunk_rows": read_chunk_rows}
 
@@ -376,7 +385,7 @@ def _execute(ray, inputs: list[str], out: Path, *, md, lay: Layout, mode, engine
 
     meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": mode, "engine": engine,
             "input": inputs[0] if len(inputs) == 1 else ", ".join(inputs), "inputs": inputs,
-            "flag_rules": [str(r) for r in flag_rules], "runner": "ray"}
+            "flag_rules": [str(r) for r in flag_rules], "runner": "ray", **({"baseline": baseline} if baseline else {})}
     md_bytes = {"mlm_scorer": json.dumps(meta, sort_keys=True)}
     file_field = pa.field("file", pa.string())
     wschema = pa.schema([file_field] + list(word_schema(lay.id_name, lay.passthrough_names, top_k > 0)),
@@ -402,6 +411,12 @@ def _execute(ray, inputs: list[str], out: Path, *, md, lay: Layout, mode, engine
                 pq.write_table(sch.empty_table(), tmp / sub / "part-0.parquet", compression="zstd")
         summary = _summarize(scored, inputs=inputs, output=str(out), md=md, mode=mode, engine=engine, meta=meta,
                              flag=bool(flag_rules))
+        from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
+
+        second = RunQuantiles.fit(flag_rules, sorted((tmp / "sentences").glob("*.parquet")))
+        if second is not None:
+            second.rewrite(sorted((tmp / "sentences").glob("*.parquet")), {"flag_rules": second.rule_strings})
+            summary["flagged"], summary["flag_rules"] = second.flagged, second.rule_strings
         summary["seconds"] = time.perf_counter() - t0
         (tmp / OUTPUT_MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         for sub in ("sentences", "words"):  # an empty input gives no part files: make the directory anyway

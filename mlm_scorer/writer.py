@@ -227,14 +227,28 @@ class ResultWriter:
         self.progress["parts"].append({**names, "rows": len(sentences["row"]), "stats": stats or {}})
         self._save(self.progress)
 
-    def commit(self) -> None:
-        """Assemble the parts into the final files, atomically, and remove the parts directory."""
+    def sentence_parts(self) -> list[Path]:
+        """The committed sentence parts, in row order (for a second pass over the run's scores)."""
+        return [self.parts_dir / part["sentences"] for part in self.progress["parts"]]
+
+    def commit(self, transform=None, metadata: dict | None = None) -> None:
+        """Assemble the parts into the final files, atomically, and remove the parts directory.
+
+        ``transform`` (sentences table -> table of the same schema) is applied to each sentences part on
+        the way; ``metadata`` updates the recorded settings. The parts themselves are left as they were.
+        """
+        meta = self.meta
+        if metadata:
+            meta = {"mlm_scorer": json.dumps({**json.loads(self.meta["mlm_scorer"]), **metadata}, sort_keys=True)}
         outs = [(self.sentences_path, "sentences", self.sentence_schema), (self.words_path, "words", self.word_schema)]
-        writers = [_AtomicParquet(final, schema, self.meta) for final, _, schema in outs]
+        writers = [_AtomicParquet(final, schema, meta) for final, _, schema in outs]
         try:
             for w, (_, kind, _) in zip(writers, outs):
                 for part in self.progress["parts"]:
-                    table = pq.read_table(self.parts_dir / part[kind]).replace_schema_metadata(w.schema.metadata)
+                    table = pq.read_table(self.parts_dir / part[kind])
+                    if transform is not None and kind == "sentences":
+                        table = transform(table)
+                    table = table.replace_schema_metadata(w.schema.metadata)
                     if table.num_rows:
                         w.writer.write_table(table)
                 w.close()

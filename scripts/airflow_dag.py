@@ -1,16 +1,24 @@
-"""Example Apache Airflow 3 DAG: score a TSV with mlm-scorer, once with the library (TaskFlow) and once
-with the CLI (BashOperator). Copy it into your DAGs folder and set the params (or trigger with a conf).
+"""Example Apache Airflow 3 DAG: score a TSV with mlm-scorer and gate the batch on its quality, once with
+the library (TaskFlow) and once with the CLI (BashOperator). Copy it into your DAGs folder and set the
+params (or trigger with a conf).
 
     airflow dags test mlm_score_tsv 2024-01-01 -c '{"input": "/data/in.tsv", "output_dir": "/data/scores",
-                                                    "model": "/models/bert"}'
+                                                    "model": "/models/bert", "baseline": "/data/ref.parquet"}'
 
 Tasks:
   score       TaskFlow @task calling mlm_scorer.airflow.score_task (-> score_file). Writes
               OUTPUT_DIR/lib/<run key>/probs.parquet + probs.sentences.parquet and returns a small summary
               (paths, counts, mean PLL) as its XCom.
-  score_cli   the same with the mlm-score CLI in a BashOperator (OUTPUT_DIR/cli/<run key>/...); its XCom is
-              the last line it prints: a one-line JSON summary.
-  publish     reads the score task's XCom summary (what a downstream task would do: alert, load, report).
+  check       the quality gate on the scored batch (mlm_scorer.airflow.check_task, i.e. mlm-score check):
+              against the baseline result when the "baseline" param is set (an earlier batch you trust,
+              scored with the same model and mode), else the result's own flags. Writes check.json next
+              to the output; a batch that fails (more than max_flagged_rate of its rows flagged, or its
+              scores shifted by more than max_shift) fails the task at once, without retries, and the run
+              with it: publish does not run.
+  score_cli   the same scoring with the mlm-score CLI in a BashOperator (OUTPUT_DIR/cli/<run key>/...); its
+              XCom is the last line it prints: a one-line JSON summary.
+  check_cli   `mlm-score check` on score_cli's output (exit 1 fails the task); its XCom is the verdict line.
+  publish     reads the score and check tasks' XComs (what a downstream task would do: alert, load, report).
 
 <run key> is the run's logical date (2024-01-01T000000), or its run id when it has none: a retry, or a
 re-run of the same date, writes the same paths, and the files are replaced atomically (never a mix of
@@ -58,7 +66,18 @@ with DAG(
         "text_column": Param("", type="string", description="column with the text ('' for the default)"),
         "on_bad_row": Param("fail", enum=["fail", "skip"]),
         "flag_below": Param([], type="array", description="e.g. ['min_word_prob=0.001']"),
-        "flag_above": Param([], type="array", description="e.g. ['pseudo_perplexity=500']"),
+        "flag_above": Param([], type="array", description="e.g. ['pseudo_perplexity=500'] or ['pseudo_perplexity=p99']"),
+        "baseline": Param(os.environ.get("MLM_SCORER_BASELINE", ""), type="string",
+                          description="an earlier result to compare with (probs.parquet or a ray output directory); "
+                                      "'' to check the batch's own flags only"),
+        "max_flagged_rate": Param(0.05, type="number", minimum=0, maximum=1,
+                                  description="fail the batch when more than this share of its rows is flagged"),
+        "max_shift": Param(0.1, type="number", minimum=0, maximum=1,
+                           description="fail the batch when its score distribution moved by more than this "
+                                       "(two-sample KS statistic against the baseline, when significant)"),
+        "cache": Param(os.environ.get("MLM_SCORER_CACHE_DIR", ""), type="string",
+                       description="persistent score cache directory ('' for none): sentences scored before "
+                                   "(by an earlier run, or by the other scoring task) are not scored again"),
     },
 ) as dag:
 
@@ -74,7 +93,17 @@ with DAG(
             p["input"], os.path.join(p["output_dir"], "lib"), model=p["model"],
             logical_date=getattr(dag_run, "logical_date", None), run_id=ctx["run_id"], mode=p["mode"],
             id_column=p["id_column"], text_column=p["text_column"], on_bad_row=p["on_bad_row"],
-            flag_below=p["flag_below"], flag_above=p["flag_above"])
+            flag_below=p["flag_below"], flag_above=p["flag_above"], baseline=p["baseline"] or None,
+            score_cache=p["cache"] or None)
+
+    # The gate. retries=0: a bad batch stays bad (check_task raises AirflowFailException anyway).
+    @task(retries=0, multiple_outputs=False)
+    def check(summary: dict) -> dict:
+        from mlm_scorer.airflow import check_task
+
+        p = get_current_context()["params"]
+        return check_task(summary["output"], baseline=p["baseline"] or None,
+                          max_flagged_rate=p["max_flagged_rate"], max_shift=p["max_shift"])
 
     # The CLI form. Values reach the shell through env (never pasted into the command line), and the last
     # line printed, a one-line JSON summary, becomes the XCom. Exit codes: 3 bad input row, 2 bad usage,
@@ -92,22 +121,43 @@ with DAG(
             "MODE": "{{ params.mode }}",
             "ID_COLUMN": "{{ params.id_column }}",
             "ON_BAD_ROW": "{{ params.on_bad_row }}",
+            "CACHE": "{{ params.cache }}",
         },
         append_env=True,
         bash_command=(
             'set -euo pipefail; mkdir -p "$OUT_DIR"; '
             '"$MLM_SCORE" "$IN" -o "$OUT_DIR/probs.parquet" --model "$MODEL" --mode "$MODE" '
-            '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} -q '
+            '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} ${CACHE:+--cache "$CACHE"} -q '
             '--summary-json "$OUT_DIR/summary.json"; '
             '"$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(\',\', \':\')))" '
             '"$OUT_DIR/summary.json"'
         ),
     )
 
-    @task
-    def publish(summary: dict) -> None:
-        print(f"scored {summary['scored']}/{summary['rows']} rows, skipped {summary['skipped']}, flagged "
-              f"{summary['flagged']}, mean PLL {summary['mean_pll']} -> {summary['output']}")
+    # `mlm-score check` exits 1 when the batch fails the gate, 2 on bad usage: either fails the task.
+    check_cli = BashOperator(
+        task_id="check_cli",
+        retries=0,
+        env={
+            "MLM_SCORE": MLM_SCORE,
+            "OUT_DIR": "{{ params.output_dir }}/cli/{{ mlm_run_key(dag_run.logical_date, run_id) }}",
+            "BASELINE": "{{ params.baseline }}",
+            "MAX_FLAGGED_RATE": "{{ params.max_flagged_rate }}",
+            "MAX_SHIFT": "{{ params.max_shift }}",
+        },
+        append_env=True,
+        bash_command=(
+            'set -euo pipefail; "$MLM_SCORE" check "$OUT_DIR/probs.parquet" ${BASELINE:+--baseline "$BASELINE"} '
+            '--max-flagged-rate "$MAX_FLAGGED_RATE" --max-shift "$MAX_SHIFT" --json "$OUT_DIR/check.json"'
+        ),
+    )
 
-    publish(score())
-    score_cli  # independent of the TaskFlow branch: the same job, the CLI way
+    @task
+    def publish(summary: dict, gate: dict) -> None:
+        print(f"scored {summary['scored']}/{summary['rows']} rows, skipped {summary['skipped']}, flagged "
+              f"{summary['flagged']}, mean PLL {summary['mean_pll']} -> {summary['output']}; quality gate passed "
+              f"(flagged rate {gate['flagged_rate']}, statistics in {gate['json']})")
+
+    scored = score()
+    publish(scored, check(scored))
+    score_cli >> check_cli  # independent of the TaskFlow branch: the same job, the CLI way

@@ -37,13 +37,11 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 def make_export(shape: str, out: Path) -> Path:
     from mlm_export import export
-    from tiny_models import SHARED_VOCAB, make_hf_bert
+    from tiny_models import UNCASED_VOCAB, make_hf_bert
 
     if shape == "bert-base":
-        vocab = SHARED_VOCAB if SHARED_VOCAB.is_file() else None
-        kw = dict(hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512, init_range=0.02)
-        if vocab:
-            kw["vocab"] = vocab
+        kw = dict(hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512, init_range=0.02,
+                  vocab=UNCASED_VOCAB)
     else:
         kw = {}
     make_hf_bert(out / "hf", **kw)

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import TorchReference  # noqa: E402
-from tiny_models import SHARED_VOCAB, SMALL_VOCAB, antiberty_files, copy_antiberty, make_hf_bert  # noqa: E402
+from tiny_models import SMALL_VOCAB, UNCASED_VOCAB, antiberty_files, copy_antiberty, make_hf_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,7 @@ def tiny_export(tiny_hf, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def realvocab_hf(tmp_path_factory) -> Path:
     """Tiny random BERT on the real 30,522-token uncased vocabulary: realistic word-piece splits."""
-    if not SHARED_VOCAB.is_file():
-        pytest.skip(f"the shared bert-base-uncased vocab is not at {SHARED_VOCAB}")
-    return make_hf_bert(tmp_path_factory.mktemp("realvocab_hf"), vocab=SHARED_VOCAB, hidden=32, layers=2,
+    return make_hf_bert(tmp_path_factory.mktemp("realvocab_hf"), vocab=UNCASED_VOCAB, hidden=32, layers=2,
                         heads=2, intermediate=48, max_pos=64, seed=1)
 
 
@@ -119,3 +117,27 @@ def make_fake_export(base: Path) -> Path:
     (vdir / MANIFEST_NAME).write_text(json.dumps(manifest))
     return vdir.parent
 
+
+
+@pytest.fixture(scope="session")
+def antibody_batches(antiberty_export, tmp_path_factory):
+    """The baseline of natural antibody domains and the current batch with three corrupted rows
+    (tests/antibodies.py), scored with AntiBERTy once per session. Scoring goes through a persistent
+    score cache (``cache``): tests that score these rows again, with other flag rules or under
+    Airflow, read the engine's results from it instead of running the model again."""
+    from types import SimpleNamespace
+
+    from antibodies import baseline_rows, corrupted_ids, current_rows
+    from helpers import write_tsv
+
+    from mlm_scorer.pipeline import score_file
+
+    d = tmp_path_factory.mktemp("antibodies")
+    ns = SimpleNamespace(dir=d, cache=d / "cache", model=antiberty_export, corrupted=corrupted_ids())
+    for name, rows in (("baseline", baseline_rows()), ("current", current_rows())):
+        tsv = write_tsv(d / f"{name}.tsv", rows)
+        out = d / f"{name}.parquet"
+        score_file(tsv, out, model=antiberty_export, id_column="id", score_cache=ns.cache)
+        setattr(ns, f"{name}_tsv", tsv)
+        setattr(ns, name, out)
+    return ns

@@ -2,8 +2,11 @@
 
 Airflow lives in a separate virtualenv (``scripts/airflow_test.sh`` builds ``.venv-airflow`` and runs
 this file); this test, in the main venv, makes the tiny model, then drives Airflow in that venv:
-``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` three times in one
-process: a run, a re-run of the same logical date (idempotence), and a run on a bad input.
+``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` five times in one
+process: a run, a re-run of the same logical date (idempotence), a run on a bad input, and the quality
+gate with real weights (AntiBERTy): a batch of natural antibody domains and one with corrupted domains,
+each checked against a baseline of natural domains (the ``antibody_batches`` fixture; the scoring tasks
+read the engine's results from its score cache, so the model runs once, in the main venv).
 
 Skipped when the Airflow venv does not exist, unless MLM_REQUIRE_AIRFLOW=1 (the CI script sets it).
 """
@@ -69,8 +72,8 @@ def _env(home: Path, dags: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def airflow_runs(tiny_export, tmp_path_factory):
-    """Run the DAG three times under Airflow; return ({name: result}, paths, full log)."""
+def airflow_runs(tiny_export, tmp_path_factory, request):
+    """Run the DAG under Airflow (five runs, three without AntiBERTy); return ({name: result}, paths, logs)."""
     tmp = tmp_path_factory.mktemp("airflow")
     home, dags, out = tmp / "home", tmp / "dags", tmp / "out"
     for d in (home, dags, out):
@@ -89,6 +92,27 @@ def airflow_runs(tiny_export, tmp_path_factory):
              "snapshot": str(tmp / "first")},
             {"name": "again", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)}},
             {"name": "bad", "logical_date": "2024-01-02T00:00:00+00:00", "conf": {**conf, "input": str(bad)}}]
+    gate = {}
+    try:
+        ab = request.getfixturevalue("antibody_batches")
+    except pytest.skip.Exception:
+        ab = None  # no AntiBERTy: the gate tests skip, the others run
+    if ab is not None:
+        from antibodies import current_rows
+
+        rows = {r[0]: r for r in current_rows()}
+        # 6 natural domains; then 4 of them with 2 corrupted ones among them (a third of the batch)
+        gate["clean"] = write_tsv(tmp / "clean.tsv", [rows[k] for k in (
+            "nivolumab-VH", "abrilumab-VL", "natalizumab-VH", "alemtuzumab-VL", "denosumab-VH", "certolizumab-VL")])
+        gate["corrupted"] = write_tsv(tmp / "corrupted.tsv", [rows[k] for k in (
+            "nivolumab-VH", "ustekinumab-VH-shuffled", "natalizumab-VH", "alemtuzumab-VL", "ocrelizumab-VL-shuffled",
+            "denosumab-VH")])
+        gconf = {"output_dir": str(out / "gate"), "model": str(ab.model), "id_column": "id",
+                 "baseline": str(ab.baseline), "cache": str(ab.cache)}
+        runs += [{"name": "gate-clean", "logical_date": "2024-02-01T00:00:00+00:00",
+                  "conf": {**gconf, "input": str(gate["clean"])}},
+                 {"name": "gate-corrupted", "logical_date": "2024-02-02T00:00:00+00:00",
+                  "conf": {**gconf, "input": str(gate["corrupted"])}}]
     # a crashed earlier attempt's leftover: a dead pid's temporary file where the outputs go; the next
     # attempt must clean it up and never let it reach a final path
     lib_dir = out / "lib" / RUN_KEY
@@ -103,7 +127,7 @@ def airflow_runs(tiny_export, tmp_path_factory):
         if line.startswith("@@RESULT "):
             r = json.loads(line[len("@@RESULT "):])
             results[r["name"]] = r
-    assert proc.returncode == 0 and len(results) == 3, log[-6000:]
+    assert proc.returncode == 0 and len(results) == len(runs), log[-6000:]
     for r in results.values():
         assert r["state"] != "driver-error", r.get("traceback")
     # the log of each run: between its @@RUN marker and the next
@@ -111,7 +135,8 @@ def airflow_runs(tiny_export, tmp_path_factory):
     for chunk in proc.stdout.split("@@RUN ")[1:]:
         name, _, body = chunk.partition("\n")
         parts[name] = body
-    return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first"}, parts, proc.stderr
+    return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first", **gate}, parts, \
+        proc.stderr
 
 
 def test_dag_scores_and_passes_a_small_summary(airflow_runs):
@@ -122,12 +147,17 @@ def test_dag_scores_and_passes_a_small_summary(airflow_runs):
     results, paths, _, _ = airflow_runs
     r = results["first"]
     assert r["state"] == "success", r
-    assert {t: v["state"] for t, v in r["tis"].items()} == {"score": "success", "score_cli": "success",
+    assert {t: v["state"] for t, v in r["tis"].items()} == {"score": "success", "check": "success",
+                                                           "score_cli": "success", "check_cli": "success",
                                                            "publish": "success"}
     summary = r["xcoms"]["score"]
     # one small XCom (a dict of paths, counts, scores), not the data and not one XCom per key
     assert isinstance(summary, dict) and len(json.dumps(summary)) < 4096
-    assert set(r["xcoms"]) == {"score", "score_cli"}
+    assert set(r["xcoms"]) == {"score", "check", "score_cli", "check_cli"}
+    # no baseline and no flag rules: the gate checks what it can (rows scored, none skipped) and passes
+    gate = r["xcoms"]["check"]
+    assert gate["passed"] and gate["flagged"] is None and gate["skipped_rate"] == 0.0
+    assert r["xcoms"]["check_cli"].startswith("PASS: ")
     lib_out = paths["out"] / "lib" / RUN_KEY / "probs.parquet"
     assert summary["output"] == str(lib_out) and summary["sentences_output"] == str(sentences_path(lib_out))
     assert (summary["rows"], summary["scored"], summary["skipped"]) == (3, 3, 0)
@@ -159,7 +189,7 @@ def test_rerun_of_the_same_date_gives_identical_output(airflow_runs):
     for sub in ("lib", "cli"):
         d, d1 = paths["out"] / sub / RUN_KEY, paths["first"] / sub / RUN_KEY
         # only the final files: no temporary file left, no second copy under another name
-        expected = ["probs.parquet", "probs.sentences.parquet"] + (["summary.json"] if sub == "cli" else [])
+        expected = ["check.json", "probs.parquet", "probs.sentences.parquet"] + (["summary.json"] if sub == "cli" else [])
         assert sorted(p.name for p in d.iterdir()) == expected
         out, out1 = d / "probs.parquet", d1 / "probs.parquet"
         for p, p1 in ((out, out1), (sentences_path(out), sentences_path(out1))):
@@ -182,6 +212,7 @@ def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):
     # the CLI task has no such signal: it fails on every try (exit code 3), using its retries
     assert r["tis"]["score_cli"]["state"] == "failed" and r["tis"]["score_cli"]["try_number"] == 2
     assert r["tis"]["publish"]["state"] == "upstream_failed"
+    assert r["tis"]["check"]["state"] == r["tis"]["check_cli"]["state"] == "upstream_failed"
     assert "score" not in r["xcoms"]
     log = logs["bad"] + stderr
     where = f"{paths['bad']}:3:"
@@ -190,3 +221,34 @@ def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):
     assert f"mlm-score: error: {where}" in log  # the CLI's message, in the BashOperator's log
     # nothing written for the failed date
     assert not (paths["out"] / "lib" / "2024-01-02T000000" / "probs.parquet").exists()
+
+
+def test_the_gate_passes_a_clean_batch_and_fails_a_corrupted_one(airflow_runs):
+    """Real weights: the check task fails the DAG run on a batch with corrupted antibody domains (no
+    retry, publish does not run), and passes the run on natural domains; so does check_cli."""
+    results, paths, logs, stderr = airflow_runs
+    if "gate-clean" not in results:
+        pytest.skip("antiberty is not installed (the antibody_batches fixture needs it)")
+    clean, bad = results["gate-clean"], results["gate-corrupted"]
+    assert clean["state"] == "success", clean
+    assert {t: v["state"] for t, v in clean["tis"].items()} == dict.fromkeys(
+        ("score", "check", "score_cli", "check_cli", "publish"), "success")
+    assert clean["xcoms"]["score"]["cache_hits"] == 6  # the scores came from the fixture's run of AntiBERTy
+    gate = clean["xcoms"]["check"]
+    assert gate["passed"] and gate["flagged"] == 0 and gate["scored"] == 6 and gate["failures"] == []
+    assert clean["xcoms"]["check_cli"].startswith("PASS: ")
+
+    assert bad["state"] == "failed", bad
+    tis = {t: (v["state"], v["try_number"]) for t, v in bad["tis"].items()}
+    assert tis["score"][0] == "success" and tis["score_cli"][0] == "success"
+    assert tis["check"] == ("failed", 1) and tis["check_cli"] == ("failed", 1)  # a bad batch is not retried
+    assert tis["publish"][0] == "upstream_failed"
+    assert "check" not in bad["xcoms"]
+    failure = "flagged 2 of 6 scored rows (33.3 %) > 5.0 % (--max-flagged-rate)"
+    log = logs["gate-corrupted"] + stderr
+    assert f"failed the quality gate: {failure}" in log, log[-4000:]
+    assert "FAIL: " in log and f"fails 1 of 5 criteria: {failure}" in log  # check_cli's verdict line
+    for sub in ("lib", "cli"):  # the statistics stay next to the output, for whoever looks into the failure
+        r = json.loads((paths["out"] / "gate" / sub / "2024-02-02T000000" / "check.json").read_text())
+        assert not r["passed"] and r["flagged"] == 2 and r["failures"] == [failure]
+        assert r["metrics"]["pseudo_perplexity"]["rows_beyond"] == 2

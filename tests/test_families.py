@@ -199,6 +199,10 @@ def test_manifest_records_family_and_tokenizer(tmp_path_factory):
     esm = ModelDir.open(built("esm", tmp_path_factory)["export"]).manifest
     assert esm["special_tokens"]["cls"] == "<cls>" and esm["special_tokens"]["sep"] == "<eos>"
     assert esm["config"]["position_embedding_type"] == "rotary" and esm["config"]["token_dropout"] is True
+    # casing from the tokenizer itself, and the export's pieces checked against transformers' AutoTokenizer
+    for m in (man, esm):
+        assert m["casing"]["do_lower_case"] is False and m["casing"]["pieces_check"]["equal"] is True
+    assert "normalizer does not lower-case" in man["casing"]["decided_by"]
 
 
 def test_bert_exports_stay_format_1(tiny_export, fake_export):
@@ -286,12 +290,12 @@ def test_missing_or_misshapen_weight_is_refused(tmp_path_factory, tmp_path):
     weights = load_file(str(d / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if k != "distilbert.transformer.layer.1.ffn.lin2.bias"},
               str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="bert/encoder/layer_1/output/dense/bias missing"):
+    with pytest.raises(CheckpointError, match=r"missing: distilbert\.transformer\.layer\.1\.ffn\.lin2\.bias"):
         load_checkpoint(d)
     weights["distilbert.embeddings.position_embeddings.weight"] = weights[
         "distilbert.embeddings.position_embeddings.weight"][:10]
     save_file(weights, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"position_embeddings \(10, 32\), config.json implies \(64, 32\)"):
+    with pytest.raises(CheckpointError, match=r"position_embeddings\.weight has shape \[10, 32\], expected \[64, 32\]"):
         load_checkpoint(d)
 
 

@@ -198,3 +198,46 @@ def test_mlm_score_ray_subcommand(local_ray, fake_export, tmp_path, capsys):
     assert main(base + ["-q"]) == 3
     assert f"mlm-score ray: error: {bad}:3:" in capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["rows"] == 2  # the earlier output is untouched
+
+
+def test_ray_percentile_flags_check_and_report(local_ray, fake_export, tmp_path):
+    """Percentile rules of the run itself get the same second pass in the ray runner (the same flags as
+    score_file, row by row), and check / report read a ray output directory as result or baseline."""
+    from mlm_scorer.check import run_check
+    from mlm_scorer.cli import main
+    from mlm_scorer.pipeline import score_file
+    from mlm_scorer.quality import parse_rule
+    from mlm_scorer.ray_data import score_dataset
+    from mlm_scorer.report import make_report
+
+    sample = ROOT / "data" / "sample.tsv"
+    kw = dict(model=str(fake_export), engine="fake", id_column="id")
+    rules = [parse_rule("pseudo_perplexity=p80", "above"), parse_rule("min_word_prob=p10", "below")]
+    out = tmp_path / "ray"
+    summary = score_dataset([str(sample)], out, num_actors=1, num_cpus_per_actor=0.5, batch_rows=7,
+                            flag_rules=rules, **kw)
+    ref = tmp_path / "ref.parquet"
+    ref_summary = score_file(sample, ref, flag_rules=rules, **kw)
+    sents, schema = _rows(out, "sentences")
+    _, ref_sents = read_outputs(ref)
+    assert [(s["flag"], s["flag_reason"]) for s in sents] == [(s["flag"], s["flag_reason"]) for s in ref_sents]
+    assert summary["flagged"] == ref_summary.flagged == sum(bool(s["flag"]) for s in sents) > 0
+    assert summary["flag_rules"] == ref_summary.flag_rules and "(of the run: " in summary["flag_rules"][0]
+    assert json.loads(schema.metadata[b"mlm_scorer"])["flag_rules"] == summary["flag_rules"]
+    assert json.loads((out / "summary.json").read_text())["flagged"] == summary["flagged"]
+
+    # check and report on the directory, against the single-file result of the same scores, and back
+    for result, baseline in ((out, ref), (ref, out)):
+        r = run_check(result, baseline=baseline)
+        assert r["passed"] and r["result"]["rows"] == 30 and all(st["ks"] == 0 for st in r["metrics"].values())
+    assert main(["check", str(out), "--baseline", str(ref), "-q"]) == 0
+    info = make_report(out, tmp_path / "r.html", baseline=ref, lowest=5)
+    assert info["newly_flagged"] == 0 and info["rows"] == 30
+    # with the ray runner's --baseline, the percentile is the baseline's
+    out2 = tmp_path / "ray2"
+    summary2 = score_dataset([str(sample)], out2, num_actors=1, num_cpus_per_actor=0.5, flag_rules=rules[:1],
+                             baseline=ref, **kw)
+    p80 = sorted(s["pseudo_perplexity"] for s in ref_sents if s["status"] == "ok")[23]  # ceil(0.8 * 30) = 24th
+    assert summary2["flag_rules"] == [f"--flag-above pseudo_perplexity=p80 (of the baseline: {p80:.6g})"]
+    sents2, _ = _rows(out2, "sentences")
+    assert [bool(s["flag"]) for s in sents2] == [s["status"] == "ok" and s["pseudo_perplexity"] > p80 for s in sents2]

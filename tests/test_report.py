@@ -227,3 +227,84 @@ def test_report_renders_in_headless_chromium(tmp_path, tiny_export):
     red = sum(p[0] > 200 and p[1] < 170 and p[2] < 170 for p in px)  # highlighted words
     assert non_white > 0.05 * len(px), (non_white, len(px))
     assert blue > 200 and red > 20, (blue, red)
+
+
+def _chrome_run(tmp_path: Path, page: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1200,1600"]
+    return subprocess.run([_chromium(), *flags, *extra, page.as_uri()], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path)})
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (scripts/ci_system_deps.sh installs it)")
+def test_report_compares_with_a_baseline_in_headless_chromium(tmp_path, antibody_batches):
+    """Real weights: the current antibody batch (3 of 12 domains corrupted) against the natural baseline:
+    both distributions on one plot, the shift statistics, the rows newly flagged; DOM and pixels."""
+    import math
+
+    ab = antibody_batches
+    _, base = read_outputs(ab.baseline)
+    _, cur = read_outputs(ab.current)
+    b_ppl = [s["pseudo_perplexity"] for s in base]
+    b_minp = [math.exp(s["min_word_log_prob"]) for s in base]
+    # newly flagged, by definition: beyond the baseline's p99 pseudo-perplexity or p1 min word probability
+    # (nearest rank over 20 rows: its maximum and its minimum)
+    newly = sorted((s for s in cur if s["pseudo_perplexity"] > max(b_ppl)
+                    or math.exp(s["min_word_log_prob"]) < min(b_minp)), key=lambda s: -s["pseudo_perplexity"])
+    assert ab.corrupted <= {s["id"] for s in newly}
+
+    report = tmp_path / "report.html"
+    assert report_main([str(ab.current), "-o", str(report), "--baseline", str(ab.baseline), "--lowest", "5"]) == 0
+    page = report.read_text(encoding="utf-8")
+    c = _parse(page)
+    assert not [t for t, _ in c.tags if t in ("script", "iframe", "img", "link")]
+    assert not re.search(r"\b(src|href)\s*=|url\(|@import", page)  # still self-contained
+
+    cards = {html.unescape(k): v for k, v in re.findall(r'data-count="([^"]+)"><b>([^<]*)</b>', page)}
+    assert cards["beyond the baseline's tails"] == f"{len(newly)} ({100 * len(newly) / 12:.1f} %)"
+    # the statistics table: one row per metric, KS D as defined
+    shift = re.search(r'<table class="shift">.*?</table>', page, re.S).group(0)
+    row = re.search(r'<tr data-metric="pseudo_perplexity">(.*?)</tr>', shift, re.S).group(1)
+    cells = [html.unescape(re.sub(r"<[^>]+>", "", x)) for x in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    c_ppl = [s["pseudo_perplexity"] for s in cur]
+    d = max(abs(sum(x <= t for x in c_ppl) / 12 - sum(x <= t for x in b_ppl) / 20) for t in c_ppl + b_ppl)
+    assert cells[1] == f"{d:.3f}" and cells[4] == f"> p99 = {max(b_ppl):.4g}" and cells[5] == "3 (25.0 %)"
+    assert 'data-metric="min_word_prob"' in shift
+    # both distributions on one plot: every row of each batch counted once, as a share of its batch
+    for css in ("cmp pppl", "cmp minp"):
+        svg = re.search(rf'<svg class="{css}".*?</svg>', page, re.S).group(0)
+        counts = re.findall(r"current (\d+) of 12 \([\d.]+ %\), baseline (\d+) of 20", svg)
+        assert sum(int(a) for a, _ in counts) == 12 and sum(int(b) for _, b in counts) == 20
+        assert '<polyline class="base"' in svg and '<line class="thr"' in svg
+    # the rows newly flagged: those beyond the tails, least likely first, each with its reason
+    table = re.search(r'<table class="newly">.*?</table>', page, re.S).group(0)
+    trs = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    assert len(trs) == min(5, len(newly))
+    for tr, s in zip(trs, newly):
+        assert f"<td>{s['id']}</td>" in tr
+        text_cell = re.search(r'<td class="text">(.*)</td>', tr, re.S).group(1)
+        assert html.unescape(re.sub(r"<[^>]+>", "", text_cell)) == s["text"]
+    assert "(p99 of the baseline)" in trs[0]
+
+    # in the browser: the DOM it built, then the pixels
+    dom = _chrome_run(tmp_path, report, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    d = dom.stdout
+    assert re.search(r'<section id="baseline">.*<svg class="cmp pppl"[^>]*>.*<rect class="bar cur".*'
+                     r'<polyline class="base"', d, re.S)
+    assert re.search(r'<svg class="cmp minp"[^>]*>.*<polyline class="base"', d, re.S)
+    assert len(re.findall(r"<tr>", re.search(r'<table class="newly">.*?</table>', d, re.S).group(0))) == \
+        1 + min(5, len(newly))
+    shot = tmp_path / "report.png"
+    r = _chrome_run(tmp_path, report, f"--screenshot={shot}")
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    if os.environ.get("MLM_REPORT_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["MLM_REPORT_SCREENSHOT"].replace(".png", "-baseline.png"))
+    w, h, rows = _png_pixels(shot)
+    assert (w, h) == (1200, 1600)
+    px = [row[i:i + 3] for row in rows[::4] for i in range(0, len(row), 12)]  # a 1/16 sample
+    orange = sum(p[0] > 200 and 60 < p[1] < 150 and p[2] < 90 for p in px)  # the baseline outline (#ea580c)
+    blue = sum(p[2] > 200 and p[0] < 150 and p[1] < 190 for p in px)  # the current batch's bars (#2563eb, 60 %)
+    red = sum(p[0] > 200 and p[1] < 170 and p[2] < 170 and not (60 < p[1] < 150 and p[2] < 90) for p in px)
+    assert orange > 40 and blue > 100 and red > 20, (orange, blue, red)

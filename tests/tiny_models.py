@@ -9,7 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
-SHARED_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "bert-base-uncased" / "vocab.txt"
+#: The real bert-base-uncased vocabulary (Apache-2.0; see data/bert-base-uncased/SOURCE.md).
+UNCASED_VOCAB = Path(__file__).resolve().parent / "data" / "bert-base-uncased" / "vocab.txt"
 SMALL_VOCAB = Path(__file__).resolve().parent / "data" / "small_vocab.txt"
 
 

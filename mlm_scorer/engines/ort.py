@@ -51,8 +51,10 @@ class OnnxEngine(Engine):
             raise MissingDependencyError("engine 'onnx' needs onnxruntime: pip install 'mlm-scorer[onnx]'") from exc
         path = model.path / _FILES[precision]
         if not path.is_file():
-            flag = "--onnx --quantize int8" if precision == "int8" else "--onnx"
-            raise ModelError(f"{path} is missing: re-export with mlm-export ... {flag}")
+            from ..models import rebuild_hint
+
+            raise ModelError(f"{path} is missing (this export was made without it). "
+                             + rebuild_hint(model, None, "--quantize int8" if precision == "int8" else "--onnx"))
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
