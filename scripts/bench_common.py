@@ -154,32 +154,34 @@ def make_checkpoint(out: Path, shape: str = "bert-base", seed: int = 0, family: 
                         max_pos=512, seed=seed, init_range=0.02)
 
 
-def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False) -> bool:
+def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False, top_k: int | None = None) -> bool:
     """True if ``version_dir`` holds an export (and, with ``onnx``, an ONNX model; with ``int8`` also its
-    int8 file) written by the graph revision this checkout writes. Benchmark caches are rebuilt
-    otherwise: an old graph is slower."""
+    int8 file; with ``top_k``, that k) written by the graph revision this checkout writes. Benchmark caches
+    are rebuilt otherwise: an old graph is slower."""
     from mlm_export.config import GRAPH_REVISION
 
     try:
         m = json.loads((Path(version_dir) / "mlm_scorer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if m.get("graph_revision") != GRAPH_REVISION:
+    if m.get("graph_revision") != GRAPH_REVISION or (top_k is not None and m.get("top_k") != top_k):
         return False
     if (onnx or int8) and (m.get("onnx") or {}).get("graph_revision") != GRAPH_REVISION:
         return False
     return not int8 or (Path(version_dir) / "model.int8.onnx").is_file()
 
 
-def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: bool = False, log=print) -> Path:
-    """Export ``ckpt`` to ``export_dir/1`` unless a current one is there (``export_is_current``); with
-    ``onnx``/``int8`` also write its ONNX fp32 + int8 files. Each step runs in a child process, so this
-    process has not started TensorFlow (whose thread pools cannot be set once it has). Returns export_dir."""
-    if not export_is_current(export_dir / "1"):
+def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: bool = False, top_k: int = 5,
+                  log=print) -> Path:
+    """Export ``ckpt`` to ``export_dir/1`` (with ``top_k``) unless a current one is there
+    (``export_is_current``); with ``onnx``/``int8`` also write its ONNX fp32 + int8 files. Each step runs in a
+    child process, so this process has not started TensorFlow (whose thread pools cannot be set once it
+    has). Returns export_dir."""
+    if not export_is_current(export_dir / "1", top_k=top_k):
         log(f"exporting {ckpt} -> {export_dir}")
         subprocess.run([sys.executable, "-c", "import sys; from mlm_export import export; "
-                        "export(sys.argv[1], sys.argv[2], overwrite=True, log=print)", str(ckpt), str(export_dir)],
-                       check=True)
+                        "export(sys.argv[1], sys.argv[2], top_k=int(sys.argv[3]), overwrite=True, log=print)",
+                        str(ckpt), str(export_dir), str(top_k)], check=True)
     if (onnx or int8) and not export_is_current(export_dir / "1", onnx=True, int8=int8):
         log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
         subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
