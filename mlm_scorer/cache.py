@@ -2,10 +2,11 @@
 
 One SQLite database, ``DIR/scores.sqlite`` (WAL journal, so concurrent runs read while one writes; a
 writer waits up to ``timeout`` seconds for another's transaction). The key is the SHA-256 of the
-model's checksum (weights + vocabulary + casing), the export's max_seq_length, the mode, the top-k
-setting and the sentence text: a different model, mode or window policy never reads another's
-scores. The value is what the engine produced for the sentence (piece log-probs, top-k, copies run);
-tokenization is redone on a hit (cheap, deterministic for a given model checksum).
+model's family (other than BERT) and checksum (weights + vocabulary + casing), the export's
+max_seq_length, the mode, the top-k setting and the sentence text: a different model, mode or window
+policy never reads another's scores. The value is what the engine produced for the sentence (piece
+log-probs, top-k, copies run); tokenization is redone on a hit (cheap, deterministic for a given model
+checksum).
 
 Only scored sentences are stored; rows that could not be scored are recomputed (they cost nothing).
 """
