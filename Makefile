@@ -30,9 +30,9 @@ run: $(VENV)/.run-deps
 	$(BIN)/mlm-score data/sample.tsv -o probs.parquet --id-column id
 
 # The whole suite: system packages for the report test (chromium; skipped without root), the peers'
-# venv (.venv-peers: AntiBERTy's own runner needs transformers < 5; MLM_REQUIRE_PEERS=1 makes its test
-# fail rather than skip without it), the main suite, then the Airflow DAG test in its own venv
-# (.venv-airflow; Airflow's pins stay out of .venv).
+# venv (.venv-peers: minicons for the RoBERTa comparison and AntiBERTy's own runner need transformers < 5;
+# MLM_REQUIRE_PEERS=1 makes their tests fail rather than skip without it), the main suite, then the
+# Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
 test: $(VENV)/.test-deps
 	bash scripts/ci_system_deps.sh
 	PYTHON=$(BIN)/python bash scripts/peers_env.sh

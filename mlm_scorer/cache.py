@@ -2,11 +2,11 @@
 
 One SQLite database, ``DIR/scores.sqlite`` (WAL journal, so concurrent runs read while one writes; a
 writer waits up to ``timeout`` seconds for another's transaction). The key is the SHA-256 of the
-model's checksum (weights + vocabulary + casing, verified when the engine opened the export), the
-export's max_seq_length, the mode, the top-k setting and the sentence text: a different model, mode or
-window policy never reads another's scores. The value is what the engine produced for the sentence
-(piece log-probs, top-k, copies run); tokenization is redone on a hit (cheap, deterministic for a
-given model checksum).
+model's family (other than BERT) and checksum (weights + vocabulary + casing, verified when the engine
+opened the export), the export's max_seq_length, the mode, the top-k setting and the sentence text: a
+different model, mode or window policy never reads another's scores. The value is what the engine
+produced for the sentence (piece log-probs, top-k, copies run); tokenization is redone on a hit (cheap,
+deterministic for a given model checksum).
 
 Nothing read back is trusted blindly (SQLite has no page checksums): every entry carries a checksum
 over its key and values, and values are range-checked (log-probs finite and <= 0, lengths that fit

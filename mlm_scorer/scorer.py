@@ -159,7 +159,10 @@ class Scorer:
         if store_dir is not None:
             from .cache import ScoreCache
 
-            self.store = ScoreCache(store_dir, namespace=f"{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
+            # The family leads the key (BERT exports keep the key they always had, so existing caches stay valid).
+            family = "" if model.family == "bert" else f"{model.family}|"
+            self.store = ScoreCache(store_dir,
+                                    namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
 
     # ------------------------------------------------------------------------------------- prepare
     def prepare(self, texts: list[str], *, force: bool = False) -> Prepared:
