@@ -130,3 +130,19 @@ def test_max_seq_length_above_the_positions_is_refused_at_open(tiny_export, tmp_
     for engine in ("saved_model", "torch"):
         with pytest.raises(ModelError, match="exceeds the 64 positions .*position_embeddings"):
             get_engine(engine, model=md)
+
+
+def test_positions_count_the_familys_offset(fake_export):
+    """RoBERTa's table has 2 rows more than it has positions (position_offset 2); rotary ESM has no table."""
+    path = fake_export / "1" / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    for config, ok, bad in (({"max_position_embeddings": 514, "position_offset": 2}, 512, 513),
+                            ({"max_position_embeddings": 1026, "position_embedding_type": "rotary",
+                              "position_offset": 2}, 1026, 1027)):
+        for length, refused in ((ok, False), (bad, True)):
+            path.write_text(json.dumps({**m, "config": config, "max_seq_length": length}))
+            if refused:
+                with pytest.raises(ModelError, match=f"max_seq_length {length} exceeds the {ok} positions"):
+                    ModelDir.open(fake_export)
+            else:
+                assert ModelDir.open(fake_export).max_seq_length == length
