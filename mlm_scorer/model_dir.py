@@ -127,6 +127,9 @@ class ModelDir:
         md = cls(vdir, manifest)
         if not md.vocab_path.is_file():
             raise ModelError(f"{md.vocab_path} is missing; re-export the model")
+        positions = (manifest.get("config") or {}).get("max_position_embeddings")
+        if isinstance(positions, int):
+            md.check_positions(positions, "config.max_position_embeddings")
         if check_vocab:
             actual = sha256_file(md.vocab_path)
             if actual != manifest["vocab_sha256"]:
@@ -138,6 +141,21 @@ class ModelDir:
                 raise ModelError(f"{md.tokenizer_json} does not match the manifest's tokenizer_sha256: the "
                                  f"tokenizer was changed after export")
         return md
+
+    def check_positions(self, rows: int, where: str) -> None:
+        """Raise ModelError if ``max_seq_length`` exceeds the positions of a table of ``rows`` position
+        embeddings (read from ``where``), less the family's ``position_offset`` (RoBERTa: 2)."""
+        c = self.manifest.get("config") or {}
+        offset = 0 if c.get("position_embedding_type") == "rotary" else int(c.get("position_offset") or 0)
+        positions = rows - offset
+        L = self.max_seq_length
+        if L > positions:
+            rows_note = f", {rows} rows less the position_offset {offset}" if offset else ""
+            raise ModelError(f"{self.path / MANIFEST_NAME}: max_seq_length {L} exceeds the {positions} positions "
+                             f"of the model ({where}{rows_note}): the manifest contradicts its graph, and every "
+                             f"copy longer than {positions} tokens would fail. Re-export with mlm-export "
+                             f"--max-seq-length {positions} (or set max_seq_length to at most {positions} in the "
+                             f"manifest)")
 
     @property
     def vocab_path(self) -> Path:

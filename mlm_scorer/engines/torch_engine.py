@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
 from ._malloc import retain_freed_memory
-from .base import Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
+from .base import Batch, BatchResult, Engine, check_identity, plan_streams, refuse_streams_off_cpu
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY = ("retain", "system")
@@ -240,6 +240,9 @@ class TorchEngine(Engine):
         self.k = model.top_k
 
         weights, self.weights_from = load_export_weights(model)
+        table = weights.get("bert/embeddings/position_embeddings")
+        if table is not None:
+            model.check_positions(int(table.shape[0]), f"{self.weights_from}, position_embeddings")
         from mlm_export.config import BertConfig
 
         try:
@@ -249,6 +252,10 @@ class TorchEngine(Engine):
         self.net = _build_net(self.cfg, weights).to(self.device)
         # rotary frequencies stay float32 whatever precision the model is cast to (as transformers keeps them)
         self._inv_freq = self.net.inv_freq.float().clone() if self.cfg.rotary else None
+        # The weights must be the manifest's: checked in fp32, before any cast to a reduced precision.
+        want_top_k, self.want_top_k = self.want_top_k, False
+        self.identity_diff = check_identity(self, model, weights=self.weights_from)
+        self.want_top_k = want_top_k
         if precision != "fp32":
             self._cast_and_report(precision)
 
