@@ -29,15 +29,18 @@ $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
 run: $(VENV)/.run-deps
 	$(BIN)/mlm-score data/sample.tsv -o probs.parquet --id-column id
 
-# The whole suite: system packages for the report test (chromium; skipped without root), the main
-# suite, then the Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
+# The whole suite: system packages for the report test (chromium; skipped without root), the peers'
+# venv (.venv-peers: minicons for the RoBERTa comparison and AntiBERTy's own runner need transformers < 5;
+# MLM_REQUIRE_PEERS=1 makes their tests fail rather than skip without it), the main suite, then the
+# Airflow DAG test in its own venv (.venv-airflow; Airflow's pins stay out of .venv).
 test: $(VENV)/.test-deps
 	bash scripts/ci_system_deps.sh
-	$(BIN)/python -m pytest -q -m "not airflow"
+	PYTHON=$(BIN)/python bash scripts/peers_env.sh
+	MLM_REQUIRE_PEERS=1 $(BIN)/python -m pytest -q -m "not airflow"
 	bash scripts/airflow_test.sh
 
 bench: $(VENV)/.test-deps
 	$(BIN)/python scripts/bench_e2e.py
 
 clean:
-	rm -rf $(VENV) .venv-airflow probs.parquet probs.sentences.parquet
+	rm -rf $(VENV) .venv-airflow .venv-peers probs.parquet probs.sentences.parquet

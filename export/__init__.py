@@ -1,4 +1,5 @@
-"""mlm_export: turn a BERT checkpoint into a self-describing TensorFlow SavedModel (and ONNX).
+"""mlm_export: turn a masked-LM checkpoint (BERT and the families of ``families.py``) into a
+self-describing TensorFlow SavedModel (and ONNX).
 
 Installed as the package ``mlm_export`` (from the repository's ``export/`` directory).
 ``export(source, out_dir)`` is the Python entry point; ``mlm-export`` is its command line.

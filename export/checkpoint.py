@@ -51,16 +51,24 @@ class Checkpoint:
     ignored: list[str] = field(default_factory=list)
     #: How do_lower_case was decided, with its evidence (printed at export, recorded in the manifest).
     casing: Casing | None = None
+    #: The model family (``families.py``): "bert", or the model_type of another supported family.
+    family: str = "bert"
+    #: The tokenizer as `tokenizers` JSON, for families whose tokenizer is not BERT's WordPiece over
+    #: vocab_path (RoBERTa's BPE, XLM-R's Unigram, ESM's residues); None for WordPiece.
+    tokenizer_json: str | None = None
 
     def checksum(self) -> str:
-        """sha256 over the weights (name, shape, bytes, in name order), the vocab and the casing."""
+        """sha256 over the weights (name, shape, bytes, in name order), the vocab (or tokenizer) and the
+        casing; for a family other than BERT also the family and its config (what the graph computes)."""
         h = hashlib.sha256()
         for name in sorted(self.weights):
             arr = np.ascontiguousarray(self.weights[name], dtype=np.float32)
             h.update(name.encode() + repr(arr.shape).encode())
             h.update(arr.tobytes())
-        h.update(self.vocab_path.read_bytes())
+        h.update(self.tokenizer_json.encode() if self.tokenizer_json is not None else self.vocab_path.read_bytes())
         h.update(repr((self.do_lower_case, self.tokenize_chinese_chars, self.strip_accents)).encode())
+        if self.family != "bert":
+            h.update(repr((self.family, sorted(self.config.to_dict().items()))).encode())
         return h.hexdigest()
 
 
@@ -100,7 +108,8 @@ def load_checkpoint(source: str | os.PathLike, *, do_lower_case: bool | None = N
 #: What a download fetches: config, tokenizer files, and the weights in any layout _read_hf_tensors reads
 #: (safetensors first: when a repository has both, only those are used; the .bin files are not fetched).
 HUB_FILES = ["config.json", "vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
-             "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+             "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+             "vocab.json", "merges.txt", "sentencepiece.bpe.model"]  # the other families' tokenizers
 HUB_FILES_BIN = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
 
 
@@ -139,10 +148,10 @@ def _read_json(path: Path) -> dict:
 def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) -> Checkpoint:
     cfg_dict = _read_json(path / "config.json")
     model_type = cfg_dict.get("model_type")
-    archs = cfg_dict.get("architectures") or []
-    if model_type != "bert":
-        raise CheckpointError(f"{path}/config.json has model_type {model_type!r} (architectures {archs}); "
-                              f"only BERT (model_type 'bert') is supported")
+    if model_type != "bert":  # RoBERTa, XLM-R, DistilBERT, ELECTRA, ESM; anything else is refused there
+        from .families import load_family
+
+        return load_family(path, cfg_dict, do_lower_case, hub_id)
     if cfg_dict.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"position_embedding_type {cfg_dict['position_embedding_type']!r} is not "
                               f"supported; only 'absolute'")

@@ -1,4 +1,5 @@
-"""mlm-export: BERT checkpoint -> SavedModel at OUT/VERSION (+ manifest, tokenizer, verification)."""
+"""mlm-export: masked-LM checkpoint (BERT, RoBERTa, CamemBERT, XLM-R, DistilBERT, ELECTRA generator, ESM) ->
+SavedModel at OUT/VERSION (+ manifest, tokenizer, verification)."""
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,14 @@ EPILOG = """examples:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mlm-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", help="Hugging Face model dir or hub id, or a TF-1 BERT checkpoint dir")
+    ap.add_argument("source", help="Hugging Face model dir or hub id (BERT, RoBERTa, CamemBERT, XLM-R, DistilBERT, "
+                                   "ELECTRA generator, ESM: docs/models.md), or a TF-1 BERT checkpoint dir")
     ap.add_argument("out", help="model base directory; the SavedModel goes to OUT/VERSION")
     ap.add_argument("--version", type=int, default=1, help="numeric version subdirectory (default 1)")
     ap.add_argument("--top-k", type=int, default=5, help="predictions returned per masked position (default 5)")
     ap.add_argument("--max-seq-length", type=int, default=None,
-                    help="longest copy the scorer will send (default: the model's max_position_embeddings)")
+                    help="longest copy the scorer will send (default: the model's max_position_embeddings; "
+                         "RoBERTa's minus 2, its positions start at 2)")
     case = ap.add_mutually_exclusive_group()
     case.add_argument("--do-lower-case", dest="do_lower_case", action="store_true", default=None,
                       help="lower-case the input (default: decided from tokenizer_config.json / tokenizer.json, "

@@ -71,7 +71,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             f"{', '.join(ckpt.ignored)}")
     if not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {cfg.vocab_size}, got {top_k}")
-    max_len = min(max_seq_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    max_len = min(max_seq_length or cfg.max_tokens, cfg.max_tokens)  # RoBERTa: max_position_embeddings - 2
     if max_len < 3:
         raise ValueError(f"max_seq_length must be at least 3 ([CLS] word [SEP]), got {max_len}")
     base = Path(out_dir)
@@ -90,9 +90,12 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "log_prob": module.serve_log_prob.get_concrete_function(),
         })
         del module
+        special_ids = _special_ids(tmp / "tokenizer" / "vocab.txt", ckpt.special_tokens)
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # a BERT export stays format 1, readable by scorers that predate the other families
+            "format_version": FORMAT_VERSION if ckpt.family != "bert" else 1,
+            "family": ckpt.family,
             "graph_revision": GRAPH_REVISION,
             "layer_norm": layer_norm,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -102,6 +105,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "config": cfg.to_dict(),
             "vocab_size": cfg.vocab_size,
             "vocab_sha256": sha256_file(tmp / "tokenizer" / "vocab.txt"),
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer" / "tokenizer.json"),
             "max_seq_length": max_len,
             "top_k": top_k,
             "do_lower_case": bool(ckpt.do_lower_case),
@@ -109,13 +113,13 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "tokenize_chinese_chars": bool(ckpt.tokenize_chinese_chars),
             "strip_accents": ckpt.strip_accents,
             "special_tokens": dict(ckpt.special_tokens),
-            "special_token_ids": _special_ids(tmp / "tokenizer" / "vocab.txt", ckpt.special_tokens),
+            "special_token_ids": special_ids,
             "signature": SIGNATURE,
             "slot_padding": "masked_lm_positions=0 and masked_lm_ids=0 mark an unused slot; outputs there are "
                             "masked_lm_log_probs=0.0, top_k_ids=-1, top_k_log_probs=-inf",
             "versions": _versions(),
         }
-        report = verify_export(tmp, ckpt, max_len=max_len, tolerance=tolerance)
+        report = verify_export(tmp, ckpt, max_len=max_len, tolerance=tolerance, mask_id=special_ids["mask"])
         manifest["identity_probe"] = report.pop("identity_probe")
         manifest["verification"] = report
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
@@ -137,12 +141,28 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
 
 
 def _write_tokenizer(ckpt: Checkpoint, out: Path) -> None:
-    """vocab.txt (copied), tokenizer.json (the `tokenizers` library) and transformers' config files."""
-    from tokenizers import BertWordPieceTokenizer
+    """vocab.txt (copied), tokenizer.json (the `tokenizers` library) and transformers' config files.
+
+    A family with its own tokenizer (``ckpt.tokenizer_json``: RoBERTa, XLM-R, ESM) keeps it as it is, and
+    vocab.txt lists its tokens in id order.
+    """
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     out.mkdir(parents=True)
-    shutil.copyfile(ckpt.vocab_path, out / "vocab.txt")
     st = ckpt.special_tokens
+    if ckpt.tokenizer_json is not None:
+        tok = Tokenizer.from_str(ckpt.tokenizer_json)
+        (out / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
+        tokens = [tok.id_to_token(i) for i in range(tok.get_vocab_size(with_added_tokens=True))]
+        (out / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "do_lower_case": ckpt.do_lower_case,
+            "model_max_length": ckpt.config.max_tokens, **{f"{k}_token": v for k, v in st.items()}},
+            indent=2) + "\n", encoding="utf-8")
+        (out / "special_tokens_map.json").write_text(json.dumps(
+            {f"{k}_token": v for k, v in st.items()}, indent=2) + "\n", encoding="utf-8")
+        return
+    shutil.copyfile(ckpt.vocab_path, out / "vocab.txt")
     tok = BertWordPieceTokenizer(
         str(out / "vocab.txt"), unk_token=st["unk"], sep_token=st["sep"], cls_token=st["cls"],
         pad_token=st["pad"], mask_token=st["mask"], clean_text=True,
@@ -163,14 +183,20 @@ def _check_tokenizer(ckpt: Checkpoint, tokenizer_json: Path, log) -> dict:
     tokenizer built from the source directory (VerificationError if they differ)."""
     if ckpt.casing is None:  # a Checkpoint built by the caller, not by load_checkpoint
         return {"do_lower_case": bool(ckpt.do_lower_case), "decided_by": "given (Checkpoint built by the caller)"}
-    special = set(ckpt.special_tokens.values())
-    tokens = ckpt.vocab_path.read_text(encoding="utf-8").split("\n")
-    report = check_pieces(tokenizer_json, ckpt.vocab_path.parent, do_lower_case=ckpt.do_lower_case,
-                          strip_accents=ckpt.strip_accents, tokenize_chinese_chars=ckpt.tokenize_chinese_chars,
-                          vocab_tokens=[t for t in tokens if t], special=special)
+    if ckpt.tokenizer_json is not None:  # RoBERTa, XLM-R, ESM: their own tokenizer, against AutoTokenizer
+        from .families import check_pieces as check_family_pieces
+
+        report = check_family_pieces(tokenizer_json, ckpt.vocab_path.parent, ckpt.family)
+    else:
+        special = set(ckpt.special_tokens.values())
+        tokens = ckpt.vocab_path.read_text(encoding="utf-8").split("\n")
+        report = check_pieces(tokenizer_json, ckpt.vocab_path.parent, do_lower_case=ckpt.do_lower_case,
+                              strip_accents=ckpt.strip_accents, tokenize_chinese_chars=ckpt.tokenize_chinese_chars,
+                              vocab_tokens=[t for t in tokens if t], special=special)
     if report.get("equal"):
+        about = report.get("about", "capitals, accents, CJK, punctuation, vocabulary words")
         log(f"tokenizer: the same pieces as transformers' tokenizer of the source directory on {report['texts']} "
-            f"texts ({report['pieces']} pieces; capitals, accents, CJK, punctuation, vocabulary words)")
+            f"texts ({report['pieces']} pieces; {about})")
     else:
         log(f"tokenizer: not checked against transformers ({report['skipped']})")
     ckpt.casing.pieces_check = report

@@ -51,27 +51,31 @@ def build_module(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int):
 
     forward(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids), all int32 tensors
     ([B,T] x3, [B,P] x2) -> (masked_lm_log_probs float32 [B,P], top_k_ids int32 [B,P,k],
-    top_k_log_probs float32 [B,P,k]). Semantics follow ``bert_mlm.py``: additive attention bias -10000
-    on padding, erf GELU, LayerNorm eps from the config, tied decoder + output_bias, log_softmax.
+    top_k_log_probs float32 [B,P,k]). Semantics follow ``bert_mlm.py``, the config's family switches
+    included: additive attention bias -10000 on padding, erf GELU, LayerNorm eps from the config, tied
+    decoder + output_bias, log_softmax.
     """
     import torch
     import torch.nn.functional as F
 
     if cfg.num_hidden_layers < 1:
         raise ValueError(f"num_hidden_layers must be at least 1, got {cfg.num_hidden_layers}")
-    if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):
-        raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported")
+    for name in (cfg.hidden_act, cfg.head_act or cfg.hidden_act):
+        if name not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):
+            raise ValueError(f"activation {name!r} is not supported")
     expected = weight_shapes(cfg)
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise ValueError(f"weights do not match the config: missing {missing[:5]}")
 
-    def act(x):
-        if cfg.hidden_act == "gelu":
-            return F.gelu(x)
-        if cfg.hidden_act == "relu":
-            return F.relu(x)
-        return F.gelu(x, approximate="tanh")
+    def activation(name):
+        if name == "gelu":
+            return F.gelu
+        if name == "relu":
+            return F.relu
+        return lambda x: F.gelu(x, approximate="tanh")
+
+    act, head_act = activation(cfg.hidden_act), activation(cfg.head_act or cfg.hidden_act)
 
     class BertMLMModule(torch.nn.Module):
         def __init__(self):
@@ -94,39 +98,85 @@ def build_module(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int):
             return torch.matmul(x, self.p(prefix + "/kernel")) + self.p(prefix + "/bias")
 
         def ln(self, x, prefix):
-            return F.layer_norm(x, (self.H,), self.p(prefix + "/gamma"), self.p(prefix + "/beta"), self.eps)
+            g = self.p(prefix + "/gamma")
+            return F.layer_norm(x, (g.shape[0],), g, self.p(prefix + "/beta"), self.eps)
 
-        def layer(self, x, q_rows, bias, i, B, T, Q):
-            """Encoder layer i for the rows q_rows [B*Q,H] attending over x [B*T,H] (Q == T but in the last)."""
+        def rotary(self, positions):  # int [B|1,Q] -> (cos, sin) [B|1,1,Q,D]
+            freqs = positions.float().unsqueeze(-1) * self.p("bert/encoder/rotary/inv_freq")
+            angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+            return torch.cos(angles), torch.sin(angles)
+
+        @staticmethod
+        def rotate(t, rope):  # t [B,N,Q,D] -> t*cos + rotate_half(t)*sin
+            cos, sin = rope
+            t1, t2 = t.chunk(2, dim=-1)
+            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+        def embed(self, input_ids, input_mask, segment_ids):  # [B,T] x3 -> [B*T,H]
+            B, T = input_ids.shape[0], input_ids.shape[1]
+            ids = input_ids.long()
+            x = F.embedding(ids, self.p("bert/embeddings/word_embeddings"))  # [B,T,E]
+            if cfg.token_dropout:  # ESM: <mask> rows zeroed, the others rescaled by the row's share of <mask>
+                is_mask = (ids == cfg.mask_token_id).float()
+                observed = is_mask.sum(-1) / input_mask.float().sum(-1)
+                x = x * (1.0 - is_mask).unsqueeze(-1) * ((1.0 - 0.15 * 0.8) / (1.0 - observed))[:, None, None]
+            if cfg.type_vocab_size:
+                x = x + F.embedding(segment_ids.long(), self.p("bert/embeddings/token_type_embeddings"))
+            else:  # no token types: segment_ids is ignored, but stays an input of the ONNX graph (an unused
+                x = x + (segment_ids.unsqueeze(-1) * 0).to(x.dtype)  # input would be dropped by the exporter)
+            if not cfg.rotary:
+                off = cfg.position_offset
+                x = x + self.p("bert/embeddings/position_embeddings")[off:off + T].unsqueeze(0)
+            x = x.reshape(B * T, cfg.embedding_width)
+            if cfg.embedding_layer_norm:
+                x = self.ln(x, "bert/embeddings/LayerNorm")
+            if cfg.embedding_width != self.H:
+                x = self.dense(x, "bert/embeddings_project")
+            return x
+
+        def attention(self, x, q_rows, bias, pre, B, T, Q, rope_k, rope_q):
             N, D, H = self.N, self.D, self.H
-            pre = f"bert/encoder/layer_{i}/attention"
             q = self.dense(q_rows, pre + "/self/query").reshape(B, Q, N, D).transpose(1, 2)  # [B,N,Q,D]
             k = self.dense(x, pre + "/self/key").reshape(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
             v = self.dense(x, pre + "/self/value").reshape(B, T, N, D).transpose(1, 2)
+            if cfg.rotary:
+                q, k = self.rotate(q, rope_q), self.rotate(k, rope_k)
             s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D)) + bias  # [B,N,Q,T]
             ctx = torch.matmul(torch.softmax(s, dim=-1), v).transpose(1, 2).reshape(B * Q, H)
-            x = self.ln(q_rows + self.dense(ctx, pre + "/output/dense"), pre + "/output/LayerNorm")
+            return self.dense(ctx, pre + "/output/dense")
+
+        def layer(self, x, q_rows, bias, i, B, T, Q, rope_k=None, rope_q=None):
+            """Encoder layer i for the rows q_rows [B*Q,H] attending over x [B*T,H] (Q == T but in the last)."""
             lp = f"bert/encoder/layer_{i}"
+            pre = lp + "/attention"
+            if cfg.pre_layer_norm:  # ESM
+                h = self.ln(x, pre + "/LayerNorm")
+                h_q = h if q_rows is x else self.ln(q_rows, pre + "/LayerNorm")
+                x = q_rows + self.attention(h, h_q, bias, pre, B, T, Q, rope_k, rope_q)
+                return x + self.dense(act(self.dense(self.ln(x, lp + "/LayerNorm"), lp + "/intermediate/dense")),
+                                      lp + "/output/dense")
+            x = self.ln(q_rows + self.attention(x, q_rows, bias, pre, B, T, Q, rope_k, rope_q),
+                        pre + "/output/LayerNorm")
             h = act(self.dense(x, lp + "/intermediate/dense"))
             return self.ln(x + self.dense(h, lp + "/output/dense"), lp + "/output/LayerNorm")
 
         def forward(self, input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids):
             B, T, P, H = input_ids.shape[0], input_ids.shape[1], masked_lm_positions.shape[1], self.H
-            ids = input_ids.long()
-            x = (F.embedding(ids, self.p("bert/embeddings/word_embeddings"))
-                 + F.embedding(segment_ids.long(), self.p("bert/embeddings/token_type_embeddings"))
-                 + self.p("bert/embeddings/position_embeddings")[:T].unsqueeze(0))  # [B,T,H]
-            x = self.ln(x.reshape(B * T, H), "bert/embeddings/LayerNorm")  # [B*T,H]
+            x = self.embed(input_ids, input_mask, segment_ids)  # [B*T,H]
             bias = ((1.0 - input_mask.float()) * -10000.0)[:, None, None, :]  # [B,1,1,T]
+            pos = masked_lm_positions.long()  # [B,P]
+            rope_k = self.rotary(torch.arange(T, device=pos.device).unsqueeze(0)) if cfg.rotary else None
+            rope_q = self.rotary(pos) if cfg.rotary else None
             last = cfg.num_hidden_layers - 1
             for i in range(last):
-                x = self.layer(x, x, bias, i, B, T, T)
+                x = self.layer(x, x, bias, i, B, T, T, rope_k, rope_k)
             # The last layer only at the masked positions (keys/values still from every token), as bert_mlm.py.
-            pos = masked_lm_positions.long()  # [B,P]
             rows = torch.gather(x.reshape(B, T, H), 1, pos.unsqueeze(-1).expand(-1, -1, H)).reshape(B * P, H)
-            g = self.layer(x, rows, bias, last, B, T, P)  # [B*P,H]
-            g = act(self.dense(g, "cls/predictions/transform/dense"))
-            g = self.ln(g, "cls/predictions/transform/LayerNorm").reshape(B, P, H)
+            g = self.layer(x, rows, bias, last, B, T, P, rope_k, rope_q)  # [B*P,H]
+            if cfg.pre_layer_norm:
+                g = self.ln(g, "bert/encoder/LayerNorm")
+            g = head_act(self.dense(g, "cls/predictions/transform/dense"))
+            g = self.ln(g, "cls/predictions/transform/LayerNorm").reshape(B, P, cfg.embedding_width)
             logits = (torch.matmul(g, self.p("bert/embeddings/word_embeddings").t())
                       + self.p("cls/predictions/output_bias"))  # [B,P,V]
             log_probs = torch.log_softmax(logits, dim=-1)
@@ -181,14 +231,14 @@ def _run(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def verify_onnx(path: str | os.PathLike, ckpt, *, max_len: int, top_k: int,
-                tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+                tolerance: float = DEFAULT_TOLERANCE, mask_id: int | None = None) -> dict[str, Any]:
     """Run ``path`` with ONNX Runtime on generated inputs and compare with the float64 NumPy reference.
 
     Checks masked_lm_log_probs (max |Δ| ≤ tolerance), top-1 agreement, and the slot-padding outputs.
     Raises VerificationError on failure; returns a report dict.
     """
     sess = _session(path)
-    ids, mask, seg, pos, tgt = generated_inputs(ckpt.config.vocab_size, max_len, seed=7, batch=4)
+    ids, mask, seg, pos, tgt = generated_inputs(ckpt.config.vocab_size, max_len, seed=7, batch=4, mask_id=mask_id)
     out = _run(sess, dict(input_ids=ids, input_mask=mask, segment_ids=seg, masked_lm_positions=pos,
                           masked_lm_ids=tgt))
     ref_full = reference_log_probs(ckpt.config, ckpt.weights, ids, mask, seg, pos)
@@ -284,7 +334,8 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     try:
         export_onnx_file(module, tmp, opset=opset)
         del module
-        report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance)
+        mask_id = (manifest.get("special_token_ids") or {}).get("mask")
+        report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance, mask_id=mask_id)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
         entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION,
@@ -293,7 +344,6 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         drift = None
         if quantize == "int8":
             quantize_int8(tmp, tmp8)
-            mask_id = (manifest.get("special_token_ids") or {}).get("mask")
             drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id)
             if drift["mean_abs_diff"] > INT8_MAX_MEAN_ABS_DIFF or drift["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:
                 raise VerificationError(

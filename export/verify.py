@@ -32,16 +32,38 @@ def _act(name, x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def _rotate(t, positions, inv_freq):
+    """Rotary positions: t [B,N,Q,D] at ``positions`` [B|1,Q] -> t*cos + rotate_half(t)*sin."""
+    freqs = positions[..., None] * inv_freq  # [B,Q,D/2]
+    angles = np.concatenate([freqs, freqs], -1)[:, None]  # [B,1,Q,D]
+    half = t.shape[-1] // 2
+    return t * np.cos(angles) + np.concatenate([-t[..., half:], t[..., :half]], -1) * np.sin(angles)
+
+
 def reference_log_probs(cfg, w, input_ids, input_mask, segment_ids, positions) -> np.ndarray:
-    """[B,T] int arrays + [B,P] positions -> [B,P,V] float64 log-probs. Plain NumPy BERT."""
+    """[B,T] int arrays + [B,P] positions -> [B,P,V] float64 log-probs. Plain NumPy, every family.
+
+    Every layer runs at every position (no pruning of the last layer) and the head at the gathered ones.
+    """
     w = {k: np.asarray(v, np.float64) for k, v in w.items()}
     B, T = input_ids.shape
     N = cfg.num_attention_heads
     D = cfg.hidden_size // N
     eps = cfg.layer_norm_eps
-    x = (w["bert/embeddings/word_embeddings"][input_ids] + w["bert/embeddings/token_type_embeddings"][segment_ids]
-         + w["bert/embeddings/position_embeddings"][:T][None])
-    x = _layer_norm(x, w["bert/embeddings/LayerNorm/gamma"], w["bert/embeddings/LayerNorm/beta"], eps)
+    x = w["bert/embeddings/word_embeddings"][input_ids]
+    if cfg.token_dropout:
+        is_mask = (input_ids == cfg.mask_token_id).astype(np.float64)
+        observed = is_mask.sum(-1) / input_mask.sum(-1)
+        x = x * (1.0 - is_mask)[..., None] * ((1.0 - 0.15 * 0.8) / (1.0 - observed))[:, None, None]
+    if cfg.type_vocab_size:
+        x = x + w["bert/embeddings/token_type_embeddings"][segment_ids]
+    if not cfg.rotary:
+        off = cfg.position_offset
+        x = x + w["bert/embeddings/position_embeddings"][off:off + T][None]
+    if cfg.embedding_layer_norm:
+        x = _layer_norm(x, w["bert/embeddings/LayerNorm/gamma"], w["bert/embeddings/LayerNorm/beta"], eps)
+    if "bert/embeddings_project/kernel" in w:
+        x = x @ w["bert/embeddings_project/kernel"] + w["bert/embeddings_project/bias"]
     bias = (1.0 - input_mask[:, None, None, :]) * -10000.0
     for i in range(cfg.num_hidden_layers):
         p = f"bert/encoder/layer_{i}/"
@@ -52,28 +74,45 @@ def reference_log_probs(cfg, w, input_ids, input_mask, segment_ids, positions) -
         def split(t):
             return t.reshape(B, T, N, D).transpose(0, 2, 1, 3)
 
-        q, k, v = (split(lin(x, f"attention/self/{n}")) for n in ("query", "key", "value"))
+        def norm(t, name):
+            return _layer_norm(t, w[p + name + "/gamma"], w[p + name + "/beta"], eps)
+
+        h = norm(x, "attention/LayerNorm") if cfg.pre_layer_norm else x
+        q, k, v = (split(lin(h, f"attention/self/{n}")) for n in ("query", "key", "value"))
+        if cfg.rotary:
+            q, k = (_rotate(t, np.arange(T)[None], w["bert/encoder/rotary/inv_freq"]) for t in (q, k))
         s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(D) + bias
         s = np.exp(s - s.max(-1, keepdims=True))
         ctx = (s / s.sum(-1, keepdims=True)) @ v
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, N * D)
-        x = _layer_norm(x + lin(ctx, "attention/output/dense"), w[p + "attention/output/LayerNorm/gamma"],
-                        w[p + "attention/output/LayerNorm/beta"], eps)
-        h = _act(cfg.hidden_act, lin(x, "intermediate/dense"))
-        x = _layer_norm(x + lin(h, "output/dense"), w[p + "output/LayerNorm/gamma"], w[p + "output/LayerNorm/beta"], eps)
+        if cfg.pre_layer_norm:
+            x = x + lin(ctx, "attention/output/dense")
+            x = x + lin(_act(cfg.hidden_act, lin(norm(x, "LayerNorm"), "intermediate/dense")), "output/dense")
+        else:
+            x = norm(x + lin(ctx, "attention/output/dense"), "attention/output/LayerNorm")
+            x = norm(x + lin(_act(cfg.hidden_act, lin(x, "intermediate/dense")), "output/dense"), "output/LayerNorm")
+    if cfg.pre_layer_norm:
+        x = _layer_norm(x, w["bert/encoder/LayerNorm/gamma"], w["bert/encoder/LayerNorm/beta"], eps)
     g = np.take_along_axis(x, positions[..., None], axis=1)  # [B,P,H]
-    g = _act(cfg.hidden_act, g @ w["cls/predictions/transform/dense/kernel"] + w["cls/predictions/transform/dense/bias"])
-    g = _layer_norm(g, w["cls/predictions/transform/LayerNorm/gamma"], w["cls/predictions/transform/LayerNorm/beta"], eps)
+    g = _act(cfg.head_act or cfg.hidden_act,
+             g @ w["cls/predictions/transform/dense/kernel"] + w["cls/predictions/transform/dense/bias"])
+    g = _layer_norm(g, w["cls/predictions/transform/LayerNorm/gamma"], w["cls/predictions/transform/LayerNorm/beta"],
+                    eps)
     logits = g @ w["bert/embeddings/word_embeddings"].T + w["cls/predictions/output_bias"]
     m = logits.max(-1, keepdims=True)
     return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
 
 
-def generated_inputs(vocab_size: int, max_len: int, seed: int = 0, batch: int = 3):
+def generated_inputs(vocab_size: int, max_len: int, seed: int = 0, batch: int = 3, mask_id: int | None = None):
+    """Random [B,T] ids (padded with id 0), mask and zero segments, [B,P] positions and targets; some
+    prediction slots unused. With ``mask_id`` the masked positions hold it, as in the scorer's copies (and
+    no other position does)."""
     rng = np.random.default_rng(seed)
     T = min(max_len, 12)
     P = 3
     ids = rng.integers(0, vocab_size, size=(batch, T)).astype(np.int32)
+    if mask_id is not None:
+        ids[ids == mask_id] = (mask_id + 1) % vocab_size
     lengths = rng.integers(3, T + 1, size=batch)
     lengths[0] = T
     mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
@@ -85,15 +124,17 @@ def generated_inputs(vocab_size: int, max_len: int, seed: int = 0, batch: int = 
         n = int(rng.integers(1, P + 1)) if b else P  # leave some slots unused
         pos[b, :n] = rng.integers(1, lengths[b], size=n)  # any real, non-[CLS] position
         tgt[b, :n] = rng.integers(0, vocab_size, size=n)
+        if mask_id is not None:
+            ids[b, pos[b, :n]] = mask_id
     return ids, mask, seg, pos, tgt
 
 
-def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: float) -> dict:
+def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: float, mask_id: int | None = None) -> dict:
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(version_dir))
     fn = loaded.signatures["serving_default"]
-    ids, mask, seg, pos, tgt = generated_inputs(ckpt.config.vocab_size, max_len)
+    ids, mask, seg, pos, tgt = generated_inputs(ckpt.config.vocab_size, max_len, mask_id=mask_id)
     out = fn(input_ids=tf.constant(ids), input_mask=tf.constant(mask), segment_ids=tf.constant(seg),
              masked_lm_positions=tf.constant(pos), masked_lm_ids=tf.constant(tgt))
     got = out["masked_lm_log_probs"].numpy()

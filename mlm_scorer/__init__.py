@@ -9,8 +9,8 @@ Public API::
 Imports stay light: TensorFlow and other engine runtimes load only when an engine is created.
 """
 from .engines.base import Batch, BatchResult, Engine, engine_names, get_engine, register_engine
-from .errors import (EngineError, InputError, MissingDependencyError, MlmScorerError, ModelError,
-                     UnknownEngineError, UsageError)
+from .errors import (EngineError, InputError, Interrupted, MissingDependencyError, MlmScorerError, ModelError,
+                     StorageError, UnknownEngineError, UsageError)
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,7 @@ __all__ = [
     "score_file", "score_frame", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
     "Engine", "Batch", "BatchResult", "get_engine", "engine_names", "register_engine",
     "MlmScorerError", "InputError", "UsageError", "ModelError", "EngineError", "UnknownEngineError",
-    "MissingDependencyError", "__version__",
+    "MissingDependencyError", "StorageError", "Interrupted", "__version__",
 ]
 
 

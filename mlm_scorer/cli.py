@@ -1,13 +1,16 @@
 """mlm-score: word probabilities and pseudo-log-likelihoods for every sentence of a TSV, as Parquet.
 
 A thin layer over ``mlm_scorer.score_file``: flags become arguments, errors become exit codes
-(2 usage, 3 bad input, 4 model, 5 engine, 130 interrupted). No heavy import happens before a run.
+(2 usage, 3 bad input, 4 model, 5 engine, 130 interrupted, 143 terminated). SIGTERM is handled like
+Ctrl-C. No heavy import happens before a run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 EPILOG = """examples:
@@ -27,7 +30,8 @@ subcommands:
 outputs: probs.parquet (one row per word) and probs.sentences.parquet (one row per input row), written
 atomically at the end. Modes and formulas: docs/scoring.md; schemas: docs/input-output.md.
 
-exit codes: 0 ok, 1 other error, 2 bad usage, 3 bad input row, 4 model problem, 5 engine failure, 130 interrupted
+exit codes: 0 ok, 1 other error (disk full, ...), 2 bad usage, 3 bad input row, 4 model problem, 5 engine
+failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep committed chunks for --resume
 """
 
 
@@ -86,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
                         "status 'skipped' and go on")
     i.add_argument("--limit", type=int, help="score only the first N rows (quick trials)")
+    i.add_argument("--max-row-chars", type=int, default=None, metavar="N",
+                   help="longest row in characters (default 100000); a longer one is a bad row (row_too_long), "
+                        "decided before it is tokenized")
     i.add_argument("--resume", action="store_true",
                    help="continue an interrupted run after its last committed chunk (refused if the input or "
                         "the settings changed); without it a rerun starts over and replaces the output")
@@ -137,6 +144,27 @@ def _engine_options(args, ap) -> tuple[str, dict]:
     return engine or "saved_model", opts
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM (what Airflow, Kubernetes and ``timeout`` send) raises ``Interrupted``
+    in the main thread, as Ctrl-C raises KeyboardInterrupt: the run stops the same way, keeps what is
+    committed and says so. Off the main thread (where handlers cannot be set) nothing changes."""
+    from .errors import Interrupted
+
+    def handler(signum, frame):
+        raise Interrupted("terminated (SIGTERM)", signum=signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 SUBCOMMANDS = {
     "report": "mlm_scorer.report",  # mlm-score report RESULT.parquet -o report.html
     "ray": "mlm_scorer.ray_cli",  # mlm-score ray INPUT... -o OUTDIR (Ray Data, past one machine)
@@ -160,42 +188,55 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
+    if args.max_row_chars is not None and args.max_row_chars < 1:
+        ap.error("--max-row-chars must be positive")
 
-    from .errors import MlmScorerError, UsageError
+    from .errors import Interrupted, MlmScorerError, UsageError
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
+    from .reader import MAX_ROW_CHARS
+    from .writer import check_output_path
 
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
+        if args.summary_json:
+            check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
         if args.baseline and not any(r.relative for r in rules):
             raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
                              "--flag-above pseudo_perplexity=p99")
-        summary = score_file(
-            args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
-            engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
-            id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
-            batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
-            limit=args.limit, progress=False if args.quiet else args.progress,
-            cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
-            score_cache=args.cache, baseline=args.baseline, log=log.info)
+        with sigterm_as_interrupt():
+            summary = score_file(
+                args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
+                engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
+                id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
+                batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
+                limit=args.limit, progress=False if args.quiet else args.progress,
+                cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
+                score_cache=args.cache, baseline=args.baseline,
+                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log.info)
     except MlmScorerError as exc:
         log.error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; nothing was written at the output path (chunks already committed in "
-                  "OUTPUT.parts/ are kept: rerun with --resume to continue after them)", extra={"bare": True})
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
+        if isinstance(exc, Interrupted) and exc.explained:  # the pipeline says what is committed
+            log.error(str(exc), extra={"bare": True})
+            return exc.exit_code
+        what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
+        log.error(f"{what} outside the scoring loop (starting or closing); committed chunks, if any, are kept in "
+                  f"{args.output}.parts/ for --resume", extra={"bare": True})
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:  # disk full, permission denied while writing...
         log.error(str(exc))
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
         if os.environ.get("MLM_SCORER_DEBUG"):
             raise
+        kept = getattr(exc, "mlm_committed", None)
         log.critical(f"internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the traceback, "
-                     f"and please report it)", extra={"bare": True})
+                     f"and please report it)" + (f" [{kept}]" if kept else ""), extra={"bare": True})
         return 1
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:

@@ -4,6 +4,8 @@ The library raises these; only the CLI turns them into exit codes (see ``cli.py`
 """
 from __future__ import annotations
 
+import signal
+
 
 class MlmScorerError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -48,3 +50,25 @@ class UnknownEngineError(UsageError):
 
 class MissingDependencyError(UsageError):
     """An optional extra is needed: the message says which ``pip install`` gives it."""
+
+
+class StorageError(MlmScorerError, OSError):
+    """The system refused a read or write (disk full, permission denied, an I/O error). Still an OSError;
+    the original one is ``__cause__``."""
+
+    exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM (``signum``). A KeyboardInterrupt, so code that handles
+    Ctrl-C keeps working; exit code 128 + signum. ``explained``: the message says what is committed and
+    how to resume (set by the pipeline once it has stopped)."""
+
+    def __init__(self, message: str = "interrupted", *, signum: int = signal.SIGINT, explained: bool = False):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.explained = explained
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

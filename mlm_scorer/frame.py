@@ -59,7 +59,7 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
         raise UsageError(f"the DataFrame has duplicate column name(s) {dup}")
     lay = layout_for(names, text_column, id_column, SOURCE)
     n = len(df) if o["limit"] is None else min(len(df), o["limit"])
-    rows = [_row(i, t, lay) for i, t in enumerate(df.iloc[:n, lay.text].tolist())]
+    rows = [_row(i, t, lay, o["max_row_chars"]) for i, t in enumerate(df.iloc[:n, lay.text].tolist())]
 
     scorer, owns = o["scorer"], o["scorer"] is None
     if owns:
@@ -132,11 +132,16 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
     return w, s
 
 
-def _row(i: int, text, lay: Layout) -> Row:
+def _row(i: int, text, lay: Layout, max_chars: int) -> Row:
     if text is None or (isinstance(text, float) and math.isnan(text)) or type(text).__name__ in ("NAType", "NaTType"):
         return Row(i, i + 1, None, error=InputError(f"the text column {lay.names[lay.text]!r} is null", path=SOURCE,
                                                     line=i + 1, reason="null_text"))
-    return Row(i, i + 1, text if isinstance(text, str) else str(text))
+    text = text if isinstance(text, str) else str(text)
+    if len(text) > max_chars:
+        return Row(i, i + 1, None, error=InputError(
+            f"the text is {len(text)} characters long, more than max_row_chars {max_chars}", path=SOURCE,
+            line=i + 1, reason="row_too_long"))
+    return Row(i, i + 1, text)
 
 
 def _frame(tables: list, schema, df, lay: Layout, names: list[str]):

@@ -7,8 +7,8 @@ Layout written by ``mlm-export`` (TF Serving's ``model_base_path/VERSION`` conve
         saved_model.pb            # signatures serving_default (+ top_k)
         variables/
         mlm_scorer.json           # the manifest (MANIFEST_NAME), validated by ``load_manifest``
-        tokenizer/vocab.txt       # WordPiece vocabulary, one token a line
-        tokenizer/tokenizer.json  # the same tokenizer for the `tokenizers` library
+        tokenizer/vocab.txt       # the vocabulary, one token a line, in id order
+        tokenizer/tokenizer.json  # the tokenizer for the `tokenizers` library (what the scorer uses)
         batching_parameters.txt   # (optional) a TF Serving batching file
         model.onnx                # (optional) the same model for ONNX Runtime
 
@@ -27,7 +27,10 @@ from .errors import ModelError
 
 MANIFEST_NAME = "mlm_scorer.json"
 FORMAT = "mlm-scorer-export"
-FORMAT_VERSION = 1
+#: The newest manifest format this scorer reads. 1: BERT. 2: adds ``family`` (RoBERTa, XLM-R, DistilBERT,
+#: ELECTRA, ESM), so that a scorer predating them refuses such an export instead of treating it as BERT. The
+#: exporter still writes BERT exports as format 1; a manifest without ``family`` is a BERT export.
+FORMAT_VERSION = 2
 
 # key -> type, for validation before use (a manifest is never trusted blindly).
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -124,13 +127,35 @@ class ModelDir:
         md = cls(vdir, manifest)
         if not md.vocab_path.is_file():
             raise ModelError(f"{md.vocab_path} is missing; re-export the model")
+        positions = (manifest.get("config") or {}).get("max_position_embeddings")
+        if isinstance(positions, int):
+            md.check_positions(positions, "config.max_position_embeddings")
         if check_vocab:
             actual = sha256_file(md.vocab_path)
             if actual != manifest["vocab_sha256"]:
                 raise ModelError(f"{md.vocab_path} does not match the manifest's vocab_sha256 "
                                  f"({actual[:12]}… vs {manifest['vocab_sha256'][:12]}…): the tokenizer "
                                  f"was changed after export")
+            want = manifest.get("tokenizer_sha256")  # recorded since format 2's exporter; older: not checked
+            if isinstance(want, str) and sha256_file(md.tokenizer_json) != want:
+                raise ModelError(f"{md.tokenizer_json} does not match the manifest's tokenizer_sha256: the "
+                                 f"tokenizer was changed after export")
         return md
+
+    def check_positions(self, rows: int, where: str) -> None:
+        """Raise ModelError if ``max_seq_length`` exceeds the positions of a table of ``rows`` position
+        embeddings (read from ``where``), less the family's ``position_offset`` (RoBERTa: 2)."""
+        c = self.manifest.get("config") or {}
+        offset = 0 if c.get("position_embedding_type") == "rotary" else int(c.get("position_offset") or 0)
+        positions = rows - offset
+        L = self.max_seq_length
+        if L > positions:
+            rows_note = f", {rows} rows less the position_offset {offset}" if offset else ""
+            raise ModelError(f"{self.path / MANIFEST_NAME}: max_seq_length {L} exceeds the {positions} positions "
+                             f"of the model ({where}{rows_note}): the manifest contradicts its graph, and every "
+                             f"copy longer than {positions} tokens would fail. Re-export with mlm-export "
+                             f"--max-seq-length {positions} (or set max_seq_length to at most {positions} in the "
+                             f"manifest)")
 
     @property
     def vocab_path(self) -> Path:
@@ -139,6 +164,11 @@ class ModelDir:
     @property
     def tokenizer_json(self) -> Path:
         return self.path / "tokenizer" / "tokenizer.json"
+
+    @property
+    def family(self) -> str:
+        """The model family ("bert", "roberta", "xlm-roberta", ...); exports without one are BERT."""
+        return str(self.manifest.get("family") or "bert")
 
     @property
     def version(self) -> int | None:

@@ -10,9 +10,11 @@ Memory is bounded by the chunk size (rows) and the queue depth, not by the input
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,16 +24,18 @@ import numpy as np
 
 from .batching import BatchPolicy
 from .engines.base import LazyEngine, engine_names, get_engine
-from .errors import InputError, MlmScorerError, UnknownEngineError, UsageError
-from .model_dir import sha256_file
+from .errors import InputError, Interrupted, MlmScorerError, StorageError, UnknownEngineError, UsageError
 from .models import DEFAULT_MODEL, resolve_model
-from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
 from .progress import Progress
-from .reader import Layout, Row, TsvReader, count_lines, open_reader
+from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
+from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
 from .writer import ResultWriter, check_output_path, pseudo_perplexity
 
 ON_BAD_ROW = ("fail", "skip")
+#: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
+#: per chunk stays bounded however long the rows are (up to ``max_row_chars`` each).
+CHUNK_CHARS = 1 << 18
 
 
 @dataclass
@@ -61,7 +65,10 @@ class ScoreSummary:
     mean_pll: float | None = None
     cache_lookups: int = 0  # persistent score cache (--cache): distinct sentences looked up, found
     cache_hits: int = 0
+    cache_rejected: int = 0  # cache entries that failed their checksum or range checks: dropped, rescored
+    cache_read_only: bool = False  # the cache could be read but not written (new scores not stored)
     resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
+    resume_note: str | None = None  # committed parts a resume found damaged (discarded, scored again)
     flag_rules: list[str] = field(default_factory=list)  # as applied: percentiles with the value taken
     _pll_sum: float = field(default=0.0, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
@@ -82,8 +89,14 @@ class ScoreSummary:
              f"skipped {self.skipped}" + (f", flagged {self.flagged}" if self.flagged else ""))
         if self.cache_lookups:
             s += f"; score cache hit rate {self.cache_hits / self.cache_lookups:.1%} ({self.cache_hits}/{self.cache_lookups})"
-        if self.resumed_rows:
+        if self.cache_rejected:
+            s += f", {self.cache_rejected} damaged cache entries dropped and scored again"
+        if self.cache_read_only:
+            s += " (cache read-only: new scores not stored)"
+        if self.resumed_rows or self.resume_note:
             s += f"; resumed after {self.resumed_rows} committed rows"
+        if self.resume_note:
+            s += f" ({self.resume_note})"
         if self.skipped_rows:
             listed = ", ".join(f"line {r['line']} ({r['reason']})" for r in self.skipped_rows)
             s += f": {listed}{' …' if self.skipped > len(self.skipped_rows) else ''}"
@@ -108,6 +121,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                progress: bool = False, cache_dir: str | os.PathLike | None = None,
                flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
                score_cache: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
+               max_row_chars: int = MAX_ROW_CHARS,
                log: Callable[[str], None] | None = None,
                scorer: Scorer | None = None) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
@@ -121,6 +135,9 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     percentile threshold (``pseudo_perplexity=p99``) is taken from ``baseline`` (a result scored with the
     same model and mode) when one is given, else from this run in a second pass at the end.
     ``score_cache`` is a directory for the persistent score cache (see ``cache.py``).
+    ``max_row_chars``: longer rows are bad rows (``row_too_long``), decided before they are tokenized.
+    Refuses (UsageError, before anything is touched) an input that is a file the run would replace or
+    delete. A stream (stdin, a pipe, a FIFO) is read once; its committed prefix is checked on resume.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
@@ -130,9 +147,10 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         raise UsageError("dedupe_cache must be >= 0")
     if limit is not None and limit < 0:
         raise UsageError("limit must be >= 0")
-    out = check_output_path(output, input_path)
+    out = check_output_path(output, input_path, also=cache_files(score_cache))
     t0 = time.perf_counter()
-    reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header)
+    reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
+                         max_row_chars=max_row_chars)
     owns_engine = scorer is None
     try:
         if scorer is None:
@@ -165,8 +183,6 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
-    if resume and input_path == "-":
-        raise UsageError("--resume needs an input file, not stdin (a stream cannot be checked or re-read)")
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and
     # on_bad_row may: they do not change the rows already committed).
     settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
@@ -178,10 +194,11 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                               "engine": scorer.engine.name, "input": input_path,
                               "flag_rules": [str(r) for r in flag_rules],
                               **({"baseline": baseline} if baseline else {})},
-                          identity=input_identity(input_path), settings=settings, resume=resume)
+                          identity=reader.identity(), settings=settings, resume=resume)
     summary.sentences_output = str(writer.sentences_path)
     skip_rows = writer.rows_done
     summary.resumed_rows = skip_rows
+    summary.resume_note = writer.resume_note
     for st in writer.committed_stats:
         _add_stats(summary, st)
     vocab = [scorer.tokenizer.id_to_token(i) for i in range(scorer.tokenizer.vocab_size)] if scorer.top_k else None
@@ -192,17 +209,25 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     def produce() -> None:
         try:
             chunk: list[Row] = []
-            for n, row in enumerate(reader):
-                if limit is not None and n >= limit or stop.is_set():
+            chars = n = 0
+            # islice: the reader never reads past the limit (a stream's committed prefix ends at a row)
+            for n, row in enumerate(reader if limit is None else itertools.islice(reader, limit), 1):
+                if stop.is_set():
                     break
-                if n < skip_rows:  # committed by an earlier run (--resume)
+                if n <= skip_rows:  # committed by an earlier run (--resume): read again, not scored
+                    if n == skip_rows:
+                        writer.check_prefix(reader.position(), None)
                     continue
                 chunk.append(row)
-                if len(chunk) >= chunk_rows:
-                    _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None])))
-                    chunk = []
+                chars += len(row.text) if row.text else 0
+                if len(chunk) >= chunk_rows or chars >= CHUNK_CHARS:
+                    _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None]),
+                                   reader.position()))
+                    chunk, chars = [], 0
+            if n < skip_rows and not stop.is_set():
+                writer.check_prefix(reader.position(), n)
             if chunk:
-                _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None])))
+                _put(q, stop, (chunk, scorer.prepare([r.text for r in chunk if r.error is None]), reader.position()))
             _put(q, stop, _DONE)
         except BaseException as exc:  # hand any failure to the consumer, which re-raises it
             _put(q, stop, exc)
@@ -224,7 +249,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                 if item is _DONE or isinstance(item, BaseException):
                     _put(q2, stop, item)
                     return
-                rows, prepared = item
+                rows, prepared, position = item
                 if first:  # the engine is open and the first chunk ready: rates leave start-up out
                     bar.restart()
                     first = False
@@ -234,7 +259,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                     if n_copies else scorer.run(prepared)
                 if not n_copies:
                     bar.add(n_rows)
-                _put(q2, stop, (rows, prepared, results))
+                _put(q2, stop, (rows, prepared, results, position))
         except BaseException as exc:
             _put(q2, stop, exc)
 
@@ -249,13 +274,13 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                 break
             if isinstance(item, BaseException):
                 raise item
-            rows, prepared, results = item
+            rows, prepared, results, position = item
             words, sents, stats = build_columns(rows, results, path=reader.path, on_bad_row=on_bad_row,
                                                 scorer=scorer, layout=lay, vocab=vocab, flag_rules=flag_rules)
             stats["copies"] = prepared.n_copies
             stats["skipped_rows"] = stats.pop("skipped")[: ScoreSummary.MAX_LISTED]
             stats["skipped"] = len(sents["row"]) - stats["scored"]
-            writer.write_chunk(words, sents, stats)
+            writer.write_chunk(words, sents, stats, position=position)
             _add_stats(summary, stats)
         bar.close()
         # percentiles of the run itself: a second pass over the committed parts (all of them, after --resume)
@@ -270,10 +295,10 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     except BaseException as exc:
         stop.set()
         writer.abort()
-        if isinstance(exc, MlmScorerError) and writer.rows_done > 0 and input_path != "-":
-            exc.args = (f"{exc.args[0] if exc.args else exc} [{writer.rows_done} rows are committed in "
-                        f"{writer.parts_dir}; rerun with --resume to continue after them]",)
-        raise
+        told = explain_committed(exc, committed_note(writer, reader, input_path))
+        if told is exc:
+            raise
+        raise told from (None if isinstance(told, Interrupted) else exc)
     finally:
         stop.set()
         bar.close(done=False)
@@ -292,6 +317,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     summary.mean_pll = summary._pll_sum / summary.scored if summary.scored else None
     if scorer.store is not None:
         summary.cache_lookups, summary.cache_hits = scorer.store.lookups, scorer.store.hits
+        summary.cache_rejected, summary.cache_read_only = scorer.store.rejected, scorer.store.read_only
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -320,6 +346,8 @@ def _progress_total(reader, input_path: str, limit: int | None) -> int | None:
     """Rows the run will read, for the progress total: a Parquet file's row count, a TSV's lines (one fast
     pass over the file), None for standard input."""
     total = getattr(reader, "num_rows", None)
+    if getattr(reader, "is_stream", False):  # a pipe is read once: no counting pass
+        return None
     if total is None:
         try:
             lines = count_lines(input_path)
@@ -341,13 +369,53 @@ def _add_stats(summary: ScoreSummary, st: dict) -> None:
             summary.skipped_rows.append(sk)
 
 
-def input_identity(path: str) -> dict:
-    """Size, mtime and sha256 of the input: a resumed run must read the very same bytes."""
-    if path == "-":
-        return {"path": "-"}
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": sha256_file(path)}
+def cache_files(score_cache: str | os.PathLike | None) -> list[tuple[str, str]]:
+    """The score cache's files (written by the run), for the input collision check."""
+    if score_cache is None:
+        return []
+    from .cache import DB_NAME
+
+    db = os.path.join(score_cache, DB_NAME)
+    return [(db + suffix, "the score cache") for suffix in ("", "-wal", "-shm", "-journal")]
+
+
+def committed_note(writer: ResultWriter, reader: TsvReader, input_path: str) -> str | None:
+    """What an interrupted or failed run leaves for --resume, or None when nothing is committed."""
+    n = writer.rows_done
+    if not n:
+        return None
+    if reader.is_stream:
+        again = "the same input on stdin" if input_path == "-" else f"the same input through {input_path} again"
+        how = f"rerun with --resume, feeding {again} (its committed rows are read and checked, not scored),"
+    else:
+        how = "rerun with --resume (same command and input)"
+    return f"{n} rows are committed in {writer.parts_dir}; {how} to continue after them"
+
+
+def explain_committed(exc: BaseException, note: str | None) -> BaseException:
+    """The exception to raise for ``exc`` so that its message says what is committed (``note``).
+
+    Ctrl-C / SIGTERM -> ``Interrupted`` (its message says what is kept, and how to resume); an OSError
+    (disk full, ...) -> ``StorageError``; an MlmScorerError gets the note in its message; anything else
+    (a bug, or a caller's own signal exception) carries it as ``mlm_committed`` for the CLI to print,
+    and as a note where Python has them.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        kept = note or "no rows were committed"
+        return Interrupted(f"{what}; nothing was written at the output path; {kept}", signum=signum, explained=True)
+    if note is None:
+        return exc
+    if isinstance(exc, MlmScorerError):
+        exc.args = (f"{exc.args[0] if exc.args else exc} [{note}]",)
+        return exc
+    if isinstance(exc, OSError):
+        return StorageError(f"{exc} [{note}]")
+    exc.mlm_committed = note
+    if hasattr(exc, "add_note"):  # Python 3.11+: shown with the traceback (an Airflow task's log)
+        exc.add_note(note)
+    return exc
 
 
 def _put(q: queue.Queue, stop: threading.Event, item) -> None:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--id-column")
     i.add_argument("--no-header", action="store_true", help="TSV inputs have no header line")
     i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
+    i.add_argument("--max-row-chars", type=int, default=None,
+                   help="longer rows are bad rows (row_too_long), as mlm-score (default 100000)")
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
+    if args.max_row_chars is not None and args.max_row_chars < 1:
+        ap.error("--max-row-chars must be positive")
 
     from .errors import MlmScorerError, UsageError
     from .logs import configure_cli, log
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
             max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
-            ray_init_options=init, progress=args.progress, baseline=args.baseline, log=log.info)
+            ray_init_options=init, progress=args.progress, baseline=args.baseline,
+            **({"max_row_chars": args.max_row_chars} if args.max_row_chars else {}), log=log.info)
     except ImportError as exc:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2

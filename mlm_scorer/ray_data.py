@@ -63,7 +63,7 @@ from .errors import InputError, MlmScorerError, UsageError
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .quality import FlagRule
-from .reader import Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
+from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
 from .writer import sentence_schema, word_schema
 
 __all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER"]
@@ -263,14 +263,15 @@ def _splits(scan: list[tuple], *, header: bool, batches_per_split: int | None, n
     return splits
 
 
-def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool,
-                batch_rows: int) -> Iterator[list[Row]]:
+def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool, batch_rows: int,
+                max_row_chars: int = MAX_ROW_CHARS) -> Iterator[list[Row]]:
     """The split's rows, in batches of at most ``batch_rows``."""
     path, want = spec["path"], spec["rows"]
     if spec["kind"] == "tsv":
         from itertools import islice
 
-        with TsvReader(path, text_column=text_column, id_column=id_column, header=header) as reader:
+        with TsvReader(path, text_column=text_column, id_column=id_column, header=header,
+                       max_row_chars=max_row_chars) as reader:
             reader.seek(spec["offset"], line=spec["line"], index=spec["row"])
             it = iter(reader)
             while want > 0:
@@ -287,7 +288,8 @@ def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[spec["row_group"]]):
         a, b = max(start - pos, 0), min(start + spec["rows"] - pos, batch.num_rows)
         if a < b:
-            yield parquet_rows(batch.slice(a, b - a), lay, path, first=spec["row"] + pos + a - start)
+            yield parquet_rows(batch.slice(a, b - a), lay, path, first=spec["row"] + pos + a - start,
+                               max_row_chars=max_row_chars)
         pos += batch.num_rows
         if pos >= start + spec["rows"]:
             return
@@ -300,7 +302,7 @@ class _ScoreActor:
     def __init__(self, *, model: str, engine: str, engine_options: dict, mode: str, top_k: int, batch_tokens,
                  max_batch_size, layout: Layout, text_column, id_column, header: bool, batch_rows: int,
                  on_bad_row: str, flag_rules: list[FlagRule], out_dir: str, meta: dict, threads: int | None,
-                 log_level: int):
+                 log_level: int, max_row_chars: int = MAX_ROW_CHARS):
         if threads:  # the engine plans its threads for this actor's share of the node
             os.environ["MLM_SCORER_CPUS"] = str(threads)
         log.setLevel(log_level)  # quiet or verbose as the driver (TensorFlow's start-up lines follow it)
@@ -308,7 +310,7 @@ class _ScoreActor:
 
         self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
         self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
-                        "batch_rows": batch_rows}
+                        "batch_rows": batch_rows, "max_row_chars": max_row_chars}
         self.out = Path(out_dir)
         self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
@@ -397,7 +399,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                   cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
                   ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
                   wait_for_actors_s: float = 600, progress: bool | None = None,
-                  baseline: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> dict:
+                  baseline: str | os.PathLike | None = None, max_row_chars: int = MAX_ROW_CHARS,
+                  log: Callable[[str], None] | None = None) -> dict:
     """Score TSV and/or Parquet files with a Ray actor pool; write ``output_dir/{words,sentences}``.
 
     The pool comes from the cluster's resources unless given (``plan_actors``): ``num_actors`` actors,
@@ -479,7 +482,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                     model=str(md.path), engine=engine, engine_options=dict(engine_options or {}), mode=mode,
                     top_k=top_k, batch_tokens=batch_tokens, max_batch_size=max_batch_size, layout=lay,
                     text_column=text_column, id_column=id_column, header=header, batch_rows=batch_rows,
-                    on_bad_row=on_bad_row, flag_rules=flag_rules, out_dir=str(tmp), meta=meta),
+                    on_bad_row=on_bad_row, flag_rules=flag_rules, out_dir=str(tmp), meta=meta,
+                    max_row_chars=max_row_chars),
                 num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
                 num_gpus_per_actor=num_gpus_per_actor, ray_address=ray_address,
                 ray_init_options=ray_init_options, wait_for_actors_s=wait_for_actors_s, progress=progress)

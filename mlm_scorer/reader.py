@@ -5,17 +5,28 @@ Quotes are ordinary characters (no CSV quoting): ``He said "hi"`` is read as wri
 first line is a header naming the columns. With ``header=False`` and no text column given, each whole
 line is one sentence (TABs included).
 
-A row that cannot be read (invalid UTF-8, wrong number of fields) becomes a ``Row`` with ``error``
-set, so the caller decides (fail or skip) and nothing is dropped silently.
+A row that cannot be read (invalid UTF-8, wrong number of fields, longer than ``max_row_chars``)
+becomes a ``Row`` with ``error`` set, so the caller decides (fail or skip) and nothing is dropped
+silently. A line is never held whole beyond ``4 * max_row_chars`` bytes: a longer one is known to be
+too long without decoding it, and the rest of it is skipped in blocks.
+
+Inputs that are not regular files (stdin, pipes, FIFOs, process substitution) are read exactly once:
+``is_stream`` is True for them, nothing else may open them, and the reader hashes the bytes as it
+reads them (``position``), so a resumed run can check the committed prefix of the stream.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from .errors import InputError, UsageError
+
+#: Default longest row, in characters (``--max-row-chars``). Longer rows are bad rows (``row_too_long``).
+MAX_ROW_CHARS = 100_000
 
 
 @dataclass
@@ -110,17 +121,29 @@ class TsvReader:
     """Iterate ``Row``s of a TSV. ``layout`` is known after construction (the header is read then)."""
 
     def __init__(self, path: str | os.PathLike, *, text_column: str | int | None = None,
-                 id_column: str | int | None = None, header: bool = True):
+                 id_column: str | int | None = None, header: bool = True, max_row_chars: int = MAX_ROW_CHARS):
+        if max_row_chars < 1:
+            raise UsageError(f"max_row_chars must be positive, got {max_row_chars}")
         self.path = str(path)
         self.header = header
+        self.max_row_chars = int(max_row_chars)
+        self._cap = 4 * self.max_row_chars + 5  # UTF-8 has at most 4 bytes a character; + BOM, CR, LF
         self._f = _open(path)
         self._line = 0
         self._first = True
+        self._overflow = 0  # bytes of the last line read when it was cut at the cap (too long), else 0
+        self.is_stream = not stat.S_ISREG(os.fstat(self._f.fileno()).st_mode)
+        self.bytes_read = 0
+        self._hash = hashlib.sha256() if self.is_stream else None
         if header:
             raw = self._next_raw()
             if raw is None:
                 raise InputError("the file is empty: expected a header line (use --no-header for a file "
                                  "with one sentence per line)", path=self.path, line=1, reason="empty_file")
+            if self._overflow:
+                raise InputError(f"the header line is longer than {self.max_row_chars} characters: is this a "
+                                 f"TSV file? (raise the limit with --max-row-chars N)", path=self.path, line=1,
+                                 reason="row_too_long")
             names = _decode(raw, self.path, self._line).split("\t")
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
@@ -143,11 +166,24 @@ class TsvReader:
                                  passthrough=[j for j in range(len(names)) if j not in (t, i)] if t is not None else [])
         self._index = 0
 
+    def _read(self, limit: int) -> bytes:
+        block = self._f.readline(limit)
+        self.bytes_read += len(block)
+        if self._hash is not None:
+            self._hash.update(block)
+        return block
+
     def _next_raw(self) -> bytes | None:
-        raw = self._f.readline()
+        raw = self._read(self._cap)
         if not raw:
             return None
         self._line += 1
+        self._overflow = 0
+        if len(raw) >= self._cap and not raw.endswith(b"\n"):  # too long whatever it holds: skip the rest
+            n = len(raw)
+            while (block := self._read(1 << 20)) and not block.endswith(b"\n"):
+                n += len(block)
+            self._overflow = n + len(block)
         if raw.endswith(b"\n"):
             raw = raw[:-1]
             if raw.endswith(b"\r"):
@@ -169,10 +205,15 @@ class TsvReader:
     def _row(self, raw: bytes) -> Row:
         idx, line = self._index, self._line
         self._index += 1
+        if self._overflow:
+            return self._too_long(idx, line, raw.decode("utf-8", errors="replace"), f"{self._overflow} bytes",
+                                  complete=False)
         try:
             text = _decode(raw, self.path, line)
         except InputError as exc:
             return Row(idx, line, None, error=exc)
+        if len(text) > self.max_row_chars:
+            return self._too_long(idx, line, text, f"{len(text)} characters", complete=True)
         lay = self.layout
         if lay.text is None:
             return Row(idx, line, text)
@@ -185,13 +226,53 @@ class TsvReader:
         return Row(idx, line, fields[lay.text], fields[lay.id] if lay.id is not None else None,
                    tuple(fields[j] for j in lay.passthrough))
 
+    def _too_long(self, idx: int, line: int, prefix: str, size: str, *, complete: bool) -> Row:
+        """A ``row_too_long`` bad row; its id and pass-through fields are kept where ``prefix`` (the line, or
+        only its start when not ``complete``) holds them whole. The text is not kept."""
+        err = InputError(f"the row is {size} long, more than --max-row-chars {self.max_row_chars} characters "
+                         f"(raise it with --max-row-chars N)", path=self.path, line=line,
+                         column=self.max_row_chars + 1, reason="row_too_long")
+        lay = self.layout
+        fields = prefix.split("\t") if lay.text is not None else []
+        if not complete:
+            fields = fields[:-1]  # it may be cut
+        def field(j: int | None) -> str | None:
+            return fields[j] if j is not None and j < len(fields) else None
+        return Row(idx, line, None, field(lay.id), tuple(field(j) for j in lay.passthrough), error=err)
+
+    def position(self) -> dict:
+        """Where reading stands: bytes read so far and, for a stream, the sha256 of those bytes."""
+        pos = {"bytes": self.bytes_read}
+        if self._hash is not None:
+            pos["sha256"] = self._hash.copy().hexdigest()
+        return pos
+
+    def identity(self) -> dict:
+        """What a resumed run must find again. A regular file: path, size, mtime and the sha256 of its bytes
+        (read through this reader's own descriptor with ``pread``: the same file, the read position
+        untouched). A stream cannot be read twice: only its kind; each committed part records the hash of
+        the bytes read up to it instead (``position``)."""
+        if self.is_stream:
+            return {"kind": "stream"}
+        fd = self._f.fileno()
+        st = os.fstat(fd)
+        h = hashlib.sha256()
+        offset = 0
+        while block := os.pread(fd, 1 << 20, offset):
+            h.update(block)
+            offset += len(block)
+        path = "-" if self.path == "-" else os.path.abspath(self.path)
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
     def seek(self, offset: int, *, line: int, index: int) -> None:
         """Continue at byte ``offset`` (the start of a line; a file, not stdin), which is physical
         ``line`` (1-based) and data row ``index`` (0-based): a worker reads its own slice of a file."""
         self._f.seek(offset)
+        self.bytes_read = offset
         self._line, self._index = line - 1, index
         self._first = offset == 0  # a BOM can only start the file
         self._peek = None
+        self._overflow = 0
 
     def close(self) -> None:
         if self._f is not sys.stdin.buffer:
@@ -209,8 +290,14 @@ def _decode_or_count(raw: bytes) -> int:
 
 
 def count_lines(path: str | os.PathLike) -> int | None:
-    """Number of lines (for a progress total), or None for stdin. Reads the file once, fast."""
+    """Number of lines (for a progress total), or None for stdin or any other stream (reading one here
+    would take its rows from the scorer). Reads a regular file once, fast."""
     if str(path) == "-":
+        return None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+    except OSError:
         return None
     n = 0
     last = b"\n"
@@ -228,11 +315,12 @@ def is_parquet(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith((".parquet", ".pq"))
 
 
-def parquet_rows(batch, lay: Layout, path: str, *, first: int) -> list[Row]:
+def parquet_rows(batch, lay: Layout, path: str, *, first: int, max_row_chars: int = MAX_ROW_CHARS) -> list[Row]:
     """Rows of a Parquet record batch whose first row is row ``first`` (0-based) of the file.
 
     ``line`` is the 1-based row number (a Parquet file has no lines). The id and pass-through columns
-    are passed on as strings, as from a TSV; a null text is a bad row (reason ``null_text``).
+    are passed on as strings, as from a TSV; a null text is a bad row (reason ``null_text``), and so is
+    a text longer than ``max_row_chars`` (``row_too_long``, its text not kept), as in a TSV.
     """
     import pyarrow as pa
 
@@ -249,8 +337,14 @@ def parquet_rows(batch, lay: Layout, path: str, *, first: int) -> list[Row]:
     rows = []
     for k, t in enumerate(text):
         i = first + k
-        err = None if t is not None else InputError(f"the text column {lay.names[lay.text]!r} is null", path=path,
-                                                    line=i + 1, reason="null_text")
+        err = None
+        if t is None:
+            err = InputError(f"the text column {lay.names[lay.text]!r} is null", path=path, line=i + 1,
+                             reason="null_text")
+        elif len(t) > max_row_chars:
+            err = InputError(f"the text is {len(t)} characters long, more than --max-row-chars {max_row_chars} "
+                             f"(raise it with --max-row-chars N)", path=path, line=i + 1, reason="row_too_long")
+            t = None
         rows.append(Row(i, i + 1, t, ids[k], tuple(p[k] for p in passthrough), err))
     return rows
 
@@ -260,14 +354,16 @@ class ParquetReader:
     (or 0-based index), every other column passed through; read ``batch_rows`` rows at a time."""
 
     header = True  # the schema names the columns, as a header line does
+    is_stream = False
 
     def __init__(self, path: str | os.PathLike, *, text_column: str | int | None = None,
-                 id_column: str | int | None = None, batch_rows: int = 2048):
+                 id_column: str | int | None = None, batch_rows: int = 2048, max_row_chars: int = MAX_ROW_CHARS):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = str(path)
-        self.batch_rows = batch_rows
+        self.batch_rows, self.max_row_chars = batch_rows, max_row_chars
+        self.rows_read = 0
         if not os.path.exists(self.path):
             raise UsageError(f"input file {self.path!r} does not exist")
         if os.path.isdir(self.path):
@@ -285,8 +381,24 @@ class ParquetReader:
     def __iter__(self) -> Iterator[Row]:
         first = 0
         for batch in self._pf.iter_batches(batch_size=self.batch_rows):
-            yield from parquet_rows(batch, self.layout, self.path, first=first)
+            for row in parquet_rows(batch, self.layout, self.path, first=first, max_row_chars=self.max_row_chars):
+                self.rows_read += 1
+                yield row
             first += batch.num_rows
+
+    def position(self) -> dict:
+        """Where reading stands (rows read; a file is checked whole by ``identity`` on resume)."""
+        return {"rows": self.rows_read}
+
+    def identity(self) -> dict:
+        """What a resumed run must find again: path, size, mtime and the sha256 of the file's bytes."""
+        st = os.stat(self.path)
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sha256": h.hexdigest()}
 
     def close(self) -> None:
         close = getattr(self._pf, "close", None)
@@ -301,10 +413,10 @@ class ParquetReader:
 
 
 def open_reader(path: str | os.PathLike, *, text_column: str | int | None = None, id_column: str | int | None = None,
-                header: bool = True):
+                header: bool = True, max_row_chars: int = MAX_ROW_CHARS):
     """``ParquetReader`` for a ``.parquet``/``.pq`` file, else ``TsvReader`` (``-``: standard input)."""
     if is_parquet(path):
         if not header:
             raise UsageError("--no-header applies to TSV input; a Parquet file's schema names its columns")
-        return ParquetReader(path, text_column=text_column, id_column=id_column)
-    return TsvReader(path, text_column=text_column, id_column=id_column, header=header)
+        return ParquetReader(path, text_column=text_column, id_column=id_column, max_row_chars=max_row_chars)
+    return TsvReader(path, text_column=text_column, id_column=id_column, header=header, max_row_chars=max_row_chars)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from .batching import BatchPolicy, build, padding_efficiency, plan
+from .batching import BatchPolicy, build, copy_lengths, padding_efficiency, plan
 from .engines.base import Batch, Engine
 from .expand import PRED_A, PRED_B, SENT, WordTooLong, masked_spans, windows
 from .model_dir import ModelDir
@@ -54,6 +55,46 @@ class SentenceResult:
         return float(self.word_log_probs().sum())
 
 
+#: Padded tokens of a chunk's batches built ahead, on the preparing thread (12 MiB of int32 arrays); the
+#: rest are built one at a time as the engine takes them. A chunk of ordinary sentences fits whole; one
+#: of long rows (each copy a window of up to max_seq_length tokens) stays bounded.
+EAGER_TOKENS = 1 << 20
+#: Word pieces the duplicate memory (``cache_size`` sentences) may hold in all: long rows evict sooner.
+CACHED_PIECES = 4_000_000
+
+
+class Batches(Sequence):
+    """The batches of a chunk: the first ones built ahead (up to ``EAGER_TOKENS`` padded tokens), the others
+    built when asked for, so memory does not grow with the copies of a chunk."""
+
+    def __init__(self, copies: np.ndarray, batches: list[np.ndarray], sentences: list, ids: tuple[int, int, int, int]):
+        self._copies, self._batches, self._sentences, self._ids = copies, batches, sentences, ids
+        lengths = copy_lengths(copies)
+        self._built: list[Batch] = []
+        tokens = 0
+        for b in batches:
+            tokens += len(b) * int(lengths[b].max())
+            if tokens > EAGER_TOKENS and self._built:
+                break
+            self._built.append(self._build(len(self._built)))
+
+    def _build(self, i: int) -> Batch:
+        mask_id, cls_id, sep_id, pad_id = self._ids
+        return build(self._copies[self._batches[i]], self._sentences, mask_id, cls_id, sep_id, pad_id)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._built[i] if i < len(self._built) else self._build(i)
+
+
 @dataclass
 class Prepared:
     """A chunk ready for the engine: unique sentences, their copies and the built batches."""
@@ -66,7 +107,7 @@ class Prepared:
     errors: dict[int, tuple[str, str]]  # unique index -> (reason, message)
     copies: np.ndarray
     batches: list[np.ndarray]  # indices into copies
-    built: list[Batch] = field(default_factory=list)
+    built: Sequence[Batch] = field(default_factory=list)  # ``Batches``: built ahead or on demand
     n_stored: int = 0  # input texts answered by the persistent score cache
 
     @property
@@ -114,13 +155,17 @@ class Scorer:
         # engine in a chunk not yet run. Both bounded: memory does not grow with the input.
         self._cache: OrderedDict[str, SentenceResult] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_pieces = 0
         self._pending: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self.store = None
         if store_dir is not None:
             from .cache import ScoreCache
 
-            self.store = ScoreCache(store_dir, namespace=f"{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
+            # The family leads the key (BERT exports keep the key they always had, so existing caches stay valid).
+            family = "" if model.family == "bert" else f"{model.family}|"
+            self.store = ScoreCache(store_dir,
+                                    namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
 
     @property
     def policy(self) -> BatchPolicy:
@@ -183,7 +228,7 @@ class Scorer:
         copies = np.concatenate(parts) if parts else np.zeros((0, 7), np.int64)
         batches = plan(copies, self.policy) if len(copies) else []  # nothing to score: the engine stays closed
         tk = self.tokenizer
-        built = [build(copies[b], sentences, tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id) for b in batches]
+        built = Batches(copies, batches, sentences, (tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id))
         return Prepared(texts=texts, keys=keys, borrowed=borrowed, unique=unique, sentences=sentences, errors=errors,
                         copies=copies, batches=batches, built=built,
                         n_stored=sum(1 for j in candidates if texts[j] in stored))
@@ -239,12 +284,9 @@ class Scorer:
             self.store.put_many([(t, r.piece_log_probs, r.top_k_ids, r.top_k_log_probs, r.n_copies)
                                  for t, r in zip(prep.unique, fresh) if r.error is None])
         with self._lock:
-            for t, r in zip(prep.unique, fresh):
+            for t in prep.unique:
                 self._pending.pop(t, None)
-                self._cache[t] = r
-                self._cache.move_to_end(t)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._remember(zip(prep.unique, fresh))
         out: list[SentenceResult] = []
         missing: list[int] = []
         for j, (t, key) in enumerate(zip(prep.texts, prep.keys)):
@@ -277,18 +319,33 @@ class Scorer:
             return {}
         hit_texts = list(found)
         out = {}
+        wrong = []
         for t, sent in zip(hit_texts, self.tokenizer.tokenize(hit_texts)):
             lp, ids, tlp, n_copies = found[t]
-            if len(lp) != sent.n_pieces:  # cannot happen for the same model checksum; never trust blindly
+            k = self.top_k
+            copies = sent.n_words if self.mode == "whole-word" else sent.n_pieces  # one per word / per piece
+            if len(lp) != sent.n_pieces or n_copies != copies or (ids is None) != (k == 0) or \
+                    (ids is not None and ids.shape != (sent.n_words, k)):
+                wrong.append(t)  # values that do not fit this sentence: damaged, score it again
                 continue
             out[t] = SentenceResult(sentence=sent, piece_log_probs=lp, top_k_ids=ids, top_k_log_probs=tlp,
                                     n_copies=n_copies)
+        self.store.reject(wrong)
         with self._lock:
-            for t, r in out.items():
-                self._cache[t] = r
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._remember(out.items())
         return out
+
+    def _remember(self, items) -> None:
+        """Keep (text, result) pairs for duplicates (the caller holds the lock), evicting the oldest beyond
+        ``cache_size`` sentences or ``CACHED_PIECES`` word pieces."""
+        for t, r in items:
+            old = self._cache.pop(t, None)
+            if old is not None:
+                self._cache_pieces -= _pieces(old)
+            self._cache[t] = r
+            self._cache_pieces += _pieces(r)
+        while self._cache and (len(self._cache) > self._cache_size or self._cache_pieces > CACHED_PIECES):
+            self._cache_pieces -= _pieces(self._cache.popitem(last=False)[1])
 
     @staticmethod
     def _first_piece_words(sentences: list[Sentence | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -303,3 +360,7 @@ class Scorer:
             word_offsets[i + 1] = word_offsets[i] + nw
             base += s.n_pieces
         return word_of_piece, word_offsets
+
+
+def _pieces(r: SentenceResult) -> int:
+    return r.sentence.n_pieces if r.sentence is not None else 0

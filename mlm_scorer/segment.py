@@ -1,14 +1,21 @@
-"""Split text into words and WordPiece pieces, keeping each word's pieces together.
+"""Split text into words and pieces, keeping each word's pieces together.
 
-Words are the tokenizer's pre-tokenization units (BERT's basic tokenizer: split on whitespace and
-punctuation, each CJK character on its own), with character offsets into the ORIGINAL text, so a word
-can be cut out of the input with ``text[char_start:char_end]`` whatever lower-casing or accent
+Words are the tokenizer's pre-tokenization units, with character offsets into the ORIGINAL text, so a
+word can be cut out of the input with ``text[char_start:char_end]`` whatever lower-casing or accent
 stripping the model applies::
 
     text    "The cat's jacksonville!"
     words   The | cat | ' | s | jacksonville | !
     pieces  the | cat | ' | s | jack ##son ##ville | !
     word_starts (piece index of each word's first piece, plus the end): [0, 1, 2, 3, 4, 7, 8]
+
+Units by tokenizer: BERT's WordPiece splits on whitespace and punctuation (each CJK character on its
+own); RoBERTa's byte-level BPE on its regex (letters, digits, other symbols, each run taking the space
+before it: "Ġcat", "'s", "!"); XLM-R's SentencePiece on whitespace only ("▁cat's!" is one word); ESM's
+one residue per token. A word's offsets never include the space (or the ``▁``) its first piece carries.
+A unit that is only whitespace (byte-level BPE makes one of the first of two spaces: "a␣␣b" -> a | Ġ |
+Ġb) belongs to the word after it (at the end of a text: the word before), so every piece is in a word and
+a sentence's PLL still sums every piece.
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ class Sentence:
 
 
 class WordTokenizer:
-    """WordPiece tokenizer of an export (``tokenizer/tokenizer.json``), with word grouping."""
+    """The tokenizer of an export (``tokenizer/tokenizer.json``), with word grouping."""
 
     def __init__(self, model: ModelDir):
         from tokenizers import Tokenizer
@@ -74,25 +81,39 @@ class WordTokenizer:
     def tokenize(self, texts: list[str]) -> list[Sentence]:
         """Tokenize many texts at once (the Rust tokenizer runs them in parallel)."""
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
-        return [_to_sentence(e) for e in encs]
+        return [_to_sentence(e, t) for e, t in zip(encs, texts)]
 
 
-def _to_sentence(enc) -> Sentence:
+def _to_sentence(enc, text: str) -> Sentence:
     ids = np.asarray(enc.ids, np.int32)
-    word_ids = enc.word_ids
-    offsets = enc.offsets
-    starts: list[int] = []
-    spans: list[list[int]] = []
+    # The tokenizer's units: (first piece, start, end), the span covering all of the unit's pieces.
+    units: list[list[int]] = []
     prev = None
-    for i, w in enumerate(word_ids):
+    for i, (w, (a, b)) in enumerate(zip(enc.word_ids, enc.offsets)):
         if w is None:  # only special tokens have no word; none are added here
             continue
         if w != prev:
-            starts.append(i)
-            spans.append([offsets[i][0], offsets[i][1]])
+            units.append([i, a, b])
             prev = w
         else:
-            spans[-1][1] = offsets[i][1]
-    starts.append(len(ids))
+            units[-1][1] = min(units[-1][1], a)
+            units[-1][2] = max(units[-1][2], b)
+    starts: list[int] = []
+    spans: list[list[int]] = []
+    blank_from = None  # first piece of whitespace-only units waiting for the next word
+    for i, a, b in units:
+        while a < b and text[a].isspace():  # the space a byte-level or SentencePiece unit starts with
+            a += 1
+        while a < b and text[b - 1].isspace():
+            b -= 1
+        if a == b:
+            blank_from = i if blank_from is None else blank_from
+            continue
+        starts.append(i if blank_from is None else blank_from)
+        spans.append([a, b])
+        blank_from = None
+    if not starts:  # nothing but whitespace: no words, and no pieces to score
+        ids = ids[:0]
+    starts.append(len(ids))  # trailing whitespace-only units stay with the last word
     return Sentence(ids=ids, word_starts=np.asarray(starts, np.int32),
                     char_spans=np.asarray(spans, np.int32).reshape(-1, 2))

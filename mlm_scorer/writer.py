@@ -21,11 +21,13 @@ sentences: row int64, line int64, [id string], [pass-through columns string], te
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,22 +42,69 @@ def sentences_path(words_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".sentences.parquet")
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Refuse outputs that would clobber the input, a directory, or write through a symlink elsewhere."""
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None,
+                      also: Iterable[tuple[str | os.PathLike, str]] = ()) -> Path:
+    """Refuse outputs that would clobber the input, a directory, or write through a symlink elsewhere.
+
+    ``also``: more (path, what) pairs the run will write, checked against the input like the outputs.
+    """
     out = Path(output)
     if out.is_dir():
         raise UsageError(f"output {str(out)!r} is a directory; give a file path like {out / 'probs.parquet'}")
+    if input_path is not None:
+        check_not_input(input_path, out, also)
     for p in (out, sentences_path(out)):
         if p.is_symlink():
             raise UsageError(f"output {str(p)!r} is a symlink (to {os.readlink(p)!r}); refusing to replace it. "
                              f"Remove it or choose another path")
-    if input_path is not None and str(input_path) != "-" and out.exists() and Path(input_path).exists():
-        for p in (out, sentences_path(out)):
-            if p.exists() and os.path.samefile(p, input_path):
-                raise UsageError(f"output {str(p)!r} is the input file itself")
     if not out.parent.exists():
         raise UsageError(f"output directory {str(out.parent)!r} does not exist")
     return out
+
+
+def touched_paths(output: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Every existing path a run on ``output`` may replace or delete, with what it is: both outputs, their
+    temporary names (a dead run's are deleted), the parts directory and everything in it."""
+    out = Path(output)
+    parts = Path(str(out) + ".parts")
+    found = [(out, "the words output"), (sentences_path(out), "the sentences output"),
+             (parts, "the parts directory")]
+    for final in (out, sentences_path(out)):
+        found += [(Path(p), "a temporary name of an output")
+                  for p in glob.glob(glob.escape(str(final.with_name(f".{final.name}.tmp-"))) + "*")]
+    if parts.is_dir():
+        found += [(p, f"a file in the parts directory {parts}") for p in sorted(parts.rglob("*"))]
+    return found
+
+
+def check_not_input(input_path: str | os.PathLike, output: str | os.PathLike,
+                    also: Iterable[tuple[str | os.PathLike, str]] = ()) -> None:
+    """Raise UsageError, before anything is touched, if the input is a file the run would replace or delete
+    (``touched_paths`` and ``also``): the same path, a path through symlinks, or the same inode (a hard
+    link), or if it lies inside the parts directory."""
+    if str(input_path) == "-":
+        return
+    try:
+        st = os.stat(input_path)
+    except OSError:
+        return  # the reader says what is wrong with it
+    real = os.path.realpath(input_path)
+    out = Path(output)
+    parts_real = os.path.realpath(str(out) + ".parts")
+    for p, what in [*touched_paths(out), *((Path(a), w) for a, w in also)]:
+        same = os.path.realpath(p) == real
+        if not same:
+            try:
+                q = os.stat(p)
+                same = (q.st_dev, q.st_ino) == (st.st_dev, st.st_ino)
+            except OSError:
+                pass
+        if same:
+            raise UsageError(f"refusing to run: the input {str(input_path)!r} is {what} ({str(p)!r}), which this "
+                             f"run would replace or delete; choose another output path (-o) or move the input")
+    if real.startswith(parts_real + os.sep):
+        raise UsageError(f"refusing to run: the input {str(input_path)!r} lies inside the parts directory "
+                         f"{parts_real!r}, which this run deletes; move the input or choose another output path")
 
 
 def word_schema(id_name: str | None, passthrough: list[str], top_k: bool) -> pa.Schema:
@@ -148,6 +197,7 @@ class ResultWriter:
         self.word_schema = word_schema(id_name, passthrough, top_k > 0)
         self.sentence_schema = sentence_schema(id_name, passthrough, flag)
         self.identity, self.settings = identity or {}, settings or {}
+        self.resume_note: str | None = None  # what a resume found damaged and scored again
         self._lock_fd = self._lock()
         try:
             self.progress = self._load_or_start(resume)
@@ -189,12 +239,59 @@ class ResultWriter:
         if changes:
             raise UsageError(f"cannot resume {self.words_path}: " + "; ".join(changes) +
                              ". Rerun without --resume to start over")
-        for part in prog["parts"]:
-            for kind in ("words", "sentences"):
-                if not (self.parts_dir / part[kind]).is_file():
-                    raise UsageError(f"cannot resume: committed part {self.parts_dir / part[kind]} is missing; "
-                                     f"rerun without --resume to start over")
+        for i, part in enumerate(prog["parts"]):
+            problem = self._check_part(part)
+            if problem:  # it and every later part are scored again
+                later = len(prog["parts"]) - i - 1
+                rows = sum(p["rows"] for p in prog["parts"][i:])
+                which = f"it and the {later} parts after it were" if later else "it was"
+                self.resume_note = f"{problem}: {which} discarded and their {rows} rows scored again"
+                prog["parts"] = prog["parts"][:i]
+                keep = {p[k] for p in prog["parts"] for k in ("words", "sentences")} | {"lock", self.PROGRESS}
+                for f in self.parts_dir.iterdir():
+                    if f.name not in keep:
+                        f.unlink()
+                self._save(prog)
+                break
         return prog
+
+    def _check_part(self, part: dict) -> str | None:
+        """None if a committed part pair is intact, else what is wrong (naming the file)."""
+        for kind, schema in (("words", self.word_schema), ("sentences", self.sentence_schema)):
+            path = self.parts_dir / part[kind]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return f"{part[kind]} is missing"
+            want = part.get("sha256", {}).get(kind)
+            if want is not None and hashlib.sha256(data).hexdigest() != want:
+                return f"{part[kind]} is damaged (its sha256 is not the one committed)"
+            try:
+                meta = pq.read_metadata(pa.BufferReader(data))
+                ok = meta.schema.to_arrow_schema().remove_metadata() == schema.remove_metadata()
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                return f"{part[kind]} is damaged (not readable as Parquet: {exc})"
+            if not ok:
+                return f"{part[kind]} is damaged (its columns are not this run's)"
+            if kind == "sentences" and meta.num_rows != part["rows"]:
+                return f"{part[kind]} is damaged ({meta.num_rows} rows, {part['rows']} committed)"
+        return None
+
+    def check_prefix(self, position: dict, rows: int | None) -> None:
+        """For a resumed stream: raise UsageError unless the bytes read up to the last committed row (``rows``
+        rows read, ``position`` from ``TsvReader.position``) are those the interrupted run committed."""
+        parts = self.progress["parts"]
+        want = parts[-1].get("position") if parts else None
+        if not want or "sha256" not in want:
+            return
+        if rows is not None and rows < self.rows_done:
+            raise UsageError(f"cannot resume {self.words_path}: the input ended after {rows} rows, but "
+                             f"{self.rows_done} were committed: it is not the input of the interrupted run. "
+                             f"Rerun without --resume to start over")
+        if position.get("bytes") != want.get("bytes") or position.get("sha256") != want["sha256"]:
+            raise UsageError(f"cannot resume {self.words_path}: the first {self.rows_done} rows of the input "
+                             f"differ from those committed (sha256 of the first {want.get('bytes')} bytes): it "
+                             f"is not the input of the interrupted run. Rerun without --resume to start over")
 
     def _clear_parts(self) -> None:
         for p in self.parts_dir.iterdir():
@@ -214,17 +311,32 @@ class ResultWriter:
         return [p["stats"] for p in self.progress["parts"]]
 
     # -- writing ----------------------------------------------------------------------------------
-    def write_chunk(self, words: dict, sentences: dict, stats: dict | None = None) -> None:
-        """Write one chunk's parts and commit them (durable once this returns)."""
+    def write_chunk(self, words: dict, sentences: dict, stats: dict | None = None,
+                    position: dict | None = None) -> None:
+        """Write one chunk's parts and commit them (durable once this returns). ``position``: where the
+        input stood after the chunk's last row (``TsvReader.position``), checked by a resumed stream."""
         i = len(self.progress["parts"])
         names = {"words": f"words-{i:06d}.parquet", "sentences": f"sentences-{i:06d}.parquet"}
+        digests = {}
         for kind, cols, schema in (("words", words, self.word_schema), ("sentences", sentences, self.sentence_schema)):
-            table = pa.Table.from_pydict(cols, schema=schema)
+            buf = pa.BufferOutputStream()
+            pq.write_table(pa.Table.from_pydict(cols, schema=schema), buf, compression="zstd")
+            data = buf.getvalue().to_pybytes()
+            digests[kind] = hashlib.sha256(data).hexdigest()
             tmp = self.parts_dir / f".{names[kind]}.tmp"
-            pq.write_table(table, str(tmp), compression="zstd")
-            fsync_path(tmp)
-            os.replace(tmp, self.parts_dir / names[kind])
-        self.progress["parts"].append({**names, "rows": len(sentences["row"]), "stats": stats or {}})
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.parts_dir / names[kind])
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        part = {**names, "rows": len(sentences["row"]), "stats": stats or {}, "sha256": digests}
+        if position:
+            part["position"] = position
+        self.progress["parts"].append(part)
         self._save(self.progress)
 
     def sentence_parts(self) -> list[Path]:

@@ -13,7 +13,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MLM_SCORER_SHARED") or REPO.parent / "shared")  # ../shared beside the checkout
+#: The benchmark data beside the checkout (BLiMP, the bert-base-uncased vocabulary); $MLM_SHARED elsewhere.
+SHARED = Path(os.environ.get("MLM_SHARED") or REPO.parent / "shared")
 BLIMP_ZIP = SHARED / "benchmarks" / "blimp" / "BLiMP.zip"
 BERT_VOCAB = SHARED / "vocab" / "bert-base-uncased" / "vocab.txt"
 
@@ -124,46 +125,63 @@ def write_tsv(path: Path, sentences: list[str]) -> Path:
     return path
 
 
-def make_checkpoint(out: Path, shape: str = "bert-base", seed: int = 0) -> Path:
-    """A random BertForMaskedLM of the given shape on the real uncased vocab, in Hugging Face format."""
+#: Vocabulary sizes of the benchmarks' checkpoints: bert-base-uncased's, and roberta-base's.
+VOCAB = {"bert": 30522, "roberta": 50265}
+#: The RoBERTa benchmark checkpoint's tokenizer: a byte-level BPE of this many tokens trained on BLiMP (so
+#: that longer words have several pieces), padded with unused tokens to roberta-base's vocabulary size.
+ROBERTA_BPE = 2000
+
+
+def make_checkpoint(out: Path, shape: str = "bert-base", seed: int = 0, family: str = "bert") -> Path:
+    """A random masked LM of the given shape in Hugging Face format: BertForMaskedLM on the real uncased
+    vocab, or (``family="roberta"``) RobertaForMaskedLM with a BPE trained on BLiMP (``ROBERTA_BPE``),
+    the vocabulary padded to roberta-base's 50,265 tokens."""
     if (out / "config.json").is_file():
         return out
     import sys
 
     sys.path.insert(0, str(REPO / "tests"))
+    h, layers, heads, inter = SHAPES[shape]
+    if family == "roberta":
+        from tiny_families import make_family
+
+        return make_family("roberta", out, hidden=h, layers=layers, heads=heads, intermediate=inter, max_pos=512,
+                           seed=seed, init_range=0.02, bpe_vocab=ROBERTA_BPE,
+                           bpe_lines=tuple(blimp_sentences(134_000)), vocab_size=VOCAB["roberta"])
     from tiny_models import make_hf_bert
 
-    h, layers, heads, inter = SHAPES[shape]
     return make_hf_bert(out, vocab=BERT_VOCAB, hidden=h, layers=layers, heads=heads, intermediate=inter,
                         max_pos=512, seed=seed, init_range=0.02)
 
 
-def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False) -> bool:
+def export_is_current(version_dir: Path, onnx: bool = False, int8: bool = False, top_k: int | None = None) -> bool:
     """True if ``version_dir`` holds an export (and, with ``onnx``, an ONNX model; with ``int8`` also its
-    int8 file) written by the graph revision this checkout writes. Benchmark caches are rebuilt
-    otherwise: an old graph is slower."""
+    int8 file; with ``top_k``, that k) written by the graph revision this checkout writes. Benchmark caches
+    are rebuilt otherwise: an old graph is slower."""
     from mlm_export.config import GRAPH_REVISION
 
     try:
         m = json.loads((Path(version_dir) / "mlm_scorer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if m.get("graph_revision") != GRAPH_REVISION:
+    if m.get("graph_revision") != GRAPH_REVISION or (top_k is not None and m.get("top_k") != top_k):
         return False
     if (onnx or int8) and (m.get("onnx") or {}).get("graph_revision") != GRAPH_REVISION:
         return False
     return not int8 or (Path(version_dir) / "model.int8.onnx").is_file()
 
 
-def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: bool = False, log=print) -> Path:
-    """Export ``ckpt`` to ``export_dir/1`` unless a current one is there (``export_is_current``); with
-    ``onnx``/``int8`` also write its ONNX fp32 + int8 files. Each step runs in a child process, so this
-    process has not started TensorFlow (whose thread pools cannot be set once it has). Returns export_dir."""
-    if not export_is_current(export_dir / "1"):
+def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: bool = False, top_k: int = 5,
+                  log=print) -> Path:
+    """Export ``ckpt`` to ``export_dir/1`` (with ``top_k``) unless a current one is there
+    (``export_is_current``); with ``onnx``/``int8`` also write its ONNX fp32 + int8 files. Each step runs in a
+    child process, so this process has not started TensorFlow (whose thread pools cannot be set once it
+    has). Returns export_dir."""
+    if not export_is_current(export_dir / "1", top_k=top_k):
         log(f"exporting {ckpt} -> {export_dir}")
         subprocess.run([sys.executable, "-c", "import sys; from mlm_export import export; "
-                        "export(sys.argv[1], sys.argv[2], overwrite=True, log=print)", str(ckpt), str(export_dir)],
-                       check=True)
+                        "export(sys.argv[1], sys.argv[2], top_k=int(sys.argv[3]), overwrite=True, log=print)",
+                        str(ckpt), str(export_dir), str(top_k)], check=True)
     if (onnx or int8) and not export_is_current(export_dir / "1", onnx=True, int8=int8):
         log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
         subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
@@ -193,21 +211,21 @@ def command_line(argv: list[str] | None = None, script: str | None = None) -> st
     return shlex.join(["python", name, *(sys.argv[1:] if argv is None else argv)])
 
 
-def flops_per_copy(shape: str, tokens: float) -> float:
+def flops_per_copy(shape: str, tokens: float, vocab: int = VOCAB["bert"]) -> float:
     """FLOPs of one copy: encoder over `tokens` tokens + the MLM head at one position (2 per MAC)."""
     h, layers, _, inter = SHAPES[shape]
-    V = 30522
+    V = vocab
     per_token_layer = 2 * (4 * h * h + 2 * h * inter)
     attn = 2 * 2 * tokens * h  # QK^T and AV per token per layer
     head = 2 * (h * h + h * V)
     return layers * tokens * (per_token_layer + attn) + head
 
 
-def executed_flops_ours(shape: str, tokens: float) -> float:
+def executed_flops_ours(shape: str, tokens: float, vocab: int = VOCAB["bert"]) -> float:
     """FLOPs mlm-score's graphs execute for one copy of ``tokens`` (padded) tokens with one prediction:
     like ``flops_per_copy`` except that the last layer computes keys and values for every token but its
     query, attention output and feed-forward only at the masked position (export/bert_mlm.py): the
     other tokens - 1 rows of those, and of the last layer's attention, are not computed."""
     h, _, _, inter = SHAPES[shape]
     skipped_per_row = 2 * (2 * h * h + 2 * h * inter) + 2 * 2 * tokens * h  # Q, output, FFN; QK^T and AV
-    return flops_per_copy(shape, tokens) - (tokens - 1) * skipped_per_row
+    return flops_per_copy(shape, tokens, vocab) - (tokens - 1) * skipped_per_row

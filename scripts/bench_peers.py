@@ -1,4 +1,5 @@
-"""Peer benchmark: mlm-score end to end vs minicons' MaskedLMScorer, same TSV, same random checkpoint.
+"""Peer benchmark: mlm-score end to end vs minicons' MaskedLMScorer, same TSV, same random checkpoint
+(BERT, or with --family roberta a RoBERTa: bench_common.make_checkpoint).
 
 1. Agreement first. Our `token` mode is scored against minicons' PLL_metric="original" and our
    `word-l2r` against its "within_word_l2r": per sentence (our `pll` vs the sum of minicons' per-token
@@ -27,6 +28,7 @@ Usage:
   python scripts/bench_peers.py --shape small --sentences 200 --out bench-out/peers-small.md
   python scripts/bench_peers.py --shape bert-base --sentences 200 --out bench-out/peers-bert-base.md
   python scripts/bench_peers.py --shape bert-base --engine onnx --precision int8 --out bench-out/peers-int8.md
+  python scripts/bench_peers.py --shape bert-base --family roberta --out bench-out/peers-roberta.md
   options: --minicons-batch 10 (sentences per minicons call), --rounds R (interleaved; fastest kept:
   use 2-3 when the machine is shared), --json FILE (all numbers), --work DIR (checkpoints, outputs).
   Exits non-zero when the scores do not agree (--tol, on the sentence PLL).
@@ -43,13 +45,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, blimp_sentences, command_line, ensure_export,  # noqa: E402
-                          executed_flops_ours, flops_per_copy, fmt_pct, git_rev, machine, make_checkpoint, write_tsv)
+from bench_common import (REPO, ROBERTA_BPE, SHAPES, VOCAB, Steal, blimp_sentences, command_line,  # noqa: E402
+                          ensure_export, executed_flops_ours, flops_per_copy, fmt_pct, git_rev, machine,
+                          make_checkpoint, write_tsv)
 
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "peers_minicons_worker.py"
 PAIRS = (("token", "original"), ("word-l2r", "within_word_l2r"))
-V = 30522
 
 
 def load_average() -> str:
@@ -93,7 +95,7 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> dict:
     return out
 
 
-def executed_flops_minicons(shape: str, padded_len: float) -> float:
+def executed_flops_minicons(shape: str, padded_len: float, V: int = VOCAB["bert"]) -> float:
     """One minicons copy: the encoder over the padded length and the vocabulary head at every position."""
     h, layers, _, inter = SHAPES[shape]
     L = padded_len
@@ -172,6 +174,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--shape", default="bert-base", choices=sorted(SHAPES))
+    ap.add_argument("--family", default="bert", choices=sorted(VOCAB),
+                    help="the checkpoint: BERT on the uncased vocabulary (default), or RoBERTa with a BPE trained "
+                         "on BLiMP, its vocabulary padded to roberta-base's")
     ap.add_argument("--minicons-batch", type=int, default=10, help="sentences per minicons sequence_score call")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the fastest of each tool is kept")
     ap.add_argument("--repeats", type=int, default=5, help="matrix products per ceiling measurement")
@@ -196,8 +201,10 @@ def main() -> None:
     load_before = load_average()
     whole = Steal().start()
 
-    ckpt = make_checkpoint(work / f"{args.shape}-hf", args.shape)
-    export_dir = work / f"{args.shape}-export"
+    name = args.shape if args.family == "bert" else f"{args.family}-{args.shape}"
+    ckpt = make_checkpoint(work / f"{name}-hf", args.shape, family=args.family)
+    export_dir = work / f"{name}-export"
+    V = VOCAB[args.family]
     ensure_export(ckpt, export_dir, onnx=args.engine == "onnx", int8=args.precision == "int8", log=log)
     texts = list(dict.fromkeys(blimp_sentences(args.sentences)))  # no duplicates: both tools score every row
     tsv = write_tsv(work / f"blimp-{len(texts)}.tsv", texts)
@@ -212,7 +219,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for mode, metric in PAIRS:
             log(f"[round {rnd + 1}/{args.rounds}] minicons {metric} ({args.minicons_batch} sentences per call) ...")
-            mini_json = work / f"minicons-{args.shape}-{metric}.json"
+            mini_json = work / f"minicons-{name}-{metric}.json"
             with Steal() as st:
                 subprocess.run([str(PEERS_PY), str(WORKER), "--model", str(ckpt), "--tsv", str(tsv), "--out",
                                 str(mini_json), "--batch-size", str(args.minicons_batch), "--metrics", metric],
@@ -245,7 +252,7 @@ def main() -> None:
     n_pieces = [len(x) for x in mini["token_ids"]]
     copies = sum(n_pieces)
     tokens_per_copy = sum(n * (n + 2) for n in n_pieces) / copies  # sequence length incl. [CLS], [SEP]
-    gflop = flops_per_copy(args.shape, tokens_per_copy) / 1e9
+    gflop = flops_per_copy(args.shape, tokens_per_copy, V) / 1e9
     n_words = ours["token"][0]["words"]
     ceiling = max(ceil_before["best"], ceil_after["best"])
     rows = []
@@ -257,9 +264,9 @@ def main() -> None:
         busy = s["seconds"] - s["load_seconds"]
         o_cps = s["copies"] / busy
         eff = s.get("padding_efficiency") or 1.0
-        o_exec = executed_flops_ours(args.shape, tokens_per_copy / eff) / 1e9
+        o_exec = executed_flops_ours(args.shape, tokens_per_copy / eff, V) / 1e9
         rows.append({"tool": f"minicons {metric}", "words_s": n_words / m["seconds"], "copies_s": m_cps,
-                     "useful": m_cps * gflop, "executed": m_cps * executed_flops_minicons(args.shape, pad_len) / 1e9,
+                     "useful": m_cps * gflop, "executed": m_cps * executed_flops_minicons(args.shape, pad_len, V) / 1e9,
                      "ratio": None, "seconds": m["seconds"], "copies": m["copies"], "startup": mini["load_seconds"],
                      "padding_efficiency": tokens_per_copy / pad_len, "steal_pct": m.get("steal_pct")})
         rows.append({"tool": f"mlm-score {mode}", "words_s": s["words"] / busy, "copies_s": o_cps,
@@ -269,6 +276,9 @@ def main() -> None:
 
     mach = machine()
     h, layers, heads, inter = SHAPES[args.shape]
+    model = ("BERT" if args.family == "bert" else
+             f"RoBERTa (positions from padding_idx + 1; a byte-level BPE of {ROBERTA_BPE:,} tokens trained on BLiMP, "
+             f"the vocabulary padded with unused tokens to roberta-base's {V:,})")
     tf_version = version("tensorflow", "tensorflow-cpu", "tf-nightly")
     engine_label = (f"{args.engine} {args.precision or 'fp32'}"
                     + "".join(f", {kv}" for kv in args.engine_option)
@@ -276,7 +286,7 @@ def main() -> None:
                        f", ONNX Runtime {version('onnxruntime')}" if args.engine == "onnx" else ""))
     mv = mini["versions"]
     lines = [
-        f"### Peers — {args.shape} shape ({h} hidden, {layers} layers, {heads} heads, {inter} intermediate; "
+        f"### Peers — {model}, {args.shape} shape ({h} hidden, {layers} layers, {heads} heads, {inter} intermediate; "
         f"random weights), {len(texts)} BLiMP sentences",
         "",
         f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, no GPU; Python {mach['python']}; "
@@ -332,6 +342,7 @@ def main() -> None:
                                                "ceiling_after": ceil_after, "load_before": load_before,
                                                "steal_pct": whole.pct,
                                                "load_after": load_after, "machine": mach, "shape": args.shape,
+                                               "family": args.family,
                                                "sentences": len(texts), "tokens_per_copy": tokens_per_copy,
                                                "minicons_versions": mv}, indent=1), encoding="utf-8")
     if args.precision:

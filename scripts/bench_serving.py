@@ -124,8 +124,8 @@ def main() -> None:
     texts = sentences(a.sentences)
     t = time.perf_counter()
     prep = Scorer(md, FakeEngine(md), mode=a.mode, policy=BatchPolicy(max_batch_size=a.max_batch_size)).prepare(texts)
+    batches = list(prep.built)  # all built here (the scorer builds a large chunk's as the engine takes them)
     prepare_s = time.perf_counter() - t
-    batches = prep.built
     copies = sum(len(b) for b in batches)
     print(f"{len(texts)} sentences -> {copies} copies in {len(batches)} batches; prepare {prepare_s:.2f}s", flush=True)
 

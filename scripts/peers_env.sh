@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the peer benchmark's own environment, .venv-peers, next to the main .venv.
-# minicons needs transformers < 5, so it cannot live in the main venv (transformers 5).
+# Build the peers' own environment, .venv-peers, next to the main .venv: minicons (scripts/bench_peers.py,
+# scripts/bench_antiberty.py) and AntiBERTy's runner (those benchmarks and tests/test_real_weights.py; `make
+# test` runs this script). Both need transformers < 5, so they cannot live in the main venv (transformers 5).
 # torch is pinned to the CPU build used by the main venv (a bare `torch` would pull CUDA wheels).
 #
 # Usage: bash scripts/peers_env.sh            (idempotent: re-running only checks the pins)
@@ -18,8 +19,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" "transformers>=4.57,<5" "minicons==0.3.39"
+# AntiBERTy's own runner (AntiBERTyRunner.pseudo_log_likelihood) needs transformers < 5 too. 0.1.3 is the
+# last version that ships its weights in the wheel; --no-deps: torch and transformers are pinned above.
+"$VENV/bin/python" -m pip install -q --no-deps "antiberty==0.1.3"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as m
-for p in ("minicons", "transformers", "torch", "tokenizers"):
+for p in ("minicons", "antiberty", "transformers", "torch", "tokenizers"):
     print(f"{p}=={m.version(p)}")
 PY

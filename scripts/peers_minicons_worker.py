@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--metrics", default="original,within_word_l2r")
     ap.add_argument("--batch-size", type=int, default=10, help="sentences per sequence_score call")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--cased", action="store_true",
+                    help="load the tokenizer with do_lower_case=False and pass it to MaskedLMScorer (a vocabulary "
+                         "without tokenizer_config.json, e.g. AntiBERTy's: transformers would lower-case it)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -42,7 +45,13 @@ def main() -> None:
     texts = [ln.split("\t", 1)[1] for ln in lines]
 
     t = time.perf_counter()
-    s = mscorer.MaskedLMScorer(args.model, "cpu")
+    if args.cased:
+        from transformers import AutoTokenizer
+
+        s = mscorer.MaskedLMScorer(args.model, "cpu",
+                                   tokenizer=AutoTokenizer.from_pretrained(args.model, do_lower_case=False))
+    else:
+        s = mscorer.MaskedLMScorer(args.model, "cpu")
     load_s = time.perf_counter() - t
 
     # Untimed: the tokens minicons predicts (every non-special token) and the word each belongs to.

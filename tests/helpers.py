@@ -13,6 +13,7 @@ class TorchReference:
     def __init__(self, hf_dir: Path):
         self.model, self.tok = load_reference(hf_dir)
         self.max_len = self.model.config.max_position_embeddings
+        self.cls_id, self.sep_id = self.tok.cls_token_id, self.tok.sep_token_id
 
     def words(self, text: str) -> tuple[list[int], list[list[int]]]:
         enc = self.tok(text, add_special_tokens=False)
@@ -26,7 +27,7 @@ class TorchReference:
         import torch
 
         a, b = window
-        row = [self.tok.cls_token_id] + list(ids[a:b]) + [self.tok.sep_token_id]
+        row = [self.cls_id] + list(ids[a:b]) + [self.sep_id]
         for m in masked:
             row[1 + m - a] = self.tok.mask_token_id
         with torch.no_grad():

@@ -97,7 +97,11 @@ def test_refuses_other_architectures(tiny_hf, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "roberta"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="model_type 'roberta'.*only BERT"):
+    with pytest.raises(CheckpointError, match="model_type 'roberta', but the weights are not a roberta model's"):
+        load_checkpoint(d)
+    cfg["model_type"] = "gpt2"  # a family mlm-scorer does not export (test_families: the full message)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'gpt2'.*Supported: BERT"):
         load_checkpoint(d)
 
 

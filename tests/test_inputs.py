@@ -153,7 +153,7 @@ def test_output_paths_refused(files, tmp_path, fake_export, capsys):
     code, err = run(capsys, *fake(tsv, link, fake_export))
     assert code == 2 and "symlink" in err
     code, err = run(capsys, *fake(tsv, tsv, fake_export))
-    assert code == 2 and "input file itself" in err
+    assert code == 2 and "refusing to run" in err and "the words output" in err
 
 
 def test_failed_run_leaves_previous_output_untouched(files, tmp_path, fake_export, capsys):

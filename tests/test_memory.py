@@ -1,10 +1,16 @@
-"""Peak RSS does not grow with the number of rows: 1x and 10x the input within ±10 %."""
+"""Peak RSS does not grow with the number of rows (1x and 10x the input within ±10 %) nor with their
+length: a row past --max-row-chars is a bad row before it is tokenized, and rows below it are scored in
+bounded memory."""
 from __future__ import annotations
 
 import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from helpers import read_outputs
 
 PROBE = Path(__file__).resolve().parents[1] / "scripts" / "rss_probe.py"
 
@@ -32,3 +38,57 @@ def test_peak_rss_flat_from_1x_to_10x_rows(tmp_path, fake_export):
     small = _peak_rss(_tsv(tmp_path / "1x.tsv", n), tmp_path / "1x.parquet", fake_export)
     large = _peak_rss(_tsv(tmp_path / "10x.tsv", 10 * n), tmp_path / "10x.parquet", fake_export)
     assert abs(large - small) / small <= 0.10, f"peak RSS {small:.0f} MiB at 1x, {large:.0f} MiB at 10x"
+
+
+def _probe(args, timeout=600):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(PROBE), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return r, float(r.stdout.strip().splitlines()[-1]), time.monotonic() - t0
+
+
+def test_a_20_mb_one_line_row_is_a_bad_row_in_seconds_with_bounded_memory(tmp_path, fake_export):
+    huge = "the cat sat on the mat " * (20_000_000 // 23)
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text(f"id\ttext\nr1\ta short one\nr2\t{huge}\nr3\tanother short one\n", encoding="utf-8")
+    out = tmp_path / "out.parquet"
+    r, rss, seconds = _probe([tsv, "-o", out, "--model", fake_export, "--engine", "fake", "--id-column", "id",
+                              "--on-bad-row", "skip"])
+    assert r.returncode == 0, r.stderr
+    assert seconds < 60 and rss < 2048, f"{seconds:.1f} s, peak RSS {rss:.0f} MiB"
+    _, sents = read_outputs(out)
+    assert [(s["id"], s["status"]) for s in sents] == [("r1", "ok"), ("r2", "skipped"), ("r3", "ok")]
+    assert "more than --max-row-chars 100000" in sents[1]["error"] and sents[1]["text"] is None
+    assert "line 3 (row_too_long)" in r.stderr
+    # under fail: the file, line and column of the first character past the limit
+    r, _, _ = _probe([tsv, "-o", tmp_path / "f.parquet", "--model", fake_export, "--engine", "fake"])
+    assert r.returncode == 3 and f"{tsv}:3:100001: the row is" in r.stderr and "--max-row-chars N" in r.stderr
+    # the limit can be raised
+    small = tmp_path / "small.tsv"
+    small.write_text("text\n" + "word " * 30_000 + "\n", encoding="utf-8")
+    r, _, _ = _probe([small, "-o", tmp_path / "s.parquet", "--model", fake_export, "--engine", "fake"])
+    assert r.returncode == 3 and "150000 characters long" in r.stderr
+    r, _, _ = _probe([small, "-o", tmp_path / "s.parquet", "--model", fake_export, "--engine", "fake",
+                      "--max-row-chars", "200000"])
+    assert r.returncode == 0, r.stderr
+
+
+def test_rows_just_below_the_limit_keep_memory_bounded(tmp_path, fake_export):
+    """Rows of 90,000 characters with 512-token windows: each copy is a full window, so building all the
+    batches of 8 such rows at once would take over a gigabyte. Chunks are cut by characters and batches
+    built as the engine takes them: peak RSS stays within 400 MiB of a one-sentence run."""
+    model = tmp_path / "model"
+    shutil.copytree(fake_export, model)
+    man = model / "1" / "mlm_scorer.json"
+    man.write_text(man.read_text().replace('"max_seq_length": 32', '"max_seq_length": 512'))
+    row = ("the cat sat on the mat " * 4000)[:90_000]
+
+    def run(rows):
+        tsv = tmp_path / f"{len(rows)}.tsv"
+        tsv.write_text("text\n" + "".join(f"{r}\n" for r in rows), encoding="utf-8")
+        r, rss, _ = _probe([tsv, "-o", tmp_path / f"{len(rows)}.parquet", "--model", model, "--engine", "fake", "-q"])
+        assert r.returncode == 0, r.stderr
+        return rss
+
+    base = run(["one short sentence"])
+    long = run([f"{row[:-6]} {i:05d}" for i in range(8)])
+    assert long - base < 400, f"peak RSS {base:.0f} MiB for one sentence, {long:.0f} MiB for 8 rows of 90,000 chars"

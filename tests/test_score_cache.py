@@ -3,6 +3,7 @@ run with 10 % new rows scores only those; concurrent runs share it safely; other
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import random
 import subprocess
 import sys
@@ -88,3 +89,119 @@ def test_concurrent_runs_share_the_cache_safely(fake_export, tmp_path):
     md = ModelDir.open(fake_export)
     s = score_file(tsv, tmp_path / "again.parquet", scorer=_scorer(md, tmp_path / "c"), id_column="id")
     assert s.copies == 0 and s.cache_hits == 400
+
+
+# ----------------------------------------------------------------------------------------- integrity
+
+def _patch_blob(db, blob: bytes, new: bytes) -> None:
+    """Overwrite the first ``len(new)`` bytes of a stored value inside the database file, as a disk or a
+    careless tool would: SQLite still reads the page happily. Every occurrence (a freed page may hold an
+    old copy of the live one)."""
+    raw = bytearray(db.read_bytes())
+    at = raw.find(blob)
+    assert at > 0, "the value is in the file"
+    while at >= 0:
+        raw[at:at + len(new)] = new
+        at = raw.find(blob, at + 1)
+    db.write_bytes(bytes(raw))
+
+
+def test_corrupted_entries_are_rescored_counted_and_the_output_is_clean(fake_export, tmp_path):
+    import sqlite3
+    import struct
+
+    import numpy as np
+
+    md = ModelDir.open(fake_export)
+    texts = _texts(40, 6)
+    tsv = _tsv(tmp_path / "in.tsv", texts)
+    cache = tmp_path / "c"
+    sc = _scorer(md, cache)
+    score_file(tsv, tmp_path / "ref.parquet", scorer=sc, id_column="id")
+    sc.store.close()  # the last connection checkpoints the WAL into the database file
+    db = cache / "scores.sqlite"
+    with sqlite3.connect(db) as con:
+        blobs = [r[0] for r in con.execute("SELECT piece_log_probs FROM scores ORDER BY key LIMIT 2")]
+    con.close()
+    assert not (cache / "scores.sqlite-wal").exists()
+    _patch_blob(db, blobs[0], struct.pack("<d", 1.4e-144))  # an impossible positive log-prob
+    first = np.frombuffer(blobs[1], np.float64)[0]
+    _patch_blob(db, blobs[1], struct.pack("<d", first + 0.25))  # a plausible one: only the checksum sees it
+    eng = FakeEngine(md)
+    s = score_file(tsv, tmp_path / "again.parquet", scorer=_scorer(md, cache, engine=eng), id_column="id")
+    assert s.cache_rejected == 2 and s.cache_hits == 38 and s.cache_lookups == 40
+    assert eng.copies > 0 and "2 damaged cache entries dropped and scored again" in s.line()
+    assert read_outputs(tmp_path / "again.parquet") == read_outputs(tmp_path / "ref.parquet")
+    # the damaged entries were replaced: a third run hits everything
+    s = score_file(tsv, tmp_path / "third.parquet", scorer=_scorer(md, cache), id_column="id")
+    assert s.cache_hits == 40 and s.cache_rejected == 0
+
+
+def test_an_unreadable_cache_names_the_file_and_the_fix(fake_export, tmp_path, capsys):
+    from mlm_scorer.cli import main
+
+    tsv = _tsv(tmp_path / "in.tsv", _texts(30, 7))
+    args = [str(tsv), "-o", str(tmp_path / "o.parquet"), "--model", str(fake_export), "--engine", "fake", "-q",
+            "--id-column", "id", "--cache"]
+    assert main(args + [str(tmp_path / "c")]) == 0
+    db = tmp_path / "c" / "scores.sqlite"
+    raw = bytearray(db.read_bytes())
+    page = int.from_bytes(raw[16:18], "big")
+    raw[page:] = b"\x5a" * (len(raw) - page)  # every page after the first is garbage; the header is intact
+    db.write_bytes(bytes(raw))
+    junk = tmp_path / "j"
+    junk.mkdir()
+    (junk / "scores.sqlite").write_bytes(b"this is not a database" * 100)
+    for cache in (tmp_path / "c", junk):
+        code = main(args + [str(cache)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"{cache / 'scores.sqlite'}" in err and "rm " in err and "--cache" in err, err
+        assert "internal error" not in err and "Traceback" not in err
+
+
+def _without_root_powers(cmd: list[str]) -> list[str]:
+    """``cmd`` so that it obeys file permissions: as root, drop CAP_DAC_OVERRIDE (root writes anywhere)."""
+    if os.geteuid() != 0:
+        return cmd
+    import shutil
+
+    import pytest
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only directory cannot be made here")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+
+
+def test_read_only_cache_directory_is_used_read_only_or_refused(fake_export, tmp_path):
+    texts = _texts(30, 8)
+    tsv = _tsv(tmp_path / "in.tsv", texts)
+    cache = tmp_path / "cache"
+    md = ModelDir.open(fake_export)
+    sc = _scorer(md, cache)
+    score_file(tsv, tmp_path / "ref.parquet", scorer=sc, id_column="id")
+    sc.store.close()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for d in (cache, empty):
+        os.chmod(d, 0o555)
+    os.chmod(cache / "scores.sqlite", 0o444)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def cli(cache_dir, out):
+        return subprocess.run(_without_root_powers(
+            [sys.executable, "-m", "mlm_scorer", str(tsv), "-o", str(out), "--model", str(fake_export), "--engine",
+             "fake", "--id-column", "id", "--cache", str(cache_dir)]), env=env, capture_output=True, text=True)
+
+    try:
+        p = cli(cache, tmp_path / "a.parquet")
+        assert p.returncode == 0, p.stderr
+        assert "hit rate 100.0% (30/30)" in p.stderr and "cache read-only" in p.stderr
+        assert read_outputs(tmp_path / "a.parquet") == read_outputs(tmp_path / "ref.parquet")
+        assert sorted(os.listdir(cache)) == ["scores.sqlite"], "nothing written into a read-only cache"
+        p = cli(empty, tmp_path / "b.parquet")
+        assert p.returncode == 2 and "cannot be written" in p.stderr and "Permission denied" in p.stderr, p.stderr
+        assert "holds no cache" in p.stderr
+    finally:
+        for d in (cache, empty):
+            os.chmod(d, 0o755)

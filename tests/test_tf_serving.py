@@ -147,7 +147,7 @@ def batches(model):
     out = {}
     for mode in MODES:
         sc = Scorer(model, FakeEngine(model), mode=mode)
-        out[mode] = sc.prepare(SENTENCES).built
+        out[mode] = list(sc.prepare(SENTENCES).built)
     return out
 
 

@@ -22,11 +22,21 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
+from .base import (IDENTITY_TOLERANCE, INPUT_NAMES, Batch, BatchResult, Engine, check_identity, plan_streams,
+                   refuse_streams_off_cpu)
 
 _FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 #: Padded tokens per batch on CPU when the user sets none (``Engine.preferred_batch_tokens``).
 CPU_BATCH_TOKENS = 1024
+
+
+def identity_tolerance(model: ModelDir, precision: str) -> float:
+    """The identity probe's tolerance: fp32's, or for int8 twice the drift recorded when it was quantized
+    (the probe's numbers are fp32's; a model with other weights differs by whole nats)."""
+    if precision == "fp32":
+        return IDENTITY_TOLERANCE
+    drift = ((model.manifest.get("reduced_precision") or {}).get(f"onnx-{precision}") or {}).get("max_abs_diff")
+    return max(IDENTITY_TOLERANCE, 2 * float(drift)) if isinstance(drift, (int, float)) else 0.5
 
 
 class OnnxEngine(Engine):
@@ -84,6 +94,8 @@ class OnnxEngine(Engine):
         self.want_top_k = top_k
         self._outputs = (["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"] if top_k
                          else ["masked_lm_log_probs"])
+        self.identity_diff = check_identity(self, model, weights=str(path),
+                                            tolerance=identity_tolerance(model, precision))
 
     def score_batch(self, batch: Batch) -> BatchResult:
         """int32 [B,T]/[B,P] arrays in; log_probs float32 [B,P] (+ top-k int32/float32 [B,P,k]) out."""

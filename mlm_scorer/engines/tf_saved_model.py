@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import EngineError, UsageError
 from ..model_dir import ModelDir
-from .base import Batch, BatchResult, Engine, plan_streams
+from .base import Batch, BatchResult, Engine, check_identity, plan_streams
 
 
 class SavedModelEngine(Engine):
@@ -53,10 +53,12 @@ class SavedModelEngine(Engine):
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         sigs = self._loaded.signatures
         self._fn = sigs["serving_default"] if top_k or "log_prob" not in sigs else sigs["log_prob"]
-        # The first call optimizes the graph (seconds for bert-base): do it now, as part of start-up.
-        one = np.array([[model.manifest.get("special_token_ids", {}).get("cls", 0), 0, 0]], np.int32)
-        self.score_batch(Batch(one, np.ones_like(one), np.zeros_like(one), np.array([[1]], np.int32),
-                               np.array([[0]], np.int32)))
+        table = getattr(self._loaded, "v", {}).get("bert/embeddings/position_embeddings")
+        if table is not None:
+            model.check_positions(int(table.shape[0]), f"{model.path / 'variables'}, position_embeddings")
+        # The weights must be the manifest's (the identity probe). Its batch is also the first call, which
+        # optimizes the graph (seconds for bert-base): done now, as part of start-up.
+        self.identity_diff = check_identity(self, model, weights=str(model.path / "variables"))
 
     def score_batch(self, batch: Batch) -> BatchResult:
         tf = self._tf

@@ -1,15 +1,18 @@
-"""PyTorch engine (``--engine torch``): transformers' ``BertForMaskedLM`` with the head applied only at the
+"""PyTorch engine (``--engine torch``): transformers' encoder layers with the head applied only at the
 masked positions.
 
 Weights come from the export itself, so any source (HF or TF-1) works: from ``model.onnx``'s initializers
 when it exists and the ``onnx`` package is installed (fast, no TensorFlow), else from the SavedModel's
-variables (needs TensorFlow). They are renamed to transformers' names and loaded into a
-``BertForMaskedLM`` built from the manifest's config.
+variables (needs TensorFlow). They are loaded into ``_MaskedLM``, built from the manifest's config:
+transformers' ``BertLayer`` (every post-LayerNorm family: BERT, RoBERTa, XLM-R, DistilBERT, ELECTRA) or
+``EsmLayer`` (ESM) for the encoder, and the embeddings and the MLM head written with the config's family
+switches (position offset, token types or not, ELECTRA's projection, ESM's token dropout and rotary
+positions), as the SavedModel graph computes them.
 
-The forward pass: ``model.bert``'s embeddings and layers, the last layer only at the masked positions
-(keys/values from every token; see ``_encode_at``) -> [B,P,H] -> ``model.cls`` (transform + tied
-decoder) -> [B,P,V] logits -> float32 log_softmax -> target log-prob and top-k, with the slot-padding
-rule (0.0, -1, -inf in unused slots).
+The forward pass: the embeddings and the layers, the last layer only at the masked positions (keys/values
+from every token; see ``_encode_at``) -> [B,P,H] -> the head (transform + tied decoder) -> [B,P,V]
+logits -> float32 log_softmax -> target log-prob and top-k, with the slot-padding rule (0.0, -1, -inf in
+unused slots).
 
 Options:
   device:    "cpu" (default) or "cuda" (device 0; "cuda:N" for another).
@@ -37,7 +40,7 @@ import numpy as np
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
 from ._malloc import retain_freed_memory
-from .base import Batch, BatchResult, Engine, plan_streams, refuse_streams_off_cpu
+from .base import Batch, BatchResult, Engine, check_identity, plan_streams, refuse_streams_off_cpu
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MEMORY = ("retain", "system")
@@ -52,38 +55,99 @@ def cpu_has_bf16() -> bool:
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
-def google_to_hf(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """google-research/bert names (kernels [in,out]) -> transformers BertForMaskedLM state-dict names
-    (Linear weights [out,in]). The decoder is tied to the word embeddings and is not listed."""
+def _torch_name(google: str) -> tuple[str, bool]:
+    """(``_MaskedLM`` parameter name, transpose?) of a google-research/bert weight name. Kernels are
+    [in, out]; torch Linear weights are [out, in]."""
     top = {
-        "bert/embeddings/word_embeddings": "bert.embeddings.word_embeddings.weight",
-        "bert/embeddings/position_embeddings": "bert.embeddings.position_embeddings.weight",
-        "bert/embeddings/token_type_embeddings": "bert.embeddings.token_type_embeddings.weight",
-        "bert/embeddings/LayerNorm/gamma": "bert.embeddings.LayerNorm.weight",
-        "bert/embeddings/LayerNorm/beta": "bert.embeddings.LayerNorm.bias",
-        "cls/predictions/transform/dense/kernel": "cls.predictions.transform.dense.weight",
-        "cls/predictions/transform/dense/bias": "cls.predictions.transform.dense.bias",
-        "cls/predictions/transform/LayerNorm/gamma": "cls.predictions.transform.LayerNorm.weight",
-        "cls/predictions/transform/LayerNorm/beta": "cls.predictions.transform.LayerNorm.bias",
-        "cls/predictions/output_bias": "cls.predictions.bias",
+        "bert/embeddings/word_embeddings": "word_embeddings.weight",
+        "bert/embeddings/position_embeddings": "position_embeddings.weight",
+        "bert/embeddings/token_type_embeddings": "token_type_embeddings.weight",
+        "bert/encoder/rotary/inv_freq": "inv_freq",
+        "cls/predictions/output_bias": "output_bias",
     }
-    out = {}
-    for name, arr in weights.items():
-        if name in top:
-            hf = top[name]
-        else:
-            m = re.fullmatch(r"bert/encoder/layer_(\d+)/(.+)", name)
-            if not m:
-                raise ModelError(f"unexpected weight {name!r} in the export")
-            rest = (m.group(2).replace("/", ".").replace("kernel", "weight")
-                    .replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"))
-            hf = f"bert.encoder.layer.{m.group(1)}.{rest}"
-        out[hf] = np.ascontiguousarray(arr.T) if name.endswith("/kernel") else arr
-    return out
+    if google in top:
+        return top[google], False
+    m = re.fullmatch(r"bert/encoder/layer_(\d+)/(.+)", google)
+    if m:
+        module, rest = f"layers.{m.group(1)}", m.group(2)
+    else:
+        prefixes = {"bert/embeddings/LayerNorm": "embeddings_norm", "bert/embeddings_project": "embeddings_project",
+                    "bert/encoder/LayerNorm": "final_norm", "cls/predictions/transform/dense": "transform",
+                    "cls/predictions/transform/LayerNorm": "transform_norm"}
+        head, _, leaf = google.rpartition("/")
+        if head not in prefixes:
+            raise ModelError(f"unexpected weight {google!r} in the export")
+        module, rest = prefixes[head], leaf
+    rest = re.sub(r"(^|/)(kernel|gamma)$", r"\1weight", re.sub(r"(^|/)beta$", r"\1bias", rest))
+    return f"{module}.{rest.replace('/', '.')}", google.endswith("/kernel")
+
+
+def _build_net(cfg, weights: dict[str, np.ndarray]):
+    """``_MaskedLM`` for the config (``mlm_export.config.BertConfig``), loaded with the export's weights.
+
+    The layers are transformers' ``BertLayer`` (post-LayerNorm: every family but ESM) or ``EsmLayer``.
+    """
+    import torch
+    from transformers.activations import ACT2FN
+
+    if cfg.pre_layer_norm:
+        from transformers import EsmConfig as LayerConfig
+        from transformers.models.esm.modeling_esm import EsmLayer as Layer
+    else:
+        from transformers import BertConfig as LayerConfig
+        from transformers.models.bert.modeling_bert import BertLayer as Layer
+
+    nn = torch.nn
+    H, E, V, eps = cfg.hidden_size, cfg.embedding_width, cfg.vocab_size, cfg.layer_norm_eps
+    layer_cfg = LayerConfig(
+        vocab_size=V, hidden_size=H, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act, layer_norm_eps=eps, max_position_embeddings=cfg.max_position_embeddings,
+        **({"position_embedding_type": cfg.position_embedding_type} if cfg.pre_layer_norm else {}))
+    layer_cfg._attn_implementation = "sdpa"  # what BertForMaskedLM picks by default
+
+    class _MaskedLM(nn.Module):
+        """The encoder: embeddings, transformers' layers, the MLM head (decoder tied to word_embeddings)."""
+
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings = nn.Embedding(V, E)
+            if not cfg.rotary:
+                self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, E)
+            else:
+                self.register_buffer("inv_freq", torch.zeros(H // cfg.num_attention_heads // 2))
+            if cfg.type_vocab_size:
+                self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, E)
+            if cfg.embedding_layer_norm:
+                self.embeddings_norm = nn.LayerNorm(E, eps=eps)
+            if E != H:
+                self.embeddings_project = nn.Linear(E, H)
+            self.layers = nn.ModuleList(Layer(layer_cfg) for _ in range(cfg.num_hidden_layers))
+            if cfg.pre_layer_norm:
+                self.final_norm = nn.LayerNorm(H, eps=eps)
+            self.transform = nn.Linear(H, E)
+            self.head_act = ACT2FN[cfg.head_act or cfg.hidden_act]
+            self.transform_norm = nn.LayerNorm(E, eps=eps)
+            self.output_bias = nn.Parameter(torch.zeros(V))
+
+    with _no_init_weights():  # every weight is loaded below: skip the random init (~1 s on bert-base)
+        net = _MaskedLM().eval()
+    state = {}
+    for g, arr in weights.items():
+        name, transpose = _torch_name(g)
+        # torch wants writable arrays: a kernel is copied transposed anyway, the rest only where read-only
+        state[name] = torch.from_numpy(np.ascontiguousarray(np.asarray(arr, np.float32).T) if transpose
+                                       else _writable(arr))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"the export's weights do not fit its config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    return net
 
 
 def _no_init_weights():
-    """transformers' context that skips weight initialization (module path by version), else a no-op."""
+    """transformers' context that skips weight initialization (torch's init functions included; its module
+    path depends on the version), else a no-op."""
     import contextlib
 
     for where in ("transformers.initialization", "transformers.modeling_utils"):
@@ -145,6 +209,16 @@ def _complete(model: ModelDir, w: dict[str, np.ndarray]) -> bool:
     return set(w) == set(shapes) and all(tuple(w[k].shape) == shapes[k] for k in shapes)
 
 
+def _rotate(t, rope):
+    """t [B,N,Q,D] rotated by (cos, sin) [B|1,Q,D]: t*cos + rotate_half(t)*sin, in float32 as transformers."""
+    import torch
+
+    cos, sin = (r.unsqueeze(1) for r in rope)
+    t32 = t.float()
+    t1, t2 = t32.chunk(2, dim=-1)
+    return (t32 * cos + torch.cat((-t2, t1), dim=-1) * sin).to(t.dtype)
+
+
 class TorchEngine(Engine):
     name = "torch"
 
@@ -164,7 +238,7 @@ class TorchEngine(Engine):
         refuse_streams_off_cpu(streams, device, engine=self.name)
         try:
             import torch
-            from transformers import BertConfig, BertForMaskedLM
+            import transformers  # noqa: F401  (the encoder layers)
         except ImportError as exc:
             raise MissingDependencyError(f"engine 'torch' needs torch and transformers ({exc.name}): "
                                          f"pip install 'mlm-scorer[torch]'") from exc
@@ -190,31 +264,22 @@ class TorchEngine(Engine):
         self.k = model.top_k
 
         weights, self.weights_from = load_export_weights(model)
-        c = model.manifest.get("config") or {}
+        table = weights.get("bert/embeddings/position_embeddings")
+        if table is not None:
+            model.check_positions(int(table.shape[0]), f"{self.weights_from}, position_embeddings")
+        from mlm_export.config import BertConfig
+
         try:
-            cfg = BertConfig(vocab_size=int(model.manifest["vocab_size"]), hidden_size=c["hidden_size"],
-                             num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-                             intermediate_size=c["intermediate_size"], hidden_act=c.get("hidden_act", "gelu"),
-                             max_position_embeddings=c["max_position_embeddings"],
-                             type_vocab_size=c.get("type_vocab_size", 2), layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-                             tie_word_embeddings=True)
-        except KeyError as exc:
+            self.cfg = BertConfig.from_dict({**model.manifest["config"], "vocab_size": model.manifest["vocab_size"]})
+        except (KeyError, TypeError) as exc:
             raise ModelError(f"{model.path}: manifest config lacks {exc}; re-export the model") from None
-        with _no_init_weights():  # every weight is loaded below: skip the random init (1.2 s on bert-base)
-            net = BertForMaskedLM(cfg).eval()
-        state = {k: torch.from_numpy(_writable(v)) for k, v in google_to_hf(weights).items()}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not re.fullmatch(
-            r"cls\.predictions\.decoder\.(weight|bias)|.*position_ids|bert\.pooler\..*", k)]
-        if missing or unexpected:
-            raise ModelError(f"weights from {self.weights_from} do not fit BertForMaskedLM: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        # The tied decoder must be the word embeddings (load_state_dict writes in place, ties survive).
-        if net.cls.predictions.decoder.weight.data_ptr() != net.bert.embeddings.word_embeddings.weight.data_ptr():
-            net.cls.predictions.decoder.weight = net.bert.embeddings.word_embeddings.weight
-        net.cls.predictions.decoder.bias = net.cls.predictions.bias
-        net.to(self.device)
-        self.net = net
+        self.net = _build_net(self.cfg, weights).to(self.device)
+        # rotary frequencies stay float32 whatever precision the model is cast to (as transformers keeps them)
+        self._inv_freq = self.net.inv_freq.float().clone() if self.cfg.rotary else None
+        # The weights must be the manifest's: checked in fp32, before any cast to a reduced precision.
+        want_top_k, self.want_top_k = self.want_top_k, False
+        self.identity_diff = check_identity(self, model, weights=self.weights_from)
+        self.want_top_k = want_top_k
         if precision != "fp32":
             self._cast_and_report(precision)
 
@@ -251,7 +316,9 @@ class TorchEngine(Engine):
         pos = t["masked_lm_positions"]
         with torch.inference_mode():
             g = self._encode_at(t["input_ids"], t["input_mask"], t["segment_ids"], pos)  # [B,P,H]
-            logits = self.net.cls(g)  # [B,P,V], head only at the masked positions
+            net = self.net
+            h = net.transform_norm(net.head_act(net.transform(g)))  # [B,P,E], head only at the masked positions
+            logits = torch.nn.functional.linear(h, net.word_embeddings.weight, net.output_bias)  # [B,P,V]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             valid = pos > 0
             target = torch.gather(log_probs, 2, t["masked_lm_ids"].unsqueeze(-1)).squeeze(-1)
@@ -266,33 +333,72 @@ class TorchEngine(Engine):
                 res.top_k_log_probs = top_lp.cpu().numpy().astype(np.float32, copy=False)
         return res
 
+    def _embed(self, input_ids, input_mask, segment_ids):
+        """[B,T] x3 -> [B,T,H]: as BertEmbeddings (word + token type + position, LayerNorm) with the family's
+        switches: position offset, no token types, ESM's token dropout, ELECTRA's projection."""
+        torch, net, cfg = self._torch, self.net, self.cfg
+        x = net.word_embeddings(input_ids)  # [B,T,E]
+        if cfg.token_dropout:  # ESM: <mask> rows zeroed, the others rescaled by the row's share of <mask>
+            is_mask = (input_ids == cfg.mask_token_id).unsqueeze(-1)
+            observed = is_mask.sum(1).float() / input_mask.sum(-1, keepdim=True).float()  # [B,1]
+            x = (x.masked_fill(is_mask, 0.0) * ((1 - 0.15 * 0.8) / (1 - observed))[:, None]).to(x.dtype)
+        if cfg.type_vocab_size:
+            x = x + net.token_type_embeddings(segment_ids)
+        if not cfg.rotary:
+            T = input_ids.shape[1]
+            x = x + net.position_embeddings(torch.arange(cfg.position_offset, cfg.position_offset + T,
+                                                         device=input_ids.device))
+        if cfg.embedding_layer_norm:
+            x = net.embeddings_norm(x)
+        if cfg.embedding_width != cfg.hidden_size:
+            x = net.embeddings_project(x)
+        return x
+
+    def _rope(self, positions, dtype):
+        """Rotary (cos, sin) [B|1,Q,D] for int positions [B|1,Q], computed in float32 as EsmRotaryEmbedding."""
+        freqs = positions[..., None].float() * self._inv_freq.to(positions.device)
+        emb = self._torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def _encode_at(self, input_ids, input_mask, segment_ids, pos):
         """The encoder's output [B,P,H] at the masked positions ``pos`` [B,P].
 
-        ``BertModel``'s own modules, called layer by layer, so that the last layer runs only where it is
-        read: its keys and values come from every token, its query, attention output and feed-forward
-        only from the P gathered rows (as the SavedModel and ONNX graphs do; ~1/L of the encoder saved).
+        transformers' layers, called one by one, so that the last layer runs only where it is read: its
+        keys and values come from every token, its query, attention output and feed-forward only from the
+        P gathered rows (as the SavedModel and ONNX graphs do; ~1/L of the encoder saved).
         """
-        torch = self._torch
-        bert = self.net.bert
-        x = bert.embeddings(input_ids=input_ids, token_type_ids=segment_ids)  # [B,T,H]
+        torch, cfg = self._torch, self.cfg
+        x = self._embed(input_ids, input_mask, segment_ids)  # [B,T,H]
         # BERT's additive mask, as BertModel builds it for eager and SDPA attention alike.
         bias = (1.0 - input_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # [B,1,1,T]
-        layers = bert.encoder.layer
+        B, T, H = x.shape
+        rope = self._rope(torch.arange(T, device=x.device)[None], x.dtype) if cfg.rotary else None
+        layers = self.net.layers
         for layer in layers[:-1]:
-            out = layer(x, bias)
+            out = layer(x, bias, position_embeddings=rope) if cfg.pre_layer_norm else layer(x, bias)
             x = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple, 5 a tensor
         last = layers[-1]
         att = last.attention.self
-        B, T, H = x.shape
         N, D = att.num_attention_heads, att.attention_head_size
         rows = torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, H))  # [B,P,H]
-        q = att.query(rows).view(B, -1, N, D).transpose(1, 2)  # [B,N,P,D]
-        k = att.key(x).view(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
-        v = att.value(x).view(B, T, N, D).transpose(1, 2)
-        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(D)
-        a = last.attention.output(ctx.transpose(1, 2).reshape(B, -1, N * D), rows)  # dense, + rows, LayerNorm
-        return last.output(last.intermediate(a), a)
+        if not cfg.pre_layer_norm:
+            q = att.query(rows).view(B, -1, N, D).transpose(1, 2)  # [B,N,P,D]
+            k = att.key(x).view(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
+            v = att.value(x).view(B, T, N, D).transpose(1, 2)
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(D)
+            a = last.attention.output(ctx.transpose(1, 2).reshape(B, -1, N * D), rows)  # dense, + rows, LayerNorm
+            return last.output(last.intermediate(a), a)
+        # ESM (EsmLayer): LayerNorm first, the query scaled then rotated; the residual needs no LayerNorm after.
+        norm = last.attention.LayerNorm
+        hx, hr = norm(x), norm(rows)
+        q = att.query(hr).view(B, -1, N, D).transpose(1, 2) * D ** -0.5  # [B,N,P,D]
+        k = att.key(hx).view(B, T, N, D).transpose(1, 2)
+        v = att.value(hx).view(B, T, N, D).transpose(1, 2)
+        if cfg.rotary:
+            q, k = _rotate(q, self._rope(pos, x.dtype)), _rotate(k, rope)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        a = last.attention.output(ctx.transpose(1, 2).reshape(B, -1, N * D), rows)  # dense, + rows
+        return self.net.final_norm(last.output(last.intermediate(last.LayerNorm(a)), a))
 
     def score_batch(self, batch: Batch) -> BatchResult:
         """int32 [B,T]/[B,P] arrays in; log_probs float32 [B,P] (+ top-k int32/float32 [B,P,k]) out."""
