@@ -42,16 +42,29 @@ def main(argv: list[str] | None = None) -> int:
                                                         "outputs; needs mlm-scorer[onnx-export])")
     ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
                                                          "model.int8.onnx, with its drift report (implies --onnx)")
+    from mlm_scorer.logs import add_output_flags
+
+    add_output_flags(ap, progress=False)
     args = ap.parse_args(argv)
     if args.version < 0:
         ap.error("--version must be a non-negative integer")
 
+    import logging
+
+    from mlm_scorer.logs import configure_cli, import_tensorflow
+
+    configure_cli("mlm-export", quiet=args.quiet, verbose=args.verbose)
+    logger = logging.getLogger("mlm_export")
+    log = logger.info
+    try:
+        import_tensorflow()  # first, so that its C++ start-up lines are filtered (see mlm_scorer.logs)
+    except ImportError as exc:
+        logger.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[tf]'")
+        return 1
+
     from .checkpoint import CheckpointError, load_checkpoint
     from .saved_model import DEFAULT_TOLERANCE, export_checkpoint
     from .verify import VerificationError
-
-    def log(m):
-        print(m, file=sys.stderr)
 
     tol = args.tolerance or DEFAULT_TOLERANCE
     try:
@@ -64,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
             write_onnx(path, ckpt, quantize=args.quantize, tolerance=tol, log=log)
     except ImportError as exc:
-        print(f"mlm-export: error: {exc} (ONNX export needs: pip install 'mlm-scorer[onnx-export]')", file=sys.stderr)
+        logger.error(f"{exc} (ONNX export needs: pip install 'mlm-scorer[onnx-export]')")
         return 1
     except (CheckpointError, VerificationError, FileExistsError, ValueError) as exc:
-        print(f"mlm-export: error: {exc}", file=sys.stderr)
+        logger.error(str(exc))
         return 2 if isinstance(exc, (FileExistsError, ValueError)) else 1
     print(path)
     return 0

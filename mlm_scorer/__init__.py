@@ -2,8 +2,9 @@
 
 Public API::
 
-    from mlm_scorer import score_file
+    from mlm_scorer import score_file, score_frame
     summary = score_file("input.tsv", "probs.parquet", model="models/bert", mode="whole-word")
+    words, sentences = score_frame(df, text_column="text", model="models/bert")   # pandas in and out
 
 Imports stay light: TensorFlow and other engine runtimes load only when an engine is created.
 """
@@ -14,7 +15,7 @@ from .errors import (EngineError, InputError, Interrupted, MissingDependencyErro
 __version__ = "0.1.0"
 
 __all__ = [
-    "score_file", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
+    "score_file", "score_frame", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
     "Engine", "Batch", "BatchResult", "get_engine", "engine_names", "register_engine",
     "MlmScorerError", "InputError", "UsageError", "ModelError", "EngineError", "UnknownEngineError",
     "MissingDependencyError", "StorageError", "Interrupted", "__version__",
@@ -26,6 +27,10 @@ def __getattr__(name):  # lazy: keep `import mlm_scorer` and `mlm-score --help` 
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "score_frame":
+        from .frame import score_frame
+
+        return score_frame
     if name == "Scorer":
         from .scorer import Scorer
 

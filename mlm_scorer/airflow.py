@@ -83,13 +83,14 @@ def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, 
                text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
                on_bad_row: str = "fail", top_k: int = 0, flag_below: Iterable[str] = (),
                flag_above: Iterable[str] = (), baseline: str | os.PathLike | None = None,
-               score_cache: str | os.PathLike | None = None, log=print) -> dict[str, Any]:
+               score_cache: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
     """Score ``input_path`` into ``output_path(output_dir, ...)``; return the XCom-sized summary.
 
     Meant to be called from a TaskFlow ``@task`` (see scripts/airflow_dag.py) with the run's logical
     date and run id. Raises ``AirflowFailException`` for errors a retry cannot fix (see the module doc).
     ``baseline`` gives percentile flag rules their reference; ``score_cache`` is a persistent score cache
-    directory (sentences scored by an earlier run or task are not scored again).
+    directory (sentences scored by an earlier run or task are not scored again). ``progress``: a line
+    every ~10 s and one at the end in the task log (logger ``mlm_scorer``, level INFO).
     """
     from .pipeline import score_file
     from .quality import parse_rule
@@ -101,7 +102,7 @@ def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, 
         summary = score_file(input_path, out, model=model, engine=engine, engine_options=engine_options, mode=mode,
                              text_column=text_column or None, id_column=id_column or None, header=header,
                              on_bad_row=on_bad_row, top_k=top_k, flag_rules=rules, baseline=baseline or None,
-                             score_cache=score_cache or None, log=log)
+                             score_cache=score_cache or None, progress=progress, log=log)
     except NOT_TRANSIENT as exc:
         raise _fail_fast(exc) from exc
     if log:

@@ -18,6 +18,7 @@ EPILOG = """examples:
   mlm-score input.tsv -o probs.parquet --model models/bert  # an export made by mlm-export
   mlm-score input.tsv -o probs.parquet --model ./my-hf-bert # a local checkpoint, exported once into the cache
   mlm-score sents.txt --no-header -o probs.parquet --mode token
+  mlm-score input.parquet -o probs.parquet --text-column sentence --id-column id
   mlm-score input.tsv -o probs.parquet --text-column sentence --id-column id --on-bad-row skip --top-k 5
   mlm-score input.tsv -o probs.parquet --server http://localhost:8501 --model-name bert --model models/bert
 
@@ -35,9 +36,13 @@ failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep committed
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .logs import add_output_flags
+
     ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header); '-' for stdin")
+    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header; '-' for stdin), "
+                                  "or a Parquet file (.parquet: --text-column/--id-column by name, the other "
+                                  "columns passed through)")
     ap.add_argument("-o", "--output", required=True, help="output Parquet path for word rows; sentence rows go "
                                                           "next to it as STEM.sentences.parquet")
     m = ap.add_argument_group("model and engine")
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
                         "directory, scored with the same model and mode) instead of this run")
     o = ap.add_argument_group("output")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_output_flags(o)
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
     return ap
 
@@ -187,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError, UsageError
+    from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
     from .reader import MAX_ROW_CHARS
     from .writer import check_output_path
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
         if args.summary_json:
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
@@ -207,37 +213,35 @@ def main(argv: list[str] | None = None) -> int:
                 engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
                 id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
                 batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
-                limit=args.limit,
-                progress=not args.quiet and sys.stderr.isatty() or os.environ.get("MLM_SCORER_PROGRESS") == "1",
+                limit=args.limit, progress=False if args.quiet else args.progress,
                 cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
                 score_cache=args.cache, baseline=args.baseline,
-                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log)
+                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log.info)
     except MlmScorerError as exc:
-        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
         if isinstance(exc, Interrupted) and exc.explained:  # the pipeline says what is committed
-            print(f"mlm-score: {exc}", file=sys.stderr)
+            log.error(str(exc), extra={"bare": True})
             return exc.exit_code
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
-        print(f"mlm-score: {what} outside the scoring loop (starting or closing); committed chunks, if any, "
-              f"are kept in {args.output}.parts/ for --resume", file=sys.stderr)
+        log.error(f"{what} outside the scoring loop (starting or closing); committed chunks, if any, are kept in "
+                  f"{args.output}.parts/ for --resume", extra={"bare": True})
         return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:  # disk full, permission denied while writing...
-        print(f"mlm-score: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
         if os.environ.get("MLM_SCORER_DEBUG"):
             raise
         kept = getattr(exc, "mlm_committed", None)
-        print(f"mlm-score: internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the "
-              f"traceback, and please report it)" + (f" [{kept}]" if kept else ""), file=sys.stderr)
+        log.critical(f"internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the traceback, "
+                     f"and please report it)" + (f" [{kept}]" if kept else ""), extra={"bare": True})
         return 1
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.to_dict(), f, indent=2)
-    if not args.quiet:
-        print(summary.line(), file=sys.stderr)
+    log.info(summary.line())
     return 0
 
 

@@ -15,7 +15,6 @@ import math
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,11 +23,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .batching import BatchPolicy
-from .engines.base import get_engine
-from .errors import InputError, Interrupted, MlmScorerError, StorageError, UsageError
+from .engines.base import LazyEngine, engine_names, get_engine
+from .errors import InputError, Interrupted, MlmScorerError, StorageError, UnknownEngineError, UsageError
 from .models import DEFAULT_MODEL, resolve_model
+from .progress import Progress
 from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
-from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines
+from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
 from .writer import ResultWriter, check_output_path, pseudo_perplexity
 
@@ -149,21 +149,15 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         raise UsageError("limit must be >= 0")
     out = check_output_path(output, input_path, also=cache_files(score_cache))
     t0 = time.perf_counter()
-    reader = TsvReader(input_path, text_column=text_column, id_column=id_column, header=header,
-                       max_row_chars=max_row_chars)
+    reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
+                         max_row_chars=max_row_chars)
     owns_engine = scorer is None
     try:
         if scorer is None:
-            md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
-                               precision=(engine_options or {}).get("precision"), top_k=top_k)
-            eng = get_engine(engine, model=md, top_k=top_k > 0, **(engine_options or {}))
-            policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
-            try:
-                scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy, cache_size=dedupe_cache,
-                                store_dir=score_cache)
-            except ValueError as exc:
-                eng.close()
-                raise UsageError(str(exc)) from None
+            scorer = open_scorer(model=model, model_version=model_version, engine=engine,
+                                 engine_options=engine_options, mode=mode, top_k=top_k, batch_tokens=batch_tokens,
+                                 max_batch_size=max_batch_size, cache_dir=cache_dir, dedupe_cache=dedupe_cache,
+                                 score_cache=score_cache, log=log)
         rules = list(flag_rules or [])
         if baseline is not None and any(r.relative for r in rules):
             rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
@@ -171,7 +165,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
                        limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
                        resume=resume, baseline=None if baseline is None else str(baseline))
-        summary.load_seconds = load_seconds
+        summary.load_seconds = load_seconds + getattr(scorer.engine, "open_seconds", 0.0)
         summary.seconds += load_seconds
         return summary
     finally:
@@ -188,9 +182,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     lay = reader.layout
     md = scorer.model
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
-                           engine_streams=scorer.engine.streams,
-                           batch_tokens=scorer.policy.batch_tokens, mode=scorer.mode, model=str(md.path),
-                           model_checksum=md.checksum)
+                           mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and
     # on_bad_row may: they do not change the rows already committed).
     settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
@@ -240,23 +232,14 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         except BaseException as exc:  # hand any failure to the consumer, which re-raises it
             _put(q, stop, exc)
 
-    total = None
-    if progress and not reader.is_stream:
-        try:
-            total = count_lines(input_path)
-            total = None if total is None else max(0, total - (1 if reader.header else 0))
-            if limit is not None and total is not None:
-                total = min(total, limit)
-        except OSError:
-            total = None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=skip_rows, unit="sent", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True, leave=False)
+    mode = "off" if progress is False else Progress.auto_mode(progress)
+    bar = Progress(_progress_total(reader, input_path, limit) if mode != "off" else None, mode=mode,
+                   initial=skip_rows)
     # Stage 2: the engine, on its own thread, so building columns and writing (below) overlap inference.
     q2: queue.Queue = queue.Queue(maxsize=1)
 
     def infer() -> None:
+        first = True
         try:
             while not stop.is_set():
                 try:
@@ -267,7 +250,16 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                     _put(q2, stop, item)
                     return
                 rows, prepared, position = item
-                _put(q2, stop, (rows, prepared, scorer.run(prepared), position))
+                if first:  # the engine is open and the first chunk ready: rates leave start-up out
+                    bar.restart()
+                    first = False
+                n_rows, n_copies = len(rows), prepared.n_copies
+                # a chunk's rows are credited as its batches finish: progress moves with every batch
+                results = scorer.run(prepared, on_batch=lambda k: bar.add(n_rows * k / n_copies, k)) \
+                    if n_copies else scorer.run(prepared)
+                if not n_copies:
+                    bar.add(n_rows)
+                _put(q2, stop, (rows, prepared, results, position))
         except BaseException as exc:
             _put(q2, stop, exc)
 
@@ -290,9 +282,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             stats["skipped"] = len(sents["row"]) - stats["scored"]
             writer.write_chunk(words, sents, stats, position=position)
             _add_stats(summary, stats)
-            bar.update(len(rows))
-            el = time.perf_counter() - t0
-            bar.set_postfix_str(f"{scorer.stats.copies / el:.0f} copies/s", refresh=False)
+        bar.close()
         # percentiles of the run itself: a second pass over the committed parts (all of them, after --resume)
         second = RunQuantiles.fit(flag_rules, writer.sentence_parts())
         if second is None:
@@ -311,11 +301,14 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         raise told from (None if isinstance(told, Interrupted) else exc)
     finally:
         stop.set()
-        bar.close()
+        bar.close(done=False)
         for t in threads:
             _drain(q)
             _drain(q2)
             t.join(timeout=10)
+    if getattr(scorer.engine, "opened", True):  # an engine opened on first use that scored nothing stays closed
+        summary.engine_streams = scorer.engine.streams
+        summary.batch_tokens = scorer.policy.batch_tokens
     st = scorer.stats
     summary.copies = st.copies
     summary.unique_scored = st.unique_scored
@@ -327,6 +320,41 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         summary.cache_rejected, summary.cache_read_only = scorer.store.rejected, scorer.store.read_only
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int | None = None,
+                engine: str = "saved_model", engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
+                top_k: int = 0, batch_tokens: int | None = None, max_batch_size: int | None = None,
+                cache_dir: str | os.PathLike | None = None, dedupe_cache: int = 20_000,
+                score_cache: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Scorer:
+    """The model (exported first if it is a checkpoint), its tokenizer, and the engine, opened on first use
+    (``engines.base.LazyEngine``): a run the score cache answers whole never imports the engine's runtime."""
+    if engine not in engine_names():
+        raise UnknownEngineError(f"unknown engine {engine!r}; known engines: {', '.join(engine_names())}")
+    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
+                       precision=(engine_options or {}).get("precision"), top_k=top_k)
+    opts = dict(engine_options or {})
+    eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts))
+    try:
+        return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
+                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _progress_total(reader, input_path: str, limit: int | None) -> int | None:
+    """Rows the run will read, for the progress total: a Parquet file's row count, a TSV's lines (one fast
+    pass over the file), None for standard input."""
+    total = getattr(reader, "num_rows", None)
+    if getattr(reader, "is_stream", False):  # a pipe is read once: no counting pass
+        return None
+    if total is None:
+        try:
+            lines = count_lines(input_path)
+        except OSError:
+            lines = None
+        total = None if lines is None else max(0, lines - (1 if reader.header else 0))
+    return total if limit is None or total is None else min(total, limit)
 
 
 def _add_stats(summary: ScoreSummary, st: dict) -> None:

@@ -275,15 +275,22 @@ class RunQuantiles:
     @classmethod
     def fit(cls, rules: list[FlagRule], parts: list[str | os.PathLike]) -> RunQuantiles | None:
         """None when no rule needs the run's percentiles; reads only the score columns of ``parts``."""
-        import numpy as np
         import pyarrow.parquet as pq
+
+        if not any(r.pending for r in rules):
+            return None
+        return cls.from_tables(rules, (pq.read_table(p, columns=SCORE_COLUMNS) for p in parts))
+
+    @classmethod
+    def from_tables(cls, rules: list[FlagRule], tables) -> RunQuantiles | None:
+        """As ``fit``, from sentence tables in memory (``score_frame``)."""
+        import numpy as np
 
         pending = sorted({r.metric for r in rules if r.pending})
         if not pending:
             return None
         chunks: dict[str, list] = {m: [] for m in pending}
-        for p in parts:
-            t = pq.read_table(p, columns=SCORE_COLUMNS)
+        for t in tables:
             ok = scored_mask(t)
             for m in pending:
                 chunks[m].append(metric_array(t, m)[ok])

@@ -1,7 +1,13 @@
 """``mlm-score ray``: score TSV/Parquet files with a Ray Data actor pool (see ``mlm_scorer.ray_data``).
 
+    mlm-score ray a.tsv b.tsv -o out/ --model models/bert       # actors and CPUs chosen from the cluster
     mlm-score ray a.tsv b.tsv -o out/ --model models/bert --num-actors 4 --cpus-per-actor 2
     mlm-score ray part-*.parquet -o out/ --text-column sentence --address auto --gpus-per-actor 1
+
+Install: pip install 'mlm-scorer[ray]' (Ray Data). Without --num-actors and --cpus-per-actor, every
+node's CPUs are shared equally among actors of up to 4 CPUs (one model each); with --num-actors alone,
+the CPUs are shared among that many; with --cpus-per-actor alone, as many actors as the nodes hold. Each actor reads, scores and writes its own
+batches, so memory does not grow with the dataset. Ray's own log lines stay off stderr unless -v.
 
 Writes out/words/ and out/sentences/ (Parquet datasets: a ``file`` column, then the single-machine
 schemas) and out/summary.json. Exit codes as ``mlm-score``: 2 bad usage, 3 bad input row, 4 model,
@@ -15,6 +21,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .logs import add_output_flags
+
     ap = argparse.ArgumentParser(prog="mlm-score ray", description=__doc__.split("\n\n")[0],
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,20 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--id-column")
     i.add_argument("--no-header", action="store_true", help="TSV inputs have no header line")
     i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
+    i.add_argument("--max-row-chars", type=int, default=None,
+                   help="longer rows are bad rows (row_too_long), as mlm-score (default 100000)")
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
                    help="as mlm-score: a number or a percentile pNN of the run (of --baseline when given)")
     q.add_argument("--baseline", metavar="RESULT", help="take pNN thresholds from this earlier result")
     r = ap.add_argument_group("ray")
-    r.add_argument("--num-actors", type=int, default=2, help="actors in the pool, each holding one model (default 2)")
-    r.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
+    r.add_argument("--num-actors", type=int, default=None,
+                   help="actors in the pool, each holding one model (default: from the cluster, see above)")
+    r.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="CPUs reserved per actor; its engine runs that many threads (default: from the cluster)")
     r.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default 0)")
-    r.add_argument("--batch-rows", type=int, default=512, help="rows handed to an actor at a time (default 512)")
+    r.add_argument("--batch-rows", type=int, default=512,
+                   help="rows an actor scores and writes (one part file per output) at a time (default 512)")
     r.add_argument("--address", help="Ray cluster address ('auto' for the running cluster); default: start a local Ray")
     r.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when no --address is given")
     o = ap.add_argument_group("output")
-    o.add_argument("-q", "--quiet", action="store_true")
+    add_output_flags(o, others="Ray's and TensorFlow's")
     o.add_argument("--summary-json", help="also write the summary to this path")
     return ap
 
@@ -70,12 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
+    if args.max_row_chars is not None and args.max_row_chars < 1:
+        ap.error("--max-row-chars must be positive")
 
     from .errors import MlmScorerError, UsageError
+    from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .quality import parse_rule
 
-    log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    configure_cli("mlm-score ray", quiet=args.quiet, verbose=args.verbose)
     init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     try:
         from .ray_data import score_dataset
@@ -91,28 +107,27 @@ def main(argv: list[str] | None = None) -> int:
             flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
             num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
             max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
-            ray_init_options=init, baseline=args.baseline, log=log)
+            ray_init_options=init, progress=args.progress, baseline=args.baseline,
+            **({"max_row_chars": args.max_row_chars} if args.max_row_chars else {}), log=log.info)
     except ImportError as exc:
-        print(f"mlm-score ray: error: {exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'",
-              file=sys.stderr)
+        log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2
     except MlmScorerError as exc:
-        print(f"mlm-score ray: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
-        print("mlm-score ray: interrupted; the output directory was left as it was", file=sys.stderr)
+        log.error("interrupted; the output directory was left as it was", extra={"bare": True})
         return 130
     except OSError as exc:
-        print(f"mlm-score ray: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return 1
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-    if not args.quiet:
-        print(f"scored {summary['scored']}/{summary['rows']} rows ({summary['words']} words) with "
-              f"{summary['actors']} actor(s) in {summary['seconds']:.1f}s; skipped {summary['skipped']}"
-              + (f", flagged {summary['flagged']}" if summary["flagged"] else "")
-              + f" -> {summary['words_output']}, {summary['sentences_output']}", file=sys.stderr)
+    log.info(f"scored {summary['scored']}/{summary['rows']} rows ({summary['words']} words, {summary['copies']} "
+             f"copies) with {summary['actors']} actor(s) on {summary['nodes']} node(s) in {summary['seconds']:.1f}s; "
+             f"skipped {summary['skipped']}" + (f", flagged {summary['flagged']}" if summary["flagged"] else "")
+             + f" -> {summary['words_output']}, {summary['sentences_output']}")
     return 0
 
 

@@ -1,81 +1,182 @@
-"""Score a dataset past one machine with Ray Data: read, score in an actor pool, write Parquet.
+"""Score a dataset past one machine with Ray Data: each actor of a pool reads, scores and writes its share.
 
     from mlm_scorer.ray_data import score_dataset
-    summary = score_dataset(["a.tsv", "b.tsv"], "out/", model="models/bert", num_actors=4)
+    summary = score_dataset(["a.tsv", "b.parquet"], "out/", model="models/bert")
 
-or ``mlm-score ray a.tsv b.tsv -o out/ --model models/bert --num-actors 4``.
+or ``mlm-score ray a.tsv b.parquet -o out/ --model models/bert``.
 
-Pipeline::
+Pipeline (streaming: no stage holds the dataset)::
 
-    inputs --read tasks--> chunks of rows (file, row, line, text, id, pass-through, read error)
-           --map_batches(actor pool: one Scorer per actor, model loaded once)--> sentence rows + nested words
-           --materialize--> write OUTDIR/sentences/*.parquet and (exploded) OUTDIR/words/*.parquet
+    driver: plan splits (a TSV: byte offsets of every BATCH_ROWS-th line, one pass over the file;
+            a Parquet file: its row groups' row counts, from the footer)
+        --> ray.data.from_items(splits) --map_batches(actor pool)-->
+    actor:  for each split: read its rows (TsvReader at the split's byte offset; Parquet: the row
+            group's batches), score them in batches of BATCH_ROWS with the model it loaded once, write
+            words/ and sentences/ part files for each batch, and yield one small row of counts
+        --> driver: counts -> progress and the summary; at the end, summary.json and one rename.
 
-Reading: a TSV file is read by one task with the CLI's own reader (``TsvReader``: same header rules,
-same bad-row errors with file:line:column); a Parquet file is read one row group per task. Scoring, the
-costly part, is spread over ``num_actors`` actors, each holding one model. The actors turn rows and
-results into columns with ``pipeline.build_columns``, the function the single-machine CLI uses, so the
-numbers and columns are the CLI's.
+Only split descriptions (a few hundred bytes each) and count rows travel through Ray's object store; text,
+scores and words never do. Memory per actor is one batch (BATCH_ROWS rows and their masked copies), the
+driver holds the split list, so the memory of a run does not grow with the dataset
+(``tests/test_ray.py`` measures peak RSS and object-store use at 1x and 10x rows). The actors are the only
+Ray tasks that take CPUs: no read or write task can be starved by the pool.
+
+Defaults from the cluster (``plan_actors``): actors of up to 4 CPUs sharing every node's CPUs equally,
+each running its engine's streams on its share; ``num_actors`` alone shares the cluster's CPUs among that many actors;
+``num_cpus_per_actor`` alone fits as many as the nodes hold; with GPUs (``num_gpus_per_actor``), one
+actor per GPU share. The engine of each actor plans its threads for its CPUs (``MLM_SCORER_CPUS``).
 
 Output (``OUTDIR``, replaced as a whole at the end: a rerun gives the same result, never a mix)::
 
-    OUTDIR/words/       Parquet dataset: a leading ``file`` column (the input path as given), then exactly
+    OUTDIR/words/       Parquet part files: a leading ``file`` column (the input path as given), then exactly
                         the CLI's word schema (``writer.word_schema``): row, line, [id], [pass-through], ...
     OUTDIR/sentences/   ``file`` + exactly the CLI's sentence schema (``writer.sentence_schema``)
     OUTDIR/summary.json counts and settings (the same keys as the CLI's ``--summary-json`` where they apply)
 
-``row`` is the 0-based data row within its file and ``line`` the 1-based physical line of a TSV (for a
-Parquet input: the 1-based row number in the file), so every output row maps back to (file, row, line).
-Rows are written in input order (files in the order given, rows in file order); reading the
-directories with ``pyarrow.parquet.read_table`` gives them in that order. Both Parquet datasets carry
-the CLI's schema metadata key ``mlm_scorer`` (model, mode, engine, inputs), so ``mlm-score report``
-reads them too.
+Part files are named ``part-FFFFF-RRRRRRRRRRRR.parquet`` (input file number, first row), so reading a
+directory with ``pyarrow.parquet.read_table`` gives the rows in input order: files in the order given,
+rows in file order. ``row`` is the 0-based data row within its file and ``line`` the 1-based physical
+line of a TSV (for a Parquet input: the 1-based row number in the file). Both datasets carry the CLI's
+schema metadata key ``mlm_scorer`` (model, mode, engine, inputs), so ``mlm-score report`` reads them.
 
-All inputs of one run must have the same columns (one output schema). On a multi-node cluster, give
-``output_dir`` on a filesystem every node sees (the workers write the part files); the final rename is
-done by the driver.
+All inputs of one run must have the same columns (one output schema). On a multi-node cluster, every node
+must see the inputs, the model and the output's parent directory at the same paths (a shared filesystem):
+the actors read and write there; the driver renames the finished directory into place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import os
 import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from .errors import InputError, MlmScorerError, UsageError
+from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .quality import FlagRule
-from .reader import Layout, Row, TsvReader
+from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
 from .writer import sentence_schema, word_schema
 
-__all__ = ["score_dataset", "OUTPUT_MARKER"]
+__all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER"]
 
 OUTPUT_MARKER = "summary.json"  # present in every directory score_dataset wrote (so it may replace it)
-_WORD_FIELDS = ("word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob")
-_ERR = ("_err_message", "_err_reason", "_err_column")
+_STATS = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("rows", pa.int64()), ("scored", pa.int64()),
+                    ("words", pa.int64()), ("copies", pa.int64()), ("flagged", pa.int64()),
+                    ("pll_sum", pa.float64()), ("skipped_rows", pa.string()), ("actor", pa.string()),
+                    ("node", pa.string()), ("max_rss", pa.int64())])
+MAX_LISTED = 20  # skipped rows listed in the summary (the CLI's ScoreSummary.MAX_LISTED)
+#: The largest actor the defaults make: as many CPUs as one process's engine runs streams for by default
+#: (engines.base.MAX_AUTO_STREAMS); a bigger node gets several actors.
+MAX_ACTOR_CPUS = 4
 
 
-# ----------------------------------------------------------------------------------------------- layout
-def _is_parquet(path: str) -> bool:
-    return path.lower().endswith((".parquet", ".pq"))
+# ------------------------------------------------------------------------------------------- resources
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors, and what each reserves and runs.
+
+    ``min_actors`` of the ``num_actors`` fit in the cluster as it is now; the pool starts with those
+    and grows as nodes join (an autoscaling cluster). ``threads``: the CPU threads of each actor's engine.
+    """
+
+    num_actors: int
+    min_actors: int
+    cpus: float
+    gpus: float
+    threads: int
 
 
-def _parquet_layout(path: str, text_column, id_column) -> Layout:
-    import pyarrow.parquet as pq
+def _fit(capacity: list[float], need: float) -> int:
+    """Actors of ``need`` units that the nodes hold (each node holds floor(capacity / need))."""
+    if need <= 0:
+        return 10 ** 6
+    return sum(int(c / need + 1e-9) for c in capacity)
 
-    from .reader import layout_for
 
-    return layout_for(pq.read_schema(path).names, text_column, id_column, path)
+def plan_actors(nodes: list[dict[str, float]], *, num_actors: int | None = None, cpus_per_actor: float | None = None,
+                gpus_per_actor: float = 0, available: list[dict[str, float]] | None = None) -> ActorPlan:
+    """Choose the actor pool from the alive nodes' resources (``[{"CPU": 16, "GPU": 2}, ...]``).
+
+    CPU only: neither given, actors of up to ``MAX_ACTOR_CPUS`` CPUs, one model each, the node's CPUs
+    shared equally (a 2-CPU node: one actor of 2 CPUs, which scored as fast as two of 1 CPU with half
+    the memory, BENCHMARKS.md; 16 CPUs: four of 4), one size for every node (the smallest node's share);
+    ``num_actors`` alone: the largest equal share of a node's CPUs that still places them all; ``cpus_per_actor`` alone: as many as the nodes hold. With GPUs: one actor per
+    ``gpus_per_actor`` share of every node's GPUs, with an equal share of that node's CPUs.
+    ``available``: the nodes' free resources now (others' work holds the rest); the pool starts with the
+    actors that fit there (at least one) and grows to ``num_actors`` as resources free up.
+    """
+    cpus = [float(n.get("CPU", 0)) for n in nodes]
+    if not any(c > 0 for c in cpus):
+        raise UsageError("the Ray cluster has no CPUs (ray.cluster_resources() shows none): add a node with CPUs")
+    if num_actors is not None and num_actors < 1:
+        raise UsageError(f"num_actors must be positive, got {num_actors}")
+    if cpus_per_actor is not None and cpus_per_actor <= 0:
+        raise UsageError(f"num_cpus_per_actor must be positive, got {cpus_per_actor}")
+    if gpus_per_actor < 0:
+        raise UsageError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
+    if gpus_per_actor > 0:
+        gpus = [float(n.get("GPU", 0)) for n in nodes]
+        per_node = [int(g / gpus_per_actor + 1e-9) for g in gpus]
+        fit_gpu = sum(per_node)
+        if fit_gpu == 0:
+            raise UsageError(f"no node of the Ray cluster has {gpus_per_actor:g} GPU(s) (GPUs per node: "
+                             f"{[g for g in gpus]}); lower num_gpus_per_actor or add GPU nodes")
+        if cpus_per_actor is None:
+            shares = [c / k for c, k in zip(cpus, per_node) if k]
+            c = min(shares)
+            cpus_per_actor = float(int(c)) if c >= 1 else c
+        n = num_actors or fit_gpu
+        fit = min(fit_gpu, _fit(cpus, cpus_per_actor))
+    elif num_actors is None and cpus_per_actor is None:
+        whole = [c for c in cpus if c >= 1]
+        cpus_per_actor = min(c / math.ceil(c / MAX_ACTOR_CPUS) for c in whole) if whole else max(cpus)
+        n = fit = _fit(cpus, cpus_per_actor)
+    elif cpus_per_actor is None:
+        # the largest c = (a node's CPUs) / k under which all num_actors actors are placed
+        cands = sorted({c / k for c in cpus if c > 0 for k in range(1, num_actors + 1)}, reverse=True)
+        cpus_per_actor = next((c for c in cands if _fit(cpus, c) >= num_actors), cands[-1])
+        n, fit = num_actors, _fit(cpus, cpus_per_actor)
+    else:
+        fit = _fit(cpus, cpus_per_actor)
+        if fit == 0:
+            raise UsageError(f"no node of the Ray cluster has {cpus_per_actor:g} CPUs (CPUs per node: {cpus}); "
+                             f"lower num_cpus_per_actor (--cpus-per-actor) or leave it out to choose from the cluster")
+        n = num_actors or fit
+    # Ray's resolution for fractional resources is 1e-4; round down, or 3 actors of 2/3 CPU would not fit in 2
+    cpus_per_actor = math.floor(float(cpus_per_actor) * 1e4 + 1e-6) / 1e4
+    if available is not None:
+        free = _fit([float(a.get("CPU", 0)) for a in available], cpus_per_actor)
+        if gpus_per_actor > 0:
+            free = min(free, _fit([float(a.get("GPU", 0)) for a in available], gpus_per_actor))
+        fit = min(fit, free)
+    return ActorPlan(num_actors=n, min_actors=max(1, min(n, fit)), cpus=cpus_per_actor,
+                     gpus=float(gpus_per_actor), threads=max(1, int(cpus_per_actor + 0.5)))
 
 
+def _alive_nodes(ray) -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """Total and free resources of each alive node (free: None where this Ray cannot say)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import available_resources_per_node  # a DeveloperAPI of Ray 2.x
+
+        free = available_resources_per_node()
+        return [n["Resources"] for n in alive], [free.get(n["NodeID"], {}) for n in alive]
+    except Exception:  # noqa: BLE001 - an optional refinement
+        return [n["Resources"] for n in alive], None
+
+
+# ---------------------------------------------------------------------------------------------- layout
 def _layout(path: str, text_column, id_column, header: bool) -> Layout:
-    if _is_parquet(path):
-        return _parquet_layout(path, text_column, id_column)
-    with TsvReader(path, text_column=text_column, id_column=id_column, header=header) as r:
+    with open_reader(path, text_column=text_column, id_column=id_column, header=header or is_parquet(path)) as r:
         return r.layout
 
 
@@ -89,167 +190,201 @@ def _check_layouts(inputs: list[str], layouts: list[Layout]) -> Layout:
     return first
 
 
-# ---------------------------------------------------------------------------------------------- reading
-def _chunk_table(file: str, rows: list[Row], lay: Layout) -> pa.Table:
-    cols: dict[str, list] = {"file": [file] * len(rows), "row": [r.index for r in rows],
-                             "line": [r.line for r in rows], "text": [r.text for r in rows],
-                             "id": [r.id for r in rows]}
-    for j, name in enumerate(lay.passthrough_names):
-        cols[f"_p{j}"] = [r.passthrough[j] if j < len(r.passthrough) else None for r in rows]
-    cols["_err_message"] = [r.error.detail if r.error else None for r in rows]
-    cols["_err_reason"] = [r.error.reason if r.error else None for r in rows]
-    cols["_err_column"] = [r.error.column if r.error else None for r in rows]
-    types = {"row": pa.int64(), "line": pa.int64(), "_err_column": pa.int64()}
-    return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
+# ---------------------------------------------------------------------------------------------- splits
+def tsv_batch_starts(path: str, *, header: bool, batch_rows: int, block: int = 1 << 22) -> tuple[list[int], int]:
+    """Byte offsets of data rows 0, B, 2B, ... of a TSV (B = ``batch_rows``), and its number of data rows.
+
+    One pass over the file, counting newlines with NumPy (about as fast as the disk). A row is a physical
+    line, as ``TsvReader`` reads it: row ``i`` is line ``i + 1 + header``.
+    """
+    import numpy as np
+
+    first_line = 2 if header else 1  # line of data row 0
+    starts: list[int] = []
+    want = first_line  # next line whose start offset we need
+    newlines = 0  # newlines before the current block
+    size = 0
+    last = b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+            # line L starts after newline number L-1 (1-based); line 1 at offset 0
+            while want == 1 or newlines < want - 1 <= newlines + len(nl):
+                starts.append(0 if want == 1 else size + int(nl[want - 2 - newlines]) + 1)
+                want += batch_rows
+            newlines += len(nl)
+            size += len(chunk)
+            last = chunk[-1:]
+    lines = newlines + (0 if last == b"\n" or size == 0 else 1)
+    rows = max(0, lines - (1 if header else 0))
+    return [s for s in starts if s < size][: math.ceil(rows / batch_rows)], rows
 
 
-def _read_task(spec: dict, *, text_column, id_column, header: bool, chunk_rows: int):
-    """Yield chunks (Arrow tables) of one input: a whole TSV, or one row group of a Parquet file."""
-    path = spec["path"]
+def _scan(inputs: list[str], *, header: bool, batch_rows: int) -> list[tuple]:
+    """Every input as runs of consecutive batches: (file number, path, kind, [[(offset or row group,
+    start in the group, rows, first row), ...], ...]): one run for a TSV, one per Parquet row group."""
+    import pyarrow.parquet as pq
+
+    scan = []
+    for i, path in enumerate(inputs):
+        if is_parquet(path):
+            md = pq.ParquetFile(path).metadata
+            runs, offset = [], 0
+            for g in range(md.num_row_groups):
+                n = md.row_group(g).num_rows
+                runs.append([(g, s, min(batch_rows, n - s), offset + s) for s in range(0, n, batch_rows)])
+                offset += n
+            scan.append((i, path, "parquet", runs))
+        else:
+            starts, rows = tsv_batch_starts(path, header=header, batch_rows=batch_rows)
+            scan.append((i, path, "tsv", [[(off, 0, min(batch_rows, rows - b * batch_rows), b * batch_rows)
+                                           for b, off in enumerate(starts)]]))
+    return scan
+
+
+def _splits(scan: list[tuple], *, header: bool, batches_per_split: int | None, num_actors: int) -> list[dict]:
+    """Work units for the actors, in input order: up to k consecutive batches of one TSV or of one
+    Parquet row group. About four splits per actor for a small input (every actor gets work), at most 16
+    batches for a large one (a lost actor costs little to redo; an actor skips to its place in a row
+    group by reading the group's first batches)."""
+    total_batches = sum(len(run) for *_, runs in scan for run in runs)
+    k = batches_per_split or max(1, min(16, total_batches // (4 * num_actors)))
+    line0 = 2 if header else 1
+    splits = []
+    for i, path, kind, runs in scan:
+        for run in runs:
+            for a in range(0, len(run), k):
+                group = run[a:a + k]
+                where, start, _, row = group[0]
+                tsv = kind == "tsv"
+                splits.append({"file": i, "path": path, "kind": kind, "row": row, "rows": sum(u[2] for u in group),
+                               "line": row + line0 if tsv else row + 1, "offset": where if tsv else 0,
+                               "row_group": -1 if tsv else where, "start": start})
+    return splits
+
+
+def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool, batch_rows: int,
+                max_row_chars: int = MAX_ROW_CHARS) -> Iterator[list[Row]]:
+    """The split's rows, in batches of at most ``batch_rows``."""
+    path, want = spec["path"], spec["rows"]
     if spec["kind"] == "tsv":
-        with TsvReader(path, text_column=text_column, id_column=id_column, header=header) as reader:
-            lay = reader.layout
-            chunk: list[Row] = []
-            for row in reader:
-                chunk.append(row)
-                if len(chunk) >= chunk_rows:
-                    yield _chunk_table(path, chunk, lay)
-                    chunk = []
-            if chunk:
-                yield _chunk_table(path, chunk, lay)
+        from itertools import islice
+
+        with TsvReader(path, text_column=text_column, id_column=id_column, header=header,
+                       max_row_chars=max_row_chars) as reader:
+            reader.seek(spec["offset"], line=spec["line"], index=spec["row"])
+            it = iter(reader)
+            while want > 0:
+                rows = list(islice(it, min(batch_rows, want)))
+                if not rows:
+                    raise UsageError(f"{path} changed while it was being scored (it has fewer rows than when "
+                                     f"the run started); rerun on a file that stays as it is")
+                want -= len(rows)
+                yield rows
         return
     import pyarrow.parquet as pq
 
-    lay = _parquet_layout(path, text_column, id_column)
-    table = pq.ParquetFile(path).read_row_group(spec["row_group"])
-    offset = spec["offset"]
-    text = table.column(lay.text).cast(pa.string()).to_pylist()
-    ids = table.column(lay.id).cast(pa.string()).to_pylist() if lay.id is not None else [None] * len(text)
-    passthrough = [table.column(j).cast(pa.string()).to_pylist() for j in lay.passthrough]
-    for a in range(0, len(text), chunk_rows):
-        rows = []
-        for k in range(a, min(a + chunk_rows, len(text))):
-            idx = offset + k
-            err = None if text[k] is not None else InputError(
-                f"the text column {lay.names[lay.text]!r} is null", path=path, line=idx + 1, reason="null_text")
-            rows.append(Row(idx, idx + 1, text[k], ids[k], tuple(p[k] for p in passthrough), err))
-        yield _chunk_table(path, rows, lay)
+    start, pos = spec["start"], 0  # rows of the row group before the split, before the current batch
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[spec["row_group"]]):
+        a, b = max(start - pos, 0), min(start + spec["rows"] - pos, batch.num_rows)
+        if a < b:
+            yield parquet_rows(batch.slice(a, b - a), lay, path, first=spec["row"] + pos + a - start,
+                               max_row_chars=max_row_chars)
+        pos += batch.num_rows
+        if pos >= start + spec["rows"]:
+            return
 
 
-def _read_specs(inputs: list[str]) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    specs = []
-    for path in inputs:
-        if _is_parquet(path):
-            md = pq.ParquetFile(path).metadata
-            offset = 0
-            for g in range(md.num_row_groups):
-                specs.append({"path": path, "kind": "parquet", "row_group": g, "offset": offset})
-                offset += md.row_group(g).num_rows
-        else:
-            specs.append({"path": path, "kind": "tsv", "row_group": -1, "offset": 0})
-    return specs
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-def _nested_schema(id_name, passthrough: list[str], top_k: bool, flag: bool) -> pa.Schema:
-    """``file`` + the sentence schema + ``_words``: the word-only fields of each word, nested."""
-    ws = word_schema(id_name, passthrough, top_k)
-    word_struct = pa.struct([ws.field(n) for n in _WORD_FIELDS + (("top_k",) if top_k else ())])
-    return pa.schema([pa.field("file", pa.string())] + list(sentence_schema(id_name, passthrough, flag))
-                     + [pa.field("_words", pa.list_(word_struct)), pa.field("_actor", pa.string())])
-
-
+# ---------------------------------------------------------------------------------------------- actors
 class _ScoreActor:
-    """One model per actor: loaded in ``__init__``, reused for every batch the actor gets."""
+    """One model per actor, loaded in ``__init__``; ``__call__`` reads, scores and writes its splits."""
 
-    def __init__(self, *, model: str, model_version, engine: str, engine_options: dict, mode: str, top_k: int,
-                 batch_tokens: int, max_batch_size, cache_dir, layout: Layout, on_bad_row: str,
-                 flag_rules: list[FlagRule]):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    def __init__(self, *, model: str, engine: str, engine_options: dict, mode: str, top_k: int, batch_tokens,
+                 max_batch_size, layout: Layout, text_column, id_column, header: bool, batch_rows: int,
+                 on_bad_row: str, flag_rules: list[FlagRule], out_dir: str, meta: dict, threads: int | None,
+                 log_level: int, max_row_chars: int = MAX_ROW_CHARS):
+        if threads:  # the engine plans its threads for this actor's share of the node
+            os.environ["MLM_SCORER_CPUS"] = str(threads)
+        log.setLevel(log_level)  # quiet or verbose as the driver (TensorFlow's start-up lines follow it)
+        import ray
+
+        self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
+        self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
+                        "batch_rows": batch_rows, "max_row_chars": max_row_chars}
+        self.out = Path(out_dir)
+        self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()
+        # An error here (a model a node cannot see, an engine option, a missing package) is raised by the
+        # first call instead: Ray would otherwise restart the actor over and over, and the run would end
+        # in a bare ActorDiedError rather than our message.
+        self.error: MlmScorerError | None = None
+        try:
+            self._open(model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size)
+        except MlmScorerError as exc:
+            self.error = exc
+
+    def _open(self, model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size) -> None:
         from .batching import BatchPolicy
         from .engines.base import get_engine
-        from .models import resolve_model
+        from .model_dir import ModelDir
         from .scorer import Scorer
 
-        md = resolve_model(model, version=model_version, cache_dir=cache_dir)
+        md = ModelDir.open(model)
         eng = get_engine(engine, model=md, top_k=top_k > 0, **engine_options)
         policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
         self.scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
-        self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
-        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"  # which actor scored a row (summary: actors)
-        lay = layout
-        self.schema = _nested_schema(lay.id_name, lay.passthrough_names, top_k > 0, bool(flag_rules))
         self.vocab = ([self.scorer.tokenizer.id_to_token(i) for i in range(self.scorer.tokenizer.vocab_size)]
                       if top_k else None)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        # Ray may put rows of several files (or read tasks) in one batch: score file by file, in order.
-        files = batch.column("file").to_pylist()
-        pieces = []
-        start = 0
-        for k in range(1, len(files) + 1):
-            if k == len(files) or files[k] != files[start]:
-                pieces.append(self._score(files[start], batch.slice(start, k - start)))
-                start = k
-        if not pieces:
-            return self.schema.empty_table()
-        return pa.concat_tables(pieces)
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        if self.error is not None:
+            raise _Shipped(self.error)
+        for spec in batch.to_pylist():
+            for rows in _read_split(spec, self.layout, **self.read_kw):
+                yield self._score(spec, rows)
 
-    def _score(self, path: str, t: pa.Table) -> pa.Table:
+    def _score(self, spec: dict, rows: list[Row]) -> pa.Table:
+        import resource
+
         from .pipeline import build_columns
 
-        lay = self.layout
-        c = {name: t.column(name).to_pylist() for name in t.column_names}
-        n_pass = len(lay.passthrough_names)
-        rows = []
-        for k in range(t.num_rows):
-            err = None
-            if c["_err_message"][k] is not None:
-                err = InputError(c["_err_message"][k], path=path, line=c["line"][k], column=c["_err_column"][k],
-                                 reason=c["_err_reason"][k] or "bad_row")
-            rows.append(Row(c["row"][k], c["line"][k], c["text"][k], c["id"][k],
-                            tuple(c[f"_p{j}"][k] for j in range(n_pass)), err))
-        sc = self.scorer
+        sc, path = self.scorer, spec["path"]
         try:
-            results = sc.run(sc.prepare([r.text for r in rows if r.error is None]))
-            W, S, _stats = build_columns(rows, results, path=path, on_bad_row=self.on_bad_row, scorer=sc,
-                                         layout=lay, vocab=self.vocab, flag_rules=self.flag_rules)
+            prepared = sc.prepare([r.text for r in rows if r.error is None])
+            results = sc.run(prepared)
+            W, S, st = build_columns(rows, results, path=path, on_bad_row=self.on_bad_row, scorer=sc,
+                                     layout=self.layout, vocab=self.vocab, flag_rules=self.flag_rules)
         except MlmScorerError as exc:
             raise _Shipped(exc) from None
-        # nest each sentence's words (contiguous in W, in row order) under it
-        counts = [n or 0 for n in S["n_words"]]
-        offsets = [0]
-        for n in counts:
-            offsets.append(offsets[-1] + n)
-        wstruct = self.schema.field("_words").type.value_type
-        words = pa.StructArray.from_arrays(
-            [pa.array(W[f.name], type=f.type) for f in wstruct], fields=list(wstruct))
-        S = dict(S)
-        S["file"] = [path] * len(S["row"])
-        S["_actor"] = [self.actor_id] * len(S["row"])
-        arrays = []
-        for f in self.schema:
-            if f.name == "_words":
-                arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), words, type=f.type))
-            else:
-                arrays.append(pa.array(S[f.name], type=f.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
+        name = f"part-{spec['file']:05d}-{rows[0].index:012d}.parquet"
+        _write_part(self.out / "sentences" / name, {"file": [path] * len(S["row"]), **S}, self.schemas["sentences"])
+        _write_part(self.out / "words" / name, {"file": [path] * len(W["row"]), **W}, self.schemas["words"])
+        skipped = [{"file": path, **sk} for sk in st["skipped"][:MAX_LISTED]]
+        return pa.Table.from_pylist([{
+            "file": spec["file"], "row": rows[0].index, "rows": len(rows), "scored": st["scored"],
+            "words": st["words"], "copies": prepared.n_copies, "flagged": st["flagged"], "pll_sum": st["pll_sum"],
+            "skipped_rows": json.dumps(skipped), "actor": self.actor_id, "node": self.node_id,
+            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}], schema=_STATS)
 
 
-def _explode_words(batch: pa.Table, *, schema: pa.Schema) -> pa.Table:
-    """Sentence rows with nested words -> one row per word (``file`` + the CLI's word schema)."""
-    import pyarrow.compute as pc
+def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, pa.Schema]:
+    md = {"mlm_scorer": json.dumps(meta, sort_keys=True)}
+    file_field = pa.field("file", pa.string())
+    return {"words": pa.schema([file_field] + list(word_schema(lay.id_name, lay.passthrough_names, top_k > 0)),
+                               metadata=md),
+            "sentences": pa.schema([file_field] + list(sentence_schema(lay.id_name, lay.passthrough_names, flag)),
+                                   metadata=md)}
 
-    nested = batch.column("_words").combine_chunks()
-    parent = pc.list_parent_indices(nested)
-    flat = pc.list_flatten(nested)
-    keys = batch.select([f.name for f in schema if f.name not in _WORD_FIELDS + ("top_k",)]).take(parent)
-    cols = {name: keys.column(name) for name in keys.column_names}
-    for i, f in enumerate(flat.type):
-        cols[f.name] = flat.field(i)
-    return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+def _write_part(final: Path, columns: dict, schema: pa.Schema) -> None:
+    """Write one part file under a hidden name, then rename it: a retried batch replaces it whole, and
+    readers (which skip names starting with '.') never see a partial file."""
+    import pyarrow.parquet as pq
+
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp, compression="zstd")
+    os.replace(tmp, final)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -258,38 +393,40 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                   engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
                   text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
                   on_bad_row: str = "fail", top_k: int = 0, flag_rules: list[FlagRule] | None = None,
-                  num_actors: int = 2, num_cpus_per_actor: float = 1, num_gpus_per_actor: float = 0,
-                  batch_rows: int = 512, read_chunk_rows: int = 2048, read_num_cpus: float = 0.25,
+                  num_actors: int | None = None, num_cpus_per_actor: float | None = None,
+                  num_gpus_per_actor: float = 0, batch_rows: int = 512, batches_per_split: int | None = None,
                   batch_tokens: int | None = None, max_batch_size: int | None = None,
                   cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
                   ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
-                  wait_for_actors_s: float = 600, baseline: str | os.PathLike | None = None,
+                  wait_for_actors_s: float = 600, progress: bool | None = None,
+                  baseline: str | os.PathLike | None = None, max_row_chars: int = MAX_ROW_CHARS,
                   log: Callable[[str], None] | None = None) -> dict:
     """Score TSV and/or Parquet files with a Ray actor pool; write ``output_dir/{words,sentences}``.
 
-    ``num_actors`` actors each load the model once and take ``num_cpus_per_actor`` CPUs and
-    ``num_gpus_per_actor`` GPUs (all must start within ``wait_for_actors_s``); ``batch_rows`` rows go to an
-    actor at a time. Connects to Ray at
-    ``ray_address`` (or starts a local Ray) unless Ray is already initialized. Raises InputError (with
-    file:line) for a bad row under ``on_bad_row="fail"``, UsageError for bad arguments; on any error
-    ``output_dir`` is left as it was. Returns the summary dict also written to ``summary.json``.
-    Percentile flag rules (``pseudo_perplexity=p99``) take the percentile from ``baseline`` when given,
-    else from this run: a second pass over the written sentence files before the output is published.
+    The pool comes from the cluster's resources unless given (``plan_actors``): ``num_actors`` actors,
+    each loading the model once and reserving ``num_cpus_per_actor`` CPUs and ``num_gpus_per_actor`` GPUs;
+    the actors that fit must start within ``wait_for_actors_s``. An actor scores ``batch_rows`` rows at a
+    time and writes them as one part file per output. Connects to Ray at ``ray_address`` (or starts a
+    local Ray, quiet unless debug logging is on) unless Ray is already initialized. ``progress``: None
+    (a bar on a terminal, log lines elsewhere), True or False.
+
+    Raises InputError (with file:line) for a bad row under ``on_bad_row="fail"``, UsageError for bad
+    arguments; on any error ``output_dir`` is left as it was. Returns the summary dict also written to
+    ``summary.json``. Percentile flag rules (``pseudo_perplexity=p99``) take the percentile from
+    ``baseline`` when given, else from this run: a second pass over the written sentence files before
+    the output is published.
     """
     from .pipeline import ON_BAD_ROW
 
     t0 = time.perf_counter()
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
-    inputs = [str(p) for p in inputs]
+    inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
     if not inputs:
         raise UsageError("no input files given")
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    for name, v in (("num_actors", num_actors), ("batch_rows", batch_rows), ("read_chunk_rows", read_chunk_rows)):
-        if v < 1:
+    for name, v in (("num_actors", num_actors), ("batch_rows", batch_rows), ("batches_per_split", batches_per_split)):
+        if v is not None and v < 1:
             raise UsageError(f"{name} must be positive, got {v}")
-    if num_cpus_per_actor < 0 or num_gpus_per_actor < 0:
-        raise UsageError("num_cpus_per_actor and num_gpus_per_actor must be >= 0")
     for p in inputs:
         if p == "-":
             raise UsageError("the ray runner reads files, not stdin")
@@ -320,107 +457,53 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
         from .quality import baseline_rules
 
         flag_rules = baseline_rules(flag_rules, baseline, model_checksum=md.checksum, mode=mode)
-    engine_options = dict(engine_options or {})
-    if engine == "saved_model" and num_cpus_per_actor >= 1:
-        # one TF thread pool per actor, sized to its CPUs: actors sharing a node do not oversubscribe it
-        engine_options.setdefault("intra_op_threads", int(num_cpus_per_actor))
-        engine_options.setdefault("inter_op_threads", 1)
-
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        opts = {"include_dashboard": False, "log_to_driver": False, **(ray_init_options or {})}
-        ray.init(address=ray_address, **opts)
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
-             ctx.wait_for_min_actors_s)
-    ctx.execution_options.preserve_order = True  # output rows in input order
-    ctx.enable_progress_bars = False
-    ctx.raise_original_map_exception = True  # an actor's InputError comes back as itself, not as a UDF failure
-    # start scoring once every actor holds its model (all share the work from the first batch); a cluster
-    # that cannot place them fails with a timeout instead of waiting forever
-    ctx.wait_for_min_actors_s = int(wait_for_actors_s)
-    try:
-        return _execute(ray, inputs, out, md=md, lay=lay, mode=mode, engine=engine, engine_options=engine_options,
-                        text_column=text_column, id_column=id_column, header=header, on_bad_row=on_bad_row,
-                        top_k=top_k, flag_rules=flag_rules, num_actors=num_actors,
-                        num_cpus_per_actor=num_cpus_per_actor, num_gpus_per_actor=num_gpus_per_actor,
-                        batch_rows=batch_rows, read_chunk_rows=read_chunk_rows, read_num_cpus=read_num_cpus,
-                        batch_tokens=batch_tokens, max_batch_size=max_batch_size, cache_dir=cache_dir, t0=t0,
-                        baseline=None if baseline is None else str(baseline))
-    finally:  # leave the caller's Ray Data settings as they were
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
-         ctx.wait_for_min_actors_s) = saved
-
-
-def _execute(ray, inputs: list[str], out: Path, *, md, lay: Layout, mode, engine, engine_options, text_column,
-             id_column, header, on_bad_row, top_k, flag_rules, num_actors, num_cpus_per_actor, num_gpus_per_actor,
-             batch_rows, read_chunk_rows, read_num_cpus, batch_tokens, max_batch_size, cache_dir, t0,
-             baseline=None) -> dict:
-    specs = _read_specs(inputs)
-    read_kw = {"text_column": text_column, "id_column": id_column, "header": header, "chunk_rows": read_chunk_rows}
-
-    def read_batch(batch: pa.Table):
-        for spec in batch.to_pylist():
-            yield from _read_task(spec, **read_kw)
-
-    rows_ds = ray.data.from_items(specs, override_num_blocks=len(specs)).map_batches(
-        read_batch, batch_size=1, batch_format="pyarrow", num_cpus=read_num_cpus
-    ).repartition(target_num_rows_per_block=batch_rows)  # blocks of batch_rows: one file spreads over the actors
-    actor_kw = dict(model=str(md.path), model_version=None, engine=engine, engine_options=engine_options,
-                    mode=mode, top_k=top_k, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-                    cache_dir=cache_dir, layout=lay, on_bad_row=on_bad_row, flag_rules=flag_rules)
-    scored = rows_ds.map_batches(
-        _ScoreActor, fn_constructor_kwargs=actor_kw, batch_size=batch_rows, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),  # a fixed pool (the `concurrency=N` of older Rays)
-        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None)
-    try:
-        scored = scored.materialize()
-    except Exception as exc:  # Ray wraps the actor's exception: hand back ours (file:line message)
-        own = _find_own_error(exc)
-        if own is not None:
-            raise own from None
-        raise
-
     meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": mode, "engine": engine,
             "input": inputs[0] if len(inputs) == 1 else ", ".join(inputs), "inputs": inputs,
-            "flag_rules": [str(r) for r in flag_rules], "runner": "ray", **({"baseline": baseline} if baseline else {})}
-    md_bytes = {"mlm_scorer": json.dumps(meta, sort_keys=True)}
-    file_field = pa.field("file", pa.string())
-    wschema = pa.schema([file_field] + list(word_schema(lay.id_name, lay.passthrough_names, top_k > 0)),
-                        metadata=md_bytes)
-    sschema = pa.schema([file_field] + list(sentence_schema(lay.id_name, lay.passthrough_names, bool(flag_rules))),
-                        metadata=md_bytes)
+            "flag_rules": [str(r) for r in flag_rules], "runner": "ray",
+            **({"baseline": str(baseline)} if baseline else {})}
+    summary: dict[str, Any] = {
+        "inputs": inputs, "output": str(out), "words_output": str(out / "words"),
+        "sentences_output": str(out / "sentences"), "engine": engine, "mode": mode, "model": str(md.path),
+        "model_checksum": md.checksum, "rows": 0, "scored": 0, "skipped": 0, "flagged": 0, "words": 0,
+        "copies": 0, "mean_pll": None, "skipped_rows": [], "runner": "ray", "flag_rules": meta["flag_rules"],
+        "actors": 0, "nodes": 0, "num_actors": 0, "cpus_per_actor": None, "gpus_per_actor": num_gpus_per_actor,
+        "threads_per_actor": None, "batch_rows": batch_rows, "max_actor_rss_bytes": 0}
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    for sub in ("sentences", "words"):
+        (tmp / sub).mkdir(parents=True)
     try:
-        if scored.count():
-            sents = scored.drop_columns(["_words", "_actor"])
-            sents.write_parquet(str(tmp / "sentences"), schema=sschema, compression="zstd")
-            scored.map_batches(_explode_words, fn_kwargs={"schema": wschema}, batch_format="pyarrow",
-                               num_cpus=read_num_cpus).write_parquet(str(tmp / "words"), schema=wschema,
-                                                                     compression="zstd")
-        else:  # no rows: Ray writes no file; write empty ones so readers still get the schema
-            import pyarrow.parquet as pq
-
-            for sub, sch in (("sentences", sschema), ("words", wschema)):
-                (tmp / sub).mkdir()
-                pq.write_table(sch.empty_table(), tmp / sub / "part-0.parquet", compression="zstd")
-        summary = _summarize(scored, inputs=inputs, output=str(out), md=md, mode=mode, engine=engine, meta=meta,
-                             flag=bool(flag_rules))
+        scan = _scan(inputs, header=header, batch_rows=batch_rows)
+        total = sum(u[2] for *_, runs in scan for run in runs for u in run)
+        if total:  # an empty input starts no Ray, no actor and no engine
+            _run_ray(
+                scan, total, summary, inputs=inputs, header=header, batches_per_split=batches_per_split, actor_kw=dict(
+                    model=str(md.path), engine=engine, engine_options=dict(engine_options or {}), mode=mode,
+                    top_k=top_k, batch_tokens=batch_tokens, max_batch_size=max_batch_size, layout=lay,
+                    text_column=text_column, id_column=id_column, header=header, batch_rows=batch_rows,
+                    on_bad_row=on_bad_row, flag_rules=flag_rules, out_dir=str(tmp), meta=meta,
+                    max_row_chars=max_row_chars),
+                num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
+                num_gpus_per_actor=num_gpus_per_actor, ray_address=ray_address,
+                ray_init_options=ray_init_options, wait_for_actors_s=wait_for_actors_s, progress=progress)
+        schemas = _out_schemas(lay, top_k, bool(flag_rules), meta)
+        for sub in ("sentences", "words"):  # no rows: no part file; write an empty one so readers get the schema
+            if not any((tmp / sub).glob("part-*.parquet")):
+                _write_part(tmp / sub / "part-00000-000000000000.parquet",
+                            {f.name: [] for f in schemas[sub]}, schemas[sub])
+            for stray in (tmp / sub).glob(".*"):  # a killed attempt's temporary file
+                stray.unlink()
+        summary["mean_pll"] = summary.pop("_pll_sum", 0.0) / summary["scored"] if summary["scored"] else None
+        parts = sorted((tmp / "sentences").glob("part-*.parquet"))
         from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
 
-        second = RunQuantiles.fit(flag_rules, sorted((tmp / "sentences").glob("*.parquet")))
+        second = RunQuantiles.fit(flag_rules, parts)
         if second is not None:
-            second.rewrite(sorted((tmp / "sentences").glob("*.parquet")), {"flag_rules": second.rule_strings})
+            second.rewrite(parts, {"flag_rules": second.rule_strings})
             summary["flagged"], summary["flag_rules"] = second.flagged, second.rule_strings
         summary["seconds"] = time.perf_counter() - t0
         (tmp / OUTPUT_MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        for sub in ("sentences", "words"):  # an empty input gives no part files: make the directory anyway
-            (tmp / sub).mkdir(exist_ok=True)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -434,40 +517,127 @@ def _execute(ray, inputs: list[str], out: Path, *, md, lay: Layout, mode, engine
     return summary
 
 
-def _summarize(scored, *, inputs, output, md, mode, engine, meta, flag: bool) -> dict:
-    import pyarrow.compute as pc
+def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, batches_per_split, actor_kw: dict, num_actors,
+             num_cpus_per_actor, num_gpus_per_actor, ray_address, ray_init_options, wait_for_actors_s,
+             progress) -> None:
+    import ray
 
-    cols = ["line", "status", "error", "n_words", "pll", "_actor"] + (["flag"] if flag else [])
-    tables = list(_iter_tables(scored.select_columns(cols))) if scored.count() else []
-    actors: set[str] = set()
-    s: dict[str, Any] = {"inputs": inputs, "output": output, "words_output": str(Path(output) / "words"),
-                         "sentences_output": str(Path(output) / "sentences"), "engine": engine, "mode": mode,
-                         "model": str(md.path), "model_checksum": md.checksum, "rows": 0, "scored": 0,
-                         "skipped": 0, "flagged": 0, "words": 0, "mean_pll": None, "skipped_rows": [],
-                         "runner": "ray", "flag_rules": meta["flag_rules"]}
-    pll_sum = 0.0
-    for t in tables:
-        ok = pc.equal(t.column("status"), "ok")
-        s["rows"] += t.num_rows
-        actors.update(t.column("_actor").unique().to_pylist())
-        n_ok = pc.sum(ok).as_py() or 0
-        s["scored"] += n_ok
-        s["skipped"] += t.num_rows - n_ok
-        s["words"] += pc.sum(t.column("n_words")).as_py() or 0
-        pll_sum += pc.sum(t.column("pll")).as_py() or 0.0
-        if "flag" in t.column_names:
-            s["flagged"] += pc.sum(t.column("flag").cast(pa.int64())).as_py() or 0
-        if len(s["skipped_rows"]) < 20:
-            bad = t.filter(pc.invert(ok)).slice(0, 20 - len(s["skipped_rows"]))
-            s["skipped_rows"] += [{"line": r["line"], "message": r["error"]} for r in bad.to_pylist()]
-    s["mean_pll"] = pll_sum / s["scored"] if s["scored"] else None
-    s["actors"] = len(actors)  # actors that scored at least one batch
-    return s
+    started = not ray.is_initialized()
+    if started:
+        quiet = not verbose()
+        if quiet:
+            logging.getLogger("ray").setLevel(logging.ERROR)  # its notes at start-up (token file, dashboard, ...)
+        opts = {"include_dashboard": False, "log_to_driver": not quiet,
+                "logging_level": logging.ERROR if quiet else logging.INFO, **(ray_init_options or {})}
+        ray.init(address=ray_address, **opts)
+    import ray.data
 
+    deadline = time.monotonic() + 5  # the actors of a run that just ended free their CPUs within a second or two
+    while True:
+        total_res, free_res = _alive_nodes(ray)
+        plan = plan_actors(total_res, num_actors=num_actors, cpus_per_actor=num_cpus_per_actor,
+                           gpus_per_actor=num_gpus_per_actor, available=free_res)
+        if plan.min_actors >= plan.num_actors or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    if plan.min_actors < plan.num_actors:
+        log.warning(f"{plan.num_actors} actors of {plan.cpus:g} CPU(s) planned, {plan.min_actors} fit in the "
+                    f"cluster's free resources now: starting with {plan.min_actors}, adding the others as "
+                    f"resources free up or nodes join")
+    if sum(len(run) for *_, runs in scan for run in runs) < min(plan.num_actors, total):
+        # a small input: batches small enough that every actor gets one
+        scan = _scan(inputs, header=header, batch_rows=math.ceil(total / plan.num_actors))
+    splits = _splits(scan, header=header, batches_per_split=batches_per_split, num_actors=plan.num_actors)
+    summary.update(num_actors=plan.num_actors, cpus_per_actor=plan.cpus, gpus_per_actor=plan.gpus,
+                   threads_per_actor=plan.threads)
+    log.info(f"scoring {total:,} rows in {len(splits)} splits with {plan.num_actors} actor(s) of {plan.cpus:g} "
+             f"CPU(s)" + (f" and {plan.gpus:g} GPU(s)" if plan.gpus else "") + f", {plan.threads} thread(s) each")
 
-def _iter_tables(ds):
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield batch
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
+             ctx.wait_for_min_actors_s)
+    ctx.execution_options.preserve_order = False  # the part files' names carry the order
+    ctx.enable_progress_bars = False  # ours counts rows, not blocks
+    ctx.raise_original_map_exception = True  # an actor's InputError comes back as itself, not as a UDF failure
+    # start scoring once the actors that fit hold their model; a cluster that cannot place one fails
+    # with a timeout instead of waiting forever
+    ctx.wait_for_min_actors_s = int(wait_for_actors_s)
+    console = [h for h in logging.getLogger("ray.data").handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in console]
+    if not verbose():
+        # "Starting execution of Dataset ...", and a failed task's traceback logged before the exception we
+        # report anyway (Ray Data's log file keeps them all)
+        for h in console:
+            h.setLevel(logging.CRITICAL + 1)
+    from .progress import Progress
+
+    mode = Progress.auto_mode(progress) if log.isEnabledFor(logging.INFO) else "off"
+    actors, nodes, skipped, seen = set(), set(), [], set()
+    with contextlib.ExitStack() as stack:
+        real_stderr = None
+        if not verbose():  # Ray's C++ core and Ray Data's warnings, in this process
+            real_stderr = stack.enter_context(filtered_stderr(is_ray_chatter))
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+        bar = Progress(total, mode=mode, stream=real_stderr)
+        stack.callback(bar.close, done=False)
+        ds = ray.data.from_items(splits, override_num_blocks=len(splits)).map_batches(
+            _ScoreActor, fn_constructor_kwargs={**actor_kw, "threads": plan.threads if not plan.gpus else None,
+                                                "log_level": log.getEffectiveLevel()},
+            batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.num_actors),
+            num_cpus=plan.cpus, num_gpus=plan.gpus or None)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        # closed on any exit: an exception's traceback would otherwise keep the iterator, its execution
+        # and its actors alive (holding their CPUs) for as long as the caller keeps the exception
+        stack.callback(getattr(batches, "close", lambda: None))
+        failure: MlmScorerError | None = None
+        try:
+            for t in batches:
+                for r in t.to_pylist():
+                    if (r["file"], r["row"]) in seen:  # a batch redone after a lost actor: count it once
+                        continue
+                    seen.add((r["file"], r["row"]))
+                    for k in ("rows", "scored", "words", "copies", "flagged"):
+                        summary[k] += r[k]
+                    summary["_pll_sum"] = summary.get("_pll_sum", 0.0) + r["pll_sum"]
+                    summary["max_actor_rss_bytes"] = max(summary["max_actor_rss_bytes"], r["max_rss"])
+                    actors.add(r["actor"])
+                    nodes.add(r["node"])
+                    skipped = sorted(skipped + [((r["file"], s["line"]), s) for s in json.loads(r["skipped_rows"])],
+                                     key=lambda x: x[0])[:MAX_LISTED]
+                    bar.add(r["rows"], r["copies"])
+            bar.close()
+        except ray.exceptions.GetTimeoutError:
+            failure = UsageError(f"the Ray cluster did not start {plan.min_actors} actor(s) of {plan.cpus:g} "
+                                 f"CPU(s)" + (f" and {plan.gpus:g} GPU(s)" if plan.gpus else "")
+                                 + f" within {wait_for_actors_s:g} s: lower --num-actors / --cpus-per-actor, or "
+                                 f"add nodes")
+        except Exception as exc:  # Ray wraps the actor's exception: hand back ours (file:line message)
+            failure = _find_own_error(exc)
+            if failure is None:
+                raise
+        finally:
+            (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.raise_original_map_exception,
+             ctx.wait_for_min_actors_s) = saved
+            for h, lvl in zip(console, levels):
+                h.setLevel(lvl)
+    if failure is not None:
+        # The failed execution's actors are released when its objects are collected, and they sit in
+        # reference cycles: collect them now, or the actors keep their CPUs until some later collection
+        # (a second run in the same process would wait for them). Raised afresh, outside the except block.
+        del ds, batches
+        failure.__cause__ = failure.__context__ = failure.__traceback__ = None
+        import gc
+
+        gc.collect()
+        raise failure
+    if summary["rows"] != total:  # every batch came back, or the output is not complete
+        raise MlmScorerError(f"internal error: {summary['rows']} of {total} rows came back from the actors")
+    summary["skipped"] = summary["rows"] - summary["scored"]
+    summary["skipped_rows"] = [s for _, s in skipped]
+    summary["actors"], summary["nodes"] = len(actors), len(nodes)
 
 
 def _rebuild_error(cls, args, state):

@@ -264,6 +264,16 @@ class TsvReader:
         path = "-" if self.path == "-" else os.path.abspath(self.path)
         return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
+    def seek(self, offset: int, *, line: int, index: int) -> None:
+        """Continue at byte ``offset`` (the start of a line; a file, not stdin), which is physical
+        ``line`` (1-based) and data row ``index`` (0-based): a worker reads its own slice of a file."""
+        self._f.seek(offset)
+        self.bytes_read = offset
+        self._line, self._index = line - 1, index
+        self._first = offset == 0  # a BOM can only start the file
+        self._peek = None
+        self._overflow = 0
+
     def close(self) -> None:
         if self._f is not sys.stdin.buffer:
             self._f.close()
@@ -297,3 +307,116 @@ def count_lines(path: str | os.PathLike) -> int | None:
             last = block[-1:]
     return n + (0 if last == b"\n" else 1)
 
+
+
+# ---------------------------------------------------------------------------------------------- Parquet
+def is_parquet(path: str | os.PathLike) -> bool:
+    """A Parquet input is recognized by its name: ``.parquet`` or ``.pq``."""
+    return str(path).lower().endswith((".parquet", ".pq"))
+
+
+def parquet_rows(batch, lay: Layout, path: str, *, first: int, max_row_chars: int = MAX_ROW_CHARS) -> list[Row]:
+    """Rows of a Parquet record batch whose first row is row ``first`` (0-based) of the file.
+
+    ``line`` is the 1-based row number (a Parquet file has no lines). The id and pass-through columns
+    are passed on as strings, as from a TSV; a null text is a bad row (reason ``null_text``), and so is
+    a text longer than ``max_row_chars`` (``row_too_long``, its text not kept), as in a TSV.
+    """
+    import pyarrow as pa
+
+    def col(j: int) -> list:
+        try:
+            return batch.column(j).cast(pa.string()).to_pylist()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UsageError(f"{path}: column {lay.names[j]!r} of type {batch.schema.field(j).type} cannot be "
+                             f"read as text; drop it from the file (or score a copy without it)") from None
+
+    text = col(lay.text)
+    ids = col(lay.id) if lay.id is not None else [None] * len(text)
+    passthrough = [col(j) for j in lay.passthrough]
+    rows = []
+    for k, t in enumerate(text):
+        i = first + k
+        err = None
+        if t is None:
+            err = InputError(f"the text column {lay.names[lay.text]!r} is null", path=path, line=i + 1,
+                             reason="null_text")
+        elif len(t) > max_row_chars:
+            err = InputError(f"the text is {len(t)} characters long, more than --max-row-chars {max_row_chars} "
+                             f"(raise it with --max-row-chars N)", path=path, line=i + 1, reason="row_too_long")
+            t = None
+        rows.append(Row(i, i + 1, t, ids[k], tuple(p[k] for p in passthrough), err))
+    return rows
+
+
+class ParquetReader:
+    """Iterate the ``Row``s of a Parquet file, as ``TsvReader`` does a TSV: the text and id columns by name
+    (or 0-based index), every other column passed through; read ``batch_rows`` rows at a time."""
+
+    header = True  # the schema names the columns, as a header line does
+    is_stream = False
+
+    def __init__(self, path: str | os.PathLike, *, text_column: str | int | None = None,
+                 id_column: str | int | None = None, batch_rows: int = 2048, max_row_chars: int = MAX_ROW_CHARS):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path = str(path)
+        self.batch_rows, self.max_row_chars = batch_rows, max_row_chars
+        self.rows_read = 0
+        if not os.path.exists(self.path):
+            raise UsageError(f"input file {self.path!r} does not exist")
+        if os.path.isdir(self.path):
+            raise UsageError(f"input {self.path!r} is a directory, not a Parquet file")
+        try:
+            self._pf = pq.ParquetFile(self.path)
+        except PermissionError:
+            raise UsageError(f"input file {self.path!r} cannot be read (permission denied)") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"not a readable Parquet file ({exc}); a TSV input must not end in .parquet",
+                             path=self.path, reason="bad_parquet") from None
+        self.layout = layout_for(self._pf.schema_arrow.names, text_column, id_column, self.path)
+        self.num_rows = self._pf.metadata.num_rows
+
+    def __iter__(self) -> Iterator[Row]:
+        first = 0
+        for batch in self._pf.iter_batches(batch_size=self.batch_rows):
+            for row in parquet_rows(batch, self.layout, self.path, first=first, max_row_chars=self.max_row_chars):
+                self.rows_read += 1
+                yield row
+            first += batch.num_rows
+
+    def position(self) -> dict:
+        """Where reading stands (rows read; a file is checked whole by ``identity`` on resume)."""
+        return {"rows": self.rows_read}
+
+    def identity(self) -> dict:
+        """What a resumed run must find again: path, size, mtime and the sha256 of the file's bytes."""
+        st = os.stat(self.path)
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sha256": h.hexdigest()}
+
+    def close(self) -> None:
+        close = getattr(self._pf, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "ParquetReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_reader(path: str | os.PathLike, *, text_column: str | int | None = None, id_column: str | int | None = None,
+                header: bool = True, max_row_chars: int = MAX_ROW_CHARS):
+    """``ParquetReader`` for a ``.parquet``/``.pq`` file, else ``TsvReader`` (``-``: standard input)."""
+    if is_parquet(path):
+        if not header:
+            raise UsageError("--no-header applies to TSV input; a Parquet file's schema names its columns")
+        return ParquetReader(path, text_column=text_column, id_column=id_column, max_row_chars=max_row_chars)
+    return TsvReader(path, text_column=text_column, id_column=id_column, header=header, max_row_chars=max_row_chars)

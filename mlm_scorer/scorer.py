@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -131,7 +132,10 @@ class Scorer:
     """Scores texts with one model and engine. Thread-safe between one preparer and one runner."""
 
     def __init__(self, model: ModelDir, engine: Engine, *, mode: str = "whole-word", top_k: int = 0,
-                 policy: BatchPolicy | None = None, cache_size: int = 20_000, store_dir: str | None = None):
+                 policy: BatchPolicy | Callable[[Engine], BatchPolicy] | None = None, cache_size: int = 20_000,
+                 store_dir: str | None = None):
+        """``policy``: a BatchPolicy, or a function of the engine giving one (called when the first batch
+        is planned: an engine opened on first use, ``engines.base.LazyEngine``, stays closed until then)."""
         from .expand import MODES
 
         if mode not in MODES:
@@ -142,9 +146,8 @@ class Scorer:
         self.engine = engine
         self.mode = mode
         self.top_k = top_k
-        self.policy = policy or BatchPolicy.for_engine(engine)
-        if engine.max_batch_size and self.policy.max_batch_size > engine.max_batch_size:
-            self.policy = BatchPolicy(self.policy.batch_tokens, engine.max_batch_size)
+        self._policy_arg = policy
+        self._policy: BatchPolicy | None = None
         self.tokenizer = WordTokenizer(model)
         self.max_seq_length = model.max_seq_length
         self.stats = Stats()
@@ -163,6 +166,17 @@ class Scorer:
             family = "" if model.family == "bert" else f"{model.family}|"
             self.store = ScoreCache(store_dir,
                                     namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
+
+    @property
+    def policy(self) -> BatchPolicy:
+        """The batch policy (for an engine opened on first use, reading it opens the engine)."""
+        if self._policy is None:
+            arg, eng = self._policy_arg, self.engine
+            pol = arg if isinstance(arg, BatchPolicy) else arg(eng) if arg else BatchPolicy.for_engine(eng)
+            if eng.max_batch_size and pol.max_batch_size > eng.max_batch_size:
+                pol = BatchPolicy(pol.batch_tokens, eng.max_batch_size)
+            self._policy = pol
+        return self._policy
 
     # ------------------------------------------------------------------------------------- prepare
     def prepare(self, texts: list[str], *, force: bool = False) -> Prepared:
@@ -212,7 +226,7 @@ class Scorer:
                 continue
             parts.append(np.concatenate([np.full((len(spans), 1), i, np.int64), spans, win], axis=1))
         copies = np.concatenate(parts) if parts else np.zeros((0, 7), np.int64)
-        batches = plan(copies, self.policy)
+        batches = plan(copies, self.policy) if len(copies) else []  # nothing to score: the engine stays closed
         tk = self.tokenizer
         built = Batches(copies, batches, sentences, (tk.mask_id, tk.cls_id, tk.sep_id, tk.pad_id))
         return Prepared(texts=texts, keys=keys, borrowed=borrowed, unique=unique, sentences=sentences, errors=errors,
@@ -220,8 +234,9 @@ class Scorer:
                         n_stored=sum(1 for j in candidates if texts[j] in stored))
 
     # ----------------------------------------------------------------------------------------- run
-    def run(self, prep: Prepared) -> list[SentenceResult]:
-        """Run the engine on a prepared chunk; return one result per input text, in input order."""
+    def run(self, prep: Prepared, on_batch: Callable[[int], None] | None = None) -> list[SentenceResult]:
+        """Run the engine on a prepared chunk; return one result per input text, in input order.
+        ``on_batch(n_copies)`` is called after each engine batch (progress)."""
         offsets = np.zeros(len(prep.sentences) + 1, np.int64)
         if prep.sentences:
             offsets[1:] = np.cumsum([s.n_pieces for s in prep.sentences])
@@ -230,7 +245,9 @@ class Scorer:
         word_of_piece, word_offsets = self._first_piece_words(prep.sentences)
         top_ids = np.full((int(word_offsets[-1]), k), -1, np.int32) if k else None
         top_lp = np.full((int(word_offsets[-1]), k), -np.inf, np.float32) if k else None
-        for idx, res in zip(prep.batches, self.engine.map(prep.built)):
+        for idx, res in zip(prep.batches, self.engine.map(prep.built) if prep.built else ()):
+            if on_batch is not None:
+                on_batch(len(idx))
             cp = prep.copies[idx]
             n_pred = cp[:, PRED_B] - cp[:, PRED_A]
             P = res.log_probs.shape[1]

@@ -106,7 +106,8 @@ with DAG(
                           max_flagged_rate=p["max_flagged_rate"], max_shift=p["max_shift"])
 
     # The CLI form. Values reach the shell through env (never pasted into the command line), and the last
-    # line printed, a one-line JSON summary, becomes the XCom. Exit codes: 3 bad input row, 2 bad usage,
+    # line printed, a one-line JSON summary, becomes the XCom; progress (a line every ~10 s) and the summary
+    # line go to stderr, into the task log. Exit codes: 3 bad input row, 2 bad usage,
     # 4 model problem (all fail the task; see `mlm-score --help`).
     score_cli = BashOperator(
         task_id="score_cli",
@@ -127,7 +128,7 @@ with DAG(
         bash_command=(
             'set -euo pipefail; mkdir -p "$OUT_DIR"; '
             '"$MLM_SCORE" "$IN" -o "$OUT_DIR/probs.parquet" --model "$MODEL" --mode "$MODE" '
-            '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} ${CACHE:+--cache "$CACHE"} -q '
+            '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} ${CACHE:+--cache "$CACHE"} '
             '--summary-json "$OUT_DIR/summary.json"; '
             '"$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(\',\', \':\')))" '
             '"$OUT_DIR/summary.json"'

@@ -53,17 +53,39 @@ def _check_against_end_to_end(ev, data: dict, export: Path, tmp: Path) -> None:
             assert data["modes"][mode]["overall"] == pytest.approx(sum(acc.values()) / len(acc), abs=1e-12)
 
 
-@pytest.mark.skipif(not BLIMP_ZIP.is_file(), reason=f"BLiMP.zip is not at {BLIMP_ZIP}")
+#: The first four pairs of three BLiMP paradigms, as BLiMP.zip holds them (tests/data/blimp/SOURCE.md).
+BLIMP_SAMPLE = Path(__file__).resolve().parent / "data" / "blimp"
+
+
+def _sample_zip(tmp: Path) -> Path:
+    """A zip laid out as BLiMP.zip (data/<UID>.jsonl) with the vendored lines."""
+    path = tmp / "blimp-sample.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(BLIMP_SAMPLE.glob("*.jsonl")):
+            z.writestr(f"data/{f.name}", f.read_bytes())
+    return path
+
+
+def test_vendored_blimp_lines_are_blimps():
+    """Where the full BLiMP.zip is beside the checkout (benchmarks only), the vendored lines are its own."""
+    if not BLIMP_ZIP.is_file():
+        pytest.skip(f"BLiMP.zip is not at {BLIMP_ZIP} (the harness test uses the vendored lines)")
+    with zipfile.ZipFile(BLIMP_ZIP) as z:
+        for f in sorted(BLIMP_SAMPLE.glob("*.jsonl")):
+            assert f.read_bytes().decode() == "".join(
+                z.read(f"data/{f.name}").decode().splitlines(keepends=True)[:4]), f.name
+
+
 def test_harness_on_real_blimp_pairs(tiny_export, tmp_path, capsys):
     uids = ["anaphor_gender_agreement", "determiner_noun_agreement_1", "wh_island"]
     out_md, out_json = tmp_path / "blimp.md", tmp_path / "blimp.json"
     ev = blimp_eval.main(["--model", str(tiny_export), "--paradigms", ",".join(uids), "--pairs-per-paradigm", "4",
-                          "--label", "tiny", "--out", str(out_md), "--json", str(out_json), "-q"])
+                          "--blimp-zip", str(_sample_zip(tmp_path)), "--label", "tiny", "--out", str(out_md),
+                          "--json", str(out_json), "-q"])
     assert [p.uid for p in ev.paradigms] == sorted(uids)
     assert all(len(p.good) == len(p.bad) == 4 for p in ev.paradigms)
     # the pairs are the first four lines of each paradigm's file, as BLiMP wrote them
-    with zipfile.ZipFile(BLIMP_ZIP) as z:
-        first = [json.loads(x) for x in z.read("data/wh_island.jsonl").decode().splitlines()[:4]]
+    first = [json.loads(x) for x in (BLIMP_SAMPLE / "wh_island.jsonl").read_text(encoding="utf-8").splitlines()]
     p = next(p for p in ev.paradigms if p.uid == "wh_island")
     assert p.good == [d["sentence_good"] for d in first] and p.bad == [d["sentence_bad"] for d in first]
     data = json.loads(out_json.read_text())

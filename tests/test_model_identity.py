@@ -60,12 +60,16 @@ def test_swapped_variables_are_refused_and_never_mix_with_the_cache(tiny_export,
     assert main([str(tsv), "-o", str(tmp_path / "a.parquet"), "--model", str(tiny_export), *base]) == 0
     before = (cache / "scores.sqlite").stat().st_mtime_ns
     capsys.readouterr()
+    # one sentence the cache does not hold: the engine must open, and its weights are refused before they
+    # score anything (a run the cache answers whole opens no engine: its scores were computed by the
+    # verified weights when they were cached)
+    tsv.write_text("text\nthe cat sat on the mat\na dog ran\na bird sang\n")
     code = main([str(tsv), "-o", str(tmp_path / "b.parquet"), "--model", str(swapped), *base])
     err = capsys.readouterr().err
     assert code == 4, err
     assert f"{swapped / '1' / 'variables'}" in err and "not those of" in err and "Re-export" in err, err
     assert not (tmp_path / "b.parquet").exists()
-    assert (cache / "scores.sqlite").stat().st_mtime_ns == before, "the cache was not even opened"
+    assert (cache / "scores.sqlite").stat().st_mtime_ns == before, "nothing was written to the cache"
 
 
 @pytest.mark.parametrize("engine", ["saved_model", "torch"])

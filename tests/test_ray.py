@@ -1,9 +1,14 @@
 """Ray Data runner (mlm_scorer.ray_data.score_dataset) on a local Ray with 2 CPUs, against the
-single-machine ``score_file`` output, row by row."""
+single-machine ``score_file`` output, row by row; its defaults, streaming memory and quiet stderr.
+The two-node cluster test is in test_ray_cluster.py."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,34 @@ pytest.importorskip("ray.data", reason="ray[data] is not installed (pip install 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mlm_score_ray_with_no_resource_options_finishes_quietly(tiny_export, tmp_path):
+    """The command a new user types, in a fresh process: no Ray running, no --num-actors, no
+    --cpus-per-actor. It starts its own Ray, chooses the pool from the machine's CPUs, finishes, and
+    stderr holds only our own lines (no Ray or TensorFlow log lines). Runs first: no Ray in this process."""
+    assert not ray.is_initialized()
+    sample = ROOT / "data" / "sample.tsv"
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-m", "mlm_scorer", "ray", str(sample), "-o", str(out), "--model",
+                        str(tiny_export), "--id-column", "id"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert summary["rows"] == summary["scored"] == 30 and summary["skipped"] == 0
+    # actors of up to 4 CPUs sharing the machine's CPUs (a new Ray counts the CPUs it may use)
+    n = summary["num_actors"]
+    assert min(abs(summary["cpus_per_actor"] * n - c) for c in (cpus, os.cpu_count())) < 0.01, summary
+    assert summary["cpus_per_actor"] <= 4
+    lines = p.stderr.splitlines()
+    assert lines and all(line.startswith(("scoring ", "progress: ", "scored ")) for line in lines), p.stderr
+    assert lines[-1].startswith("scored 30/30 rows")
+    # -q: nothing at all on stderr
+    q = subprocess.run([sys.executable, "-m", "mlm_scorer", "ray", str(sample), "-o", str(out), "--model",
+                        str(tiny_export), "--engine", "fake", "-q"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert q.returncode == 0 and q.stderr == "", q.stderr
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +130,13 @@ def test_ray_matches_single_machine_row_by_row(local_ray, tiny_export, tmp_path)
     rules = [parse_rule("min_word_prob=1e-30", "below")]
     kw = dict(model=str(tiny_export), id_column="id", on_bad_row="skip", flag_rules=rules)
     out = tmp_path / "ray_out"
-    run = dict(num_actors=2, num_cpus_per_actor=0.5, batch_rows=8, engine_options={"intra_op_threads": 1}, **kw)
+    run = dict(batch_rows=8, **kw)  # the actors and their CPUs from the cluster: 2 CPUs, 1 actor of 2
     summary = score_dataset([str(sample), str(extra), str(pq_in)], out, **run)
+    assert (summary["num_actors"], summary["cpus_per_actor"], summary["threads_per_actor"]) == (1, 2.0, 2)
+    # one part file per batch, named by input file and first row; no temporary file left
+    assert sorted(p.name for p in (out / "sentences").iterdir()) == sorted(p.name for p in (out / "words").iterdir())
+    assert "part-00000-000000000008.parquet" in os.listdir(out / "words")
+    assert not [p for sub in ("words", "sentences") for p in (out / sub).iterdir() if p.name.startswith(".")]
     words, wschema = _rows(out, "words")
     sents, sschema = _rows(out, "sentences")
     # the schema: a leading `file`, then exactly the CLI's (types, order, nullability) + its metadata key
@@ -107,7 +145,7 @@ def test_ray_matches_single_machine_row_by_row(local_ray, tiny_export, tmp_path)
     assert wschema.remove(0).remove_metadata() == word_schema("id", ["source"], False)
     meta = json.loads(sschema.metadata[b"mlm_scorer"])
     assert meta["mode"] == "whole-word" and meta["engine"] == "saved_model" and meta["runner"] == "ray"
-    assert 1 <= summary["actors"] <= 2, summary  # (which actors get work is timing: see the fake-engine test)
+    assert summary["actors"] == summary["nodes"] == 1 and summary["copies"] > 0
     assert json.loads((out / "summary.json").read_text()) == summary
 
     # The SavedModel computes in float32, and a sentence's numbers move in the last float32 bits with the
@@ -124,6 +162,7 @@ def test_ray_matches_single_machine_row_by_row(local_ray, tiny_export, tmp_path)
     bad = [s for s in sents if s["status"] == "skipped"]
     assert [(s["file"], s["line"]) for s in bad] == [(str(extra), 3), (str(extra), 5), (str(pq_in), 3)]
     assert summary["skipped"] == 3 and summary["scored"] == 36
+    assert [(r["file"], r["line"]) for r in summary["skipped_rows"]] == [(s["file"], s["line"]) for s in bad]
     assert summary["flagged"] == sum(bool(s["flag"]) for s in sents) > 0
 
     # a rerun replaces the directory whole and gives the same rows
@@ -174,6 +213,12 @@ def test_ray_bad_row_fails_with_file_and_line(local_ray, fake_export, tmp_path):
     other = write_tsv(tmp_path / "other.tsv", [["x"]], header=["text"])
     with pytest.raises(UsageError, match="same columns"):
         score_dataset([str(bad), str(other)], out, model=str(fake_export), engine="fake")
+    # a failure while an actor opens the model or the engine comes back as our error, at once (Ray would
+    # otherwise restart the actor again and again)
+    with pytest.raises(UsageError, match="does not take option"):  # (the first run's actor is gone: it fits)
+        score_dataset([str(other)], out, model=str(fake_export), engine="saved_model",
+                      engine_options={"bogus": "1"}, wait_for_actors_s=60)
+    assert not out.exists()
     # a directory that is not ours is never replaced
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
@@ -241,3 +286,135 @@ def test_ray_percentile_flags_check_and_report(local_ray, fake_export, tmp_path)
     assert summary2["flag_rules"] == [f"--flag-above pseudo_perplexity=p80 (of the baseline: {p80:.6g})"]
     sents2, _ = _rows(out2, "sentences")
     assert [bool(s["flag"]) for s in sents2] == [s["status"] == "ok" and s["pseudo_perplexity"] > p80 for s in sents2]
+
+
+def test_plan_actors_from_the_cluster():
+    from mlm_scorer.errors import UsageError
+    from mlm_scorer.ray_data import ActorPlan, plan_actors
+
+    one, two = [{"CPU": 1}], [{"CPU": 2}]
+    # defaults: actors of up to 4 CPUs sharing each node's CPUs equally, one size for all (nothing else
+    # needs CPUs: the actors read and write themselves)
+    assert plan_actors(one) == ActorPlan(1, 1, 1.0, 0.0, 1)
+    assert plan_actors(two) == ActorPlan(1, 1, 2.0, 0.0, 2)
+    assert plan_actors([{"CPU": 16}, {"CPU": 4}, {"CPU": 0}]) == ActorPlan(5, 5, 4.0, 0.0, 4)
+    assert plan_actors([{"CPU": 6}]) == ActorPlan(2, 2, 3.0, 0.0, 3)
+    assert plan_actors([{"CPU": 2}, {"CPU": 16}]).num_actors == 9  # the 2-CPU node's size: 1 + 8
+    assert plan_actors([{"CPU": 0.5}]) == ActorPlan(1, 1, 0.5, 0.0, 1)  # a fraction of a CPU: one actor
+    # --num-actors alone: the largest equal share that places them all
+    assert plan_actors(two, num_actors=1) == ActorPlan(1, 1, 2.0, 0.0, 2)
+    assert plan_actors(two, num_actors=3).cpus == 0.6666  # rounded down to Ray's 1e-4: all three fit
+    assert plan_actors([{"CPU": 3}, {"CPU": 2}], num_actors=2) == ActorPlan(2, 2, 2.0, 0.0, 2)
+    assert plan_actors([{"CPU": 3}], num_actors=2).cpus == 1.5
+    # --cpus-per-actor alone: as many as the nodes hold
+    assert plan_actors([{"CPU": 16}, {"CPU": 8}], cpus_per_actor=4) == ActorPlan(6, 6, 4.0, 0.0, 4)
+    with pytest.raises(UsageError, match="no node of the Ray cluster has 4 CPUs"):
+        plan_actors(two, cpus_per_actor=4)
+    # both, more than fit now: start with those that fit, grow as nodes join
+    assert plan_actors(two, num_actors=4, cpus_per_actor=1) == ActorPlan(4, 2, 1.0, 0.0, 1)
+    # others' work holds part of the cluster: start with what is free now (at least one), grow later
+    assert plan_actors([{"CPU": 4}], cpus_per_actor=1, available=[{"CPU": 1.5}]) == ActorPlan(4, 1, 1.0, 0.0, 1)
+    assert plan_actors([{"CPU": 4}], available=[{"CPU": 0}]).min_actors == 1
+    # GPUs: one actor per GPU share, an equal share of that node's CPUs
+    gpu = [{"CPU": 8, "GPU": 2}, {"CPU": 4}]
+    assert plan_actors(gpu, gpus_per_actor=1) == ActorPlan(2, 2, 4.0, 1.0, 4)
+    assert plan_actors(gpu, gpus_per_actor=0.5).num_actors == 4
+    with pytest.raises(UsageError, match="GPU"):
+        plan_actors(two, gpus_per_actor=1)
+    with pytest.raises(UsageError, match="no CPUs"):
+        plan_actors([{"CPU": 0}])
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_tsv_batch_starts_match_the_reader(tmp_path, header):
+    """The driver's one-pass split plan: a reader that seeks to each start reads exactly the rows a reader
+    from the top reads there (a BOM, CRLF, empty lines, a missing last newline, a bad row)."""
+    from mlm_scorer.ray_data import tsv_batch_starts
+    from mlm_scorer.reader import TsvReader
+
+    lines = ["id\ttext"] if header else []
+    lines += [f"r{i}\tsentence number {i}" for i in range(23)]
+    lines[3] = "r2\t"
+    lines[5] = "r4\ttoo\tmany"
+    raw = ("\ufeff" + "\r\n".join(lines[:9]) + "\n" + "\n".join(lines[9:])).encode()  # no final newline
+    path = tmp_path / "in.tsv"
+    path.write_bytes(raw)
+    kw = dict(text_column=1 if not header else None, id_column=0 if not header else None, header=header)
+    with TsvReader(path, **kw) as r:
+        expect = [(row.index, row.line, row.text, row.id, row.error is None) for row in r]
+    for block in (7, 1 << 20):  # small blocks: batch starts fall on every block edge case
+        starts, rows = tsv_batch_starts(str(path), header=header, batch_rows=4, block=block)
+        assert rows == len(expect) == 23 and len(starts) == 6
+        got = []
+        for b, off in enumerate(starts):
+            with TsvReader(path, **kw) as r:
+                r.seek(off, line=4 * b + (2 if header else 1), index=4 * b)
+                got += [(row.index, row.line, row.text, row.id, row.error is None)
+                        for _, row in zip(range(min(4, rows - 4 * b)), r)]
+        assert got == expect
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("id\ttext\n")
+    assert tsv_batch_starts(str(empty), header=True, batch_rows=4) == ([], 0)
+
+
+def _peak_rss_of_this_process_since_reset() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+class _ObjectStoreSampler:
+    """Peak bytes in Ray's object store (every node), sampled every 50 ms while a run goes on."""
+
+    def __init__(self):
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._reply = get_memory_info_reply
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            used = self._reply(self._state).store_stats.object_store_bytes_used
+            self.peak = max(self.peak, used)
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
+def test_ray_memory_is_flat_at_10x_rows(local_ray, fake_export, tmp_path):
+    """Streaming: peak RSS of the driver and of the actors, and the object store's peak, are the same
+    (within 10 %) for 10x the rows: nothing holds the dataset or its results."""
+    from mlm_scorer.ray_data import score_dataset
+
+    sents = [l.split("\t")[1] for l in (ROOT / "data" / "sample.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+
+    def run(n: int, name: str) -> dict:
+        tsv = write_tsv(tmp_path / f"{name}.tsv", [[f"r{i}", sents[i % len(sents)]] for i in range(n)])
+        Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS (VmHWM)
+        with _ObjectStoreSampler() as store:
+            s = score_dataset([str(tsv)], tmp_path / name, model=str(fake_export), engine="fake", id_column="id",
+                              batch_rows=256)
+        assert s["rows"] == n and s["actors"] >= 1
+        return {"driver": _peak_rss_of_this_process_since_reset(), "actor": s["max_actor_rss_bytes"],
+                "store": store.peak, "words": s["words"]}
+
+    run(600, "warmup")  # first-use imports in this process
+    m1, m10 = run(3_000, "x1"), run(30_000, "x10")  # the 30 sample sentences over and over
+    print(f"peak memory 1x vs 10x rows: {m1} vs {m10}")
+    assert m10["words"] == 10 * m1["words"] > 0
+    for k in ("driver", "actor"):
+        assert abs(m10[k] - m1[k]) <= 0.10 * m1[k], (k, m1[k], m10[k])
+    # the object store holds the split descriptions and count rows only, far below one batch of text
+    # (small objects live in the driver's memory, not the store): flat within 10 % or 1 MiB
+    assert m10["store"] <= max(1.10 * m1["store"], m1["store"] + (1 << 20)), (m1["store"], m10["store"])

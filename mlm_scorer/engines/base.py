@@ -155,6 +155,54 @@ class Engine(abc.ABC):
 
 _POOL_LOCK = threading.Lock()
 
+
+class LazyEngine(Engine):
+    """An engine opened on first use: ``factory()`` runs when a batch must be scored (or a property below
+    is read). A run whose every sentence comes from the score cache, or an empty input, never imports
+    the engine's runtime (TensorFlow, onnxruntime, torch)."""
+
+    def __init__(self, name: str, factory: Callable[[], Engine]):
+        self.name = name
+        self._factory = factory
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        self.open_seconds = 0.0  # how long ``factory()`` took (imports, model load, warm-up)
+
+    @property
+    def opened(self) -> bool:
+        return self._engine is not None
+
+    def open(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                import time
+
+                t0 = time.perf_counter()
+                self._engine = self._factory()
+                self.open_seconds = time.perf_counter() - t0
+            return self._engine
+
+    # what the scorer asks of an engine; reading them opens it
+    max_batch_size = property(lambda self: self.open().max_batch_size)  # type: ignore[assignment]
+    preferred_batch_tokens = property(lambda self: self.open().preferred_batch_tokens)  # type: ignore[assignment]
+    streams = property(lambda self: self.open().streams)  # type: ignore[assignment]
+
+    def score_batch(self, batch: Batch) -> BatchResult:
+        return self.open().score_batch(batch)
+
+    def run(self, batch: Batch) -> BatchResult:
+        return self.open().run(batch)
+
+    def map(self, batches: Iterable[Batch]) -> Iterator[BatchResult]:
+        return self.open().map(batches)
+
+    def close(self) -> None:
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+
 #: max |Δ log-prob| between an fp32 engine's answer to the export's identity probe and the numbers the
 #: exporter recorded (engines agree to ~1e-5; the TF Serving clients hold the served model to the same).
 IDENTITY_TOLERANCE = 1e-3
@@ -202,7 +250,11 @@ MAX_AUTO_STREAMS = 4
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    """CPUs this process may run on: ``$MLM_SCORER_CPUS`` where set (a Ray actor sets its share of a node
+    there), else the affinity mask, which containers and ``taskset`` narrow."""
+    env = os.environ.get("MLM_SCORER_CPUS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

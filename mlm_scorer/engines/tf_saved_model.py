@@ -18,8 +18,6 @@ after that keeps the pools it finds (``threading`` records what is in effect) an
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import EngineError, UsageError
@@ -36,8 +34,9 @@ class SavedModelEngine(Engine):
             raise UsageError(f"engine 'saved_model' does not take option(s): {', '.join(sorted(options))}; "
                              f"it takes streams, intra_op_threads, inter_op_threads")
         self.streams, per_stream = plan_streams(streams, intra_op_threads, engine=self.name)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
+        from ..logs import import_tensorflow
+
+        tf = import_tensorflow()  # without its C++ start-up lines on stderr (unless -v)
 
         intra = per_stream if self.streams == 1 or per_stream == 1 else per_stream * self.streams
         inter = int(inter_op_threads) if inter_op_threads else self.streams

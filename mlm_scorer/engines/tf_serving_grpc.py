@@ -18,12 +18,13 @@ package (not its runtime use) — install ``tensorflow-cpu`` alongside (see the 
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from ..logs import import_tensorflow
+
+import_tensorflow()  # the stubs import TensorFlow's protos: import it without its C++ start-up lines (unless -v)
 
 import grpc  # noqa: E402
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402

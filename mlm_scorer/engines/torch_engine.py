@@ -130,16 +130,38 @@ def _build_net(cfg, weights: dict[str, np.ndarray]):
             self.transform_norm = nn.LayerNorm(E, eps=eps)
             self.output_bias = nn.Parameter(torch.zeros(V))
 
-    net = _MaskedLM().eval()
+    with _no_init_weights():  # every weight is loaded below: skip the random init (~1 s on bert-base)
+        net = _MaskedLM().eval()
     state = {}
     for g, arr in weights.items():
         name, transpose = _torch_name(g)
-        state[name] = torch.from_numpy(np.array(arr.T if transpose else arr, np.float32))  # a writable copy
+        # torch wants writable arrays: a kernel is copied transposed anyway, the rest only where read-only
+        state[name] = torch.from_numpy(np.ascontiguousarray(np.asarray(arr, np.float32).T) if transpose
+                                       else _writable(arr))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(f"the export's weights do not fit its config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
     return net
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialization (torch's init functions included; its module
+    path depends on the version), else a no-op."""
+    import contextlib
+
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return getattr(__import__(where, fromlist=["no_init_weights"]), "no_init_weights")()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32, copied only where needed (torch.from_numpy wants a writable array)."""
+    a = np.asarray(a, np.float32)
+    return a if a.flags.writeable else a.copy()
 
 
 def load_export_weights(model: ModelDir) -> tuple[dict[str, np.ndarray], str]:
@@ -158,7 +180,9 @@ def load_export_weights(model: ModelDir) -> tuple[dict[str, np.ndarray], str]:
             if _complete(model, w):  # else (an ONNX file written differently) read the SavedModel
                 return {k: np.asarray(v, np.float32) for k, v in w.items()}, str(onnx_path)
     try:
-        import tensorflow as tf
+        from ..logs import import_tensorflow
+
+        tf = import_tensorflow()
     except ImportError:
         raise MissingDependencyError(
             f"engine 'torch' reads the weights from {onnx_path} (with the onnx package) or from the SavedModel "

@@ -1,0 +1,76 @@
+"""Quiet by default and start-up only for what must be scored: a plain run's stderr holds no TensorFlow
+line (mlm-score and mlm-export; -v shows them), and a run the score cache answers whole, or an empty
+input, never imports TensorFlow or another engine runtime."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import read_outputs, write_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample.tsv"
+RUNTIMES = ("tensorflow", "onnxruntime", "torch", "transformers")
+TF_MARKS = ("port.cc", "absl::InitializeLog", "cpu_feature_guard", "oneDNN")  # what TensorFlow 2.21 prints
+
+
+def _env() -> dict:
+    """This environment without TF_CPP_MIN_LOG_LEVEL (conftest sets it; a user's plain shell has none)."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def _run(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env or _env(), timeout=300)
+
+
+def test_plain_run_has_no_tensorflow_lines_on_stderr(tiny_export, tiny_hf, tmp_path):
+    p = _run("-m", "mlm_scorer", str(SAMPLE), "-o", str(tmp_path / "a.parquet"), "--model", str(tiny_export))
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    # only our own lines (off a terminal: the final progress line and the summary)
+    assert [line.split(":")[0].split(" ")[0] for line in lines] == ["progress", "scored"], p.stderr
+    # -v shows TensorFlow's own lines (so the filter above is what hid them)
+    v = _run("-m", "mlm_scorer", str(SAMPLE), "-o", str(tmp_path / "b.parquet"), "--model", str(tiny_export), "-v")
+    assert v.returncode == 0 and "oneDNN custom operations" in v.stderr, v.stderr
+    # mlm-export: only its own notes (casing evidence, verification); the path on stdout
+    e = _run("-m", "mlm_export.cli", str(tiny_hf), str(tmp_path / "export"))
+    assert e.returncode == 0, e.stderr
+    assert e.stdout.strip() == str(tmp_path / "export" / "1")
+    assert "verified " in e.stderr and not any(m in e.stderr for m in TF_MARKS), e.stderr
+    # a user who sets TF_CPP_MIN_LOG_LEVEL decides what TensorFlow shows: nothing is filtered
+    u = _run("-m", "mlm_scorer", str(SAMPLE), "-o", str(tmp_path / "c.parquet"), "--model", str(tiny_export), "-q",
+             env={**_env(), "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert u.returncode == 0 and "port.cc" in u.stderr
+
+
+_PROBE = """
+import json, sys
+from mlm_scorer import score_file
+s = score_file(sys.argv[1], sys.argv[2], model=sys.argv[3], id_column=sys.argv[4] or None,
+               score_cache=sys.argv[5] or None)
+print(json.dumps({"loaded": sorted({m.split(".")[0] for m in sys.modules} & set(%r)), "rows": s.rows,
+                  "hits": s.cache_hits, "copies": s.copies, "load_seconds": s.load_seconds}))
+""" % (RUNTIMES,)
+
+
+def _probe(*args: str) -> dict:
+    p = _run("-c", _PROBE, *args)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_a_full_cache_hit_or_an_empty_input_imports_no_engine(tiny_export, tmp_path):
+    cache = tmp_path / "cache"
+    first = _probe(str(SAMPLE), str(tmp_path / "a.parquet"), str(tiny_export), "id", str(cache))
+    assert first["loaded"] == ["tensorflow"] and first["copies"] > 0  # the SavedModel engine ran
+    again = _probe(str(SAMPLE), str(tmp_path / "b.parquet"), str(tiny_export), "id", str(cache))
+    assert again["loaded"] == [] and again["copies"] == 0 and again["hits"] == 29  # 30 rows, one duplicate
+    assert read_outputs(tmp_path / "b.parquet") == read_outputs(tmp_path / "a.parquet")
+    empty = write_tsv(tmp_path / "empty.tsv", [])
+    none = _probe(str(empty), str(tmp_path / "c.parquet"), str(tiny_export), "id", "")
+    assert none["loaded"] == [] and none["rows"] == 0
+    assert read_outputs(tmp_path / "c.parquet") == ([], [])
