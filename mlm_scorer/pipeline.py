@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .batching import BatchPolicy
-from .engines.base import LazyEngine, engine_names, get_engine
+from .engines.base import LazyEngine, engine_names, get_engine, numerics
 from .errors import InputError, Interrupted, MlmScorerError, StorageError, UnknownEngineError, UsageError
 from .models import DEFAULT_MODEL, resolve_model
 from .progress import Progress
@@ -186,12 +186,13 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and
     # on_bad_row may: they do not change the rows already committed).
     settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
+                "numerics": scorer.numerics,
                 "columns": lay.names, "text_column": lay.text, "id_column": lay.id, "header": reader.header,
                 "flag_rules": [str(r) for r in flag_rules], "limit": limit}
     writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
                           flag=bool(flag_rules), metadata={
                               "model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
-                              "engine": scorer.engine.name, "input": input_path,
+                              "engine": scorer.engine.name, "numerics": scorer.numerics, "input": input_path,
                               "flag_rules": [str(r) for r in flag_rules],
                               **({"baseline": baseline} if baseline else {})},
                           identity=reader.identity(), settings=settings, resume=resume)
@@ -334,7 +335,8 @@ def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int 
     md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
                        precision=(engine_options or {}).get("precision"), top_k=top_k)
     opts = dict(engine_options or {})
-    eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts))
+    eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts),
+                     numerics=numerics(engine, opts))
     try:
         return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
                       policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size))

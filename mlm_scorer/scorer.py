@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .batching import BatchPolicy, build, copy_lengths, padding_efficiency, plan
-from .engines.base import Batch, Engine
+from .engines.base import Batch, Engine, numerics
 from .expand import PRED_A, PRED_B, SENT, WordTooLong, masked_spans, windows
 from .model_dir import ModelDir
 from .segment import Sentence, WordTokenizer
@@ -148,6 +148,9 @@ class Scorer:
         self.top_k = top_k
         self._policy_arg = policy
         self._policy: BatchPolicy | None = None
+        #: the arithmetic of the scores (engines.base.numerics): "fp32", or e.g. "onnx-int8"
+        self.numerics = getattr(engine, "numerics", None) or numerics(engine.name, {
+            "precision": getattr(engine, "precision", None)})
         self.tokenizer = WordTokenizer(model)
         self.max_seq_length = model.max_seq_length
         self.stats = Stats()
@@ -162,10 +165,12 @@ class Scorer:
         if store_dir is not None:
             from .cache import ScoreCache
 
-            # The family leads the key (BERT exports keep the key they always had, so existing caches stay valid).
+            # The family leads the key and reduced precision ends it (BERT exports scored in fp32 keep the key
+            # they always had, so existing caches stay valid): int8 or bf16 scores never answer an fp32 run.
             family = "" if model.family == "bert" else f"{model.family}|"
-            self.store = ScoreCache(store_dir,
-                                    namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|{top_k}")
+            reduced = "" if self.numerics == "fp32" else f"|{self.numerics}"
+            self.store = ScoreCache(store_dir, namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|"
+                                                         f"{top_k}{reduced}")
 
     @property
     def policy(self) -> BatchPolicy:

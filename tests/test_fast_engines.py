@@ -602,3 +602,42 @@ def test_score_file_same_parquet_as_saved_model(engine, opts, mode, fast_export,
 
 
 _SM_OUTPUTS: dict = {}
+
+
+def test_reduced_precision_scores_never_mix_with_fp32(model, tmp_path):
+    """The score cache and --resume key on the numerics: an int8 run is never answered from fp32 scores
+    (nor the reverse), fp32 engines share their entries, and a run cannot resume in another precision."""
+    import pyarrow.parquet as pq
+
+    from mlm_scorer import UsageError, score_file
+    from mlm_scorer.writer import sentences_path
+
+    texts = ["the cat sat on the mat", "a dog ran in the house", "people read good books", "x y z"]
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\n" + "".join(t + "\n" for t in texts), encoding="utf-8")
+    cache = tmp_path / "cache"
+
+    def run(name, engine, **opts):
+        out = tmp_path / f"{name}.parquet"
+        s = score_file(tsv, out, model=model.path, engine=engine, engine_options=opts, score_cache=cache)
+        return s, [r["pll"] for r in pq.read_table(sentences_path(out)).to_pylist()], out
+
+    fp32, fp32_pll, _ = run("fp32", "onnx")
+    assert fp32.cache_hits == 0 and fp32.copies > 0
+    int8, int8_pll, out = run("int8", "onnx", precision="int8")
+    assert int8.cache_hits == 0 and int8.copies == fp32.copies  # scored afresh, not read from fp32's entries
+    assert int8_pll != fp32_pll  # dynamic quantization moves the scores: mixing them would be visible
+    assert json.loads(pq.read_schema(out).metadata[b"mlm_scorer"])["numerics"] == "onnx-int8"
+    again, again_pll, _ = run("again", "saved_model")  # another fp32 engine: answered by the fp32 entries
+    assert again.copies == 0 and again.cache_hits == len(texts) and again_pll == fp32_pll
+    int8_again, int8_again_pll, _ = run("int8b", "onnx", precision="int8")
+    assert int8_again.copies == 0 and int8_again_pll == int8_pll
+
+    # --resume in another precision is refused, naming what changed
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\n" + "".join(t + "\n" for t in texts * 3) + "\n" + "more words here\n", encoding="utf-8")
+    with pytest.raises(Exception):  # the empty line is a bad row under fail: two chunks are committed
+        score_file(bad, tmp_path / "r.parquet", model=model.path, engine="onnx", chunk_rows=5)
+    with pytest.raises(UsageError, match=r"setting numerics changed \('fp32' -> 'onnx-int8'\)"):
+        score_file(bad, tmp_path / "r.parquet", model=model.path, engine="onnx",
+                   engine_options={"precision": "int8"}, chunk_rows=5, resume=True)

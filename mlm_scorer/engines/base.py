@@ -156,13 +156,25 @@ class Engine(abc.ABC):
 _POOL_LOCK = threading.Lock()
 
 
+def numerics(engine: str, options: dict | None = None) -> str:
+    """The arithmetic an engine's numbers come from, as it is asked for before it opens: "fp32" for every
+    fp32 engine (they agree within 1e-4, so their scores may be mixed), else the engine and its precision
+    ("onnx-int8", "torch-bf16"; a TensorRT plan's precision is its own). Scores of different numerics are
+    not mixed: the score cache and ``--resume`` key on it."""
+    precision = (options or {}).get("precision")
+    if engine == "tensorrt" and precision in (None, "fp16"):
+        return f"tensorrt-{precision or 'plan'}"
+    return "fp32" if precision in (None, "fp32") else f"{engine}-{precision}"
+
+
 class LazyEngine(Engine):
     """An engine opened on first use: ``factory()`` runs when a batch must be scored (or a property below
     is read). A run whose every sentence comes from the score cache, or an empty input, never imports
     the engine's runtime (TensorFlow, onnxruntime, torch)."""
 
-    def __init__(self, name: str, factory: Callable[[], Engine]):
+    def __init__(self, name: str, factory: Callable[[], Engine], numerics: str = "fp32"):
         self.name = name
+        self.numerics = numerics  # see ``numerics()``: known without opening the engine
         self._factory = factory
         self._engine: Engine | None = None
         self._lock = threading.Lock()
