@@ -109,3 +109,23 @@ class Progress:
         elif self.mode == "log" and done and self._logged != self.rows:
             log.info(self.line())
         self.mode = "off"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (or since /proc/self/clear_refs was reset).
+
+    Linux's VmHWM belongs to the process's own memory map, so it starts afresh at exec. ``ru_maxrss`` does
+    not: it keeps the high-water mark of the image that exec replaced, and a child spawned by a 2 GiB
+    parent (pytest, a Ray raylet) reports 2 GiB before it allocates anything. ``ru_maxrss`` only where
+    /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

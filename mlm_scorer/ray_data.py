@@ -62,6 +62,7 @@ import pyarrow as pa
 from .errors import InputError, MlmScorerError, UsageError
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
+from .progress import peak_rss_bytes
 from .quality import FlagRule
 from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
 from .writer import sentence_schema, word_schema
@@ -345,8 +346,6 @@ class _ScoreActor:
                 yield self._score(spec, rows)
 
     def _score(self, spec: dict, rows: list[Row]) -> pa.Table:
-        import resource
-
         from .pipeline import build_columns
 
         sc, path = self.scorer, spec["path"]
@@ -365,7 +364,7 @@ class _ScoreActor:
             "file": spec["file"], "row": rows[0].index, "rows": len(rows), "scored": st["scored"],
             "words": st["words"], "copies": prepared.n_copies, "flagged": st["flagged"], "pll_sum": st["pll_sum"],
             "skipped_rows": json.dumps(skipped), "actor": self.actor_id, "node": self.node_id,
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}], schema=_STATS)
+            "max_rss": peak_rss_bytes()}], schema=_STATS)
 
 
 def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, pa.Schema]:

@@ -92,3 +92,17 @@ def test_rows_just_below_the_limit_keep_memory_bounded(tmp_path, fake_export):
     base = run(["one short sentence"])
     long = run([f"{row[:-6]} {i:05d}" for i in range(8)])
     assert long - base < 400, f"peak RSS {base:.0f} MiB for one sentence, {long:.0f} MiB for 8 rows of 90,000 chars"
+
+
+def test_peak_rss_is_the_childs_own_not_its_parents():
+    """The memory tests spawn the probe from pytest, which holds GiBs late in a run: a child's peak RSS must
+    not inherit the parent's high-water mark (``ru_maxrss`` does across exec; it reported 2.5 GiB for a
+    run that used 140 MiB)."""
+    ballast = bytearray(768 * 2**20)
+    ballast[::4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page
+    r = subprocess.run([sys.executable, "-c", "from mlm_scorer.progress import peak_rss_bytes as p; print(p())"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    child = int(r.stdout)
+    del ballast
+    assert child < 256 * 2**20, f"child's peak RSS {child / 2**20:.0f} MiB: the parent's 768 MiB leaked in"
