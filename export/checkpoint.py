@@ -375,6 +375,16 @@ def _unwrap_names(raw: dict[str, np.ndarray], path: Path) -> dict[str, str]:
     return out
 
 
+def finish_rename(out: dict[str, np.ndarray], unused: list[str], what: str) -> None:
+    """The end of every renaming to google names: refuse the encoder-looking tensors left unmapped (``what``
+    starts the message), then turn torch Linear weights [out, in] into TF kernels [in, out], in place."""
+    if unused:
+        raise CheckpointError(f"{what}: {unused[:8]}{' …' if len(unused) > 8 else ''}")
+    for k in list(out):
+        if k.endswith("/kernel"):
+            out[k] = np.ascontiguousarray(out[k].T)
+
+
 def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
     """HF tensors -> (weights by google-research/bert name, names of the tensors ignored, and for each weight
     its name in the file)."""
@@ -406,12 +416,7 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.nda
             continue
         else:
             (unused if _HF_ENCODER.fullmatch(k) else ignored).append(origin[k])
-    if unused:
-        raise CheckpointError(f"{path}: encoder or MLM-head weights that cannot be mapped to BERT: {unused[:8]}"
-                              f"{' …' if len(unused) > 8 else ''}")
-    for k in list(out):
-        if k.endswith("/kernel"):
-            out[k] = np.ascontiguousarray(out[k].T)  # torch Linear is [out, in]; TF kernels are [in, out]
+    finish_rename(out, unused, f"{path}: encoder or MLM-head weights that cannot be mapped to BERT")
     bias = out.get("cls/predictions/output_bias")
     if bias is None and decoder_b is not None:
         out["cls/predictions/output_bias"] = decoder_b

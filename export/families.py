@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from .casing import SAMPLE_TEXTS, Casing, Evidence
-from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json
+from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json, finish_rename
 from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
@@ -257,12 +257,7 @@ def rename(family: Family, cfg: BertConfig, raw: dict[str, np.ndarray], path: Pa
             continue
         else:
             (unused if family.encoder.fullmatch(name) else ignored).append(key)
-    if unused:
-        raise CheckpointError(f"{path}: {family.name} encoder or MLM-head tensors that cannot be mapped: {unused[:8]}"
-                              f"{' …' if len(unused) > 8 else ''}")
-    for k in list(out):
-        if k.endswith("/kernel"):
-            out[k] = np.ascontiguousarray(out[k].T)  # torch Linear is [out, in]; TF kernels are [in, out]
+    finish_rename(out, unused, f"{path}: {family.name} encoder or MLM-head tensors that cannot be mapped")
     word = out.get("bert/embeddings/word_embeddings")
     decoder = raw.get(family.decoder)
     if decoder is not None and word is not None and not np.array_equal(decoder, word):

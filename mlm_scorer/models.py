@@ -177,6 +177,9 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
             if not is_export_dir(target):
                 k = max(DEFAULT_TOP_K, top_k)
                 checkpoint()
+                from .logs import import_tensorflow
+
+                import_tensorflow()  # the exporter's TensorFlow, without its C++ start-up lines on stderr
                 log(f"exporting {model} to {target} (once; later runs reuse it)")
                 export_checkpoint(checkpoint(), target, version=1, top_k=k, overwrite=True, log=log)
             md = ModelDir.open(target)

@@ -41,6 +41,11 @@ def test_plain_run_has_no_tensorflow_lines_on_stderr(tiny_export, tiny_hf, tmp_p
     assert e.returncode == 0, e.stderr
     assert e.stdout.strip() == str(tmp_path / "export" / "1")
     assert "verified " in e.stderr and not any(m in e.stderr for m in TF_MARKS), e.stderr
+    # mlm-score --model CHECKPOINT exports it into the cache first: the same notes, still no TensorFlow line
+    i = _run("-m", "mlm_scorer", str(SAMPLE), "-o", str(tmp_path / "i.parquet"), "--model", str(tiny_hf),
+             "--cache-dir", str(tmp_path / "cache"))
+    assert i.returncode == 0, i.stderr
+    assert "exporting " in i.stderr and "verified " in i.stderr and not any(m in i.stderr for m in TF_MARKS), i.stderr
     # a user who sets TF_CPP_MIN_LOG_LEVEL decides what TensorFlow shows: nothing is filtered
     u = _run("-m", "mlm_scorer", str(SAMPLE), "-o", str(tmp_path / "c.parquet"), "--model", str(tiny_export), "-q",
              env={**_env(), "TF_CPP_MIN_LOG_LEVEL": "0"})
