@@ -46,10 +46,6 @@ SHELL_TAGS = ("bash", "shell", "console", "zsh")
 OPERATORS = {"&&", "||", ";", "|", "&"}
 REDIRECT = re.compile(r"(?<!\S)\d*(?:>>?|<)(?:&\d+|\s*[^\s;&|]+)")
 
-#: Pages linked from the documents that are written alongside this test's pages and land separately.
-#: Remove a name once its page is in docs/; a link to a page neither here nor on disk fails.
-PENDING_PAGES: set[str] = set()
-
 
 # ------------------------------------------------------------------------------------ reading the docs
 
@@ -428,13 +424,21 @@ def test_relative_links_resolve():
                 continue
             file, _, anchor = target.partition("#")
             path = (doc.parent / file).resolve() if file else doc
-            if os.path.relpath(path, ROOT) in PENDING_PAGES and not path.exists():
-                continue
             if not path.exists():
                 broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
             elif anchor and path.suffix == ".md" and anchor not in anchors(path):
                 broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, f"links to nothing: {broken}"
+
+
+def test_every_page_is_in_the_indexes():
+    """docs/README.md and the README's documentation list link every page of docs/."""
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"README.md"}
+    for index, prefix in ((ROOT / "docs" / "README.md", ""), (ROOT / "README.md", "docs/")):
+        text = index.read_text(encoding="utf-8")
+        linked = set(re.findall(r"\]\(" + re.escape(prefix) + r"([\w.-]+\.md)(?:#[^)]*)?\)", text))
+        missing = sorted(pages - linked)
+        assert not missing, f"{index.relative_to(ROOT)} does not link {missing}"
 
 
 if __name__ == "__main__":  # the child process of the sample_runs fixture
