@@ -151,10 +151,6 @@ def _frame(tables: list, schema, df, lay: Layout, names: list[str]):
     out = (pa.concat_tables(tables) if tables else schema.empty_table()).to_pandas()
     pos = out["row"].to_numpy()
     extra = ([("id", lay.id)] if lay.id is not None else []) + [(names[j], j) for j in lay.passthrough]
-    clash = sorted(name for name, _ in extra if name in out.columns)
-    if clash:
-        raise UsageError(f"column(s) {clash} of the DataFrame would collide with output columns of the same "
-                         f"name: rename them first")
     for k, (name, j) in enumerate(extra):
         out.insert(2 + k, name, df.iloc[pos, j].reset_index(drop=True))
     return out

@@ -64,7 +64,8 @@ from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .progress import peak_rss_bytes
 from .quality import FlagRule
-from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows
+from .reader import (MAX_ROW_CHARS, OUTPUT_COLUMNS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows,
+                     refuse_output_names)
 from .writer import sentence_schema, word_schema
 
 __all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER"]
@@ -182,6 +183,8 @@ def _layout(path: str, text_column, id_column, header: bool) -> Layout:
 
 
 def _check_layouts(inputs: list[str], layouts: list[Layout]) -> Layout:
+    for path, lay in zip(inputs, layouts):  # Ray's outputs add a column "file"
+        refuse_output_names(lay, path, reserved=OUTPUT_COLUMNS | {"file"})
     first = layouts[0]
     for path, lay in zip(inputs[1:], layouts[1:]):
         if (lay.id_name, lay.passthrough_names, lay.text is None) != (first.id_name, first.passthrough_names,

@@ -74,10 +74,35 @@ def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) 
     raise UsageError(f"{what} {s!r} is not a column of the header {names}; give a name or a 0-based index")
 
 
-def layout_for(names: list[str], text_column: str | int | None, id_column: str | int | None, path: str) -> Layout:
+# The columns mlm-score writes (words and sentences, with or without --top-k and flags). A pass-through
+# column of the same name would make two columns of one name: refused when the layout is read.
+OUTPUT_COLUMNS = frozenset((
+    "row", "line", "word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k",
+    "text", "n_words", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob", "min_word_index", "flag",
+    "flag_reason", "status", "error"))
+
+
+def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, header_line: str | None = None) -> None:
+    """Refuse a pass-through column named like an output column (``id`` too, when ``--id-column`` names
+    another column), before anything is scored. ``header_line``: the TSV header, to point at the column."""
+    taken = set(reserved) | ({"id"} if lay.id is not None else set())
+    for j in lay.passthrough:
+        if lay.names[j] in taken:
+            line = column = None
+            if header_line is not None:
+                line, column = 1, sum(len(n) + 1 for n in lay.names[:j]) + 1
+            raise InputError(f"the input column {lay.names[j]!r} has the name of a column mlm-score writes, and "
+                             f"every column other than the text and the id is passed through to the outputs: "
+                             f"rename or drop it", path=path, line=line, column=column,
+                             reason="column_name_taken")
+
+
+def layout_for(names: list[str], text_column: str | int | None, id_column: str | int | None, path: str,
+               *, header_line: str | None = None) -> Layout:
     """Resolve the text and id columns against named columns (a header, a Parquet schema).
 
-    The text column defaults to ``text``, or to the only column; every other column passes through.
+    The text column defaults to ``text``, or to the only column; every other column passes through (a
+    pass-through column named like an output column is refused).
     """
     if text_column is None:
         if "text" in names:
@@ -91,7 +116,9 @@ def layout_for(names: list[str], text_column: str | int | None, id_column: str |
     i = _resolve(id_column, names, "--id-column", True)
     if t == i:
         raise UsageError("--text-column and --id-column name the same column")
-    return Layout(names=names, text=t, id=i, passthrough=[j for j in range(len(names)) if j not in (t, i)])
+    lay = Layout(names=names, text=t, id=i, passthrough=[j for j in range(len(names)) if j not in (t, i)])
+    refuse_output_names(lay, path, header_line=header_line)
+    return lay
 
 
 def _open(path: str | os.PathLike) -> BinaryIO:
@@ -144,11 +171,12 @@ class TsvReader:
                 raise InputError(f"the header line is longer than {self.max_row_chars} characters: is this a "
                                  f"TSV file? (raise the limit with --max-row-chars N)", path=self.path, line=1,
                                  reason="row_too_long")
-            names = _decode(raw, self.path, self._line).split("\t")
+            header_line = _decode(raw, self.path, self._line)
+            names = header_line.split("\t")
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise InputError(f"duplicate column name(s) in the header: {dup}", path=self.path, line=1)
-            self.layout = layout_for(names, text_column, id_column, self.path)
+            self.layout = layout_for(names, text_column, id_column, self.path, header_line=header_line)
         else:
             self._peek = self._next_raw()
             n = 1 if self._peek is None else _decode_or_count(self._peek)

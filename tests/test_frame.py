@@ -92,6 +92,9 @@ def test_score_frame_keeps_the_frames_index_and_dtypes(fake_export_session):
         score_frame(df, text_column="sentence", resume=True, **kw)
     with pytest.raises(UsageError, match=r"not a column of the header \['sentence'"):
         score_frame(df, text_column="txt", **kw)
+    # a column named like an output column: refused before any scoring (it used to fail after)
+    with pytest.raises(InputError, match=r"^DataFrame: the input column 'pll' has the name of a column"):
+        score_frame(df.assign(pll=1.0), text_column="sentence", **kw)
     # an empty frame: the columns, no rows, and no engine opened (this export has no SavedModel to open)
     w0, s0 = score_frame(df.iloc[:0], text_column="sentence", id_column="key", model=str(fake_export_session),
                          engine="saved_model")

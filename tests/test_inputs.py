@@ -9,6 +9,7 @@ import pytest
 from helpers import read_outputs
 
 from mlm_scorer.cli import main
+from mlm_scorer.errors import InputError
 
 
 def run(capsys, *args):
@@ -120,6 +121,35 @@ def test_passthrough_columns_and_column_by_index(files, tmp_path, fake_export, c
     w, s = read_outputs(out)
     assert [(x["id"], x["src"]) for x in s] == [("k1", "web"), ("k2", "book")]
     assert {x["src"] for x in w if x["id"] == "k2"} == {"book"}
+
+
+@pytest.mark.parametrize("header, args, column, col", [
+    (b"id\ttext\tpll", ["--id-column", "id"], "pll", 9),       # a sentence column
+    (b"word\ttext", [], "word", 1),                           # a word column
+    (b"key\tsentence\ttext", ["--id-column", "key", "--text-column", "sentence"], "text", 14),
+    (b"key\tid\ttext", ["--id-column", "key"], "id", 5),       # the id column mlm-score writes
+])
+def test_a_passthrough_column_named_like_an_output_column_is_refused_at_the_header(
+        header, args, column, col, files, tmp_path, fake_export, capsys):
+    """Every other column passes through to the outputs: one named like an output column would make two
+    columns of one name (it ended as an internal Arrow error after the whole file was scored)."""
+    tsv = files("in.tsv", header + b"\n" + b"\t".join([b"a b"] * header.count(b"\t")) + b"\tthe cat\n")
+    out = tmp_path / "o.parquet"
+    code, err = run(capsys, *fake(tsv, out, fake_export, *args, "--on-bad-row", "skip"))
+    assert code == 3, err
+    assert f"{tsv}:1:{col}: the input column {column!r} has the name of a column mlm-score writes" in err
+    assert "internal error" not in err and not out.exists() and not [p for p in os.listdir(tmp_path) if "o." in p]
+
+
+def test_an_input_column_named_file_is_passed_through_except_under_ray(files, tmp_path, fake_export, capsys):
+    tsv = files("in.tsv", b"file\ttext\na.txt\tthe cat sat\n")
+    out = tmp_path / "o.parquet"
+    assert run(capsys, *fake(tsv, out, fake_export))[0] == 0
+    assert [x["file"] for x in read_outputs(out)[1]] == ["a.txt"]
+    from mlm_scorer.ray_data import _check_layouts, _layout
+
+    with pytest.raises(InputError, match="the input column 'file' has the name of a column"):
+        _check_layouts([str(tsv)], [_layout(str(tsv), None, None, True)])
 
 
 @pytest.mark.parametrize("args, message", [
