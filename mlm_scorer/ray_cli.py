@@ -11,7 +11,7 @@ batches, so memory does not grow with the dataset. Ray's own log lines stay off 
 
 Writes out/words/ and out/sentences/ (Parquet datasets: a ``file`` column, then the single-machine
 schemas) and out/summary.json. Exit codes as ``mlm-score``: 2 bad usage, 3 bad input row, 4 model,
-5 engine, 130 interrupted.
+5 engine, 130 interrupted, 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from .cli import parse_engine_options
+    from .cli import parse_engine_options, sigterm_as_interrupt
 
     opts = parse_engine_options(args.engine_option, ap)
     for flag in ("num_actors", "batch_rows", "batch_tokens"):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_row_chars is not None and args.max_row_chars < 1:
         ap.error("--max-row-chars must be positive")
 
-    from .errors import MlmScorerError, UsageError
+    from .errors import Interrupted, MlmScorerError, UsageError
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .quality import parse_rule
@@ -94,30 +94,33 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score ray", quiet=args.quiet, verbose=args.verbose)
     init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     try:
-        from .ray_data import score_dataset
+        with sigterm_as_interrupt():  # Airflow, Kubernetes, `timeout`: stop as Ctrl-C does
+            from .ray_data import score_dataset
 
-        rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
-        if args.baseline and not any(r.relative for r in rules):
-            raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
-                             "--flag-above pseudo_perplexity=p99")
-        summary = score_dataset(
-            args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
-            engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
-            id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
-            flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
-            num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
-            max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
-            ray_init_options=init, progress=args.progress, baseline=args.baseline,
-            **({"max_row_chars": args.max_row_chars} if args.max_row_chars else {}), log=log.info)
+            rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+            if args.baseline and not any(r.relative for r in rules):
+                raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
+                                 "--flag-above pseudo_perplexity=p99")
+            summary = score_dataset(
+                args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
+                engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
+                id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
+                flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
+                num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
+                max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
+                ray_init_options=init, progress=args.progress, baseline=args.baseline,
+                **({"max_row_chars": args.max_row_chars} if args.max_row_chars else {}), log=log.info)
     except ImportError as exc:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2
     except MlmScorerError as exc:
         log.error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted; the output directory was left as it was", extra={"bare": True})
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
+        what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
+        log.error(f"{what}; the output directory was left as it was (nothing partial is published: run again)",
+                  extra={"bare": True})
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:
         log.error(str(exc))
         return 1

@@ -519,6 +519,23 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     return summary
 
 
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit(15)``: the CLI's (SIGTERM stops
+    the run as Ctrl-C does, exit 143 with a message) or an Airflow task runner's would be lost. A Python
+    handler set before is put back; the default disposition is left to Ray."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before) and signal.getsignal(signal.SIGTERM) is not before:
+            signal.signal(signal.SIGTERM, before)
+
+
 def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, batches_per_split, actor_kw: dict, num_actors,
              num_cpus_per_actor, num_gpus_per_actor, ray_address, ray_init_options, wait_for_actors_s,
              progress) -> None:
@@ -531,7 +548,8 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
             logging.getLogger("ray").setLevel(logging.ERROR)  # its notes at start-up (token file, dashboard, ...)
         opts = {"include_dashboard": False, "log_to_driver": not quiet,
                 "logging_level": logging.ERROR if quiet else logging.INFO, **(ray_init_options or {})}
-        ray.init(address=ray_address, **opts)
+        with _keep_sigterm_handler():
+            ray.init(address=ray_address, **opts)
     import ray.data
 
     deadline = time.monotonic() + 5  # the actors of a run that just ended free their CPUs within a second or two

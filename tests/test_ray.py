@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,30 @@ def test_mlm_score_ray_with_no_resource_options_finishes_quietly(tiny_export, tm
                         str(tiny_export), "--engine", "fake", "-q"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert q.returncode == 0 and q.stderr == "", q.stderr
+
+
+def test_mlm_score_ray_sigterm_exits_143_and_publishes_nothing(fake_export, tmp_path):
+    """SIGTERM (Airflow's and Kubernetes' stop) mid-run: the message and exit code of a Ctrl-C'd run
+    (143), no output directory and no temporary one left. ray.init replaces the process's SIGTERM handler
+    with sys.exit(15); without putting ours back the run ended with exit 15 and not a word."""
+    import signal
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("id\ttext\n" + "".join(f"r{i}\tthe cat sat on the mat {i}\n" for i in range(4000)))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-m", "mlm_scorer", "ray", str(tsv), "-o", str(out), "--model",
+                          str(fake_export), "--engine", "fake", "--engine-option", "delay=0.05", "--batch-rows", "64",
+                          "--id-column", "id", "--no-progress"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.tmp-*/sentences/part-*.parquet")):  # scoring has begun
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 @pytest.fixture(scope="module")
