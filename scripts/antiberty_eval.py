@@ -33,7 +33,6 @@ torch:bf16 is left out (and said so) where the CPU has no AVX512-BF16/AMX.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, Steal, ensure_export, fmt_pct, git_rev, machine  # noqa: E402
+from bench_common import REPO, Steal, emit, ensure_export, fmt_pct, git_rev, machine  # noqa: E402
 
 DATA = REPO / "tests" / "data" / "antibodies.tsv"
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -440,11 +439,7 @@ def main(argv: list[str] | None = None) -> Evaluation:
     ev = evaluate(model, configs=configs, antibodies=load_antibodies(args.data), shuffles=args.shuffles,
                   per_site=args.per_site, log=log)
     text = report(ev)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(ev), indent=1), encoding="utf-8")
+    emit(text, args.out, args.json, to_json(ev) if args.json else None)
     return ev
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import antiberty_eval  # noqa: E402
-from bench_common import REPO, Steal, fmt_pct, git_rev, machine  # noqa: E402
+from bench_common import REPO, Steal, emit, fmt_pct, git_rev, machine  # noqa: E402
 from bench_peers import PEERS_PY, load_average  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -206,13 +206,9 @@ def main() -> None:
         f"AntiBERTy's mean PLL over these sequences {agree['mean_pll_per_residue']:.3f} nats per residue.",
     ]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [{k: v for k, v in r.items() if k != "result"} for r in rows],
-                                               "agreement": agree, "machine": mach, "steal_pct": whole.pct,
-                                               "load_before": load_before, "load_after": load_after}, indent=1))
+    emit(table, args.out, args.json, {"rows": [{k: v for k, v in r.items() if k != "result"} for r in rows],
+                                      "agreement": agree, "machine": mach, "steal_pct": whole.pct,
+                                      "load_before": load_before, "load_after": load_after})
     if not ok:
         sys.exit("the scores do not agree: see the agreement line")
 

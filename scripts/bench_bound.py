@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, SHAPES, Steal, command_line, ensure_export, executed_flops_ours,  # noqa: E402
+from bench_common import (REPO, SHAPES, Steal, command_line, emit, ensure_export, executed_flops_ours,  # noqa: E402
                           fmt_pct, git_rev, machine, make_checkpoint)
 
 V = 30522
@@ -170,10 +170,7 @@ def main() -> None:
         f"{best['engine_cps'] / best['products_cps']:.0%} of its own products in that round; the highest 4096² "
         f"rate of the run was {ceil:.0f} GFLOP/s.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        Path(a.out).write_text(table + "\n", encoding="utf-8")
+    emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,16 @@ def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: boo
     return export_dir
 
 
+def emit(text: str, out: str | None = None, json_path: str | None = None, data=None) -> None:
+    """Print a benchmark's table; with ``out``, also write it there; with ``json_path``, write ``data`` as
+    JSON there (the numbers behind the table)."""
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    if json_path:
+        Path(json_path).write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, ROBERTA_BPE, SHAPES, VOCAB, Steal, blimp_sentences, command_line,  # noqa: E402
+from bench_common import (REPO, ROBERTA_BPE, SHAPES, VOCAB, Steal, blimp_sentences, command_line, emit,  # noqa: E402
                           ensure_export, executed_flops_ours, flops_per_copy, fmt_pct, git_rev, machine,
                           make_checkpoint, write_tsv)
 
@@ -332,19 +332,12 @@ def main() -> None:
                      f"{a['mean_abs_sentence']:.2e} | {a['max_rel_sentence']:.1e} | "
                      f"{a.get('max_abs_word', float('nan')):.2e} | {a['token_score_std']:.3f} | "
                      f"{'yes' if a['ok'] else '**NO**'} |")
-    table = "\n".join(lines)
-    print(table)
+    emit("\n".join(lines), args.out, args.json,
+         {"rows": rows, "agreement": agree, "ceiling_before": ceil_before, "ceiling_after": ceil_after,
+          "load_before": load_before, "steal_pct": whole.pct, "load_after": load_after, "machine": mach,
+          "shape": args.shape, "family": args.family, "sentences": len(texts), "tokens_per_copy": tokens_per_copy,
+          "minicons_versions": mv})
     log(f"total {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        Path(args.out).write_text(table + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "agreement": agree, "ceiling_before": ceil_before,
-                                               "ceiling_after": ceil_after, "load_before": load_before,
-                                               "steal_pct": whole.pct,
-                                               "load_after": load_after, "machine": mach, "shape": args.shape,
-                                               "family": args.family,
-                                               "sentences": len(texts), "tokens_per_copy": tokens_per_copy,
-                                               "minicons_versions": mv}, indent=1), encoding="utf-8")
     if args.precision:
         print(f"\n{args.precision} is reduced precision: the Δ columns above are its drift from minicons' fp32 "
               f"scores (the same weights), not a disagreement; 'agree' checks the tokenization and word split.")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import BLIMP_ZIP, REPO, git_rev, machine  # noqa: E402
+from bench_common import BLIMP_ZIP, REPO, emit, git_rev, machine  # noqa: E402
 
 MODES = ("token", "word-l2r", "whole-word")
 COLUMN = {"token": "PLL-original (one token masked)", "word-l2r": "PLL-word-l2r", "whole-word": "PLL-whole-word"}
@@ -271,11 +271,7 @@ def main(argv: list[str] | None = None) -> Evaluation:
                   paradigms=only, engine=args.engine, label=label, batch_tokens=args.batch_tokens,
                   cache_dir=args.cache_dir, log=log)
     text = report(ev)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    if args.json:
-        Path(args.json).write_text(json.dumps(to_json(ev), indent=1), encoding="utf-8")
+    emit(text, args.out, args.json, to_json(ev) if args.json else None)
     return ev
 
 
