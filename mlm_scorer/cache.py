@@ -27,7 +27,9 @@ import struct
 import tempfile
 import threading
 import urllib.parse
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -65,6 +67,19 @@ def values_ok(lp: np.ndarray, tid: np.ndarray | None, tlp: np.ndarray | None, n_
         if tid.shape != tlp.shape or tid.ndim != 2 or np.any(tid < -1) or np.any(np.isnan(tlp)) or np.any(tlp > 0):
             return False
     return True
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (taking the write lock at once, waiting up to the connection's timeout):
+    committed if the block completes, rolled back if it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _writable(directory: Path, db: Path) -> str | None:
@@ -137,8 +152,7 @@ class ScoreCache:
         """Create or upgrade the tables (writable cache); return the schema version in effect."""
         db = self._db
         if not self.read_only:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
                 row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
                 if row is not None and int(row[0]) == 1:  # entries without checksums: drop them
@@ -148,10 +162,6 @@ class ScoreCache:
                 if row is None:
                     db.execute(_CREATE)
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         return int(row[0]) if row else 0
 
@@ -234,13 +244,8 @@ class ScoreCache:
             rows.append((key, int(n_copies), *blobs, k, entry_checksum(key, int(n_copies), k, *blobs)))
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(self._db):
                     self._db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from ..errors import EngineError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import INPUT_NAMES, Batch, BatchResult, Engine, ordered_map
+from .base import (IDENTITY_TOLERANCE, INPUT_NAMES, Batch, BatchResult, Engine, ordered_map, probe_diff,
+                   read_identity_probe)
 
 log = logging.getLogger("mlm_scorer.engines.remote")
 
@@ -410,8 +411,9 @@ class RemoteEngine(Engine):
         server (TF's gather raises INVALID_ARGUMENT on CPU) or come back non-negative/non-finite (GPU
         kernels return zeros for out-of-range ids); a real log-prob for id V means a larger vocabulary.
         The top-k width is compared with the manifest's ``top_k`` too. If the manifest records an
-        ``identity_probe`` (inputs and expected log-probs), the served numbers must match it within 1e-3,
-        which identifies the weights as well. Limits: two models with equal V, equal k and no recorded
+        ``identity_probe`` (inputs and expected log-probs), the served numbers must match it within 1e-3
+        (``IDENTITY_TOLERANCE``, as ``check_identity`` holds the in-process engines), which identifies the
+        weights as well. Limits: two models with equal V, equal k and no recorded
         probe cannot be told apart this way.
         """
         V = int(self.model.manifest["vocab_size"])
@@ -443,13 +445,12 @@ class RemoteEngine(Engine):
             if np.isfinite(lp) and lp < 0:
                 raise ModelError(f"{where}: the server scores target id {V} (log-prob {lp:.4f}) but the local "
                                  f"vocabulary has only {V} tokens: the served vocabulary is larger")
-        probe = self.model.manifest.get("identity_probe")
-        if isinstance(probe, dict):
-            inputs = {n: np.asarray(probe[n], np.int32) for n in INPUT_NAMES}
-            expected = np.asarray(probe[LOG_PROBS], np.float32)
-            got = self._retry(lambda: self._predict_once(inputs, [LOG_PROBS]), "identity probe")[LOG_PROBS]
-            diff = float(np.max(np.abs(np.asarray(got, np.float32) - expected)))
-            if not diff <= 1e-3:
+        probe = read_identity_probe(self.model)
+        if probe is not None:
+            batch, expected = probe
+            got = self._retry(lambda: self._predict_once(batch.as_dict(), [LOG_PROBS]), "identity probe")[LOG_PROBS]
+            diff = probe_diff(got, expected)
+            if not diff <= IDENTITY_TOLERANCE:
                 raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the "
                                  f"export by up to {diff:.3g}: different weights are being served")
 

@@ -220,41 +220,62 @@ class LazyEngine(Engine):
 IDENTITY_TOLERANCE = 1e-3
 
 
-def check_identity(engine: Engine, model, *, weights: str, tolerance: float = IDENTITY_TOLERANCE) -> float:
-    """Verify that the weights an in-process engine loaded are those of the export's manifest.
-
-    The exporter records an ``identity_probe`` in the manifest: three fixed masked copies (int32 [3, 12]
-    inputs) and the log-probs its weights gave for them. ``engine`` runs them and must agree within
-    ``tolerance``; other weights of the same shape (a ``variables/`` or ``model.onnx`` copied from another
-    export, a damaged file) give differences of whole nats. Only then are the manifest's
-    ``model_checksum`` (in the outputs' metadata, the score-cache key and the resume key) and its
-    numbers this model's. Costs one batch of 36 tokens: at bert-base on 2 cores 75 to 117 ms, a third of
-    hashing the weight files from the page cache (BENCHMARKS.md). Returns the max |Δ|; raises ModelError.
-    ``weights`` names what was loaded, for the message.
-    """
+def read_identity_probe(model) -> tuple[Batch, np.ndarray] | None:
+    """The manifest's ``identity_probe``: its batch (three fixed masked copies, int32 [3, 12] inputs) and the
+    log-probs the exported weights gave for it (float32 [3, P]); None if the manifest records none. Raises
+    ModelError if it is malformed."""
     from ..model_dir import MANIFEST_NAME
 
     probe = model.manifest.get("identity_probe")
-    manifest = model.path / MANIFEST_NAME
     if not isinstance(probe, dict):
-        raise ModelError(f"{manifest} records no identity_probe, so the weights in {weights} cannot be verified "
-                         f"against it; re-export the model with mlm-export")
+        return None
     try:
         batch = Batch(**{n: np.asarray(probe[n], np.int32) for n in INPUT_NAMES})
         expected = np.asarray(probe["masked_lm_log_probs"], np.float32)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{manifest}: identity_probe is malformed ({exc}); re-export the model") from None
+        raise ModelError(f"{model.path / MANIFEST_NAME}: identity_probe is malformed ({exc}); re-export the "
+                         f"model") from None
+    return batch, expected
+
+
+def probe_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| of an answer to the identity probe (inf if its shape is not the recorded one)."""
+    got = np.asarray(got, np.float32)
+    return float(np.max(np.abs(got - expected))) if got.shape == expected.shape else np.inf
+
+
+def check_identity(engine: Engine, model, *, weights: str, tolerance: float = IDENTITY_TOLERANCE) -> float:
+    """Verify that the weights an in-process engine loaded are those of the export's manifest.
+
+    The exporter records an ``identity_probe`` in the manifest (``read_identity_probe``). ``engine`` runs
+    it and must agree within ``tolerance``; other weights of the same shape (a ``variables/`` or
+    ``model.onnx`` copied from another export, a damaged file) give differences of whole nats. Only then
+    are the manifest's ``model_checksum`` (in the outputs' metadata, the score-cache key and the resume
+    key) and its numbers this model's. Costs one batch of 36 tokens: at bert-base on 2 cores 75 to 117 ms,
+    a third of hashing the weight files from the page cache (BENCHMARKS.md). Returns the max |Δ|; raises
+    ModelError. ``weights`` names what was loaded, for the message. (The TF Serving clients run the same
+    probe against the served model: ``_remote.RemoteEngine.check_vocabulary``.)
+    """
+    from ..model_dir import MANIFEST_NAME
+
+    manifest = model.path / MANIFEST_NAME
+    probe = read_identity_probe(model)
+    if probe is None:
+        raise ModelError(f"{manifest} records no identity_probe, so the weights in {weights} cannot be verified "
+                         f"against it; re-export the model with mlm-export")
+    batch, expected = probe
     try:
         got = engine.run(batch).log_probs
     except EngineError as exc:
         raise ModelError(f"{weights} cannot run the identity probe recorded in {manifest}: {exc}") from None
-    diff = float(np.max(np.abs(np.asarray(got, np.float32) - expected))) if got.shape == expected.shape else np.inf
+    diff = probe_diff(got, expected)
     if not diff <= tolerance:
         raise ModelError(f"the weights in {weights} are not those of {manifest}: on the identity probe recorded "
                          f"at export their log-probs differ by up to {diff:.3g} (allowed {tolerance:g}). They were "
                          f"replaced or damaged after export, and the manifest's model_checksum would label "
                          f"another model's scores. Re-export the model (mlm-export SOURCE {model.path.parent})")
     return diff
+
 
 #: ``plan_streams``' automatic choice uses at most this many streams (measured on 2 cores only; above 4
 #: cores each stream gets several threads).

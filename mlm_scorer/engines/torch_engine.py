@@ -197,13 +197,23 @@ def load_export_weights(model: ModelDir) -> tuple[dict[str, np.ndarray], str]:
     return w, str(model.path / "variables")
 
 
-def _complete(model: ModelDir, w: dict[str, np.ndarray]) -> bool:
-    """True if ``w`` holds exactly the weights (names and shapes) the manifest's config needs."""
-    from mlm_export.config import BertConfig, weight_shapes
+def _config(model: ModelDir):
+    """The manifest's config as ``mlm_export.config.BertConfig``; ModelError if it lacks a key."""
+    from mlm_export.config import BertConfig
 
     try:
-        cfg = BertConfig.from_dict({**model.manifest["config"], "vocab_size": model.manifest["vocab_size"]})
-    except (KeyError, TypeError):
+        return BertConfig.from_dict({**model.manifest["config"], "vocab_size": model.manifest["vocab_size"]})
+    except (KeyError, TypeError) as exc:
+        raise ModelError(f"{model.path}: manifest config lacks {exc}; re-export the model") from None
+
+
+def _complete(model: ModelDir, w: dict[str, np.ndarray]) -> bool:
+    """True if ``w`` holds exactly the weights (names and shapes) the manifest's config needs."""
+    from mlm_export.config import weight_shapes
+
+    try:
+        cfg = _config(model)
+    except ModelError:
         return False
     shapes = weight_shapes(cfg)
     return set(w) == set(shapes) and all(tuple(w[k].shape) == shapes[k] for k in shapes)
@@ -267,12 +277,7 @@ class TorchEngine(Engine):
         table = weights.get("bert/embeddings/position_embeddings")
         if table is not None:
             model.check_positions(int(table.shape[0]), f"{self.weights_from}, position_embeddings")
-        from mlm_export.config import BertConfig
-
-        try:
-            self.cfg = BertConfig.from_dict({**model.manifest["config"], "vocab_size": model.manifest["vocab_size"]})
-        except (KeyError, TypeError) as exc:
-            raise ModelError(f"{model.path}: manifest config lacks {exc}; re-export the model") from None
+        self.cfg = _config(model)
         self.net = _build_net(self.cfg, weights).to(self.device)
         # rotary frequencies stay float32 whatever precision the model is cast to (as transformers keeps them)
         self._inv_freq = self.net.inv_freq.float().clone() if self.cfg.rotary else None
