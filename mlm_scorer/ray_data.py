@@ -495,7 +495,6 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                             {f.name: [] for f in schemas[sub]}, schemas[sub])
             for stray in (tmp / sub).glob(".*"):  # a killed attempt's temporary file
                 stray.unlink()
-        summary["mean_pll"] = summary.pop("_pll_sum", 0.0) / summary["scored"] if summary["scored"] else None
         parts = sorted((tmp / "sentences").glob("part-*.parquet"))
         from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
 
@@ -540,8 +539,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
              progress) -> None:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
+    if not ray.is_initialized():
         quiet = not verbose()
         if quiet:
             logging.getLogger("ray").setLevel(logging.ERROR)  # its notes at start-up (token file, dashboard, ...)
@@ -593,7 +591,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
     from .progress import Progress
 
     mode = Progress.auto_mode(progress) if log.isEnabledFor(logging.INFO) else "off"
-    actors, nodes, skipped, seen = set(), set(), [], set()
+    actors, nodes, skipped, seen, pll_sum = set(), set(), [], set(), 0.0
     with contextlib.ExitStack() as stack:
         real_stderr = None
         if not verbose():  # Ray's C++ core and Ray Data's warnings, in this process
@@ -621,7 +619,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
                     seen.add((r["file"], r["row"]))
                     for k in ("rows", "scored", "words", "copies", "flagged"):
                         summary[k] += r[k]
-                    summary["_pll_sum"] = summary.get("_pll_sum", 0.0) + r["pll_sum"]
+                    pll_sum += r["pll_sum"]
                     summary["max_actor_rss_bytes"] = max(summary["max_actor_rss_bytes"], r["max_rss"])
                     actors.add(r["actor"])
                     nodes.add(r["node"])
@@ -656,6 +654,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
     if summary["rows"] != total:  # every batch came back, or the output is not complete
         raise MlmScorerError(f"internal error: {summary['rows']} of {total} rows came back from the actors")
     summary["skipped"] = summary["rows"] - summary["scored"]
+    summary["mean_pll"] = pll_sum / summary["scored"] if summary["scored"] else None
     summary["skipped_rows"] = [s for _, s in skipped]
     summary["actors"], summary["nodes"] = len(actors), len(nodes)
 
