@@ -72,10 +72,7 @@ def filtered_stderr(drop: Callable[[bytes], bool]) -> Iterator[TextIO]:
             if not data:
                 break
             buf += data
-            while True:
-                cut = max(buf.find(b"\n"), -1)
-                if cut < 0:
-                    break
+            while (cut := buf.find(b"\n")) >= 0:
                 line, buf = buf[:cut + 1], buf[cut + 1:]
                 if not drop(line.rstrip(b"\r\n")):
                     os.write(saved, line)
@@ -125,9 +122,6 @@ def import_tensorflow():
 
 class _Stderr(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (tests replace it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
 
     @property
     def stream(self):  # type: ignore[override]

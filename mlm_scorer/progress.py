@@ -70,12 +70,6 @@ class Progress:
         """Start the clock now (when the work begins, after start-up): rates and ETA leave start-up out."""
         self.t0 = self._last = self._clock()
 
-    def set_total(self, total: int | None) -> None:
-        self.total = total
-        if self._bar is not None:
-            self._bar.total = total
-            self._bar.refresh()
-
     def add(self, rows: float, copies: int = 0) -> None:
         self.rows += rows
         self.copies += copies

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():  # Airflow, Kubernetes, `timeout`: stop as Ctrl-C does
             from .ray_data import score_dataset
+            from .reader import MAX_ROW_CHARS
 
             rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
             if args.baseline and not any(r.relative for r in rules):
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
                 max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
                 ray_init_options=init, progress=args.progress, baseline=args.baseline,
-                **({"max_row_chars": args.max_row_chars} if args.max_row_chars else {}), log=log.info)
+                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log.info)
     except ImportError as exc:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2

@@ -75,7 +75,6 @@ _STATS = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("rows", pa.int64
                     ("words", pa.int64()), ("copies", pa.int64()), ("flagged", pa.int64()),
                     ("pll_sum", pa.float64()), ("skipped_rows", pa.string()), ("actor", pa.string()),
                     ("node", pa.string()), ("max_rss", pa.int64())])
-MAX_LISTED = 20  # skipped rows listed in the summary (the CLI's ScoreSummary.MAX_LISTED)
 #: The largest actor the defaults make: as many CPUs as one process's engine runs streams for by default
 #: (engines.base.MAX_AUTO_STREAMS); a bigger node gets several actors.
 MAX_ACTOR_CPUS = 4
@@ -349,7 +348,7 @@ class _ScoreActor:
                 yield self._score(spec, rows)
 
     def _score(self, spec: dict, rows: list[Row]) -> pa.Table:
-        from .pipeline import build_columns
+        from .pipeline import ScoreSummary, build_columns
 
         sc, path = self.scorer, spec["path"]
         try:
@@ -362,7 +361,7 @@ class _ScoreActor:
         name = f"part-{spec['file']:05d}-{rows[0].index:012d}.parquet"
         _write_part(self.out / "sentences" / name, {"file": [path] * len(S["row"]), **S}, self.schemas["sentences"])
         _write_part(self.out / "words" / name, {"file": [path] * len(W["row"]), **W}, self.schemas["words"])
-        skipped = [{"file": path, **sk} for sk in st["skipped"][:MAX_LISTED]]
+        skipped = [{"file": path, **sk} for sk in st["skipped"][:ScoreSummary.MAX_LISTED]]
         return pa.Table.from_pylist([{
             "file": spec["file"], "row": rows[0].index, "rows": len(rows), "scored": st["scored"],
             "words": st["words"], "copies": prepared.n_copies, "flagged": st["flagged"], "pll_sum": st["pll_sum"],
@@ -496,7 +495,6 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                             {f.name: [] for f in schemas[sub]}, schemas[sub])
             for stray in (tmp / sub).glob(".*"):  # a killed attempt's temporary file
                 stray.unlink()
-        summary["mean_pll"] = summary.pop("_pll_sum", 0.0) / summary["scored"] if summary["scored"] else None
         parts = sorted((tmp / "sentences").glob("part-*.parquet"))
         from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
 
@@ -541,8 +539,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
              progress) -> None:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
+    if not ray.is_initialized():
         quiet = not verbose()
         if quiet:
             logging.getLogger("ray").setLevel(logging.ERROR)  # its notes at start-up (token file, dashboard, ...)
@@ -590,10 +587,11 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
         # report anyway (Ray Data's log file keeps them all)
         for h in console:
             h.setLevel(logging.CRITICAL + 1)
+    from .pipeline import ScoreSummary
     from .progress import Progress
 
     mode = Progress.auto_mode(progress) if log.isEnabledFor(logging.INFO) else "off"
-    actors, nodes, skipped, seen = set(), set(), [], set()
+    actors, nodes, skipped, seen, pll_sum = set(), set(), [], set(), 0.0
     with contextlib.ExitStack() as stack:
         real_stderr = None
         if not verbose():  # Ray's C++ core and Ray Data's warnings, in this process
@@ -621,12 +619,12 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
                     seen.add((r["file"], r["row"]))
                     for k in ("rows", "scored", "words", "copies", "flagged"):
                         summary[k] += r[k]
-                    summary["_pll_sum"] = summary.get("_pll_sum", 0.0) + r["pll_sum"]
+                    pll_sum += r["pll_sum"]
                     summary["max_actor_rss_bytes"] = max(summary["max_actor_rss_bytes"], r["max_rss"])
                     actors.add(r["actor"])
                     nodes.add(r["node"])
                     skipped = sorted(skipped + [((r["file"], s["line"]), s) for s in json.loads(r["skipped_rows"])],
-                                     key=lambda x: x[0])[:MAX_LISTED]
+                                     key=lambda x: x[0])[:ScoreSummary.MAX_LISTED]
                     bar.add(r["rows"], r["copies"])
             bar.close()
         except ray.exceptions.GetTimeoutError:
@@ -656,6 +654,7 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
     if summary["rows"] != total:  # every batch came back, or the output is not complete
         raise MlmScorerError(f"internal error: {summary['rows']} of {total} rows came back from the actors")
     summary["skipped"] = summary["rows"] - summary["scored"]
+    summary["mean_pll"] = pll_sum / summary["scored"] if summary["scored"] else None
     summary["skipped_rows"] = [s for _, s in skipped]
     summary["actors"], summary["nodes"] = len(actors), len(nodes)
 
