@@ -74,12 +74,14 @@ def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) 
     raise UsageError(f"{what} {s!r} is not a column of the header {names}; give a name or a 0-based index")
 
 
-# The columns mlm-score writes (words and sentences, with or without --top-k and flags). A pass-through
-# column of the same name would make two columns of one name: refused when the layout is read.
-OUTPUT_COLUMNS = frozenset((
-    "row", "line", "word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k",
-    "text", "n_words", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob", "min_word_index", "flag",
-    "flag_reason", "status", "error"))
+# The columns mlm-score writes, in order after row, line, [id] and the pass-through columns; ``top_k`` only
+# with --top-k, ``flag`` and ``flag_reason`` only with flag rules. ``writer.word_schema`` and
+# ``writer.sentence_schema`` give them their types. A pass-through column of one of these names would make
+# two columns of one name: refused when the layout is read.
+WORD_COLUMNS = ("word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k")
+SENTENCE_COLUMNS = ("text", "n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
+                    "min_word_index", "flag", "flag_reason", "status", "error")
+OUTPUT_COLUMNS = frozenset(("row", "line", *WORD_COLUMNS, *SENTENCE_COLUMNS))
 
 
 def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, header_line: str | None = None) -> None:
