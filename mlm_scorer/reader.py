@@ -284,15 +284,7 @@ class TsvReader:
         the bytes read up to it instead (``position``)."""
         if self.is_stream:
             return {"kind": "stream"}
-        fd = self._f.fileno()
-        st = os.fstat(fd)
-        h = hashlib.sha256()
-        offset = 0
-        while block := os.pread(fd, 1 << 20, offset):
-            h.update(block)
-            offset += len(block)
-        path = "-" if self.path == "-" else os.path.abspath(self.path)
-        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        return _file_identity(self.path, self._f.fileno())
 
     def seek(self, offset: int, *, line: int, index: int) -> None:
         """Continue at byte ``offset`` (the start of a line; a file, not stdin), which is physical
@@ -313,6 +305,19 @@ class TsvReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _file_identity(path: str, fd: int) -> dict:
+    """Path, size, mtime and the sha256 of the bytes of the regular file open as ``fd`` (read with ``pread``:
+    the read position is untouched)."""
+    st = os.fstat(fd)
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, 1 << 20, offset):
+        h.update(block)
+        offset += len(block)
+    return {"path": "-" if path == "-" else os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": h.hexdigest()}
 
 
 def _decode_or_count(raw: bytes) -> int:
@@ -422,13 +427,8 @@ class ParquetReader:
 
     def identity(self) -> dict:
         """What a resumed run must find again: path, size, mtime and the sha256 of the file's bytes."""
-        st = os.stat(self.path)
-        h = hashlib.sha256()
         with open(self.path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "sha256": h.hexdigest()}
+            return _file_identity(self.path, f.fileno())
 
     def close(self) -> None:
         close = getattr(self._pf, "close", None)
