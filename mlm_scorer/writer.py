@@ -324,16 +324,7 @@ class ResultWriter:
             pq.write_table(pa.Table.from_pydict(cols, schema=schema), buf, compression="zstd")
             data = buf.getvalue().to_pybytes()
             digests[kind] = hashlib.sha256(data).hexdigest()
-            tmp = self.parts_dir / f".{names[kind]}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.parts_dir / names[kind])
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(self.parts_dir / names[kind], data)
         part = {**names, "rows": len(sentences["row"]), "stats": stats or {}, "sha256": digests}
         if position:
             part["position"] = position
