@@ -37,6 +37,7 @@ failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep committed
 
 def build_parser() -> argparse.ArgumentParser:
     from .logs import add_output_flags
+    from .reader import MAX_ROW_CHARS
 
     ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
                         "status 'skipped' and go on")
     i.add_argument("--limit", type=int, help="score only the first N rows (quick trials)")
-    i.add_argument("--max-row-chars", type=int, default=None, metavar="N",
-                   help="longest row in characters (default 100000); a longer one is a bad row (row_too_long), "
+    i.add_argument("--max-row-chars", type=int, default=MAX_ROW_CHARS, metavar="N",
+                   help=f"longest row in characters (default {MAX_ROW_CHARS}); a longer one is a bad row (row_too_long), "
                         "decided before it is tokenized")
     i.add_argument("--resume", action="store_true",
                    help="continue an interrupted run after its last committed chunk (refused if the input or "
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
-    if args.max_row_chars is not None and args.max_row_chars < 1:
+    if args.max_row_chars < 1:
         ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError, UsageError
@@ -196,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .quality import parse_rule
-    from .reader import MAX_ROW_CHARS
     from .writer import check_output_path
 
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 limit=args.limit, progress=False if args.quiet else args.progress,
                 cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
                 score_cache=args.cache, baseline=args.baseline,
-                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log.info)
+                max_row_chars=args.max_row_chars, log=log.info)
     except MlmScorerError as exc:
         log.error(str(exc))
         return exc.exit_code

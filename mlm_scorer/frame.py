@@ -36,9 +36,10 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
     """
     import pyarrow as pa
 
-    from .pipeline import ON_BAD_ROW, ScoreSummary, _add_stats, build_columns, open_scorer, score_file
+    from .pipeline import (ScoreSummary, _add_stats, _check_options, _close_scorer, _finish_summary, _flag_rules,
+                           _score_chunk, build_columns, open_scorer, score_file)
     from .progress import Progress
-    from .quality import RunQuantiles, baseline_rules
+    from .quality import RunQuantiles
     from .writer import sentence_schema, word_schema
 
     params = inspect.signature(score_file).parameters
@@ -47,10 +48,8 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
         raise UsageError(f"score_frame does not take {', '.join(unknown)}; it takes "
                          f"{', '.join(sorted(set(params) - _FILE_ONLY))}")
     o = {k: options.get(k, p.default) for k, p in params.items() if k not in _FILE_ONLY}
-    if o["on_bad_row"] not in ON_BAD_ROW:
-        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {o['on_bad_row']!r}")
-    if o["chunk_rows"] < 1 or (o["limit"] is not None and o["limit"] < 0):
-        raise UsageError("chunk_rows must be positive and limit >= 0")
+    _check_options(on_bad_row=o["on_bad_row"], chunk_rows=o["chunk_rows"], dedupe_cache=o["dedupe_cache"],
+                   limit=o["limit"])
 
     t0 = time.perf_counter()
     names = [str(c) for c in df.columns]
@@ -69,9 +68,7 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
                              cache_dir=o["cache_dir"], dedupe_cache=o["dedupe_cache"],
                              score_cache=o["score_cache"], log=o["log"])
     try:
-        rules = list(o["flag_rules"] or [])
-        if o["baseline"] is not None and any(r.relative for r in rules):
-            rules = baseline_rules(rules, o["baseline"], model_checksum=scorer.model.checksum, mode=scorer.mode)
+        rules = _flag_rules(o["flag_rules"], o["baseline"], scorer)
         load_seconds = time.perf_counter() - t0
         core = Layout(names=[names[lay.text]], text=0, id=None, passthrough=[])  # id and the rest: added below
         wschema, sschema = word_schema(None, [], scorer.top_k > 0), sentence_schema(None, [], bool(rules))
@@ -86,10 +83,7 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
             for a in range(0, n, o["chunk_rows"]):
                 chunk = rows[a:a + o["chunk_rows"]]
                 prepared = scorer.prepare([r.text for r in chunk if r.error is None])
-                k_rows, k_copies = len(chunk), prepared.n_copies
-                results = scorer.run(prepared, on_batch=lambda k: bar.add(k_rows * k / k_copies, k))
-                if not k_copies:
-                    bar.add(k_rows)
+                results = _score_chunk(scorer, prepared, len(chunk), bar)
                 W, S, st = build_columns(chunk, results, path=SOURCE, on_bad_row=o["on_bad_row"], scorer=scorer,
                                          layout=core, vocab=vocab, flag_rules=rules)
                 st["skipped_rows"] = st.pop("skipped")[: ScoreSummary.MAX_LISTED]
@@ -105,19 +99,10 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
             sents = [second.apply(t) for t in sents]
             summary.flagged, rules = second.flagged, second.rules
         summary.flag_rules = [str(r) for r in rules]
-        if getattr(scorer.engine, "opened", True):
-            summary.engine_streams, summary.batch_tokens = scorer.engine.streams, scorer.policy.batch_tokens
+        _finish_summary(summary, scorer)
     finally:
         if owns:
-            scorer.engine.close()
-            if scorer.store is not None:
-                scorer.store.close()
-    st = scorer.stats
-    summary.copies, summary.unique_scored, summary.duplicates = st.copies, st.unique_scored, st.duplicates
-    summary.padding_efficiency = st.padding_efficiency
-    summary.mean_pll = summary._pll_sum / summary.scored if summary.scored else None
-    if scorer.store is not None:
-        summary.cache_lookups, summary.cache_hits = scorer.store.lookups, scorer.store.hits
+            _close_scorer(scorer)
     summary.load_seconds = load_seconds + getattr(scorer.engine, "open_seconds", 0.0)
     summary.seconds = time.perf_counter() - t0
 

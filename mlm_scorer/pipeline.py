@@ -139,14 +139,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     Refuses (UsageError, before anything is touched) an input that is a file the run would replace or
     delete. A stream (stdin, a pipe, a FIFO) is read once; its committed prefix is checked on resume.
     """
-    if on_bad_row not in ON_BAD_ROW:
-        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    if chunk_rows < 1:
-        raise UsageError("chunk_rows must be positive")
-    if dedupe_cache < 0:
-        raise UsageError("dedupe_cache must be >= 0")
-    if limit is not None and limit < 0:
-        raise UsageError("limit must be >= 0")
+    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit)
     out = check_output_path(output, input_path, also=cache_files(score_cache))
     t0 = time.perf_counter()
     reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
@@ -158,9 +151,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                                  engine_options=engine_options, mode=mode, top_k=top_k, batch_tokens=batch_tokens,
                                  max_batch_size=max_batch_size, cache_dir=cache_dir, dedupe_cache=dedupe_cache,
                                  score_cache=score_cache, log=log)
-        rules = list(flag_rules or [])
-        if baseline is not None and any(r.relative for r in rules):
-            rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
+        rules = _flag_rules(flag_rules, baseline, scorer)
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
                        limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
@@ -171,9 +162,7 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     finally:
         reader.close()
         if owns_engine and scorer is not None:
-            scorer.engine.close()
-            if scorer.store is not None:
-                scorer.store.close()
+            _close_scorer(scorer)
 
 
 def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
@@ -254,13 +243,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                 if first:  # the engine is open and the first chunk ready: rates leave start-up out
                     bar.restart()
                     first = False
-                n_rows, n_copies = len(rows), prepared.n_copies
-                # a chunk's rows are credited as its batches finish: progress moves with every batch
-                results = scorer.run(prepared, on_batch=lambda k: bar.add(n_rows * k / n_copies, k)) \
-                    if n_copies else scorer.run(prepared)
-                if not n_copies:
-                    bar.add(n_rows)
-                _put(q2, stop, (rows, prepared, results, position))
+                _put(q2, stop, (rows, prepared, _score_chunk(scorer, prepared, len(rows), bar), position))
         except BaseException as exc:
             _put(q2, stop, exc)
 
@@ -307,6 +290,45 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             _drain(q)
             _drain(q2)
             t.join(timeout=10)
+    _finish_summary(summary, scorer)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None) -> None:
+    """Refuse (UsageError) an option out of its range: ``score_file``'s and ``score_frame``'s."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    if chunk_rows < 1:
+        raise UsageError("chunk_rows must be positive")
+    if dedupe_cache < 0:
+        raise UsageError("dedupe_cache must be >= 0")
+    if limit is not None and limit < 0:
+        raise UsageError("limit must be >= 0")
+
+
+def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer) -> list[FlagRule]:
+    """The rules to apply: percentile thresholds are taken from ``baseline`` when one is given (else from the
+    run itself, in a second pass at the end)."""
+    rules = list(flag_rules or [])
+    if baseline is not None and any(r.relative for r in rules):
+        rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
+    return rules
+
+
+def _score_chunk(scorer: Scorer, prepared, n_rows: int, bar: Progress) -> list[SentenceResult]:
+    """``scorer.run`` on a prepared chunk of ``n_rows`` rows, crediting them to ``bar`` as its batches finish
+    (progress moves with every batch); a chunk with nothing to score is credited at once."""
+    n_copies = prepared.n_copies
+    if not n_copies:
+        results = scorer.run(prepared)
+        bar.add(n_rows)
+        return results
+    return scorer.run(prepared, on_batch=lambda k: bar.add(n_rows * k / n_copies, k))
+
+
+def _finish_summary(summary: ScoreSummary, scorer: Scorer) -> None:
+    """The scorer's counters at the end of a run (engine, copies, deduplication, score cache) into ``summary``."""
     if getattr(scorer.engine, "opened", True):  # an engine opened on first use that scored nothing stays closed
         summary.engine_streams = scorer.engine.streams
         summary.batch_tokens = scorer.policy.batch_tokens
@@ -319,8 +341,13 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     if scorer.store is not None:
         summary.cache_lookups, summary.cache_hits = scorer.store.lookups, scorer.store.hits
         summary.cache_rejected, summary.cache_read_only = scorer.store.rejected, scorer.store.read_only
-    summary.seconds = time.perf_counter() - t0
-    return summary
+
+
+def _close_scorer(scorer: Scorer) -> None:
+    """Close what ``open_scorer`` opened: the engine and the score cache."""
+    scorer.engine.close()
+    if scorer.store is not None:
+        scorer.store.close()
 
 
 def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int | None = None,

@@ -74,12 +74,14 @@ def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) 
     raise UsageError(f"{what} {s!r} is not a column of the header {names}; give a name or a 0-based index")
 
 
-# The columns mlm-score writes (words and sentences, with or without --top-k and flags). A pass-through
-# column of the same name would make two columns of one name: refused when the layout is read.
-OUTPUT_COLUMNS = frozenset((
-    "row", "line", "word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k",
-    "text", "n_words", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob", "min_word_index", "flag",
-    "flag_reason", "status", "error"))
+# The columns mlm-score writes, in order after row, line, [id] and the pass-through columns; ``top_k`` only
+# with --top-k, ``flag`` and ``flag_reason`` only with flag rules. ``writer.word_schema`` and
+# ``writer.sentence_schema`` give them their types. A pass-through column of one of these names would make
+# two columns of one name: refused when the layout is read.
+WORD_COLUMNS = ("word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k")
+SENTENCE_COLUMNS = ("text", "n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
+                    "min_word_index", "flag", "flag_reason", "status", "error")
+OUTPUT_COLUMNS = frozenset(("row", "line", *WORD_COLUMNS, *SENTENCE_COLUMNS))
 
 
 def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, header_line: str | None = None) -> None:
@@ -282,15 +284,7 @@ class TsvReader:
         the bytes read up to it instead (``position``)."""
         if self.is_stream:
             return {"kind": "stream"}
-        fd = self._f.fileno()
-        st = os.fstat(fd)
-        h = hashlib.sha256()
-        offset = 0
-        while block := os.pread(fd, 1 << 20, offset):
-            h.update(block)
-            offset += len(block)
-        path = "-" if self.path == "-" else os.path.abspath(self.path)
-        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        return _file_identity(self.path, self._f.fileno())
 
     def seek(self, offset: int, *, line: int, index: int) -> None:
         """Continue at byte ``offset`` (the start of a line; a file, not stdin), which is physical
@@ -311,6 +305,19 @@ class TsvReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _file_identity(path: str, fd: int) -> dict:
+    """Path, size, mtime and the sha256 of the bytes of the regular file open as ``fd`` (read with ``pread``:
+    the read position is untouched)."""
+    st = os.fstat(fd)
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, 1 << 20, offset):
+        h.update(block)
+        offset += len(block)
+    return {"path": "-" if path == "-" else os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": h.hexdigest()}
 
 
 def _decode_or_count(raw: bytes) -> int:
@@ -420,13 +427,8 @@ class ParquetReader:
 
     def identity(self) -> dict:
         """What a resumed run must find again: path, size, mtime and the sha256 of the file's bytes."""
-        st = os.stat(self.path)
-        h = hashlib.sha256()
         with open(self.path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return {"path": os.path.abspath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "sha256": h.hexdigest()}
+            return _file_identity(self.path, f.fileno())
 
     def close(self) -> None:
         close = getattr(self._pf, "close", None)

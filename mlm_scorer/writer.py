@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from .errors import UsageError
 from .fsutil import atomic_write_bytes, fsync_path
+from .reader import SENTENCE_COLUMNS, WORD_COLUMNS
 
 
 def sentences_path(words_path: str | os.PathLike) -> Path:
@@ -107,32 +108,32 @@ def check_not_input(input_path: str | os.PathLike, output: str | os.PathLike,
                          f"{parts_real!r}, which this run deletes; move the input or choose another output path")
 
 
-def word_schema(id_name: str | None, passthrough: list[str], top_k: bool) -> pa.Schema:
+# The type of each column mlm-score writes (their names and order: ``reader.WORD_COLUMNS`` and
+# ``reader.SENTENCE_COLUMNS``, after row, line, [id] and the pass-through columns).
+_TYPES = {
+    "word_index": pa.int32(), "word": pa.string(), "char_start": pa.int32(), "char_end": pa.int32(),
+    "n_pieces": pa.int32(), "log_prob": pa.float64(), "prob": pa.float64(),
+    "top_k": pa.list_(pa.struct([("token", pa.string()), ("log_prob", pa.float32())])),
+    "text": pa.string(), "n_words": pa.int32(), "n_copies": pa.int32(), "pll": pa.float64(),
+    "pseudo_perplexity": pa.float64(), "min_word_log_prob": pa.float64(), "min_word_index": pa.int32(),
+    "flag": pa.bool_(), "flag_reason": pa.string(), "status": pa.string(), "error": pa.string(),
+}
+
+
+def _schema(id_name: str | None, passthrough: list[str], columns) -> pa.Schema:
     fields = [pa.field("row", pa.int64()), pa.field("line", pa.int64())]
     if id_name is not None:
         fields.append(pa.field("id", pa.string()))
     fields += [pa.field(n, pa.string()) for n in passthrough]
-    fields += [pa.field("word_index", pa.int32()), pa.field("word", pa.string()),
-               pa.field("char_start", pa.int32()), pa.field("char_end", pa.int32()),
-               pa.field("n_pieces", pa.int32()), pa.field("log_prob", pa.float64()), pa.field("prob", pa.float64())]
-    if top_k:
-        fields.append(pa.field("top_k", pa.list_(pa.struct([("token", pa.string()), ("log_prob", pa.float32())]))))
-    return pa.schema(fields)
+    return pa.schema(fields + [pa.field(n, _TYPES[n]) for n in columns])
+
+
+def word_schema(id_name: str | None, passthrough: list[str], top_k: bool) -> pa.Schema:
+    return _schema(id_name, passthrough, [n for n in WORD_COLUMNS if top_k or n != "top_k"])
 
 
 def sentence_schema(id_name: str | None, passthrough: list[str], flag: bool) -> pa.Schema:
-    fields = [pa.field("row", pa.int64()), pa.field("line", pa.int64())]
-    if id_name is not None:
-        fields.append(pa.field("id", pa.string()))
-    fields += [pa.field(n, pa.string()) for n in passthrough]
-    fields += [pa.field("text", pa.string()), pa.field("n_words", pa.int32()), pa.field("n_pieces", pa.int32()),
-               pa.field("n_copies", pa.int32()), pa.field("pll", pa.float64()),
-               pa.field("pseudo_perplexity", pa.float64()), pa.field("min_word_log_prob", pa.float64()),
-               pa.field("min_word_index", pa.int32())]
-    if flag:
-        fields += [pa.field("flag", pa.bool_()), pa.field("flag_reason", pa.string())]
-    fields += [pa.field("status", pa.string()), pa.field("error", pa.string())]
-    return pa.schema(fields)
+    return _schema(id_name, passthrough, [n for n in SENTENCE_COLUMNS if flag or n not in ("flag", "flag_reason")])
 
 
 class _AtomicParquet:
@@ -323,16 +324,7 @@ class ResultWriter:
             pq.write_table(pa.Table.from_pydict(cols, schema=schema), buf, compression="zstd")
             data = buf.getvalue().to_pybytes()
             digests[kind] = hashlib.sha256(data).hexdigest()
-            tmp = self.parts_dir / f".{names[kind]}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.parts_dir / names[kind])
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            atomic_write_bytes(self.parts_dir / names[kind], data)
         part = {**names, "rows": len(sentences["row"]), "stats": stats or {}, "sha256": digests}
         if position:
             part["position"] = position
