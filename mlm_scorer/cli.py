@@ -166,6 +166,31 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def flag_rules(args) -> list:
+    """The --flag-below / --flag-above rules of ``mlm-score`` and ``mlm-score ray``; UsageError for a
+    --baseline that no percentile rule uses."""
+    from .errors import UsageError
+    from .quality import parse_rule
+
+    rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+    if args.baseline and not any(r.relative for r in rules):
+        raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
+                         "--flag-above pseudo_perplexity=p99")
+    return rules
+
+
+def internal_error(exc: Exception) -> int:
+    """A bug: say so plainly, without a traceback (re-raised with MLM_SCORER_DEBUG=1); exit code 1."""
+    from .logs import log
+
+    if os.environ.get("MLM_SCORER_DEBUG"):
+        raise exc
+    kept = getattr(exc, "mlm_committed", None)
+    log.critical(f"internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the traceback, "
+                 f"and please report it)" + (f" [{kept}]" if kept else ""), extra={"bare": True})
+    return 1
+
+
 SUBCOMMANDS = {
     "report": "mlm_scorer.report",  # mlm-score report RESULT.parquet -o report.html
     "ray": "mlm_scorer.ray_cli",  # mlm-score ray INPUT... -o OUTDIR (Ray Data, past one machine)
@@ -192,21 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_row_chars < 1:
         ap.error("--max-row-chars must be positive")
 
-    from .errors import Interrupted, MlmScorerError, UsageError
+    from .errors import Interrupted, MlmScorerError
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
-    from .quality import parse_rule
     from .writer import check_output_path
 
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
         if args.summary_json:
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
-        rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
-        if args.baseline and not any(r.relative for r in rules):
-            raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
-                             "--flag-above pseudo_perplexity=p99")
+        rules = flag_rules(args)
         with sigterm_as_interrupt():
             summary = score_file(
                 args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
@@ -232,12 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(str(exc))
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
-        if os.environ.get("MLM_SCORER_DEBUG"):
-            raise
-        kept = getattr(exc, "mlm_committed", None)
-        log.critical(f"internal error: {type(exc).__name__}: {exc} (set MLM_SCORER_DEBUG=1 for the traceback, "
-                     f"and please report it)" + (f" [{kept}]" if kept else ""), extra={"bare": True})
-        return 1
+        return internal_error(exc)
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.to_dict(), f, indent=2)

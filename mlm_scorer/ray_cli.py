@@ -22,6 +22,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from .logs import add_output_flags
+    from .reader import MAX_ROW_CHARS
 
     ap = argparse.ArgumentParser(prog="mlm-score ray", description=__doc__.split("\n\n")[0],
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--id-column")
     i.add_argument("--no-header", action="store_true", help="TSV inputs have no header line")
     i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
-    i.add_argument("--max-row-chars", type=int, default=None,
-                   help="longer rows are bad rows (row_too_long), as mlm-score (default 100000)")
+    i.add_argument("--max-row-chars", type=int, default=MAX_ROW_CHARS, metavar="N",
+                   help=f"longer rows are bad rows (row_too_long), as mlm-score (default {MAX_ROW_CHARS})")
     q = ap.add_argument_group("data quality")
     q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from .cli import parse_engine_options, sigterm_as_interrupt
+    from .cli import flag_rules, internal_error, parse_engine_options, sigterm_as_interrupt
 
     opts = parse_engine_options(args.engine_option, ap)
     for flag in ("num_actors", "batch_rows", "batch_tokens"):
@@ -83,25 +84,20 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
         ap.error("--top-k must be >= 0")
-    if args.max_row_chars is not None and args.max_row_chars < 1:
+    if args.max_row_chars < 1:
         ap.error("--max-row-chars must be positive")
 
-    from .errors import Interrupted, MlmScorerError, UsageError
+    from .errors import Interrupted, MlmScorerError
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
-    from .quality import parse_rule
 
     configure_cli("mlm-score ray", quiet=args.quiet, verbose=args.verbose)
     init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     try:
         with sigterm_as_interrupt():  # Airflow, Kubernetes, `timeout`: stop as Ctrl-C does
             from .ray_data import score_dataset
-            from .reader import MAX_ROW_CHARS
 
-            rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
-            if args.baseline and not any(r.relative for r in rules):
-                raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
-                                 "--flag-above pseudo_perplexity=p99")
+            rules = flag_rules(args)
             summary = score_dataset(
                 args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
                 engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
                 max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
                 ray_init_options=init, progress=args.progress, baseline=args.baseline,
-                max_row_chars=args.max_row_chars or MAX_ROW_CHARS, log=log.info)
+                max_row_chars=args.max_row_chars, log=log.info)
     except ImportError as exc:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2
@@ -125,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error(str(exc))
         return 1
+    except Exception as exc:  # a bug: as mlm-score, no traceback unless MLM_SCORER_DEBUG=1
+        return internal_error(exc)
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)

@@ -270,6 +270,28 @@ def test_mlm_score_ray_subcommand(local_ray, fake_export, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["rows"] == 2  # the earlier output is untouched
 
 
+def test_mlm_score_ray_reports_a_bug_without_a_traceback(fake_export, tmp_path, capsys, monkeypatch):
+    """As mlm-score: an unexpected exception is an "internal error" line and exit 1 (it was a traceback);
+    MLM_SCORER_DEBUG=1 re-raises it. A --baseline without a percentile rule is refused the same way too."""
+    import mlm_scorer.ray_data
+    from mlm_scorer.cli import main
+
+    def boom(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(mlm_scorer.ray_data, "score_dataset", boom)
+    monkeypatch.delenv("MLM_SCORER_DEBUG", raising=False)
+    args = ["ray", str(ROOT / "data" / "sample.tsv"), "-o", str(tmp_path / "out"), "--model", str(fake_export)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: a bug" in err and "Traceback" not in err, err
+    monkeypatch.setenv("MLM_SCORER_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(args)
+    assert main(args + ["--baseline", str(tmp_path / "b.parquet"), "--flag-below", "pll=-3"]) == 2
+    assert "--baseline is where pNN thresholds are taken from" in capsys.readouterr().err
+
+
 def test_ray_percentile_flags_check_and_report(local_ray, fake_export, tmp_path):
     """Percentile rules of the run itself get the same second pass in the ray runner (the same flags as
     score_file, row by row), and check / report read a ray output directory as result or baseline."""
