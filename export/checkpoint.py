@@ -160,21 +160,10 @@ def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) 
     weights, ignored, names = _rename_hf(raw, path)
     _check_weights(weights, cfg, where=str(path), source_name=lambda g: names.get(g) or _hf_name(g),
                    source_shape=_hf_shape)
-    tok_cfg = read_tokenizer_config(path)
-    special = _special_tokens(tok_cfg)
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path, hub_id), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(
-        config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-        tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-        strip_accents=settings["strip_accents"], special_tokens=special,
-        source={"kind": "huggingface", "path": os.path.abspath(path), **({"hub_id": hub_id} if hub_id else {})},
-        ignored=ignored, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
+    return wordpiece_checkpoint(
+        path, cfg, weights, special=_special_tokens(read_tokenizer_config(path)),
+        name=checkpoint_name(path, hub_id), do_lower_case=do_lower_case, ignored=ignored,
+        source={"kind": "huggingface", "path": os.path.abspath(path), **({"hub_id": hub_id} if hub_id else {})})
 
 
 def _special_tokens(tok_cfg: dict) -> dict[str, str]:
@@ -461,21 +450,31 @@ def _load_tf1(path: Path, do_lower_case: bool | None) -> Checkpoint:
         else:
             ignored.append(n)  # pooler, NSP head, task heads
     _check_weights(weights, cfg, where=str(prefix))
-    special = _special_tokens(read_tokenizer_config(path))
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-                      strip_accents=settings["strip_accents"], special_tokens=special,
-                      source={"kind": "tf1", "path": os.path.abspath(prefix)}, ignored=ignored, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
+    return wordpiece_checkpoint(path, cfg, weights, special=_special_tokens(read_tokenizer_config(path)),
+                                name=checkpoint_name(path), do_lower_case=do_lower_case, ignored=ignored,
+                                source={"kind": "tf1", "path": os.path.abspath(prefix)})
 
 
 # ------------------------------------------------------------------------------------------ shared
+
+
+def wordpiece_checkpoint(path: Path, cfg: BertConfig, weights: dict[str, np.ndarray], *, special: dict[str, str],
+                         name: str, do_lower_case: bool | None, source: dict, ignored: list[str],
+                         family: str = "bert") -> Checkpoint:
+    """A checkpoint tokenized as BERT is (BERT, DistilBERT, ELECTRA): ``path``'s vocab.txt, casing decided
+    from the evidence (``name`` is what the name rule reads), the tokenizer files' accent and CJK
+    settings; the vocabulary checked against the weights and the special tokens."""
+    vocab = path / "vocab.txt"
+    tokens = _read_vocab(vocab)
+    casing = decide_casing(directory=path, name=name, vocab_tokens=tokens, special=set(special.values()),
+                           given=do_lower_case)
+    settings = tokenizer_settings(path)
+    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
+                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
+                      strip_accents=settings["strip_accents"], special_tokens=special, source=source,
+                      ignored=ignored, family=family, casing=casing)
+    _check_vocab(ckpt, tokens)
+    return ckpt
 
 
 def _check_weights(weights: dict[str, np.ndarray], cfg: BertConfig, *, where: str, source_name=lambda g: g,

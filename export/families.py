@@ -36,8 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from .casing import SAMPLE_TEXTS, Casing, Evidence
-from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json, finish_rename
+from .casing import SAMPLE_TEXTS, Casing, Evidence, checkpoint_name
+from .checkpoint import (Checkpoint, CheckpointError, _read_hf_tensors, _read_json, finish_rename,
+                         wordpiece_checkpoint)
 from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
@@ -313,8 +314,10 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
                    source_shape=_hf_shape)
     source = {"kind": "huggingface", "path": os.path.abspath(path), "model_type": model_type,
               **({"hub_id": hub_id} if hub_id else {})}
-    if family.tokenizer == "wordpiece":
-        return _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source)
+    if family.tokenizer == "wordpiece":  # DistilBERT, ELECTRA: vocabulary and casing as BERT's
+        special = _special_tokens(_tokenizer_config(path), family.special)
+        return wordpiece_checkpoint(path, cfg, weights, special=special, name=checkpoint_name(path, hub_id),
+                                    do_lower_case=do_lower_case, source=source, ignored=ignored, family=family.name)
     tok_cfg = _tokenizer_config(path)
     tok = _esm_tokenizer(path) if family.tokenizer == "esm" else _json_tokenizer(path, tok_cfg)
     special = _special_tokens(tok_cfg, family.special)
@@ -336,26 +339,6 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
 _MLM_CLASS = {"roberta": "RobertaForMaskedLM", "camembert": "CamembertForMaskedLM",
               "xlm-roberta": "XLMRobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM",
               "electra": "ElectraForMaskedLM (the generator)", "esm": "EsmForMaskedLM"}
-
-
-def _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source) -> Checkpoint:
-    """DistilBERT and ELECTRA tokenize as BERT does: the BERT loader's vocabulary, casing evidence and
-    special tokens."""
-    from .casing import checkpoint_name, decide_casing, tokenizer_settings
-    from .checkpoint import _check_vocab, _read_vocab
-
-    special = _special_tokens(_tokenizer_config(path), family.special)
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path, hub_id), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-                      strip_accents=settings["strip_accents"], special_tokens=special, source=source,
-                      ignored=ignored, family=family.name, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
 
 
 def _layer_name(family: Family, google: str) -> str:
