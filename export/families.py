@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from .casing import SAMPLE_TEXTS, Casing, Evidence, checkpoint_name
-from .checkpoint import (Checkpoint, CheckpointError, _read_hf_tensors, _read_json, finish_rename,
-                         wordpiece_checkpoint)
+from .casing import SAMPLE_TEXTS, Casing, Evidence, checkpoint_name, read_tokenizer_config
+from .checkpoint import (DEFAULT_SPECIAL_TOKENS, Checkpoint, CheckpointError, _check_weights, _hf_shape,
+                         _read_hf_tensors, _read_json, finish_rename, wordpiece_checkpoint)
 from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
@@ -170,7 +170,6 @@ def _esm_config(c: dict) -> BertConfig:
 
 
 _ROBERTA_SPECIAL = {"cls": "<s>", "sep": "</s>", "mask": "<mask>", "pad": "<pad>", "unk": "<unk>"}
-_BERT_SPECIAL = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}
 
 
 def _roberta(name: str) -> Family:
@@ -203,7 +202,7 @@ FAMILIES: dict[str, Family] = {
              "vocab_projector.bias": "cls/predictions/output_bias"},
         decoder="vocab_projector.weight", decoder_bias=None,
         encoder=re.compile(r"(distilbert\.(embeddings|transformer)\.|vocab_).*"), tokenizer="wordpiece",
-        special=_BERT_SPECIAL),
+        special=DEFAULT_SPECIAL_TOKENS),
     "electra": Family(
         name="electra", config=_electra_config, layers="electra.encoder.layer", layer_names=_BERT_LAYER,
         top={"electra.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
@@ -216,7 +215,7 @@ FAMILIES: dict[str, Family] = {
              "generator_lm_head.bias": "cls/predictions/output_bias"},
         decoder="generator_lm_head.weight", decoder_bias=None,
         encoder=re.compile(r"(electra\.(embeddings|embeddings_project|encoder)\.|generator_).*"),
-        tokenizer="wordpiece", special=_BERT_SPECIAL),
+        tokenizer="wordpiece", special=DEFAULT_SPECIAL_TOKENS),
     "esm": Family(
         name="esm", config=_esm_config, layers="esm.encoder.layer", layer_names=_ESM_LAYER,
         top={"esm.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
@@ -307,20 +306,17 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         raise CheckpointError(f"{path} has no masked-LM head ({', '.join(head)} missing): it looks like a bare "
                               f"{model_type} model or a fine-tuned classifier. Scoring needs a "
                               f"{_MLM_CLASS.get(model_type, 'ForMaskedLM')} checkpoint")
-    from .checkpoint import _check_weights, _hf_shape
-
     hf_names = {g: h for h, g in family.top.items()}
     _check_weights(weights, cfg, where=str(path), source_name=lambda g: hf_names.get(g) or _layer_name(family, g),
                    source_shape=_hf_shape)
     source = {"kind": "huggingface", "path": os.path.abspath(path), "model_type": model_type,
               **({"hub_id": hub_id} if hub_id else {})}
+    tok_cfg = _tokenizer_config(path)
+    special = _special_tokens(tok_cfg, family.special)
     if family.tokenizer == "wordpiece":  # DistilBERT, ELECTRA: vocabulary and casing as BERT's
-        special = _special_tokens(_tokenizer_config(path), family.special)
         return wordpiece_checkpoint(path, cfg, weights, special=special, name=checkpoint_name(path, hub_id),
                                     do_lower_case=do_lower_case, source=source, ignored=ignored, family=family.name)
-    tok_cfg = _tokenizer_config(path)
     tok = _esm_tokenizer(path) if family.tokenizer == "esm" else _json_tokenizer(path, tok_cfg)
-    special = _special_tokens(tok_cfg, family.special)
     lower = _normalizer_lowercases(json.loads(tok.to_str()).get("normalizer"))
     if do_lower_case is not None and bool(do_lower_case) != lower:
         raise CheckpointError(f"--{'do' if do_lower_case else 'no'}-lower-case contradicts the checkpoint's "
@@ -353,11 +349,8 @@ def _layer_name(family: Family, google: str) -> str:
 
 def _tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json over special_tokens_map.json (either may be missing)."""
-    out = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (path / name).is_file():
-            out.update(_read_json(path / name))
-    return out
+    tokens_map = path / "special_tokens_map.json"
+    return {**(_read_json(tokens_map) if tokens_map.is_file() else {}), **read_tokenizer_config(path)}
 
 
 def _special_tokens(tok_cfg: dict, defaults: dict[str, str]) -> dict[str, str]:
