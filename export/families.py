@@ -317,7 +317,8 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         return wordpiece_checkpoint(path, cfg, weights, special=special, name=checkpoint_name(path, hub_id),
                                     do_lower_case=do_lower_case, source=source, ignored=ignored, family=family.name)
     tok = _esm_tokenizer(path) if family.tokenizer == "esm" else _json_tokenizer(path, tok_cfg)
-    lower = _normalizer_lowercases(json.loads(tok.to_str()).get("normalizer"))
+    tokenizer_json = tok.to_str()  # serialized once: a 250k-token vocabulary makes megabytes of JSON
+    lower = _normalizer_lowercases(json.loads(tokenizer_json).get("normalizer"))
     if do_lower_case is not None and bool(do_lower_case) != lower:
         raise CheckpointError(f"--{'do' if do_lower_case else 'no'}-lower-case contradicts the checkpoint's "
                               f"tokenizer, whose normalizer {'lower-cases' if lower else 'keeps the case'}; the "
@@ -327,7 +328,7 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
     casing = Casing(lower, what, [Evidence(lower, what)])
     ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=path / "vocab.txt", do_lower_case=lower,
                       special_tokens=special, source=source, ignored=ignored, family=family.name,
-                      tokenizer_json=tok.to_str(), casing=casing)
+                      tokenizer_json=tokenizer_json, casing=casing)
     check_tokenizer(ckpt, cfg_dict)
     return ckpt
 
