@@ -291,21 +291,27 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
             for k, v in state.items() if hasattr(v, "detach")}
 
 
-# HF names (after stripping the 'bert.' prefix) -> original names.
-_HF_LAYER = [
-    (r"attention\.self\.(query|key|value)\.weight", r"attention/self/\1/kernel"),
-    (r"attention\.self\.(query|key|value)\.bias", r"attention/self/\1/bias"),
-    (r"attention\.output\.dense\.weight", "attention/output/dense/kernel"),
-    (r"attention\.output\.dense\.bias", "attention/output/dense/bias"),
-    (r"attention\.output\.LayerNorm\.(weight|gamma)", "attention/output/LayerNorm/gamma"),
-    (r"attention\.output\.LayerNorm\.(bias|beta)", "attention/output/LayerNorm/beta"),
-    (r"intermediate\.dense\.weight", "intermediate/dense/kernel"),
-    (r"intermediate\.dense\.bias", "intermediate/dense/bias"),
-    (r"output\.dense\.weight", "output/dense/kernel"),
-    (r"output\.dense\.bias", "output/dense/bias"),
-    (r"output\.LayerNorm\.(weight|gamma)", "output/LayerNorm/gamma"),
-    (r"output\.LayerNorm\.(bias|beta)", "output/LayerNorm/beta"),
-]
+def _linear(hf: str, g: str) -> dict[str, str]:
+    """A torch Linear's two tensors -> their google names (``g``/kernel, ``g``/bias)."""
+    return {f"{hf}.weight": f"{g}/kernel", f"{hf}.bias": f"{g}/bias"}
+
+
+def _norm(hf: str, g: str) -> dict[str, str]:
+    """A torch LayerNorm's two tensors -> their google names (``g``/gamma, ``g``/beta)."""
+    return {f"{hf}.weight": f"{g}/gamma", f"{hf}.bias": f"{g}/beta"}
+
+
+#: One BERT encoder layer (also RoBERTa's and ELECTRA's): transformers' name after ``<prefix>.layer.<i>.``
+#: (LayerNorm.gamma/beta already read as weight/bias) -> google name after ``layer_<i>/``.
+HF_LAYER = {
+    **_linear("attention.self.query", "attention/self/query"),
+    **_linear("attention.self.key", "attention/self/key"),
+    **_linear("attention.self.value", "attention/self/value"),
+    **_linear("attention.output.dense", "attention/output/dense"),
+    **_norm("attention.output.LayerNorm", "attention/output/LayerNorm"),
+    **_linear("intermediate.dense", "intermediate/dense"), **_linear("output.dense", "output/dense"),
+    **_norm("output.LayerNorm", "output/LayerNorm"),
+}
 _HF_TOP = {
     "bert.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
     "bert.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
@@ -394,11 +400,8 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.nda
     for k, v in norm.items():
         g = _HF_TOP.get(k)
         m = re.fullmatch(r"bert\.encoder\.layer\.(\d+)\.(.+)", k)
-        if m:
-            for pat, repl in _HF_LAYER:
-                if re.fullmatch(pat, m.group(2)):
-                    g = f"bert/encoder/layer_{m.group(1)}/" + re.sub(pat, repl, m.group(2))
-                    break
+        if m and m.group(2) in HF_LAYER:
+            g = f"bert/encoder/layer_{m.group(1)}/" + HF_LAYER[m.group(2)]
         if g is not None:
             out[g], names[g] = v, origin[k]
         elif _HF_BUFFERS.fullmatch(k):

@@ -37,8 +37,8 @@ from typing import Callable
 import numpy as np
 
 from .casing import SAMPLE_TEXTS, Casing, Evidence, checkpoint_name, read_tokenizer_config
-from .checkpoint import (DEFAULT_SPECIAL_TOKENS, Checkpoint, CheckpointError, _check_weights, _hf_shape,
-                         _read_hf_tensors, _read_json, finish_rename, wordpiece_checkpoint)
+from .checkpoint import (DEFAULT_SPECIAL_TOKENS, HF_LAYER, Checkpoint, CheckpointError, _check_weights, _hf_shape,
+                         _linear, _norm, _read_hf_tensors, _read_json, finish_rename, wordpiece_checkpoint)
 from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
@@ -60,23 +60,8 @@ def supported_families() -> str:
 # ------------------------------------------------------------------------------------------ renaming
 
 
-def _linear(hf: str, g: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{g}/kernel", f"{hf}.bias": f"{g}/bias"}
-
-
-def _norm(hf: str, g: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{g}/gamma", f"{hf}.bias": f"{g}/beta"}
-
-
-#: One encoder layer: transformers' name after ``<prefix>.layer.<i>.`` -> google name after ``layer_<i>/``.
-_BERT_LAYER = {
-    **_linear("attention.self.query", "attention/self/query"), **_linear("attention.self.key", "attention/self/key"),
-    **_linear("attention.self.value", "attention/self/value"),
-    **_linear("attention.output.dense", "attention/output/dense"),
-    **_norm("attention.output.LayerNorm", "attention/output/LayerNorm"),
-    **_linear("intermediate.dense", "intermediate/dense"), **_linear("output.dense", "output/dense"),
-    **_norm("output.LayerNorm", "output/LayerNorm"),
-}
+#: One encoder layer of the families whose layers are not BERT's (checkpoint.HF_LAYER): transformers' name
+#: after ``<prefix>.layer.<i>.`` -> google name after ``layer_<i>/``.
 _DISTILBERT_LAYER = {
     **_linear("attention.q_lin", "attention/self/query"), **_linear("attention.k_lin", "attention/self/key"),
     **_linear("attention.v_lin", "attention/self/value"), **_linear("attention.out_lin", "attention/output/dense"),
@@ -174,7 +159,7 @@ _ROBERTA_SPECIAL = {"cls": "<s>", "sep": "</s>", "mask": "<mask>", "pad": "<pad>
 
 def _roberta(name: str) -> Family:
     return Family(
-        name=name, config=_roberta_config, layers="roberta.encoder.layer", layer_names=_BERT_LAYER,
+        name=name, config=_roberta_config, layers="roberta.encoder.layer", layer_names=HF_LAYER,
         top={"roberta.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
              "roberta.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
              "roberta.embeddings.token_type_embeddings.weight": "bert/embeddings/token_type_embeddings",
@@ -204,7 +189,7 @@ FAMILIES: dict[str, Family] = {
         encoder=re.compile(r"(distilbert\.(embeddings|transformer)\.|vocab_).*"), tokenizer="wordpiece",
         special=DEFAULT_SPECIAL_TOKENS),
     "electra": Family(
-        name="electra", config=_electra_config, layers="electra.encoder.layer", layer_names=_BERT_LAYER,
+        name="electra", config=_electra_config, layers="electra.encoder.layer", layer_names=HF_LAYER,
         top={"electra.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
              "electra.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
              "electra.embeddings.token_type_embeddings.weight": "bert/embeddings/token_type_embeddings",
