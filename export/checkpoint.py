@@ -160,21 +160,10 @@ def _load_hf(path: Path, do_lower_case: bool | None, hub_id: str | None = None) 
     weights, ignored, names = _rename_hf(raw, path)
     _check_weights(weights, cfg, where=str(path), source_name=lambda g: names.get(g) or _hf_name(g),
                    source_shape=_hf_shape)
-    tok_cfg = read_tokenizer_config(path)
-    special = _special_tokens(tok_cfg)
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path, hub_id), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(
-        config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-        tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-        strip_accents=settings["strip_accents"], special_tokens=special,
-        source={"kind": "huggingface", "path": os.path.abspath(path), **({"hub_id": hub_id} if hub_id else {})},
-        ignored=ignored, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
+    return wordpiece_checkpoint(
+        path, cfg, weights, special=_special_tokens(read_tokenizer_config(path)),
+        name=checkpoint_name(path, hub_id), do_lower_case=do_lower_case, ignored=ignored,
+        source={"kind": "huggingface", "path": os.path.abspath(path), **({"hub_id": hub_id} if hub_id else {})})
 
 
 def _special_tokens(tok_cfg: dict) -> dict[str, str]:
@@ -302,21 +291,27 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
             for k, v in state.items() if hasattr(v, "detach")}
 
 
-# HF names (after stripping the 'bert.' prefix) -> original names.
-_HF_LAYER = [
-    (r"attention\.self\.(query|key|value)\.weight", r"attention/self/\1/kernel"),
-    (r"attention\.self\.(query|key|value)\.bias", r"attention/self/\1/bias"),
-    (r"attention\.output\.dense\.weight", "attention/output/dense/kernel"),
-    (r"attention\.output\.dense\.bias", "attention/output/dense/bias"),
-    (r"attention\.output\.LayerNorm\.(weight|gamma)", "attention/output/LayerNorm/gamma"),
-    (r"attention\.output\.LayerNorm\.(bias|beta)", "attention/output/LayerNorm/beta"),
-    (r"intermediate\.dense\.weight", "intermediate/dense/kernel"),
-    (r"intermediate\.dense\.bias", "intermediate/dense/bias"),
-    (r"output\.dense\.weight", "output/dense/kernel"),
-    (r"output\.dense\.bias", "output/dense/bias"),
-    (r"output\.LayerNorm\.(weight|gamma)", "output/LayerNorm/gamma"),
-    (r"output\.LayerNorm\.(bias|beta)", "output/LayerNorm/beta"),
-]
+def _linear(hf: str, g: str) -> dict[str, str]:
+    """A torch Linear's two tensors -> their google names (``g``/kernel, ``g``/bias)."""
+    return {f"{hf}.weight": f"{g}/kernel", f"{hf}.bias": f"{g}/bias"}
+
+
+def _norm(hf: str, g: str) -> dict[str, str]:
+    """A torch LayerNorm's two tensors -> their google names (``g``/gamma, ``g``/beta)."""
+    return {f"{hf}.weight": f"{g}/gamma", f"{hf}.bias": f"{g}/beta"}
+
+
+#: One BERT encoder layer (also RoBERTa's and ELECTRA's): transformers' name after ``<prefix>.layer.<i>.``
+#: (LayerNorm.gamma/beta already read as weight/bias) -> google name after ``layer_<i>/``.
+HF_LAYER = {
+    **_linear("attention.self.query", "attention/self/query"),
+    **_linear("attention.self.key", "attention/self/key"),
+    **_linear("attention.self.value", "attention/self/value"),
+    **_linear("attention.output.dense", "attention/output/dense"),
+    **_norm("attention.output.LayerNorm", "attention/output/LayerNorm"),
+    **_linear("intermediate.dense", "intermediate/dense"), **_linear("output.dense", "output/dense"),
+    **_norm("output.LayerNorm", "output/LayerNorm"),
+}
 _HF_TOP = {
     "bert.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
     "bert.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
@@ -405,11 +400,8 @@ def _rename_hf(raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.nda
     for k, v in norm.items():
         g = _HF_TOP.get(k)
         m = re.fullmatch(r"bert\.encoder\.layer\.(\d+)\.(.+)", k)
-        if m:
-            for pat, repl in _HF_LAYER:
-                if re.fullmatch(pat, m.group(2)):
-                    g = f"bert/encoder/layer_{m.group(1)}/" + re.sub(pat, repl, m.group(2))
-                    break
+        if m and m.group(2) in HF_LAYER:
+            g = f"bert/encoder/layer_{m.group(1)}/" + HF_LAYER[m.group(2)]
         if g is not None:
             out[g], names[g] = v, origin[k]
         elif _HF_BUFFERS.fullmatch(k):
@@ -461,21 +453,31 @@ def _load_tf1(path: Path, do_lower_case: bool | None) -> Checkpoint:
         else:
             ignored.append(n)  # pooler, NSP head, task heads
     _check_weights(weights, cfg, where=str(prefix))
-    special = _special_tokens(read_tokenizer_config(path))
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-                      strip_accents=settings["strip_accents"], special_tokens=special,
-                      source={"kind": "tf1", "path": os.path.abspath(prefix)}, ignored=ignored, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
+    return wordpiece_checkpoint(path, cfg, weights, special=_special_tokens(read_tokenizer_config(path)),
+                                name=checkpoint_name(path), do_lower_case=do_lower_case, ignored=ignored,
+                                source={"kind": "tf1", "path": os.path.abspath(prefix)})
 
 
 # ------------------------------------------------------------------------------------------ shared
+
+
+def wordpiece_checkpoint(path: Path, cfg: BertConfig, weights: dict[str, np.ndarray], *, special: dict[str, str],
+                         name: str, do_lower_case: bool | None, source: dict, ignored: list[str],
+                         family: str = "bert") -> Checkpoint:
+    """A checkpoint tokenized as BERT is (BERT, DistilBERT, ELECTRA): ``path``'s vocab.txt, casing decided
+    from the evidence (``name`` is what the name rule reads), the tokenizer files' accent and CJK
+    settings; the vocabulary checked against the weights and the special tokens."""
+    vocab = path / "vocab.txt"
+    tokens = _read_vocab(vocab)
+    casing = decide_casing(directory=path, name=name, vocab_tokens=tokens, special=set(special.values()),
+                           given=do_lower_case)
+    settings = tokenizer_settings(path)
+    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
+                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
+                      strip_accents=settings["strip_accents"], special_tokens=special, source=source,
+                      ignored=ignored, family=family, casing=casing)
+    _check_vocab(ckpt, tokens)
+    return ckpt
 
 
 def _check_weights(weights: dict[str, np.ndarray], cfg: BertConfig, *, where: str, source_name=lambda g: g,

@@ -36,8 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from .casing import SAMPLE_TEXTS, Casing, Evidence
-from .checkpoint import Checkpoint, CheckpointError, _read_hf_tensors, _read_json, finish_rename
+from .casing import SAMPLE_TEXTS, Casing, Evidence, checkpoint_name, read_tokenizer_config
+from .checkpoint import (DEFAULT_SPECIAL_TOKENS, HF_LAYER, Checkpoint, CheckpointError, _check_weights, _hf_shape,
+                         _linear, _norm, _read_hf_tensors, _read_json, finish_rename, wordpiece_checkpoint)
 from .config import BertConfig
 
 #: model_type -> what the refusal of an unknown family lists. BERT itself is loaded by checkpoint.py.
@@ -59,23 +60,8 @@ def supported_families() -> str:
 # ------------------------------------------------------------------------------------------ renaming
 
 
-def _linear(hf: str, g: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{g}/kernel", f"{hf}.bias": f"{g}/bias"}
-
-
-def _norm(hf: str, g: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{g}/gamma", f"{hf}.bias": f"{g}/beta"}
-
-
-#: One encoder layer: transformers' name after ``<prefix>.layer.<i>.`` -> google name after ``layer_<i>/``.
-_BERT_LAYER = {
-    **_linear("attention.self.query", "attention/self/query"), **_linear("attention.self.key", "attention/self/key"),
-    **_linear("attention.self.value", "attention/self/value"),
-    **_linear("attention.output.dense", "attention/output/dense"),
-    **_norm("attention.output.LayerNorm", "attention/output/LayerNorm"),
-    **_linear("intermediate.dense", "intermediate/dense"), **_linear("output.dense", "output/dense"),
-    **_norm("output.LayerNorm", "output/LayerNorm"),
-}
+#: One encoder layer of the families whose layers are not BERT's (checkpoint.HF_LAYER): transformers' name
+#: after ``<prefix>.layer.<i>.`` -> google name after ``layer_<i>/``.
 _DISTILBERT_LAYER = {
     **_linear("attention.q_lin", "attention/self/query"), **_linear("attention.k_lin", "attention/self/key"),
     **_linear("attention.v_lin", "attention/self/value"), **_linear("attention.out_lin", "attention/output/dense"),
@@ -169,12 +155,11 @@ def _esm_config(c: dict) -> BertConfig:
 
 
 _ROBERTA_SPECIAL = {"cls": "<s>", "sep": "</s>", "mask": "<mask>", "pad": "<pad>", "unk": "<unk>"}
-_BERT_SPECIAL = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}
 
 
 def _roberta(name: str) -> Family:
     return Family(
-        name=name, config=_roberta_config, layers="roberta.encoder.layer", layer_names=_BERT_LAYER,
+        name=name, config=_roberta_config, layers="roberta.encoder.layer", layer_names=HF_LAYER,
         top={"roberta.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
              "roberta.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
              "roberta.embeddings.token_type_embeddings.weight": "bert/embeddings/token_type_embeddings",
@@ -202,9 +187,9 @@ FAMILIES: dict[str, Family] = {
              "vocab_projector.bias": "cls/predictions/output_bias"},
         decoder="vocab_projector.weight", decoder_bias=None,
         encoder=re.compile(r"(distilbert\.(embeddings|transformer)\.|vocab_).*"), tokenizer="wordpiece",
-        special=_BERT_SPECIAL),
+        special=DEFAULT_SPECIAL_TOKENS),
     "electra": Family(
-        name="electra", config=_electra_config, layers="electra.encoder.layer", layer_names=_BERT_LAYER,
+        name="electra", config=_electra_config, layers="electra.encoder.layer", layer_names=HF_LAYER,
         top={"electra.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
              "electra.embeddings.position_embeddings.weight": "bert/embeddings/position_embeddings",
              "electra.embeddings.token_type_embeddings.weight": "bert/embeddings/token_type_embeddings",
@@ -215,7 +200,7 @@ FAMILIES: dict[str, Family] = {
              "generator_lm_head.bias": "cls/predictions/output_bias"},
         decoder="generator_lm_head.weight", decoder_bias=None,
         encoder=re.compile(r"(electra\.(embeddings|embeddings_project|encoder)\.|generator_).*"),
-        tokenizer="wordpiece", special=_BERT_SPECIAL),
+        tokenizer="wordpiece", special=DEFAULT_SPECIAL_TOKENS),
     "esm": Family(
         name="esm", config=_esm_config, layers="esm.encoder.layer", layer_names=_ESM_LAYER,
         top={"esm.embeddings.word_embeddings.weight": "bert/embeddings/word_embeddings",
@@ -306,19 +291,19 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
         raise CheckpointError(f"{path} has no masked-LM head ({', '.join(head)} missing): it looks like a bare "
                               f"{model_type} model or a fine-tuned classifier. Scoring needs a "
                               f"{_MLM_CLASS.get(model_type, 'ForMaskedLM')} checkpoint")
-    from .checkpoint import _check_weights, _hf_shape
-
     hf_names = {g: h for h, g in family.top.items()}
     _check_weights(weights, cfg, where=str(path), source_name=lambda g: hf_names.get(g) or _layer_name(family, g),
                    source_shape=_hf_shape)
     source = {"kind": "huggingface", "path": os.path.abspath(path), "model_type": model_type,
               **({"hub_id": hub_id} if hub_id else {})}
-    if family.tokenizer == "wordpiece":
-        return _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source)
     tok_cfg = _tokenizer_config(path)
-    tok = _esm_tokenizer(path) if family.tokenizer == "esm" else _json_tokenizer(path, tok_cfg)
     special = _special_tokens(tok_cfg, family.special)
-    lower = _normalizer_lowercases(json.loads(tok.to_str()).get("normalizer"))
+    if family.tokenizer == "wordpiece":  # DistilBERT, ELECTRA: vocabulary and casing as BERT's
+        return wordpiece_checkpoint(path, cfg, weights, special=special, name=checkpoint_name(path, hub_id),
+                                    do_lower_case=do_lower_case, source=source, ignored=ignored, family=family.name)
+    tok = _esm_tokenizer(path) if family.tokenizer == "esm" else _json_tokenizer(path, tok_cfg)
+    tokenizer_json = tok.to_str()  # serialized once: a 250k-token vocabulary makes megabytes of JSON
+    lower = _normalizer_lowercases(json.loads(tokenizer_json).get("normalizer"))
     if do_lower_case is not None and bool(do_lower_case) != lower:
         raise CheckpointError(f"--{'do' if do_lower_case else 'no'}-lower-case contradicts the checkpoint's "
                               f"tokenizer, whose normalizer {'lower-cases' if lower else 'keeps the case'}; the "
@@ -328,7 +313,7 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
     casing = Casing(lower, what, [Evidence(lower, what)])
     ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=path / "vocab.txt", do_lower_case=lower,
                       special_tokens=special, source=source, ignored=ignored, family=family.name,
-                      tokenizer_json=tok.to_str(), casing=casing)
+                      tokenizer_json=tokenizer_json, casing=casing)
     check_tokenizer(ckpt, cfg_dict)
     return ckpt
 
@@ -336,26 +321,6 @@ def load_family(path: Path, cfg_dict: dict, do_lower_case: bool | None, hub_id: 
 _MLM_CLASS = {"roberta": "RobertaForMaskedLM", "camembert": "CamembertForMaskedLM",
               "xlm-roberta": "XLMRobertaForMaskedLM", "distilbert": "DistilBertForMaskedLM",
               "electra": "ElectraForMaskedLM (the generator)", "esm": "EsmForMaskedLM"}
-
-
-def _wordpiece_checkpoint(path, family, cfg, weights, ignored, do_lower_case, hub_id, source) -> Checkpoint:
-    """DistilBERT and ELECTRA tokenize as BERT does: the BERT loader's vocabulary, casing evidence and
-    special tokens."""
-    from .casing import checkpoint_name, decide_casing, tokenizer_settings
-    from .checkpoint import _check_vocab, _read_vocab
-
-    special = _special_tokens(_tokenizer_config(path), family.special)
-    vocab = path / "vocab.txt"
-    tokens = _read_vocab(vocab)
-    casing = decide_casing(directory=path, name=checkpoint_name(path, hub_id), vocab_tokens=tokens,
-                           special=set(special.values()), given=do_lower_case)
-    settings = tokenizer_settings(path)
-    ckpt = Checkpoint(config=cfg, weights=weights, vocab_path=vocab, do_lower_case=casing.do_lower_case,
-                      tokenize_chinese_chars=settings["tokenize_chinese_chars"] is not False,
-                      strip_accents=settings["strip_accents"], special_tokens=special, source=source,
-                      ignored=ignored, family=family.name, casing=casing)
-    _check_vocab(ckpt, tokens)
-    return ckpt
 
 
 def _layer_name(family: Family, google: str) -> str:
@@ -370,11 +335,8 @@ def _layer_name(family: Family, google: str) -> str:
 
 def _tokenizer_config(path: Path) -> dict:
     """tokenizer_config.json over special_tokens_map.json (either may be missing)."""
-    out = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (path / name).is_file():
-            out.update(_read_json(path / name))
-    return out
+    tokens_map = path / "special_tokens_map.json"
+    return {**(_read_json(tokens_map) if tokens_map.is_file() else {}), **read_tokenizer_config(path)}
 
 
 def _special_tokens(tok_cfg: dict, defaults: dict[str, str]) -> dict[str, str]:
