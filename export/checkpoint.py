@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlm_scorer.models import looks_like_hub_id
+
 from .casing import Casing, checkpoint_name, decide_casing, read_tokenizer_config, tokenizer_settings
 from .config import BertConfig, weight_shapes
 from .errors import CheckpointError
@@ -100,7 +102,7 @@ def load_checkpoint(source: str | os.PathLike, *, do_lower_case: bool | None = N
         raise CheckpointError(f"{str(path)!r} is neither a Hugging Face BERT directory (needs config.json and "
                               f"model.safetensors or pytorch_model.bin) nor a TF-1 BERT checkpoint (needs "
                               f"bert_config.json, vocab.txt, bert_model.ckpt.index); found: {found}")
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)) and not str(source).startswith((".", "/", "~")):
+    if looks_like_hub_id(str(source)):
         return _load_hf(download_from_hub(str(source), cache_dir), do_lower_case, hub_id=str(source))
     raise CheckpointError(f"{str(source)!r} does not exist (and is not a hub id of the form 'org/name')")
 

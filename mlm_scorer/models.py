@@ -40,6 +40,12 @@ DEFAULT_TOP_K = 5
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
+def looks_like_hub_id(value: str) -> bool:
+    """``name`` or ``org/name`` of word characters, dots and dashes, not a path that starts with ., / or ~
+    (the Hugging Face Hub's repository ids; the exporter downloads only such a value)."""
+    return bool(_HUB_ID.fullmatch(value)) and not value.startswith((".", "/", "~"))
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("MLM_SCORER_CACHE") or Path.home() / ".cache" / "mlm-scorer")
 
@@ -99,8 +105,7 @@ def _refuse_missing_local(model: str, local: Path) -> None:
     if local.exists():
         return
     parts = Path(model).parts
-    looks_local = (model.startswith((".", "/", "~")) or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir())
-                   or not _HUB_ID.fullmatch(model))
+    looks_local = not looks_like_hub_id(model) or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir())
     if not looks_local:
         return
     parent = local.parent
