@@ -196,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     args = ap.parse_args(argv)
     from .fsutil import atomic_write_bytes
+    from .logs import configure_cli, log
     from .quality import parse_rule
 
+    configure_cli("mlm-score check", quiet=args.quiet)
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
         r = run_check(args.result, baseline=args.baseline, rules=rules or None, max_flagged_rate=args.max_flagged_rate,
@@ -206,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode())
     except MlmScorerError as exc:
-        print(f"mlm-score check: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
-    except OSError as exc:
-        print(f"mlm-score check: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # the --json file cannot be written: bad usage (1 is a failed batch)
+        log.error(str(exc))
         return 2
     text = format_text(r)
     print(text.splitlines()[-1] if args.quiet else text)

@@ -542,18 +542,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lowest < 0:
         ap.error("--lowest must be >= 0")
+    from .logs import configure_cli, log
+
+    configure_cli("mlm-score report")
     try:
         info = make_report(args.result, args.output, lowest=args.lowest, title=args.title, baseline=args.baseline)
     except MlmScorerError as exc:
-        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
     except OSError as exc:
-        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return 1
-    print(f"report: {info['rows']} rows, {info['scored']} scored, {info['skipped']} skipped"
-          + (f", {info['flagged']} flagged" if info["flagged"] is not None else "")
-          + (f", {info['newly_flagged']} beyond the baseline's tails" if "newly_flagged" in info else "")
-          + f" -> {info['output']}", file=sys.stderr)
+    log.info(f"report: {info['rows']} rows, {info['scored']} scored, {info['skipped']} skipped"
+             + (f", {info['flagged']} flagged" if info["flagged"] is not None else "")
+             + (f", {info['newly_flagged']} beyond the baseline's tails" if "newly_flagged" in info else "")
+             + f" -> {info['output']}")
     return 0
 
 
