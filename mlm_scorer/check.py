@@ -52,7 +52,7 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     """Check ``result`` (either file of a result, or a Ray output directory), against ``baseline`` if
     given. Returns a JSON-ready dict: ``passed``, ``failures`` (one line each), ``criteria``, the counts
     and, with a baseline, ``metrics`` (see ``quality.compare``). Raises UsageError for bad usage."""
-    from .quality import check_comparable, compare, default_baseline_rules, load_scores, resolve
+    from .quality import check_comparable, compare, default_baseline_rules, fired, load_scores, resolve
 
     for name, v, hi in (("max_flagged_rate", max_flagged_rate, 1), ("max_skipped_rate", max_skipped_rate, 1),
                         ("max_shift", max_shift, 1), ("shift_alpha", shift_alpha, 1)):
@@ -85,8 +85,7 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     if rules or base is not None:
         applied = resolve(list(rules or default_baseline_rules()), (base or cur).values,
                           of="baseline" if base else "run")
-        hit = [any(r.fires(cur.values[r.metric][i]) for r in applied) for i in range(cur.scored)]
-        flagged, by = sum(hit), [str(r) for r in applied]
+        flagged, by = int(fired(applied, cur.values, cur.scored).sum()), [str(r) for r in applied]
     elif cur.flag is not None:
         flagged = int(cur.flag.sum())
         by = ["the result's flag column (" + (", ".join(cur.settings.get("flag_rules") or []) or "its rules") + ")"]

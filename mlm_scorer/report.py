@@ -404,7 +404,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
                    f'The baseline itself has {cmp["baseline_beyond"]} such row(s) of {cmp["baseline"].scored}.</p>')
         if shown_new:
             out.append(legend)
-            sentence_table("newly", shown_new, "why", lambda r: "; ".join(cmp["why"][id(r)]))
+            sentence_table("newly", shown_new, "why", lambda r: cmp["why"][id(r)])
         out.append("</section>")
     out.append('<section id="distribution"><h2>Score distribution</h2><div class="plots">')
     out.append(histogram_svg([r["pseudo_perplexity"] for r in ok], title="Pseudo-perplexity per sentence (log scale)",
@@ -468,7 +468,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
 def _compare_with(result, baseline, settings: dict, ok: list[dict]) -> dict[str, Any]:
     """The comparison with ``baseline``: statistics per metric, the tail rules, the current rows beyond
     them (``newly``) with their reasons (``why``, by id of the row dict)."""
-    from .quality import check_comparable, compare, default_baseline_rules, load_scores, resolve, sentence_metrics
+    from .quality import check_comparable, compare, default_baseline_rules, evaluate, fired, load_scores, resolve
 
     base = load_scores(baseline, what="baseline")
     check_comparable(base, model_checksum=settings.get("model_checksum"), mode=settings.get("mode"),
@@ -479,14 +479,12 @@ def _compare_with(result, baseline, settings: dict, ok: list[dict]) -> dict[str,
     rules = resolve(default_baseline_rules(), base.values, of="baseline")
     newly, why = [], {}
     for r in ok:
-        m = sentence_metrics(r["pll"], r["n_words"], r["min_word_log_prob"])
-        reasons = [x for x in (rule.check(m) for rule in rules) if x]
-        if reasons:
+        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"])
+        if hit:
             newly.append(r)
-            why[id(r)] = reasons
-    beyond = sum(any(rule.fires(base.values[rule.metric][i]) for rule in rules) for i in range(base.scored))
+            why[id(r)] = reason
     return {"baseline": base, "current": cur, "metrics": compare(cur, base), "rules": [str(x) for x in rules],
-            "newly": newly, "why": why, "baseline_beyond": beyond}
+            "newly": newly, "why": why, "baseline_beyond": int(fired(rules, base.values, base.scored).sum())}
 
 
 def _baseline_section(cmp: dict[str, Any]) -> list[str]:
