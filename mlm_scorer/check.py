@@ -52,7 +52,7 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     """Check ``result`` (either file of a result, or a Ray output directory), against ``baseline`` if
     given. Returns a JSON-ready dict: ``passed``, ``failures`` (one line each), ``criteria``, the counts
     and, with a baseline, ``metrics`` (see ``quality.compare``). Raises UsageError for bad usage."""
-    from .quality import check_comparable, compare, default_baseline_rules, fired, load_scores, resolve
+    from .quality import compare, default_baseline_rules, fired, load_baseline, load_scores, resolve
 
     for name, v, hi in (("max_flagged_rate", max_flagged_rate, 1), ("max_skipped_rate", max_skipped_rate, 1),
                         ("max_shift", max_shift, 1), ("shift_alpha", shift_alpha, 1)):
@@ -61,12 +61,9 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     if max_psi is not None and not max_psi >= 0:
         raise UsageError(f"max_psi must be >= 0, got {max_psi!r}")
     cur = load_scores(result, what="result")
-    base = load_scores(baseline, what="baseline") if baseline is not None else None
-    if base is not None:
-        check_comparable(base, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
-                         other=f"the result {result}")
-        if base.scored == 0:
-            raise UsageError(f"the baseline {baseline} has no scored rows: there is nothing to compare with")
+    base = None if baseline is None else load_baseline(
+        baseline, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
+        other=f"the result {result}", empty="there is nothing to compare with")
 
     out: dict[str, Any] = {
         "result": _summary(cur), "baseline": _summary(base) if base else None,

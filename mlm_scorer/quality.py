@@ -233,10 +233,7 @@ class Scores:
 
 def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     """Read the score columns of a result (either file of the pair, or a Ray output directory)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from .results import read_table, result_paths, settings
+    from .results import read_table, result_paths
 
     try:
         _, sents_path = result_paths(result)
@@ -246,12 +243,22 @@ def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     missing = [c for c in SCORE_COLUMNS if c not in table.column_names]
     if missing:
         raise UsageError(f"{what}: {str(sents_path)!r} is not an mlm-score sentences file: no {missing[0]!r} column")
+    return scores_of(table, schema, path=result, sentences=sents_path)
+
+
+def scores_of(table, schema, *, path: str | os.PathLike, sentences: Path) -> Scores:
+    """The Scores of a sentences table already read (with the SCORE_COLUMNS, and ``flag`` if it has one)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from .results import settings
+
     ok = scored_mask(table)
     values = {m: metric_array(table, m)[ok] for m in METRICS}
     flag = None
     if "flag" in table.column_names:
         flag = np.asarray(pc.fill_null(table.column("flag"), False).to_numpy(), dtype=bool)[ok]
-    return Scores(path=str(result), sentences=sents_path, settings=settings(schema), rows=table.num_rows,
+    return Scores(path=str(path), sentences=sentences, settings=settings(schema), rows=table.num_rows,
                   scored=int(ok.sum()), values=values, flag=flag)
 
 
@@ -275,15 +282,21 @@ def check_comparable(reference: Scores, *, model_checksum: str | None, mode: str
                          f"--model and --mode")
 
 
+def load_baseline(baseline: str | os.PathLike, *, model_checksum: str | None, mode: str | None,
+                  other: str = "this run", empty: str = "its percentiles are undefined") -> Scores:
+    """The baseline's scores, refused if it was scored with another model or mode than ``other``, or has
+    no scored rows (``empty`` says what that leaves undefined)."""
+    ref = load_scores(baseline, what="baseline")
+    check_comparable(ref, model_checksum=model_checksum, mode=mode, other=other)
+    if ref.scored == 0:
+        raise UsageError(f"the baseline {baseline} has no scored rows: {empty}")
+    return ref
+
+
 def baseline_rules(rules: list[FlagRule], baseline: str | os.PathLike, *, model_checksum: str | None = None,
                    mode: str | None = None) -> list[FlagRule]:
-    """``rules`` with their percentiles taken from the baseline result (refused if it was scored with
-    another model or mode, or has no scored rows)."""
-    ref = load_scores(baseline, what="baseline")
-    check_comparable(ref, model_checksum=model_checksum, mode=mode)
-    if ref.scored == 0:
-        raise UsageError(f"the baseline {baseline} has no scored rows: its percentiles are undefined")
-    return resolve(rules, ref.values, of="baseline")
+    """``rules`` with their percentiles taken from the baseline result (see ``load_baseline``)."""
+    return resolve(rules, load_baseline(baseline, model_checksum=model_checksum, mode=mode).values, of="baseline")
 
 
 class RunQuantiles:

@@ -312,7 +312,10 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
 
     cmp = None
     if baseline is not None:
-        cmp = _compare_with(result_parquet, baseline, settings, ok)
+        from .quality import scores_of
+
+        cmp = _compare_with(result_parquet, baseline, scores_of(sents, schema, path=result_parquet,
+                                                                sentences=sents_path), ok)
         cmp["newly"] = sorted(cmp["newly"], key=order)
 
     # words of the sentences shown
@@ -465,17 +468,13 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     return info
 
 
-def _compare_with(result, baseline, settings: dict, ok: list[dict]) -> dict[str, Any]:
-    """The comparison with ``baseline``: statistics per metric, the tail rules, the current rows beyond
-    them (``newly``) with their reasons (``why``, by id of the row dict)."""
-    from .quality import check_comparable, compare, default_baseline_rules, evaluate, fired, load_scores, resolve
+def _compare_with(result, baseline, cur, ok: list[dict]) -> dict[str, Any]:
+    """The comparison of ``cur`` (the Scores of ``result``) with ``baseline``: statistics per metric, the
+    tail rules, the current rows beyond them (``newly``) with their reasons (``why``, by id of the row dict)."""
+    from .quality import compare, default_baseline_rules, evaluate, fired, load_baseline, resolve
 
-    base = load_scores(baseline, what="baseline")
-    check_comparable(base, model_checksum=settings.get("model_checksum"), mode=settings.get("mode"),
-                     other=f"the result {result}")
-    if base.scored == 0:
-        raise UsageError(f"the baseline {baseline} has no scored rows: there is nothing to compare with")
-    cur = load_scores(result, what="result")
+    base = load_baseline(baseline, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
+                         other=f"the result {result}", empty="there is nothing to compare with")
     rules = resolve(default_baseline_rules(), base.values, of="baseline")
     newly, why = [], {}
     for r in ok:
