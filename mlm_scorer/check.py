@@ -52,7 +52,7 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     """Check ``result`` (either file of a result, or a Ray output directory), against ``baseline`` if
     given. Returns a JSON-ready dict: ``passed``, ``failures`` (one line each), ``criteria``, the counts
     and, with a baseline, ``metrics`` (see ``quality.compare``). Raises UsageError for bad usage."""
-    from .quality import check_comparable, compare, default_baseline_rules, load_scores, resolve
+    from .quality import compare, default_baseline_rules, fired, load_baseline, load_scores, resolve
 
     for name, v, hi in (("max_flagged_rate", max_flagged_rate, 1), ("max_skipped_rate", max_skipped_rate, 1),
                         ("max_shift", max_shift, 1), ("shift_alpha", shift_alpha, 1)):
@@ -61,12 +61,9 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     if max_psi is not None and not max_psi >= 0:
         raise UsageError(f"max_psi must be >= 0, got {max_psi!r}")
     cur = load_scores(result, what="result")
-    base = load_scores(baseline, what="baseline") if baseline is not None else None
-    if base is not None:
-        check_comparable(base, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
-                         other=f"the result {result}")
-        if base.scored == 0:
-            raise UsageError(f"the baseline {baseline} has no scored rows: there is nothing to compare with")
+    base = None if baseline is None else load_baseline(
+        baseline, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
+        other=f"the result {result}", empty="there is nothing to compare with")
 
     out: dict[str, Any] = {
         "result": _summary(cur), "baseline": _summary(base) if base else None,
@@ -85,8 +82,7 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     if rules or base is not None:
         applied = resolve(list(rules or default_baseline_rules()), (base or cur).values,
                           of="baseline" if base else "run")
-        hit = [any(r.fires(cur.values[r.metric][i]) for r in applied) for i in range(cur.scored)]
-        flagged, by = sum(hit), [str(r) for r in applied]
+        flagged, by = int(fired(applied, cur.values, cur.scored).sum()), [str(r) for r in applied]
     elif cur.flag is not None:
         flagged = int(cur.flag.sum())
         by = ["the result's flag column (" + (", ".join(cur.settings.get("flag_rules") or []) or "its rules") + ")"]
@@ -196,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     args = ap.parse_args(argv)
     from .fsutil import atomic_write_bytes
+    from .logs import configure_cli, log
     from .quality import parse_rule
 
+    configure_cli("mlm-score check", quiet=args.quiet)
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
         r = run_check(args.result, baseline=args.baseline, rules=rules or None, max_flagged_rate=args.max_flagged_rate,
@@ -206,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode())
     except MlmScorerError as exc:
-        print(f"mlm-score check: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
-    except OSError as exc:
-        print(f"mlm-score check: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # the --json file cannot be written: bad usage (1 is a failed batch)
+        log.error(str(exc))
         return 2
     text = format_text(r)
     print(text.splitlines()[-1] if args.quiet else text)

@@ -74,6 +74,13 @@ class FlagRule:
             return False
         return x < self.value if self.op == "below" else x > self.value
 
+    def fires_on(self, x):
+        """``fires`` over an array: a bool array (NaN never fires)."""
+        import numpy as np
+
+        x = np.asarray(x, dtype=np.float64)
+        return np.zeros(x.shape, bool) if self.value is None else self.fires(x)
+
     def check(self, metrics: dict[str, float]) -> str | None:
         """The reason text if the rule fires, else None."""
         x = metrics[self.metric]
@@ -144,6 +151,16 @@ def evaluate(rules: list[FlagRule], pll: float, n_words: int, min_word_log_prob:
     return bool(reasons), "; ".join(reasons) or None
 
 
+def fired(rules: list[FlagRule], values: dict[str, Any], n: int):
+    """bool array over ``n`` rows: any of ``rules`` fires (``values``: metric -> array of n scores)."""
+    import numpy as np
+
+    hit = np.zeros(n, bool)
+    for r in rules:
+        hit |= r.fires_on(values[r.metric])
+    return hit
+
+
 def default_baseline_rules() -> list[FlagRule]:
     """What check and the report flag against a baseline when not told otherwise: a sentence less likely
     overall than 99 % of the baseline's, or with a word less likely than the baseline's 1 % worst."""
@@ -154,13 +171,18 @@ def default_baseline_rules() -> list[FlagRule]:
 # ------------------------------------------------------------------------------------------ percentiles
 def quantile(values, percentile: Fraction | float) -> float:
     """Nearest-rank percentile (see the module doc) of ``values``; NaN when there are none."""
+    return quantiles(values, [percentile])[0]
+
+
+def quantiles(values, percentiles) -> list[float]:
+    """``quantile`` of ``values`` at each of ``percentiles`` (one sort for all)."""
     import numpy as np
 
     v = np.sort(np.asarray(values, dtype=np.float64))
     if not v.size:
-        return float("nan")
-    k = math.ceil(Fraction(percentile) * v.size / 100)  # exact: Fraction("99.9") * n / 100
-    return float(v[max(k, 1) - 1])
+        return [float("nan")] * len(percentiles)
+    # exact: Fraction("99.9") * n / 100
+    return [float(v[max(math.ceil(Fraction(p) * v.size / 100), 1) - 1]) for p in percentiles]
 
 
 # -------------------------------------------------------------------------------------------- scores
@@ -211,10 +233,7 @@ class Scores:
 
 def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     """Read the score columns of a result (either file of the pair, or a Ray output directory)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from .results import read_table, result_paths, settings
+    from .results import read_table, result_paths
 
     try:
         _, sents_path = result_paths(result)
@@ -224,12 +243,22 @@ def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
     missing = [c for c in SCORE_COLUMNS if c not in table.column_names]
     if missing:
         raise UsageError(f"{what}: {str(sents_path)!r} is not an mlm-score sentences file: no {missing[0]!r} column")
+    return scores_of(table, schema, path=result, sentences=sents_path)
+
+
+def scores_of(table, schema, *, path: str | os.PathLike, sentences: Path) -> Scores:
+    """The Scores of a sentences table already read (with the SCORE_COLUMNS, and ``flag`` if it has one)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from .results import settings
+
     ok = scored_mask(table)
     values = {m: metric_array(table, m)[ok] for m in METRICS}
     flag = None
     if "flag" in table.column_names:
         flag = np.asarray(pc.fill_null(table.column("flag"), False).to_numpy(), dtype=bool)[ok]
-    return Scores(path=str(result), sentences=sents_path, settings=settings(schema), rows=table.num_rows,
+    return Scores(path=str(path), sentences=sentences, settings=settings(schema), rows=table.num_rows,
                   scored=int(ok.sum()), values=values, flag=flag)
 
 
@@ -253,15 +282,21 @@ def check_comparable(reference: Scores, *, model_checksum: str | None, mode: str
                          f"--model and --mode")
 
 
+def load_baseline(baseline: str | os.PathLike, *, model_checksum: str | None, mode: str | None,
+                  other: str = "this run", empty: str = "its percentiles are undefined") -> Scores:
+    """The baseline's scores, refused if it was scored with another model or mode than ``other``, or has
+    no scored rows (``empty`` says what that leaves undefined)."""
+    ref = load_scores(baseline, what="baseline")
+    check_comparable(ref, model_checksum=model_checksum, mode=mode, other=other)
+    if ref.scored == 0:
+        raise UsageError(f"the baseline {baseline} has no scored rows: {empty}")
+    return ref
+
+
 def baseline_rules(rules: list[FlagRule], baseline: str | os.PathLike, *, model_checksum: str | None = None,
                    mode: str | None = None) -> list[FlagRule]:
-    """``rules`` with their percentiles taken from the baseline result (refused if it was scored with
-    another model or mode, or has no scored rows)."""
-    ref = load_scores(baseline, what="baseline")
-    check_comparable(ref, model_checksum=model_checksum, mode=mode)
-    if ref.scored == 0:
-        raise UsageError(f"the baseline {baseline} has no scored rows: its percentiles are undefined")
-    return resolve(rules, ref.values, of="baseline")
+    """``rules`` with their percentiles taken from the baseline result (see ``load_baseline``)."""
+    return resolve(rules, load_baseline(baseline, model_checksum=model_checksum, mode=mode).values, of="baseline")
 
 
 class RunQuantiles:
@@ -309,15 +344,11 @@ class RunQuantiles:
 
         ok = scored_mask(table)
         metrics = {m: metric_array(table, m) for m in {r.metric for r in self.rules}}
-        fired = []  # per rule: the rows where it fires (the comparisons of FlagRule.fires; NaN never fires)
-        for r in self.rules:
-            x = metrics[r.metric]
-            hit = np.zeros(len(x), bool) if r.value is None else (x < r.value if r.op == "below" else x > r.value)
-            fired.append(hit & ok)
-        anyf = np.logical_or.reduce(fired) if fired else np.zeros(table.num_rows, bool)
+        hits = [r.fires_on(metrics[r.metric]) & ok for r in self.rules]  # per rule: the rows where it fires
+        anyf = np.logical_or.reduce(hits) if hits else np.zeros(table.num_rows, bool)
         reasons: list[str | None] = [None] * table.num_rows
         for i in np.flatnonzero(anyf):
-            reasons[i] = "; ".join(r.reason(metrics[r.metric][i]) for r, hit in zip(self.rules, fired) if hit[i])
+            reasons[i] = "; ".join(r.reason(metrics[r.metric][i]) for r, hit in zip(self.rules, hits) if hit[i])
         self.flagged += int(anyf.sum())
         for name, arr in (("flag", pa.array(anyf, pa.bool_(), mask=~ok)), ("flag_reason", pa.array(reasons, pa.string()))):
             i = table.schema.get_field_index(name)
@@ -385,7 +416,7 @@ def psi(baseline, current, bins: int = 10) -> float:
     c = np.asarray(current, dtype=np.float64)
     if not b.size or not c.size:
         return float("nan")
-    edges = np.unique([quantile(b, Fraction(100 * k, bins)) for k in range(1, bins)])
+    edges = np.unique(quantiles(b, [Fraction(100 * k, bins) for k in range(1, bins)]))
     k = edges.size + 1
     e = (np.bincount(np.searchsorted(edges, b, side="left"), minlength=k) + 0.5) / (b.size + 0.5 * k)
     a = (np.bincount(np.searchsorted(edges, c, side="left"), minlength=k) + 0.5) / (c.size + 0.5 * k)
@@ -399,23 +430,22 @@ def _finite(x: float) -> float | None:
 def compare(current: Scores, baseline: Scores) -> dict[str, dict[str, Any]]:
     """Per metric in COMPARED: KS D and p-value, PSI, percentiles of both, and the share of the current
     rows beyond the baseline's p99 (p1 for metrics that get worse downwards). JSON-ready (NaN -> None)."""
-    import numpy as np
-
+    shown = ("p1", "p50", "p99")
     out = {}
     for m in COMPARED:
         b, c = baseline.values[m], current.values[m]
         d, p = ks_2samp(c, b)
         tail = Fraction(99) if METRICS[m] == "above" else Fraction(1)
-        thr = quantile(b, tail)
+        thr, *b_pcts = quantiles(b, [tail] + [Fraction(q[1:]) for q in shown])
+        c_pcts = quantiles(c, [Fraction(q[1:]) for q in shown])
         rule = FlagRule(m, METRICS[m], thr, percentile=tail, of="baseline")
-        beyond_c = np.array([rule.fires(x) for x in c], dtype=bool)
-        beyond_b = np.array([rule.fires(x) for x in b], dtype=bool)
+        beyond_c, beyond_b = rule.fires_on(c), rule.fires_on(b)
         out[m] = {
             "direction": METRICS[m], "ks": _finite(d), "ks_pvalue": _finite(p), "psi": _finite(psi(b, c)),
             "tail": f"p{_pct(tail)}", "baseline_threshold": _finite(thr),
             "rows_beyond": int(beyond_c.sum()), "share_beyond": float(beyond_c.mean()) if c.size else None,
             "baseline_share_beyond": float(beyond_b.mean()) if b.size else None,
-            "baseline_percentiles": {q: _finite(quantile(b, Fraction(q[1:]))) for q in ("p1", "p50", "p99")},
-            "current_percentiles": {q: _finite(quantile(c, Fraction(q[1:]))) for q in ("p1", "p50", "p99")},
+            "baseline_percentiles": {q: _finite(x) for q, x in zip(shown, b_pcts)},
+            "current_percentiles": {q: _finite(x) for q, x in zip(shown, c_pcts)},
         }
     return out

@@ -312,7 +312,10 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
 
     cmp = None
     if baseline is not None:
-        cmp = _compare_with(result_parquet, baseline, settings, ok)
+        from .quality import scores_of
+
+        cmp = _compare_with(result_parquet, baseline, scores_of(sents, schema, path=result_parquet,
+                                                                sentences=sents_path), ok)
         cmp["newly"] = sorted(cmp["newly"], key=order)
 
     # words of the sentences shown
@@ -404,7 +407,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
                    f'The baseline itself has {cmp["baseline_beyond"]} such row(s) of {cmp["baseline"].scored}.</p>')
         if shown_new:
             out.append(legend)
-            sentence_table("newly", shown_new, "why", lambda r: "; ".join(cmp["why"][id(r)]))
+            sentence_table("newly", shown_new, "why", lambda r: cmp["why"][id(r)])
         out.append("</section>")
     out.append('<section id="distribution"><h2>Score distribution</h2><div class="plots">')
     out.append(histogram_svg([r["pseudo_perplexity"] for r in ok], title="Pseudo-perplexity per sentence (log scale)",
@@ -465,28 +468,22 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     return info
 
 
-def _compare_with(result, baseline, settings: dict, ok: list[dict]) -> dict[str, Any]:
-    """The comparison with ``baseline``: statistics per metric, the tail rules, the current rows beyond
-    them (``newly``) with their reasons (``why``, by id of the row dict)."""
-    from .quality import check_comparable, compare, default_baseline_rules, load_scores, resolve, sentence_metrics
+def _compare_with(result, baseline, cur, ok: list[dict]) -> dict[str, Any]:
+    """The comparison of ``cur`` (the Scores of ``result``) with ``baseline``: statistics per metric, the
+    tail rules, the current rows beyond them (``newly``) with their reasons (``why``, by id of the row dict)."""
+    from .quality import compare, default_baseline_rules, evaluate, fired, load_baseline, resolve
 
-    base = load_scores(baseline, what="baseline")
-    check_comparable(base, model_checksum=settings.get("model_checksum"), mode=settings.get("mode"),
-                     other=f"the result {result}")
-    if base.scored == 0:
-        raise UsageError(f"the baseline {baseline} has no scored rows: there is nothing to compare with")
-    cur = load_scores(result, what="result")
+    base = load_baseline(baseline, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
+                         other=f"the result {result}", empty="there is nothing to compare with")
     rules = resolve(default_baseline_rules(), base.values, of="baseline")
     newly, why = [], {}
     for r in ok:
-        m = sentence_metrics(r["pll"], r["n_words"], r["min_word_log_prob"])
-        reasons = [x for x in (rule.check(m) for rule in rules) if x]
-        if reasons:
+        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"])
+        if hit:
             newly.append(r)
-            why[id(r)] = reasons
-    beyond = sum(any(rule.fires(base.values[rule.metric][i]) for rule in rules) for i in range(base.scored))
+            why[id(r)] = reason
     return {"baseline": base, "current": cur, "metrics": compare(cur, base), "rules": [str(x) for x in rules],
-            "newly": newly, "why": why, "baseline_beyond": beyond}
+            "newly": newly, "why": why, "baseline_beyond": int(fired(rules, base.values, base.scored).sum())}
 
 
 def _baseline_section(cmp: dict[str, Any]) -> list[str]:
@@ -542,18 +539,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.lowest < 0:
         ap.error("--lowest must be >= 0")
+    from .logs import configure_cli, log
+
+    configure_cli("mlm-score report")
     try:
         info = make_report(args.result, args.output, lowest=args.lowest, title=args.title, baseline=args.baseline)
     except MlmScorerError as exc:
-        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return exc.exit_code
     except OSError as exc:
-        print(f"mlm-score report: error: {exc}", file=sys.stderr)
+        log.error(str(exc))
         return 1
-    print(f"report: {info['rows']} rows, {info['scored']} scored, {info['skipped']} skipped"
-          + (f", {info['flagged']} flagged" if info["flagged"] is not None else "")
-          + (f", {info['newly_flagged']} beyond the baseline's tails" if "newly_flagged" in info else "")
-          + f" -> {info['output']}", file=sys.stderr)
+    log.info(f"report: {info['rows']} rows, {info['scored']} scored, {info['skipped']} skipped"
+             + (f", {info['flagged']} flagged" if info["flagged"] is not None else "")
+             + (f", {info['newly_flagged']} beyond the baseline's tails" if "newly_flagged" in info else "")
+             + f" -> {info['output']}")
     return 0
 
 
