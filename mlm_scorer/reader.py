@@ -84,14 +84,15 @@ SENTENCE_COLUMNS = ("text", "n_words", "n_pieces", "n_copies", "pll", "pseudo_pe
 OUTPUT_COLUMNS = frozenset(("row", "line", *WORD_COLUMNS, *SENTENCE_COLUMNS))
 
 
-def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, header_line: str | None = None) -> None:
+def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, tsv_header: bool = False) -> None:
     """Refuse a pass-through column named like an output column (``id`` too, when ``--id-column`` names
-    another column), before anything is scored. ``header_line``: the TSV header, to point at the column."""
+    another column), before anything is scored. ``tsv_header``: the names are a TSV's header line, so the
+    message points at line 1 and the column's first character."""
     taken = set(reserved) | ({"id"} if lay.id is not None else set())
     for j in lay.passthrough:
         if lay.names[j] in taken:
             line = column = None
-            if header_line is not None:
+            if tsv_header:
                 line, column = 1, sum(len(n) + 1 for n in lay.names[:j]) + 1
             raise InputError(f"the input column {lay.names[j]!r} has the name of a column mlm-score writes, and "
                              f"every column other than the text and the id is passed through to the outputs: "
@@ -100,7 +101,7 @@ def refuse_output_names(lay: Layout, path: str, *, reserved=OUTPUT_COLUMNS, head
 
 
 def layout_for(names: list[str], text_column: str | int | None, id_column: str | int | None, path: str,
-               *, header_line: str | None = None) -> Layout:
+               *, tsv_header: bool = False) -> Layout:
     """Resolve the text and id columns against named columns (a header, a Parquet schema).
 
     The text column defaults to ``text``, or to the only column; every other column passes through (a
@@ -119,7 +120,7 @@ def layout_for(names: list[str], text_column: str | int | None, id_column: str |
     if t == i:
         raise UsageError("--text-column and --id-column name the same column")
     lay = Layout(names=names, text=t, id=i, passthrough=[j for j in range(len(names)) if j not in (t, i)])
-    refuse_output_names(lay, path, header_line=header_line)
+    refuse_output_names(lay, path, tsv_header=tsv_header)
     return lay
 
 
@@ -173,12 +174,11 @@ class TsvReader:
                 raise InputError(f"the header line is longer than {self.max_row_chars} characters: is this a "
                                  f"TSV file? (raise the limit with --max-row-chars N)", path=self.path, line=1,
                                  reason="row_too_long")
-            header_line = _decode(raw, self.path, self._line)
-            names = header_line.split("\t")
+            names = _decode(raw, self.path, self._line).split("\t")
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise InputError(f"duplicate column name(s) in the header: {dup}", path=self.path, line=1)
-            self.layout = layout_for(names, text_column, id_column, self.path, header_line=header_line)
+            self.layout = layout_for(names, text_column, id_column, self.path, tsv_header=True)
         else:
             self._peek = self._next_raw()
             n = 1 if self._peek is None else _decode_or_count(self._peek)
