@@ -290,33 +290,48 @@ class KServeEngine(RemoteEngine):
 
     def _resolve_version(self) -> int:
         want = "" if self.opts.model_version is None else str(self.opts.model_version)
-        meta = self._metadata(want)
+        try:
+            meta = self._metadata(want)
+        except ModelNotReady as exc:  # no version is ready: loading, or failed/unloaded (the index may say)
+            self._not_ready(int(want) if want else None, str(exc))
+            raise
         versions = sorted({int(v) for v in meta.get("versions") or [] if str(v).isdigit()})
         if want:
             version = int(want)
         elif versions:
             version = versions[-1]
         else:
+            self._not_ready(None, "it lists no versions")
             raise ModelNotReady(f"model {self.opts.model_name!r} lists no versions")
         if not self._ready(str(version)):
-            state, reason = self._state(version)
-            text = f"model {self.opts.model_name!r} version {version} is not ready" + (
-                f" (state {state}{': ' + reason if reason else ''})" if state else "")
-            if state in FINAL_STATES:
-                raise FatalError(text + "; it will not become ready by waiting: load it on the server")
-            raise ModelNotReady(text)
+            self._not_ready(version, "")
+            raise ModelNotReady(f"model {self.opts.model_name!r} version {version} is not ready")
         return version
 
-    def _state(self, version: int) -> tuple[str, str]:
-        """(state, reason) of the model version in the repository index, or ("", "") where it is not given."""
+    def _not_ready(self, version: int | None, said: str) -> None:
+        """Raise FatalError when the repository index shows the model in a state it will not leave by itself
+        (failed to load, unloaded), with the server's reason; return otherwise (loading: worth waiting)."""
+        state, reason, seen = self._state(version)
+        if state in FINAL_STATES:
+            what = f"model {self.opts.model_name!r}" + (f" version {seen}" if seen else "")
+            raise FatalError(f"{what} is not ready (state {state}{': ' + reason if reason else ''}); it will not "
+                             f"become ready by waiting: load it on the server" + (f". Server said: {said}" if said
+                                                                                    else ""))
+
+    def _state(self, version: int | None) -> tuple[str, str, str]:
+        """(state, reason, version) of the model in the repository index (the given version, else the
+        highest listed), or empty strings where the server does not say."""
         try:
             index = self._index()
         except (RetryableError, FatalError):
-            return "", ""
-        for entry in index or []:
-            if entry.get("name") == self.opts.model_name and str(entry.get("version") or "") in ("", str(version)):
-                return str(entry.get("state") or ""), str(entry.get("reason") or "")
-        return "", ""
+            return "", "", ""
+        rows = [e for e in index or [] if e.get("name") == self.opts.model_name
+                and (version is None or str(e.get("version") or "") in ("", str(version)))]
+        rows.sort(key=lambda e: int(e["version"]) if str(e.get("version") or "").isdigit() else -1)
+        if not rows:
+            return "", "", ""
+        e = rows[-1]
+        return str(e.get("state") or ""), str(e.get("reason") or ""), str(e.get("version") or "")
 
     def _check_config(self, cfg: dict[str, Any]) -> None:
         """Cap requests at the model's max_batch_size; compare the export identity in its parameters."""
