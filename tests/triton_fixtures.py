@@ -65,6 +65,7 @@ class TritonProcess:
         self.starts = 0
         self.ready_line = ""
         self.log_path: Path | None = None
+        self.shm_before: set[str] = set()
 
     @property
     def http_url(self) -> str:
@@ -82,6 +83,7 @@ class TritonProcess:
                 self.http_port, self.grpc_port = free_ports(2)
             self.starts += 1
             self.log_path = self.log_dir / f"{self.name}-{self.starts}.log"
+            self.shm_before = _shm_names()
             env = dict(os.environ)
             env.pop("PYTHONPATH", None)  # the Triton venv has its own numpy; the scripts find the repo themselves
             with open(self.log_path, "wb") as log:
@@ -118,11 +120,7 @@ class TritonProcess:
         self.proc.wait(timeout=30)
         self.proc = None
         _wait_group_gone(pid)
-        for shm in Path("/dev/shm").glob(f"pytrtion{pid}-*"):  # PyTriton's shared-memory regions of that process
-            try:
-                shm.unlink()
-            except OSError:
-                pass
+        _remove_orphan_shm(pid, self.shm_before)
 
     def stop(self) -> None:
         """SIGTERM (a clean shutdown), then whatever is left of the group is killed."""
@@ -133,9 +131,34 @@ class TritonProcess:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-        finally:
-            if self.proc is not None:
-                self.kill()
+        self.kill()  # the rest of the group, if any, and the shared memory PyTriton leaves even on a clean stop
+
+
+def _shm_names() -> set[str]:
+    try:
+        return {p.name for p in Path("/dev/shm").iterdir()}
+    except OSError:
+        return set()
+
+
+def _remove_orphan_shm(pid: int, before: set[str]) -> None:
+    """Shared-memory segments a killed server leaves in /dev/shm: PyTriton's regions of that process
+    (pytrtion<pid>-*) and the proxy's multiprocessing segments (psm_*) that appeared since it started and that
+    no live process maps any more."""
+    mapped = ""
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped += maps.read_text(errors="replace")
+        except OSError:
+            pass
+    for shm in Path("/dev/shm").glob("*"):
+        mine = shm.name.startswith(f"pytrtion{pid}-")
+        orphan = shm.name.startswith("psm_") and shm.name not in before and shm.name not in mapped
+        if mine or orphan:
+            try:
+                shm.unlink()
+            except OSError:
+                pass
 
 
 def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
@@ -160,11 +183,12 @@ def serve_triton_process(python: Path, export: Path, log_dir: Path, *, name: str
 
 
 def test_server_process(python: Path, log_dir: Path, workspace: Path, *, models: dict[str, Path],
-                        bare: dict[str, Path] = {}, max_batch_size: int = 16) -> TritonProcess:  # noqa: B006
+                        bare: dict[str, Path] = {}, max_batch_size: int = 16,  # noqa: B006
+                        extra: tuple[str, ...] = ()) -> TritonProcess:
     """tests/triton_server.py: several exports, some without their identity in the configuration."""
     def argv(h: int, g: int, n: int) -> list[str]:
         cmd = [str(python), str(TESTS / "triton_server.py"), "--http-port", str(h), "--grpc-port", str(g),
-               "--workspace", str(workspace / f"ws-{n}"), "--max-batch-size", str(max_batch_size)]
+               "--workspace", str(workspace / f"ws-{n}"), "--max-batch-size", str(max_batch_size), *extra]
         for n, p in models.items():
             cmd += ["--model", f"{n}={p}"]
         for n, p in bare.items():

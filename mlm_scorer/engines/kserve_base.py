@@ -19,9 +19,10 @@ the model is loading:
    request size at its ``max_batch_size``, and the export identity it carries in ``parameters``
    (``mlm_scorer.model_checksum``, ``vocab_sha256``, ``vocab_size``, ``top_k``; written by
    ``mlm_export.triton_repo`` and ``scripts/serve_triton.py``) must be the local export's;
-5. probes through the model itself (``check_model``): target id V-1 scores, target id V does not, the top-k
-   width and ids fit the local vocabulary, and the export's identity probe gives the recorded log-probs
-   within ``IDENTITY_TOLERANCE``.
+5. probes through the model itself (``check_model``): a copy any vocabulary scores (target id 0) is
+   answered (else the error is the server's, e.g. a missing access header, not the vocabulary's), target
+   id V-1 scores, target id V does not, the top-k width and ids fit the local vocabulary, and the export's
+   identity probe gives the recorded log-probs within ``IDENTITY_TOLERANCE``.
 
 Every response is validated before its numbers are used (``validate_outputs``): the requested outputs,
 each once, with the expected datatype, exact shape ([B,P] / [B,P,k]) and byte count; log-probs finite and
@@ -40,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import EngineError, ModelError, UsageError
+from ..errors import ModelError, UsageError
 from ..model_dir import ModelDir
 from ._remote import (LOG_PROBS, TOP_K_OUTPUTS, FatalError, RemoteEngine, RemoteOptions, RetryableError,
                       TensorInfo, check_signature, probe_batch, with_retries)
@@ -381,6 +382,11 @@ class KServeEngine(RemoteEngine):
         """Probe that the served model is the local export: its vocabulary size (target ids V-1 and V), its
         top-k width, and the export's identity probe (raises ModelError naming what differs)."""
         V, where = self._vocab, f"{self._where} vs local export {self.model.path}"
+        # First a copy any vocabulary can score (target id 0): an error here is not about the vocabulary (a
+        # missing access header, a broken model), and says so instead of being read as a smaller vocabulary.
+        first = self._raw(probe_batch(self.model, 0), [LOG_PROBS])
+        if isinstance(first, Exception):
+            raise ModelError(f"{self._where}: the server does not answer a plain inference request: {first}")
         got = self._raw(probe_batch(self.model, V - 1), [LOG_PROBS, "top_k_ids"])
         if isinstance(got, Exception):
             raise ModelError(f"{where}: the server cannot score target id {V - 1} (the local vocabulary has {V} "
@@ -411,12 +417,19 @@ class KServeEngine(RemoteEngine):
             log.warning("%s: the export records no identity probe; only its vocabulary size was compared", where)
             return
         batch, expected = probe
-        try:
-            got = self._retry(lambda: self._predict_once(batch.as_dict(), [LOG_PROBS]), "identity probe")[LOG_PROBS]
-        except EngineError as exc:
-            raise ModelError(f"{where}: the served model cannot score the export's identity probe ({exc}): "
-                             f"another model is being served") from None
-        diff = probe_diff(got, expected)
+        inputs = {n: np.ascontiguousarray(a, np.int32) for n, a in batch.as_dict().items()}
+
+        def attempt() -> dict[str, np.ndarray] | Exception:
+            try:
+                return self._predict_once(inputs, [LOG_PROBS])
+            except (FatalError, ServerAnswered) as exc:  # an answer, but not log-probs: another model
+                return exc
+
+        got = self._retry(attempt, "identity probe")  # unreachable past the budget: EngineError, as any request
+        if isinstance(got, Exception):
+            raise ModelError(f"{where}: the served model cannot score the export's identity probe ({got}): "
+                             f"another model is being served")
+        diff = probe_diff(got[LOG_PROBS], expected)
         if not diff <= IDENTITY_TOLERANCE:
             raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the export by "
                              f"up to {diff:.3g} (allowed {IDENTITY_TOLERANCE:g}): different weights are being served")
@@ -426,10 +439,14 @@ class KServeEngine(RemoteEngine):
         with self._recheck_lock:
             if not self._suspect:
                 return
-            self._suspect = False
             log.warning("%s: the connection was lost; checking that the server still serves the local export",
                         self._where)
-            self._identity(f"{self._where} after reconnecting")
+            self._suspect = False  # a failure during the probe sets it again
+            try:
+                self._identity(f"{self._where} after reconnecting")
+            except BaseException:
+                self._suspect = True
+                raise
 
     # scoring ------------------------------------------------------------------------------------------
     def _request_id(self) -> str:
@@ -478,16 +495,19 @@ def detect_protocol(server: str, options: dict[str, Any], *, sleep: Callable[[fl
     opts_in = {k: v for k, v in options.items() if k in _OPTION_NAMES}
     opts_in["server"] = server
     scheme = server.split("://", 1)[0].lower() if "://" in server else "http"
-    if scheme in ("grpc", "grpcs"):
-        from .kserve_grpc import detect as attempt_factory
+    engine = "kserve_grpc" if scheme in ("grpc", "grpcs") else "kserve_http"
+    try:
+        if engine == "kserve_grpc":
+            from .kserve_grpc import detect as attempt_factory
+        else:
+            from .kserve_http import detect as attempt_factory
+    except ImportError as exc:
+        from ..errors import MissingDependencyError
 
-        engine = "kserve_grpc"
-        schemes = {"grpc": 8001, "grpcs": 8001}
-    else:
-        from .kserve_http import detect as attempt_factory
-
-        engine = "kserve_http"
-        schemes = {"http": 8000, "https": 8000}
+        extra = "kserve" if engine == "kserve_grpc" else "serving"
+        raise MissingDependencyError(f"talking to {server} needs {exc.name or exc}: pip install "
+                                     f"'mlm-scorer[{extra}]'") from None
+    schemes = {"grpc": 8001, "grpcs": 8001} if engine == "kserve_grpc" else {"http": 8000, "https": 8000}
     o = RemoteOptions.parse(engine, {k: v for k, v in opts_in.items() if k not in HEADER_OPTIONS}, schemes=schemes)
     headers = read_headers(opts_in.get("headers"), opts_in.get("headers_file"), engine=engine)
     attempt = attempt_factory(o, headers)

@@ -104,6 +104,10 @@ class KServeGrpcEngine(KServeEngine):
             text = f"{method}: {code.name}: {detail}"
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 text += f" (deadline {self.opts.timeout:g}s)"
+            if "is restricted, expecting header" in detail:  # Triton's access restriction answers UNAVAILABLE
+                raise FatalError(text + " (give it with --engine-option headers='NAME: VALUE'; over gRPC Triton "
+                                        "expects the key of --grpc-restricted-protocol prefixed with "
+                                        "triton-grpc-protocol-)") from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise Disconnected(text) from None
             if code in RETRY_CODES:
