@@ -38,8 +38,13 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 "$VENV/bin/python" - <<'PY'
-import importlib.metadata as m, sysconfig
+import glob, importlib.metadata as m, sys, sysconfig
 for p in ("nvidia-pytriton", "tritonclient", "numpy", "onnxruntime"):
     print(f"{p}=={m.version(p)}")
-print("libpython dir:", sysconfig.get_config_var("LIBDIR"))
+libdir = sysconfig.get_config_var("LIBDIR")
+ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+if not glob.glob(f"{libdir}/libpython{ver}*.so*"):
+    sys.exit(f"triton_env.sh: {libdir} has no libpython{ver}.so, which Triton's Python-backend stub loads: use a "
+             f"Python built with --enable-shared (PYTHON=... bash scripts/triton_env.sh)")
+print("libpython dir:", libdir)
 PY
