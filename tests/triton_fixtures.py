@@ -171,13 +171,13 @@ def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def serve_triton_process(python: Path, export: Path, log_dir: Path, *, name: str = "bert",
+def serve_triton_process(python: Path, export: Path, log_dir: Path, *, name: str = "bert", threads: int = 1,
                          extra: tuple[str, ...] = ()) -> TritonProcess:
     """scripts/serve_triton.py EXPORT as a user runs it (each start in a fresh PyTriton workspace under
     ``log_dir``, so that a killed server leaves nothing elsewhere)."""
     return TritonProcess(lambda h, g, n: [str(python), str(REPO / "scripts" / "serve_triton.py"), str(export),
                                           "--name", name, "--host", "127.0.0.1", "--http-port", str(h),
-                                          "--grpc-port", str(g), "--threads", "1",
+                                          "--grpc-port", str(g), "--threads", str(threads),
                                           "--workspace", str(log_dir / f"ws-{name}-{n}"), *extra],
                          log_dir, name=f"serve_triton-{name}")
 
