@@ -223,6 +223,38 @@ def test_plain_mlm_score_detects_triton_and_equals_the_in_process_engine(scheme,
     _same_outputs(ref, out)
 
 
+@pytest.fixture(scope="module")
+def tf_serving(bert_export, root):
+    """The TF Serving stand-in (tests/tfserving_standin) serving the same export."""
+    from tfserving_standin import StandIn
+
+    tfs = StandIn({"bert": bert_export}, root).start()
+    yield tfs
+    tfs.stop()
+
+
+def test_protocol_detection(server, tf_serving):
+    """Triton answers as a KServe v2 server over HTTP and gRPC; the TF Serving stand-in as TF Serving, so a
+    plain --server URL keeps reaching TF Serving through its own clients."""
+    from mlm_scorer.engines.kserve_base import detect_protocol, server_engine
+
+    assert detect_protocol(server.http_url, {"model_name": "bert"}) == "kserve"
+    assert detect_protocol(server.grpc_url, {}) == "kserve"
+    assert detect_protocol(tf_serving.rest_url, {"model_name": "bert"}) == "tfserving"
+    assert server_engine(tf_serving.rest_url, "auto", {"model_name": "bert"}) == "rest"
+    assert server_engine(tf_serving.grpc_url, "auto", {"model_name": "bert"}) == "grpc"
+
+
+def test_kserve_engine_against_tf_serving_says_so(bert_export, tf_serving):
+    md = ModelDir.open(bert_export)
+    t = time.monotonic()
+    with pytest.raises(ModelError, match=r"/v2/health/live.*is it a KServe v2 server"):
+        get_engine("kserve_http", model=md, server=tf_serving.rest_url, model_name="bert", retry_budget=30)
+    with pytest.raises(ModelError, match="ServerLive: UNIMPLEMENTED"):
+        get_engine("kserve_grpc", model=md, server=tf_serving.grpc_url, model_name="bert", retry_budget=30)
+    assert time.monotonic() - t < 10
+
+
 def test_protocol_flag(server, bert_export, tmp_path):
     tsv = write_tsv(tmp_path / "in.tsv", [["0", "The cat sat on the mat."]])
     r = _mlm_score(str(tsv), "-o", str(tmp_path / "a.parquet"), "--model", str(bert_export), "--server",
@@ -415,3 +447,4 @@ def test_a_model_that_is_not_ready(kind, zoo, certs, bert_export):
                                           r"(no available versions|not ready|not at ready state)"):
         _zoo_engine(kind, zoo, certs, md, "spare", retry_budget=2)
     assert time.monotonic() - t < 10
+

@@ -291,3 +291,86 @@ def test_an_answer_larger_than_the_request_allows_is_refused(declared):
                 call(s, "POST", srv.url, timeout=10.0, connect_timeout=1.0, limit=10_000, body=b"{}")
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------------------------------ light path
+
+def test_the_kserve_clients_import_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; import mlm_scorer.engines.kserve_http, mlm_scorer.engines.kserve_grpc, mlm_scorer.cli; "
+            "print(sorted(m for m in ('tensorflow', 'torch', 'onnxruntime', 'tritonclient') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+@pytest.mark.parametrize("argv,message", [
+    (["--protocol", "kserve"], "--protocol applies to --server"),
+    (["--server", "grpc://h:8001", "--engine", "kserve_http"], "is a grpc URL but --engine is kserve_http"),
+    (["--server", "http://h:8000", "--engine", "rest", "--protocol", "kserve"],
+     "--engine rest speaks tfserving, not --protocol kserve"),
+    (["--engine", "kserve_grpc"], "--engine kserve_grpc needs --server URL"),
+    (["--server", "http://h:8000"], "needs --model pointing at a local copy of the export"),
+    (["--server", "http://h:8000", "--protocol", "triton"], "invalid choice: 'triton'"),
+])
+def test_protocol_flag_usage_errors(argv, message, capsys, tmp_path):
+    from mlm_scorer.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main([str(tmp_path / "in.tsv"), "-o", str(tmp_path / "o.parquet"), *argv])
+    assert ei.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,engine", [
+    (["--server", "http://h:8000", "--protocol", "kserve"], "kserve_http"),
+    (["--server", "grpcs://h:8001", "--protocol", "kserve"], "kserve_grpc"),
+    (["--server", "http://h:8501", "--protocol", "tfserving"], "rest"),
+    (["--server", "grpc://h:8500"], "auto"),
+    (["--server", "grpc://h:8001", "--engine", "kserve_grpc"], "kserve_grpc"),
+    (["--server", "http://h:8501", "--engine", "rest", "--protocol", "auto"], "rest"),
+])
+def test_protocol_flag_picks_the_engine(argv, engine, tmp_path):
+    from mlm_scorer.cli import _engine_options, build_parser
+
+    ap = build_parser()
+    args = ap.parse_args([str(tmp_path / "in.tsv"), "-o", str(tmp_path / "o.parquet"), *argv])
+    assert _engine_options(args, ap)[0] == engine
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+def test_detection_refuses_a_server_that_speaks_neither_protocol(tmp_path):
+    import functools
+    import http.server
+
+    from mlm_scorer.engines.kserve_base import detect_protocol
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with pytest.raises(UsageError, match=r"answers neither KServe v2 .*HTTP 404.* nor TF Serving .*pass --protocol"):
+            detect_protocol(url, {"model_name": "bert", "retry_budget": 1})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_detection_of_a_server_that_is_down_stops_within_the_budget(scheme):
+    from triton_fixtures import free_ports
+
+    from mlm_scorer.engines.kserve_base import detect_protocol
+    from mlm_scorer.errors import EngineError
+
+    port = free_ports(1)[0]
+    t = time.monotonic()
+    with pytest.raises(EngineError, match=rf"detecting the protocol of {scheme}://127.0.0.1:{port}: gave up after"):
+        detect_protocol(f"{scheme}://127.0.0.1:{port}", {"retry_budget": 1, "backoff_max": 0.2})
+    assert time.monotonic() - t < 5

@@ -193,8 +193,12 @@ class KServeHttpEngine(KServeEngine):
             raise RetryableError(f"HTTP 200 from {method} {url} with a body that is not JSON ({len(data)} bytes)") from None
 
     def _live(self) -> bool:
-        status, _, _ = call(self._session, "GET", f"{self._base}/v2/health/live", timeout=self.opts.timeout,
-                            connect_timeout=self.opts.connect_timeout, limit=CONTROL_LIMIT)
+        url = f"{self._base}/v2/health/live"
+        status, _, data = call(self._session, "GET", url, timeout=self.opts.timeout,
+                               connect_timeout=self.opts.connect_timeout, limit=CONTROL_LIMIT)
+        if status in (400, 401, 403, 404, 405):  # a server, but not KServe v2 (or it refuses us): waiting won't help
+            raise FatalError(error_text(status, data, "GET", url) + " (is it a KServe v2 server? TF Serving: "
+                                                                      "--protocol tfserving)")
         return status == 200
 
     def _metadata(self, version: str) -> dict[str, Any]:
