@@ -284,6 +284,7 @@ class KServeEngine(RemoteEngine):
             self._check_config(cfg)
         if o.check_model:
             self.check_model()
+        self._suspect = False  # a connection lost during these checks: the checks themselves ran after it
         log.info("%s engine: %s, version %d ready (%s), signature ok%s", self.name, o.describe(), version,
                  self.platform or "platform unknown",
                  f", max_batch_size {self.server_max_batch_size}" if self.server_max_batch_size else "")
