@@ -248,16 +248,37 @@ class _BadServer:
             except OSError:
                 return
             with conn:
-                conn.recv(65536)
                 try:
+                    self._read_request(conn)
                     conn.sendall(self.head)
                     for i in range(0, len(self.body), self.chunk):
                         if self.stop.is_set():
                             return
                         conn.sendall(self.body[i:i + self.chunk])
                         time.sleep(self.pause)
+                    conn.shutdown(socket.SHUT_WR)  # then wait for the client to close: no reset of unread data
+                    conn.settimeout(5)
+                    while conn.recv(65536):
+                        pass
                 except OSError:
                     pass
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = conn.recv(65536)
+            if not more:
+                raise OSError("the client closed before its request was complete")
+            data += more
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            more = conn.recv(65536)
+            if not more:
+                raise OSError("the client closed before its request was complete")
+            body += more
 
     def close(self):
         self.stop.set()

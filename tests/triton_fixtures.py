@@ -122,13 +122,14 @@ class TritonProcess:
         _wait_group_gone(pid)
         _remove_orphan_shm(pid, self.shm_before)
 
-    def stop(self) -> None:
-        """SIGTERM (a clean shutdown), then whatever is left of the group is killed."""
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM (a clean shutdown) and ``grace`` seconds to finish, then whatever is left of the group is
+        killed."""
         if self.proc is None:
             return
         try:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
+            self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             pass
         self.kill()  # the rest of the group, if any, and the shared memory PyTriton leaves even on a clean stop
