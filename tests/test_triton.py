@@ -319,7 +319,8 @@ def test_run_rides_through_a_restart_and_checks_the_model_again(server, bert_exp
     out = tmp_path / "out.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "mlm_scorer", str(tsv), "-o", str(out), "--model", str(bert_export),
                              "--server", server.grpc_url, "--model-name", "bert", "--id-column", "id", "--chunk-rows",
-                             "16", "--retry-budget", "240", "--concurrency", "3", "--mode", "token"],
+                             "16", "--retry-budget", "240", "--concurrency", "3", "--mode", "token",
+                             "--engine-option", "backoff_max=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_parts(out, proc)
     server.kill()
