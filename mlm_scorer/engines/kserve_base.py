@@ -246,11 +246,7 @@ class KServeEngine(RemoteEngine):
         return [(v, "AVAILABLE" if self._ready(str(v)) else "NOT_READY", "") for v in versions]
 
     def _fetch_signature(self) -> dict[str, dict[str, TensorInfo]]:
-        version = str(self.pinned_version or self.opts.model_version or "")
-        meta = self._metadata(version)
-        return {kind: {t["name"]: TensorInfo(DATATYPES.get(t.get("datatype", ""), str(t.get("datatype"))),
-                                             len(t.get("shape") or []))
-                       for t in meta.get(kind) or []} for kind in ("inputs", "outputs")}
+        return signature_of(self._metadata(str(self.pinned_version or self.opts.model_version or "")))
 
     # start-up -----------------------------------------------------------------------------------------
     @property
@@ -267,13 +263,10 @@ class KServeEngine(RemoteEngine):
 
         self._retry(live, "server liveness", ModelError)
         version = self._retry(self._resolve_version, "model readiness", ModelError)
-        self.pinned_version = version
+        self.pinned_version = o.model_version = version  # every later call names it (and so do the messages)
         meta = self._retry(lambda: self._metadata(str(version)), "model metadata", ModelError)
         self.platform = str(meta.get("platform") or "")
-        served = {kind: {t["name"]: TensorInfo(DATATYPES.get(t.get("datatype", ""), str(t.get("datatype"))),
-                                               len(t.get("shape") or []))
-                         for t in meta.get(kind) or []} for kind in ("inputs", "outputs")}
-        check_signature(served, self.model, want_top_k=self.want_top_k, opts=o)
+        check_signature(signature_of(meta), self.model, want_top_k=self.want_top_k, opts=o)
         for t in meta.get("outputs") or []:
             shape = list(t.get("shape") or [])
             if t.get("name") in TOP_K_OUTPUTS and len(shape) == 3 and shape[2] >= 0 and shape[2] != self._k:
@@ -479,6 +472,15 @@ class KServeEngine(RemoteEngine):
         if self.want_top_k:
             res.top_k_ids, res.top_k_log_probs = out["top_k_ids"], out["top_k_log_probs"]
         return res
+
+
+def signature_of(meta: dict[str, Any]) -> dict[str, dict[str, TensorInfo]]:
+    """KServe model metadata -> {"inputs"/"outputs": {name: TensorInfo(numpy dtype name, rank)}}, the form
+    ``_remote.check_signature`` compares (the rank counts the batch dimension, as the metadata's shape does)."""
+    return {kind: {t["name"]: TensorInfo(DATATYPES.get(t.get("datatype", ""), str(t.get("datatype"))),
+                                         len(t.get("shape") or []))
+                   for t in meta.get(kind) or [] if isinstance(t, dict) and "name" in t}
+            for kind in ("inputs", "outputs")}
 
 
 def _short(value: Any) -> str:
