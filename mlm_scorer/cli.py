@@ -21,6 +21,7 @@ EPILOG = """examples:
   mlm-score input.parquet -o probs.parquet --text-column sentence --id-column id
   mlm-score input.tsv -o probs.parquet --text-column sentence --id-column id --on-bad-row skip --top-k 5
   mlm-score input.tsv -o probs.parquet --server http://localhost:8501 --model-name bert --model models/bert
+  mlm-score input.tsv -o probs.parquet --server grpc://localhost:8001 --model-name bert --model models/bert  # Triton
 
 subcommands:
   mlm-score report probs.parquet -o report.html   # a self-contained HTML data-quality report
@@ -52,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported once into the cache (default: bert-base-uncased)")
     m.add_argument("--model-version", type=int, default=None, help="version subdirectory (default: the highest)")
     m.add_argument("--engine", default=None,
-                   help="saved_model (default, in-process), rest, grpc, onnx, tensorrt, torch; "
-                        "--server picks rest or grpc from its URL")
-    m.add_argument("--server", help="TF Serving URL: http(s)://host:8501 (REST) or grpc(s)://host:8500 (gRPC)")
-    m.add_argument("--model-name", help="model name on the server (TF Serving's --model_name)")
+                   help="saved_model (default, in-process), rest, grpc, kserve_http, kserve_grpc, onnx, tensorrt, "
+                        "torch; --server picks the server engine from its URL and protocol")
+    m.add_argument("--server", help="server URL: http(s)://host:port (REST) or grpc(s)://host:port (gRPC) of TF "
+                                    "Serving (8501/8500) or Triton / another KServe v2 server (8000/8001)")
+    m.add_argument("--protocol", choices=["auto", "kserve", "tfserving"], default=None,
+                   help="what --server speaks: auto (default: ask the server), kserve (KServe v2: Triton), "
+                        "tfserving")
+    m.add_argument("--model-name", help="model name on the server (TF Serving's --model_name, Triton's model)")
     m.add_argument("--concurrency", type=int, help="requests in flight to a server")
     m.add_argument("--timeout", type=float, help="seconds per request to a server")
     m.add_argument("--retry-budget", type=float, help="seconds to keep retrying a failing request")
@@ -137,11 +142,18 @@ def _engine_options(args, ap) -> tuple[str, dict]:
         implied = {"http": "rest", "https": "rest", "grpc": "grpc", "grpcs": "grpc"}.get(scheme)
         if implied is None:
             ap.error(f"--server must start with http://, https://, grpc:// or grpcs://, got {args.server!r}")
-        if engine and engine != implied:
+        kserve = "kserve_grpc" if implied == "grpc" else "kserve_http"
+        protocol = {implied: "tfserving", kserve: "kserve"}
+        if engine and engine not in protocol:
             ap.error(f"--server {args.server} is a {implied} URL but --engine is {engine}")
-        engine = implied
-    elif engine in ("rest", "grpc"):
+        if engine and args.protocol not in (None, "auto", protocol[engine]):
+            ap.error(f"--engine {engine} speaks {protocol[engine]}, not --protocol {args.protocol}")
+        if not engine:  # "auto": the server is asked (main, once logging is set up)
+            engine = {"tfserving": implied, "kserve": kserve}.get(args.protocol or "auto", "auto")
+    elif engine in ("rest", "grpc", "kserve_http", "kserve_grpc"):
         ap.error(f"--engine {engine} needs --server URL")
+    elif args.protocol:
+        ap.error("--protocol applies to --server")
     return engine or "saved_model", opts
 
 
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     engine, opts = _engine_options(args, ap)
-    if args.model is None and engine in ("rest", "grpc"):
+    if args.model is None and engine in ("rest", "grpc", "kserve_http", "kserve_grpc", "auto"):
         ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
     for flag in ("batch_tokens", "chunk_rows"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -228,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.summary_json:
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = flag_rules(args)
+        if engine == "auto":  # TF Serving or KServe v2: what the server answers (kserve_base.detect_protocol)
+            from .engines.kserve_base import server_engine
+
+            engine = server_engine(args.server, "auto", opts, log_fn=log.info)
         with sigterm_as_interrupt():
             summary = score_file(
                 args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,

@@ -381,6 +381,8 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "onnx": ("mlm_scorer.engines.ort:OnnxEngine", "onnx"),
     "tensorrt": ("mlm_scorer.engines.trt:TensorRTEngine", "tensorrt"),
     "torch": ("mlm_scorer.engines.torch_engine:TorchEngine", "torch"),
+    "kserve_http": ("mlm_scorer.engines.kserve_http:KServeHttpEngine", "serving"),
+    "kserve_grpc": ("mlm_scorer.engines.kserve_grpc:KServeGrpcEngine", "kserve"),
 }
 
 
