@@ -198,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score check", quiet=args.quiet)
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        if args.json:
+            from .report import check_report_target
+
+            check_report_target(args.json, "the --json file", args.result, args.baseline)
         r = run_check(args.result, baseline=args.baseline, rules=rules or None, max_flagged_rate=args.max_flagged_rate,
                       max_skipped_rate=args.max_skipped_rate, max_shift=args.max_shift,
                       shift_alpha=args.shift_alpha, max_psi=args.max_psi)
         if args.json:
-            atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode())
+            atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode(), what="the --json file")
     except MlmScorerError as exc:
         log.error(str(exc))
         return exc.exit_code

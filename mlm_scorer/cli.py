@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError
+    from .fsutil import check_target
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
         if args.summary_json:
+            check_target(args.summary_json, "the --summary-json file")
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = flag_rules(args)
         with sigterm_as_interrupt():
@@ -254,10 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
         return internal_error(exc)
-    if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary.to_dict(), f, indent=2)
     log.info(summary.line())
+    if args.summary_json:
+        from .fsutil import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(args.summary_json, (json.dumps(summary.to_dict(), indent=2) + "\n").encode(),
+                               what="the --summary-json file")
+        except (OSError, MlmScorerError) as exc:
+            log.error(f"the outputs are written ({summary.output}, {summary.sentences_output}), but the summary "
+                      f"could not be written to {args.summary_json}: {exc}")
+            return getattr(exc, "exit_code", 1) if isinstance(exc, MlmScorerError) else 1
     return 0
 
 

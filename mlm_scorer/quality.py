@@ -369,9 +369,28 @@ class RunQuantiles:
                 old = json.loads(meta.get(b"mlm_scorer", b"{}"))
                 meta[b"mlm_scorer"] = json.dumps({**old, **metadata}, sort_keys=True).encode()
                 t = t.replace_schema_metadata(meta)
-            tmp = p.with_name(f".{p.name}.tmp")
-            pq.write_table(t, tmp, compression="zstd")
-            os.replace(tmp, p)
+            atomic_write_parquet(t, p)
+
+
+def atomic_write_parquet(table, path: str | os.PathLike, what: str = "a result file") -> None:
+    """Write ``table`` to ``path`` under the run's own temporary name (created exclusively), then rename it
+    into place (``fsutil.replace_file``: ``path`` must be absent or a regular file)."""
+    import pyarrow.parquet as pq
+
+    from .fsutil import create_exclusive, default_file_mode, identity, replace_file, safe_unlink, temp_path
+
+    tmp = temp_path(path)
+    fd = create_exclusive(tmp, default_file_mode())
+    made = identity(os.fstat(fd))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        replace_file(tmp, path, what)
+    except BaseException:
+        safe_unlink(tmp, identity_of=made)
+        raise
 
 
 # ------------------------------------------------------------------------------------------ statistics
