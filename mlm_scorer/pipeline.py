@@ -11,7 +11,6 @@ Memory is bounded by the chunk size (rows) and the queue depth, not by the input
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import queue
 import signal
@@ -30,7 +29,7 @@ from .progress import Progress
 from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
 from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
-from .writer import ResultWriter, check_output_path, pseudo_perplexity
+from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
 
 ON_BAD_ROW = ("fail", "skip")
 #: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
@@ -366,9 +365,20 @@ def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int 
                      numerics=numerics(engine, opts))
     try:
         return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
-                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size))
+                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size), server=server_of(opts))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def server_of(engine_options: dict[str, Any]) -> str | None:
+    """Where an engine that asks a server gets its answers ("http://host:8501 model bert version 3"), from its
+    options; None for an in-process engine."""
+    server = engine_options.get("server")
+    if not server:
+        return None
+    where = f"{server} model {engine_options.get('model_name') or 'bert'}"
+    version = engine_options.get("model_version")
+    return where + (f" version {version}" if version not in (None, "", "latest") else "")
 
 
 def _progress_total(reader, input_path: str, limit: int | None) -> int | None:
@@ -560,7 +570,7 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
             W["n_pieces"].append(int(npieces[w]))
             lp = float(wlp[w])
             W["log_prob"].append(lp)
-            W["prob"].append(math.exp(lp))
+            W["prob"].append(exp(lp))
             if scorer.top_k:
                 W["top_k"].append([{"token": vocab[i], "log_prob": float(v)}
                                    for i, v in zip(res.top_k_ids[w], res.top_k_log_probs[w]) if i >= 0])

@@ -136,9 +136,11 @@ def parse_rule(spec: str, op: str) -> FlagRule:
 
 
 def sentence_metrics(pll: float, n_words: int, min_word_log_prob: float) -> dict[str, float]:
+    from .writer import exp, pseudo_perplexity
+
     return {
-        "pseudo_perplexity": math.exp(-pll / n_words),
-        "min_word_prob": math.exp(min_word_log_prob),
+        "pseudo_perplexity": pseudo_perplexity(pll, n_words),
+        "min_word_prob": exp(min_word_log_prob),
         "min_word_log_prob": min_word_log_prob,
         "mean_word_log_prob": pll / n_words,
         "pll": pll,
@@ -198,7 +200,9 @@ def metric_array(table, metric: str):
     if metric == "pseudo_perplexity":
         return col("pseudo_perplexity")
     if metric == "min_word_prob":  # math.exp, as the per-row rules compute it: the same value to the bit
-        return np.fromiter((math.exp(x) for x in col("min_word_log_prob")), np.float64, table.num_rows)
+        from .writer import exp
+
+        return np.fromiter((exp(x) for x in col("min_word_log_prob")), np.float64, table.num_rows)
     if metric == "mean_word_log_prob":
         with np.errstate(invalid="ignore", divide="ignore"):
             return col("pll") / col("n_words")

@@ -34,6 +34,7 @@ from typing import Any
 from .errors import MlmScorerError, UsageError
 from .fsutil import atomic_write_bytes
 from .results import read_table as _read
+from .writer import exp as _exp
 from .results import result_paths as _paths
 from .results import settings as _settings
 
@@ -237,7 +238,7 @@ def highlight(text: str, words: list[dict], *, floor: float, least: int | None) 
         lp = w["log_prob"]
         l10 = lp / math.log(10) if lp is not None and math.isfinite(lp) else floor
         cls = "w least" if w["word_index"] == least else "w"
-        tip = f"{text[a:b]}: p = {math.exp(lp):.3g} (log p = {lp:.3f})" if lp is not None else text[a:b]
+        tip = f"{text[a:b]}: p = {_exp(lp):.3g} (log p = {lp:.3f})" if lp is not None else text[a:b]
         out.append(f'<span class="{cls}" style="background:{_colour(l10, floor)}" title="{html.escape(tip)}">'
                    f'{html.escape(text[a:b])}</span>')
         pos = b
@@ -390,7 +391,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
                 cells.append(f"<td>{esc(str(r['id'])) if r['id'] is not None else ''}</td>")
             cells += [f'<td class="num">{_num(r["pseudo_perplexity"])}</td>',
                       f'<td class="num">{_num(r["pll"], ".2f")}</td>',
-                      f'<td class="num">{_num(math.exp(r["min_word_log_prob"]), ".3g")}</td>']
+                      f'<td class="num">{_num(_exp(r["min_word_log_prob"]), ".3g")}</td>']
             if flag_head:
                 why = flag_text(r)
                 cells.append(f'<td class="flag">{esc(why)}</td>' if why else "<td></td>")
@@ -415,7 +416,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     out.append(histogram_svg([r["pseudo_perplexity"] for r in ok], title="Pseudo-perplexity per sentence (log scale)",
                              x_label="pseudo-perplexity = exp(−PLL / words); higher is less likely",
                              css_class="hist pppl"))
-    out.append(histogram_svg([math.exp(r["min_word_log_prob"]) for r in ok if r["min_word_log_prob"] is not None],
+    out.append(histogram_svg([_exp(r["min_word_log_prob"]) for r in ok if r["min_word_log_prob"] is not None],
                              title="Probability of each sentence's least likely word (log scale)",
                              x_label="min word probability; lower is less likely", css_class="hist minp"))
     out.append("</div></section>")

@@ -412,13 +412,17 @@ def _diff(what: str, old: dict, new: dict) -> list[str]:
     return out
 
 
+def exp(x: float) -> float:
+    """``math.exp`` that gives +inf where the result exceeds the largest float (an impossible log-prob read
+    from a damaged result) instead of raising OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def pseudo_perplexity(pll: float, n_words: int) -> float:
     """exp(-pll / n_words): +inf where that exceeds the largest float (a mean word log-prob below about
     -709.78, e.g. one word of many unlikely pieces), NaN without words."""
-    if not n_words:
-        return float("nan")
-    try:
-        return math.exp(-pll / n_words)
-    except OverflowError:
-        return math.inf
+    return exp(-pll / n_words) if n_words else float("nan")
 
