@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, opts = _engine_options(args, ap)
     if args.model is None and engine in ("rest", "grpc"):
         ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
-    for flag in ("batch_tokens", "chunk_rows"):
+    for flag in ("batch_tokens", "chunk_rows", "max_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:

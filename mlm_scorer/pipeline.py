@@ -11,6 +11,7 @@ Memory is bounded by the chunk size (rows) and the queue depth, not by the input
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import queue
 import signal
@@ -32,6 +33,8 @@ from .scorer import Scorer, SentenceResult
 from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
 
 ON_BAD_ROW = ("fail", "skip")
+#: Unknown words kept (as written) per run, for the cause the unknown-words warning names.
+UNKNOWN_SAMPLES = 50
 #: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
 #: per chunk stays bounded however long the rows are (up to ``max_row_chars`` each).
 CHUNK_CHARS = 1 << 18
@@ -69,7 +72,10 @@ class ScoreSummary:
     resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
     resume_note: str | None = None  # committed parts a resume found damaged (discarded, scored again)
     flag_rules: list[str] = field(default_factory=list)  # as applied: percentiles with the value taken
+    unknown_words: int = 0  # scored words whose pieces include the unknown token ([UNK])
+    warnings: list[str] = field(default_factory=list)  # what the run warned about (also logged)
     _pll_sum: float = field(default=0.0, repr=False)
+    _unknown_samples: list[str] = field(default_factory=list, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
 
     MAX_LISTED = 20
@@ -104,6 +110,7 @@ class ScoreSummary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("_pll_sum", None)
+        d.pop("_unknown_samples", None)
         d["copies_per_second"] = self.copies_per_second
         return d
 
@@ -138,7 +145,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     Refuses (UsageError, before anything is touched) an input that is a file the run would replace or
     delete. A stream (stdin, a pipe, a FIFO) is read once; its committed prefix is checked on resume.
     """
-    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit)
+    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit,
+                   max_row_chars=max_row_chars, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
     out = check_output_path(output, input_path, also=cache_files(score_cache))
     t0 = time.perf_counter()
     reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
@@ -150,11 +158,15 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                                  engine_options=engine_options, mode=mode, top_k=top_k, batch_tokens=batch_tokens,
                                  max_batch_size=max_batch_size, cache_dir=cache_dir, dedupe_cache=dedupe_cache,
                                  score_cache=score_cache, log=log)
-        rules = _flag_rules(flag_rules, baseline, scorer)
+        notes: list[str] = []
+        rules = _flag_rules(flag_rules, baseline, scorer, notes)
+        for n in notes:  # said before the run: a baseline's percentile of too few rows
+            _log_warning(n)
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
                        limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
                        resume=resume, baseline=None if baseline is None else str(baseline))
+        summary.warnings[:0] = notes
         summary.load_seconds = load_seconds + getattr(scorer.engine, "open_seconds", 0.0)
         summary.seconds += load_seconds
         return summary
@@ -274,6 +286,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             writer.commit(transform=second.apply, metadata={"flag_rules": second.rule_strings})
             summary.flagged = second.flagged
             flag_rules = second.rules
+            warn(summary, second.notes)
         summary.flag_rules = [str(r) for r in flag_rules]
     except BaseException as exc:
         stop.set()
@@ -294,10 +307,16 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     return summary
 
 
-def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None) -> None:
+def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None,
+                   max_row_chars: int = MAX_ROW_CHARS, max_batch_size: int | None = None,
+                   batch_tokens: int | None = None) -> None:
     """Refuse (UsageError) an option out of its range: ``score_file``'s and ``score_frame``'s."""
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    for name, v in (("chunk_rows", chunk_rows), ("max_row_chars", max_row_chars), ("max_batch_size", max_batch_size),
+                    ("batch_tokens", batch_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
     if chunk_rows < 1:
         raise UsageError("chunk_rows must be positive")
     if dedupe_cache < 0:
@@ -306,13 +325,27 @@ def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit
         raise UsageError("limit must be >= 0")
 
 
-def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer) -> list[FlagRule]:
+def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer,
+                notes: list[str] | None = None) -> list[FlagRule]:
     """The rules to apply: percentile thresholds are taken from ``baseline`` when one is given (else from the
-    run itself, in a second pass at the end)."""
+    run itself, in a second pass at the end). ``notes`` receives what to know about them (``percentile_notes``)."""
     rules = list(flag_rules or [])
     if baseline is not None and any(r.relative for r in rules):
-        rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
+        rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode, notes=notes)
     return rules
+
+
+def warn(summary: ScoreSummary, notes: list[str]) -> None:
+    """Log each note as a warning and keep it in the summary (``warnings``)."""
+    for n in notes:
+        summary.warnings.append(n)
+        _log_warning(n)
+
+
+def _log_warning(message: str) -> None:
+    from .logs import log
+
+    log.warning(message)
 
 
 def _score_chunk(scorer: Scorer, prepared, n_rows: int, bar: Progress) -> list[SentenceResult]:
@@ -327,7 +360,13 @@ def _score_chunk(scorer: Scorer, prepared, n_rows: int, bar: Progress) -> list[S
 
 
 def _finish_summary(summary: ScoreSummary, scorer: Scorer) -> None:
-    """The scorer's counters at the end of a run (engine, copies, deduplication, score cache) into ``summary``."""
+    """The scorer's counters at the end of a run (engine, copies, deduplication, score cache) into ``summary``,
+    and the warning when many words are unknown to the model's vocabulary (logged, and in ``warnings``)."""
+    from .segment import unknown_words_warning
+
+    unknown = unknown_words_warning(scorer.tokenizer, summary.unknown_words, summary.words, summary._unknown_samples)
+    if unknown:
+        warn(summary, [unknown])
     if getattr(scorer.engine, "opened", True):  # an engine opened on first use that scored nothing stays closed
         summary.engine_streams = scorer.engine.streams
         summary.batch_tokens = scorer.policy.batch_tokens
@@ -401,6 +440,10 @@ def _add_stats(summary: ScoreSummary, st: dict) -> None:
     summary.scored += st.get("scored", 0)
     summary.skipped += st.get("skipped", 0)
     summary.words += st.get("words", 0)
+    summary.unknown_words += st.get("unknown_words", 0)
+    room = UNKNOWN_SAMPLES - len(summary._unknown_samples)
+    if room > 0:
+        summary._unknown_samples += st.get("unknown_samples", [])[:room]
     summary.flagged += st.get("flagged", 0)
     summary._pll_sum += st.get("pll_sum", 0.0)
     for sk in st.get("skipped_rows", []):
@@ -489,9 +532,9 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
     has_id = lay.id is not None
     W: dict[str, list] = {k: [] for k in ("row", "line", "word_index", "word", "char_start", "char_end", "n_pieces",
                                           "log_prob", "prob")}
-    S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "pll",
-                                          "pseudo_perplexity", "min_word_log_prob", "min_word_index", "status",
-                                          "error")}
+    S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "unknown_words",
+                                          "pll", "pseudo_perplexity", "min_word_log_prob", "min_word_index",
+                                          "status", "error")}
     if flag_rules:
         S["flag"], S["flag_reason"] = [], []
     if has_id:
@@ -500,7 +543,8 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
         W[name], S[name] = [], []
     if scorer.top_k:
         W["top_k"] = []
-    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": [], "flagged": 0}
+    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": [], "flagged": 0, "unknown_words": 0,
+             "unknown_samples": []}
     it = iter(results)
     for row in rows:
         err = row.error
@@ -520,8 +564,8 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
             S[name].append(row.passthrough[j] if j < len(row.passthrough) else None)
         S["text"].append(row.text)
         if err is not None:
-            for k in ("n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
-                      "min_word_index"):
+            for k in ("n_words", "n_pieces", "n_copies", "unknown_words", "pll", "pseudo_perplexity",
+                      "min_word_log_prob", "min_word_index"):
                 S[k].append(None)
             S["status"].append("skipped")
             S["error"].append(str(err))
@@ -535,17 +579,24 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
         pll = float(wlp.sum())
         nw = sent.n_words
         imin = int(np.argmin(wlp))
+        unknown = scorer.tokenizer.unknown(sent)
+        n_unknown = int(unknown.sum())
         S["n_words"].append(nw)
         S["n_pieces"].append(sent.n_pieces)
         S["n_copies"].append(res.n_copies)
+        S["unknown_words"].append(n_unknown)
         S["pll"].append(pll)
         S["pseudo_perplexity"].append(pseudo_perplexity(pll, nw))
         S["min_word_log_prob"].append(float(wlp[imin]))
         S["min_word_index"].append(imin)
         S["status"].append("ok")
         S["error"].append(None)
+        if n_unknown:
+            stats["unknown_words"] += n_unknown
+            if len(stats["unknown_samples"]) < UNKNOWN_SAMPLES:
+                stats["unknown_samples"] += [row.text[int(a):int(b)][:64] for a, b in sent.char_spans[unknown][:5]]
         if flag_rules:
-            flagged, why = evaluate(flag_rules, pll, nw, float(wlp[imin]))
+            flagged, why = evaluate(flag_rules, pll, nw, float(wlp[imin]), n_unknown)
             S["flag"].append(flagged)
             S["flag_reason"].append(why)
             stats["flagged"] += flagged

@@ -306,12 +306,21 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     has_flag = "flag" in has
     n_flagged = int(pc.sum(sents.column("flag").cast("int64")).as_py() or 0) if has_flag else None
     rows = sents.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok" and r["pseudo_perplexity"] is not None
-          and math.isfinite(r["pseudo_perplexity"])]
-    def order(r):
-        return -r["pseudo_perplexity"], r.get("file") or "", r["row"]
+    from .quality import impossible_mask
 
-    worst = sorted(ok, key=order)[:lowest]
+    bad = impossible_mask(sents)
+    for r, b in zip(rows, bad):
+        r["_impossible"] = bool(b)
+    scored = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in scored if not r["_impossible"]]  # what the statistics are taken over
+    n_impossible = len(scored) - len(ok)
+
+    def order(r):  # impossible scores first (they are never expected), then the least likely
+        ppl = r["pseudo_perplexity"]
+        return (not r["_impossible"], -ppl if ppl is not None and not math.isnan(ppl) else 0.0,
+                r.get("file") or "", r["row"])
+
+    worst = sorted(scored, key=order)[:lowest]
 
     cmp = None
     if baseline is not None:
@@ -358,6 +367,8 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
         '<section id="counts"><div class="cards">',
     ]
     cards = [("rows", n_rows), ("scored", n_ok), ("skipped", n_skipped)]
+    if n_impossible:
+        cards.append(("impossible scores", n_impossible))
     if has_flag:
         cards.append(("flagged", n_flagged))
     words_total = sum(r["n_words"] or 0 for r in ok)
@@ -370,7 +381,9 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
         cards.append(("median pseudo-perplexity", _num(ppl[len(ppl) // 2], ".4g")))
         cards.append(("mean PLL per word", _num(sum(r["pll"] for r in ok) / max(1, words_total), ".3f")))
     for name, v in cards:
-        out.append(f'<div class="card" data-count="{esc(name)}"><b>{esc(str(v))}</b><span>{esc(name)}</span></div>')
+        warn = " warn" if name == "impossible scores" else ""
+        out.append(f'<div class="card{warn}" data-count="{esc(name)}"><b>{esc(str(v))}</b><span>{esc(name)}</span>'
+                   f'</div>')
     out.append("</div></section>")
 
     if cmp:
@@ -421,6 +434,11 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
                              x_label="min word probability; lower is less likely", css_class="hist minp"))
     out.append("</div></section>")
     out.append(f'<section id="lowest"><h2>The {len(worst)} lowest-scoring sentence(s)</h2>')
+    if n_impossible:
+        out.append(f'<p class="sub err">{n_impossible} row(s) marked ok hold impossible scores (NaN, or a '
+                   f'log-prob that is infinite or above 0): they come first below and are left out of the '
+                   f'statistics. mlm-score never writes such a row: the file is damaged or was written by '
+                   f'something else; score the input again.</p>')
     out.append(legend)
     sentence_table("lowest", worst, "flag" if has_flag else None,
                    lambda r: (r.get("flag_reason") or "") if r.get("flag") else "")
@@ -460,7 +478,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
 
     atomic_write_bytes(dest, ("\n".join(out) + "\n").encode("utf-8"), what="the report (-o)")
     info = {"rows": n_rows, "scored": n_ok, "skipped": n_skipped, "flagged": n_flagged, "shown": len(worst),
-            "output": str(dest)}
+            "impossible": n_impossible, "output": str(dest)}
     if cmp:
         info.update(newly_flagged=len(cmp["newly"]), baseline=str(baseline), metrics=cmp["metrics"])
     return info
@@ -499,7 +517,7 @@ def _compare_with(result, baseline, cur, ok: list[dict]) -> dict[str, Any]:
     rules = resolve(default_baseline_rules(), base.values, of="baseline")
     newly, why = [], {}
     for r in ok:
-        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"])
+        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"], r.get("unknown_words"))
         if hit:
             newly.append(r)
             why[id(r)] = reason

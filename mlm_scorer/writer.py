@@ -14,7 +14,7 @@ words:     row int64, line int64, [id string], [pass-through columns string], wo
            word string, char_start int32, char_end int32, n_pieces int32, log_prob float64,
            prob float64, [top_k list<struct<token string, log_prob float32>>]
 sentences: row int64, line int64, [id string], [pass-through columns string], text string,
-           n_words int32, n_pieces int32, n_copies int32, pll float64, pseudo_perplexity float64,
+           n_words int32, n_pieces int32, n_copies int32, unknown_words int32, pll float64, pseudo_perplexity float64,
            min_word_log_prob float64, min_word_index int32, [flag bool, flag_reason string],
            status string, error string
 """
@@ -130,7 +130,7 @@ _TYPES = {
     "word_index": pa.int32(), "word": pa.string(), "char_start": pa.int32(), "char_end": pa.int32(),
     "n_pieces": pa.int32(), "log_prob": pa.float64(), "prob": pa.float64(),
     "top_k": pa.list_(pa.struct([("token", pa.string()), ("log_prob", pa.float32())])),
-    "text": pa.string(), "n_words": pa.int32(), "n_copies": pa.int32(), "pll": pa.float64(),
+    "text": pa.string(), "n_words": pa.int32(), "n_copies": pa.int32(), "unknown_words": pa.int32(), "pll": pa.float64(),
     "pseudo_perplexity": pa.float64(), "min_word_log_prob": pa.float64(), "min_word_index": pa.int32(),
     "flag": pa.bool_(), "flag_reason": pa.string(), "status": pa.string(), "error": pa.string(),
 }
