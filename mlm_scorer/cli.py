@@ -152,7 +152,13 @@ def sigterm_as_interrupt():
     committed and says so. Off the main thread (where handlers cannot be set) nothing changes."""
     from .errors import Interrupted
 
+    received = []
+
     def handler(signum, frame):
+        if received:  # again while stopping: the first one is being handled; say so, do not start over
+            os.write(2, b"mlm-score: already stopping (SIGTERM received again); committed chunks are kept\n")
+            return
+        received.append(signum)
         raise Interrupted("terminated (SIGTERM)", signum=signum)
 
     try:
@@ -177,6 +183,19 @@ def flag_rules(args) -> list:
         raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
                          "--flag-above pseudo_perplexity=p99")
     return rules
+
+
+def committed_rows(output: str) -> str:
+    """What an interrupted run on ``output`` left for --resume, read from its parts directory."""
+    try:
+        with open(f"{output}.parts/progress.json", encoding="utf-8") as f:
+            n = sum(int(part["rows"]) for part in json.load(f)["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n = 0
+    if not n:
+        return "no rows were committed"
+    return f"{n} rows are committed in {output}.parts; rerun with --resume (same command and input) to continue " \
+           f"after them"
 
 
 def internal_error(exc: Exception) -> int:
@@ -248,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error(str(exc), extra={"bare": True})
             return exc.exit_code
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
-        log.error(f"{what} outside the scoring loop (starting or closing); committed chunks, if any, are kept in "
-                  f"{args.output}.parts/ for --resume", extra={"bare": True})
+        log.error(f"{what} while starting or closing; {committed_rows(args.output)}", extra={"bare": True})
         return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:  # disk full, permission denied while writing...
         log.error(str(exc))

@@ -185,7 +185,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and
     # on_bad_row may: they do not change the rows already committed).
-    settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
+    settings = {"model_checksum": md.checksum, "max_seq_length": md.max_seq_length, "mode": scorer.mode,
+                "top_k": scorer.top_k,
                 "numerics": scorer.numerics,
                 "columns": lay.names, "text_column": lay.text, "id_column": lay.id, "header": reader.header,
                 "flag_rules": [str(r) for r in flag_rules], "limit": limit}
@@ -258,6 +259,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         except BaseException as exc:
             _put(q2, stop, exc)
 
+    stopping = False
     threads = [threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True),
                threading.Thread(target=infer, name="mlm-scorer-engine", daemon=True)]
     for t in threads:
@@ -290,18 +292,28 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         summary.flag_rules = [str(r) for r in flag_rules]
     except BaseException as exc:
         stop.set()
-        writer.abort()
+        stopping = True
+        try:
+            writer.abort()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM again while stopping: stop the same way
+            writer.close()
         told = explain_committed(exc, committed_note(writer, reader, input_path))
         if told is exc:
             raise
         raise told from (None if isinstance(told, Interrupted) else exc)
     finally:
         stop.set()
-        bar.close(done=False)
-        for t in threads:
-            _drain(q)
-            _drain(q2)
-            t.join(timeout=10)
+        try:
+            bar.close(done=False)
+            for t in threads:
+                _drain(q)
+                _drain(q2)
+                t.join(timeout=10)
+        except KeyboardInterrupt:
+            if not stopping:  # not already stopping for another reason: this one is the reason
+                raise
+            # a second Ctrl-C / SIGTERM while the threads stop: the first one's message (what is committed,
+            # how to resume) stands; the threads are daemons and end with the process
     _finish_summary(summary, scorer)
     summary.seconds = time.perf_counter() - t0
     return summary
