@@ -71,12 +71,12 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     output, and not inside the parts directory.
     """
     out = Path(output)
-    check_target(out, "the output (-o)")
-    check_target(sentences_path(out), "the sentences output", parent_must_exist=False)
-    OwnedDir.check(parts_path(out), what="the parts directory", known=is_part_name)
     also = [(Path(a), w) for a, w in also]
     if input_path is not None:
         check_not_input(input_path, out, also)
+    check_target(out, "the output (-o)")
+    check_target(sentences_path(out), "the sentences output", parent_must_exist=False)
+    OwnedDir.check(parts_path(out), what="the parts directory", known=is_part_name)
     parts_real = os.path.realpath(parts_path(out))
     for p, what in also:
         check_target(p, what, parent_must_exist=False)
