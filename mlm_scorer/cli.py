@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns). VALUE is "
                         "a number or a percentile pNN: p1 is the run's 1st percentile (or the baseline's)")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
-                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99)")
+                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99), "
+                        "unknown_words (words the vocabulary does not know; =0 flags any)")
     q.add_argument("--baseline", metavar="RESULT",
                    help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
                         "directory, scored with the same model and mode) instead of this run")
