@@ -36,6 +36,22 @@ from .errors import CheckpointError
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "download_from_hub"]
 
 DEFAULT_SPECIAL_TOKENS = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]", "unk": "[UNK]"}
+#: What ``Checkpoint.checksum`` covers (recorded in the manifest as ``checksum_scheme``): 2 adds every
+#: family's configuration and special tokens to the weights, vocabulary and casing of scheme 1.
+CHECKSUM_SCHEME = 2
+
+
+def config_identity(cfg: BertConfig) -> list[tuple[str, object]]:
+    """The configuration as the checksum sees it: vocab_size and every field whose value differs from its
+    default, sorted by name (a field added later with a default keeps the checksums of existing models)."""
+    from dataclasses import MISSING, fields
+
+    out = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.default is MISSING or v != f.default:
+            out.append((f.name, v))
+    return sorted(out)
 
 
 @dataclass
@@ -59,9 +75,13 @@ class Checkpoint:
     #: vocab_path (RoBERTa's BPE, XLM-R's Unigram, ESM's residues); None for WordPiece.
     tokenizer_json: str | None = None
 
-    def checksum(self) -> str:
-        """sha256 over the weights (name, shape, bytes, in name order), the vocab (or tokenizer) and the
-        casing; for a family other than BERT also the family and its config (what the graph computes)."""
+    def checksum(self, scheme: int = CHECKSUM_SCHEME) -> str:
+        """sha256 over everything that changes a score: the weights (name, shape, bytes, in name order), the
+        vocabulary (or the family's tokenizer), the casing, and (``scheme`` 2, recorded in the manifest as
+        ``checksum_scheme``) for every family the configuration (``config_identity``: hidden_act,
+        layer_norm_eps, ...) and the special tokens. ``scheme`` 1 is the checksum of earlier exports, which
+        left out the configuration of BERT exports and every family's special tokens: exports whose
+        weights were equal shared it whatever their config."""
         h = hashlib.sha256()
         for name in sorted(self.weights):
             arr = np.ascontiguousarray(self.weights[name], dtype=np.float32)
@@ -69,7 +89,10 @@ class Checkpoint:
             h.update(arr.tobytes())
         h.update(self.tokenizer_json.encode() if self.tokenizer_json is not None else self.vocab_path.read_bytes())
         h.update(repr((self.do_lower_case, self.tokenize_chinese_chars, self.strip_accents)).encode())
-        if self.family != "bert":
+        if scheme >= 2:
+            h.update(repr(("config", self.family, config_identity(self.config),
+                           sorted(self.special_tokens.items()))).encode())
+        elif self.family != "bert":
             h.update(repr((self.family, sorted(self.config.to_dict().items()))).encode())
         return h.hexdigest()
 

@@ -13,13 +13,13 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
+from mlm_scorer.fsutil import make_temp_dir
 from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .casing import check_pieces
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import CHECKSUM_SCHEME, Checkpoint, load_checkpoint
 from .config import GRAPH_REVISION
 from .serving_config import write_serving_files
 from .verify import verify_export
@@ -49,9 +49,26 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: in
     Raises CheckpointError for an unusable source and VerificationError if the reloaded model differs
     from the source weights by more than ``tolerance`` (max |Δ log-prob|).
     """
+    check_version_dir(out_dir, version, overwrite=overwrite)  # before the checkpoint is loaded (seconds)
     ckpt = load_checkpoint(source, do_lower_case=do_lower_case)
     return export_checkpoint(ckpt, out_dir, version=version, top_k=top_k, max_seq_length=max_seq_length,
                              overwrite=overwrite, tolerance=tolerance, layer_norm=layer_norm, log=log)
+
+
+def check_version_dir(out_dir: str | os.PathLike, version: int, *, overwrite: bool = False) -> Path:
+    """``out_dir/version``, refused before anything is loaded if it exists (FileExistsError, saying the
+    choices) unless ``overwrite``; with ``overwrite`` only an export this program wrote (a real directory with
+    a manifest) is replaced, never a symlink or another directory (FileExistsError)."""
+    final = Path(out_dir) / str(int(version))
+    if not os.path.lexists(final):
+        return final
+    if not overwrite:
+        raise FileExistsError(f"{final} already exists; choose another --version, pass --overwrite to replace it, "
+                              f"or --onnx / --quantize int8 to add the ONNX model to it")
+    if final.is_symlink() or not final.is_dir() or not (final / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{final} exists and is not an export made by mlm-export (a symlink, a file, or a "
+                              f"directory without {MANIFEST_NAME}); refusing to replace it: move it away")
+    return final
 
 
 def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: int = 1, top_k: int = 5,
@@ -75,11 +92,10 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
     if max_len < 3:
         raise ValueError(f"max_seq_length must be at least 3 ([CLS] word [SEP]), got {max_len}")
     base = Path(out_dir)
-    final = base / str(int(version))
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; choose another --version or pass --overwrite")
+    final = check_version_dir(base, version, overwrite=overwrite)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=base))
+    # readable as any directory made under the umask: a server running as another user loads it
+    tmp = make_temp_dir(prefix=f".{version}.tmp-", dir=base)
     try:
         _write_tokenizer(ckpt, tmp / "tokenizer")
         casing = _check_tokenizer(ckpt, tmp / "tokenizer" / "tokenizer.json", log)
@@ -102,6 +118,7 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             "source": ckpt.source,
             "ignored_tensors": list(ckpt.ignored),
             "model_checksum": ckpt.checksum(),
+            "checksum_scheme": CHECKSUM_SCHEME,
             "config": cfg.to_dict(),
             "vocab_size": cfg.vocab_size,
             "vocab_sha256": sha256_file(tmp / "tokenizer" / "vocab.txt"),
@@ -125,11 +142,12 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, reference {report['reference']})")
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():
-            old = base / f".{version}.old-{os.getpid()}"
-            os.replace(final, old)
+        if os.path.lexists(final):  # --overwrite of an export (check_version_dir): set aside, then removed
+            check_version_dir(base, version, overwrite=True)
+            old = make_temp_dir(prefix=f".{version}.old-", dir=base)
+            os.replace(final, old / "export")
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # a directory this run made, holding the replaced export
         else:
             os.replace(tmp, final)
     except BaseException:

@@ -88,15 +88,18 @@ def write_serving_files(version_dir: str | Path, *, max_batch_size: int = 64, ba
     ``server_base_path``: the base directory as the server sees it (default ``/models/<model_name>``, the
     Docker image's convention). Returns the two paths.
     """
+    from mlm_scorer.fsutil import atomic_write_bytes
+
     vdir = Path(version_dir)
     batching = vdir / BATCHING_FILE
-    batching.write_text(batching_parameters_text(
+    atomic_write_bytes(batching, batching_parameters_text(
         max_batch_size=max_batch_size, batch_timeout_micros=batch_timeout_micros,
         num_batch_threads=num_batch_threads, max_enqueued_batches=max_enqueued_batches,
-        pad_variable_length_inputs=pad_variable_length_inputs, allowed_batch_sizes=allowed_batch_sizes),
-        encoding="utf-8")
+        pad_variable_length_inputs=pad_variable_length_inputs, allowed_batch_sizes=allowed_batch_sizes).encode(),
+        what="the batching parameters file")
     config = vdir.parent / MODELS_CONFIG_FILE
     versions = [int(vdir.name)] if vdir.name.isdigit() else []
-    config.write_text(models_config_text(model_name=model_name, base_path=server_base_path or f"/models/{model_name}",
-                                         versions=versions), encoding="utf-8")
+    atomic_write_bytes(config, models_config_text(
+        model_name=model_name, base_path=server_base_path or f"/models/{model_name}", versions=versions).encode(),
+        what="the TF Serving model config")
     return batching, config

@@ -3,7 +3,8 @@
 The reference is an independent NumPy forward pass over the checkpoint's arrays (float64), so the check
 needs nothing beyond NumPy; it covers the graph, the weight renaming and the SavedModel round trip.
 Inputs are random ids with random padding and random masked positions (some slots left unused), which
-exercise the attention mask, the gather and the slot padding.
+exercise the attention mask, the gather and the slot padding, and one copy as long as max_seq_length,
+so that every position the export accepts is used (a weight damaged only at late positions shows).
 """
 from __future__ import annotations
 
@@ -129,11 +130,57 @@ def generated_inputs(vocab_size: int, max_len: int, seed: int = 0, batch: int = 
     return ids, mask, seg, pos, tgt
 
 
+def full_length_inputs(vocab_size: int, max_len: int, seed: int = 1, mask_id: int | None = None, slots: int = 8):
+    """One copy of ``max_len`` real tokens (every position the export accepts is used) with ``slots``
+    predictions spread from the second position to the last: a weight that is wrong only at late positions
+    (NaN in rows 100-127 of the position embeddings) shows in every output, through attention."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(1, max_len)).astype(np.int32)
+    if mask_id is not None:
+        ids[ids == mask_id] = (mask_id + 1) % vocab_size
+    mask = np.ones_like(ids)
+    pos = np.unique(np.linspace(1, max_len - 1, num=min(slots, max_len - 1)).astype(np.int32))[None]
+    tgt = rng.integers(0, vocab_size, size=pos.shape).astype(np.int32)
+    if mask_id is not None:
+        ids[0, pos[0]] = mask_id
+    return ids, mask, np.zeros_like(ids), pos, tgt
+
+
+def nonfinite_weights(weights: dict) -> list[str]:
+    """Where the weights hold NaN or inf: "name (n values; rows a-b)" for each such tensor."""
+    out = []
+    for name, w in sorted(weights.items()):
+        bad = ~np.isfinite(np.asarray(w, np.float64))
+        if bad.any():
+            rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1)) if bad.ndim > 1 else None
+            where = f"; rows {rows[0]}-{rows[-1]}" if rows is not None and len(rows) else ""
+            out.append(f"{name} ({int(bad.sum())} values{where})")
+    return out
+
+
 def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: float, mask_id: int | None = None) -> dict:
+    """Compare the SavedModel in ``version_dir`` with the NumPy reference over ``ckpt``'s weights: on generated
+    short inputs (recorded as the identity probe) and on one copy of ``max_len`` tokens, so every position the
+    export accepts is covered. Every log-prob must be finite and within ``tolerance``; VerificationError
+    otherwise (naming the weights that hold NaN or inf, where some do)."""
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(version_dir))
     fn = loaded.signatures["serving_default"]
+    full = full_length_inputs(ckpt.config.vocab_size, max_len, mask_id=mask_id)
+    f_ids, f_mask, f_seg, f_pos, f_tgt = full
+    f_out = fn(input_ids=tf.constant(f_ids), input_mask=tf.constant(f_mask), segment_ids=tf.constant(f_seg),
+               masked_lm_positions=tf.constant(f_pos), masked_lm_ids=tf.constant(f_tgt))
+    f_got = f_out["masked_lm_log_probs"].numpy()
+    f_ref = np.take_along_axis(reference_log_probs(ckpt.config, ckpt.weights, f_ids, f_mask, f_seg, f_pos),
+                               f_tgt[..., None], axis=-1)[..., 0]
+    if not (np.all(np.isfinite(f_got)) and np.all(np.isfinite(f_out["top_k_log_probs"].numpy()))):
+        bad = nonfinite_weights(ckpt.weights)
+        raise VerificationError(
+            f"the exported model gives NaN or infinite log-probs on a copy of {max_len} tokens (max_seq_length)"
+            + (f": the weights hold non-finite values: {'; '.join(bad)}" if bad else "")
+            + ". Fix the checkpoint, or export a shorter --max-seq-length that avoids the damaged positions")
+    full_diff = float(np.max(np.abs(f_got - f_ref)))
     ids, mask, seg, pos, tgt = generated_inputs(ckpt.config.vocab_size, max_len, mask_id=mask_id)
     out = fn(input_ids=tf.constant(ids), input_mask=tf.constant(mask), segment_ids=tf.constant(seg),
              masked_lm_positions=tf.constant(pos), masked_lm_ids=tf.constant(tgt))
@@ -153,7 +200,13 @@ def verify_export(version_dir: str | Path, ckpt, *, max_len: int, tolerance: flo
     top1_agree = float(np.mean((out["top_k_ids"].numpy()[..., 0] == ref_top[..., 0])[valid]))
     if not np.all(out["top_k_ids"].numpy()[~valid] == -1):
         raise VerificationError("unused prediction slots did not return top_k_ids = -1")
-    report = {"max_abs_diff": diff, "tolerance": tolerance, "n_predictions": int(valid.sum()),
+    if not np.all(np.isfinite(got)):
+        raise VerificationError("the exported model gives NaN or infinite log-probs on the generated inputs"
+                                + (f": the weights hold non-finite values: {'; '.join(nonfinite_weights(ckpt.weights))}"
+                                   if nonfinite_weights(ckpt.weights) else ""))
+    diff = max(diff, full_diff)
+    report = {"max_abs_diff": diff, "tolerance": tolerance, "n_predictions": int(valid.sum()) + int(f_pos.size),
+              "positions_checked": max_len,
               "top1_agreement": top1_agree, "reference": "numpy float64 forward pass over the source weights",
               # what this export answers to fixed inputs: a client of a remote server replays it to check
               # that the served model is this one (same weights), not just one of the same shape

@@ -2,11 +2,21 @@
 
 One SQLite database, ``DIR/scores.sqlite`` (WAL journal, so concurrent runs read while one writes; a
 writer waits up to ``timeout`` seconds for another's transaction). The key is the SHA-256 of the
-model's family (other than BERT) and checksum (weights + vocabulary + casing, verified when the engine
-opened the export), the export's max_seq_length, the mode, the top-k setting and the sentence text: a
-different model, mode or window policy never reads another's scores. The value is what the engine
-produced for the sentence (piece log-probs, top-k, copies run); tokenization is redone on a hit (cheap,
-deterministic for a given model checksum).
+model's family (other than BERT) and checksum (weights, configuration and tokenizer, verified when the
+engine opened the export), the export's max_seq_length, the mode, the top-k setting, the numerics other
+than fp32 (``engines.base.numerics``), for a server its address and model name, and the sentence text: a
+different model, mode, window policy, arithmetic or server never reads another's scores, and a server's
+answers never answer an in-process run. Each entry also names where it came from (``source``: the engine
+and its numerics, or the server). The value is what the engine produced for the sentence (piece
+log-probs, top-k, copies run); tokenization is redone on a hit (cheap, deterministic for a given model
+checksum).
+
+Answers are stored only once they are trusted: an in-process engine verified the export's weights when
+it opened (its identity probe); a server's answers are stored after the identity probe is run against it
+again (``Scorer``). A run the cache answers whole opens no engine, so the cache also records, per export,
+a stamp of its files (size, modification time, inode) as they were when an engine last verified them
+(``verified_stamp``/``record_stamp``): a run whose stamp differs (``variables/`` swapped for another
+model's, say) opens the engine, which verifies the weights, before any entry is used.
 
 Nothing read back is trusted blindly (SQLite has no page checksums): every entry carries a checksum
 over its key and values, and values are range-checked (log-probs finite and <= 0, lengths that fit
@@ -36,12 +46,16 @@ import numpy as np
 from .errors import UsageError
 
 DB_NAME = "scores.sqlite"
-#: 1: no checksums (its entries are dropped on upgrade); 2: a checksum per entry.
-SCHEMA_VERSION = 2
+#: The files SQLite keeps for the database (the journal modes' included).
+DB_FILES = ("", "-wal", "-shm", "-journal")
+#: 1: no checksums (its entries are dropped on upgrade); 2: a checksum per entry; 3: each entry's source.
+SCHEMA_VERSION = 3
+#: versions this code reads (a read-only cache of version 2 is read as it is)
+READABLE = (2, 3)
 
 _CREATE = ("CREATE TABLE IF NOT EXISTS scores (key BLOB PRIMARY KEY, n_copies INTEGER NOT NULL, "
            "piece_log_probs BLOB NOT NULL, top_k_ids BLOB, top_k_log_probs BLOB, k INTEGER, "
-           "checksum BLOB NOT NULL)")
+           "checksum BLOB NOT NULL, source TEXT)")
 
 
 def entry_checksum(key: bytes, n_copies: int, k: int | None, lp: bytes, tid: bytes | None,
@@ -98,14 +112,20 @@ def _writable(directory: Path, db: Path) -> str | None:
 class ScoreCache:
     """get_many / put_many of per-sentence engine results under one namespace (model, mode, ...)."""
 
-    def __init__(self, directory: str | os.PathLike, *, namespace: str, timeout: float = 60.0):
+    def __init__(self, directory: str | os.PathLike, *, namespace: str, source: str = "", timeout: float = 60.0):
+        """``source``: where the entries this run stores come from (an engine and its numerics, or a server)."""
+        from .fsutil import check_target
+
         d = Path(directory)
+        for suffix in DB_FILES:  # never open, create or replace a database through a symlink or a device
+            check_target(d / (DB_NAME + suffix), "the score cache file", parent_must_exist=False)
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create the cache directory {str(d)!r}: {exc}") from None
         self.path = d / DB_NAME
         self.namespace = namespace
+        self.source = source
         self.timeout = timeout
         self._lock = threading.Lock()
         self.hits = 0
@@ -121,7 +141,7 @@ class ScoreCache:
             version = self._schema()
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE:
             self._db.close()
             if self.read_only:
                 raise UsageError(f"the score cache {self.path} has schema version {version} and cannot be "
@@ -162,6 +182,9 @@ class ScoreCache:
                 if row is None:
                     db.execute(_CREATE)
                     db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) == 2:  # entries kept; new ones name their source
+                    db.execute("ALTER TABLE scores ADD COLUMN source TEXT")
+                    db.execute("UPDATE meta SET value=? WHERE name='schema_version'", (str(SCHEMA_VERSION),))
         row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         return int(row[0]) if row else 0
 
@@ -241,11 +264,38 @@ class ScoreCache:
             k = tid.shape[1] if tid is not None else None
             key = self._key(text)
             blobs = (lp.tobytes(), None if tid is None else tid.tobytes(), None if tlp is None else tlp.tobytes())
-            rows.append((key, int(n_copies), *blobs, k, entry_checksum(key, int(n_copies), k, *blobs)))
+            rows.append((key, int(n_copies), *blobs, k, entry_checksum(key, int(n_copies), k, *blobs),
+                         self.source or None))
         with self._lock:
             try:
                 with _transaction(self._db):
-                    self._db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._db.executemany("INSERT OR IGNORE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    # -- what was verified ------------------------------------------------------------------------
+    def _stamp_name(self, export: str | os.PathLike) -> str:
+        where = hashlib.sha256(os.path.realpath(export).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return f"verified:{hashlib.sha256(self.namespace.encode()).hexdigest()[:32]}:{where}"
+
+    def verified_stamp(self, export: str | os.PathLike) -> str | None:
+        """The stamp (``files_stamp``) of ``export`` recorded when an engine last verified its weights for
+        this namespace, or None."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT value FROM meta WHERE name=?", (self._stamp_name(export),)).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+        return row[0] if row else None
+
+    def record_stamp(self, export: str | os.PathLike, stamp: str) -> None:
+        """Record ``stamp`` for ``export``: an engine has verified the weights those files hold."""
+        if self.read_only:
+            return
+        with self._lock:
+            try:
+                with _transaction(self._db):
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (self._stamp_name(export), stamp))
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 
@@ -256,6 +306,28 @@ class ScoreCache:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
+
+
+def files_stamp(version_dir: str | os.PathLike) -> str:
+    """A cheap identity of an export's files (no file is read): path, size, modification time and inode of
+    every regular file under ``version_dir`` except ``tokenizer/`` (checked by its hashes when the export is
+    opened). Copying another model's ``variables/`` or ``model.onnx`` in changes it."""
+    root = Path(version_dir)
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == "tokenizer":
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        for name in sorted(filenames):
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            h.update(f"{os.path.join(rel, name)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode(
+                "utf-8", "surrogatepass"))
+    return h.hexdigest()
 
 
 def _decode(key: bytes, n_copies, lp: bytes, tid: bytes | None, tlp: bytes | None, k, checksum) -> tuple | None:

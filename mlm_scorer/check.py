@@ -10,6 +10,8 @@ scored with another model or mode, a bad limit).
 The criteria (every one must hold; DEFAULTS below, docs/data-quality.md says how they were chosen):
 
     scored rows    at least one row of the batch was scored
+    impossible     rows marked ok whose scores are impossible (a NaN, an infinite or positive log-prob:
+                   a damaged or foreign result; mlm-score never writes one)        <= --max-impossible (0)
     skipped rate   rows that could not be scored / rows                       <= --max-skipped-rate
     flagged rate   flagged rows / scored rows                                 <= --max-flagged-rate
                    flagged by the --flag-above/--flag-below rules given here (pNN: the baseline's
@@ -36,7 +38,7 @@ from .errors import MlmScorerError, UsageError
 __all__ = ["DEFAULTS", "run_check", "format_text", "main", "QualityGateFailed"]
 
 DEFAULTS = {"max_flagged_rate": 0.05, "max_skipped_rate": 0.05, "max_shift": 0.10, "shift_alpha": 0.001,
-            "max_psi": None}
+            "max_psi": None, "max_impossible": 0}
 
 
 class QualityGateFailed(MlmScorerError):
@@ -48,7 +50,8 @@ class QualityGateFailed(MlmScorerError):
 def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None = None, rules: list | None = None,
               max_flagged_rate: float = DEFAULTS["max_flagged_rate"],
               max_skipped_rate: float = DEFAULTS["max_skipped_rate"], max_shift: float = DEFAULTS["max_shift"],
-              shift_alpha: float = DEFAULTS["shift_alpha"], max_psi: float | None = DEFAULTS["max_psi"]) -> dict[str, Any]:
+              shift_alpha: float = DEFAULTS["shift_alpha"], max_psi: float | None = DEFAULTS["max_psi"],
+              max_impossible: int = DEFAULTS["max_impossible"]) -> dict[str, Any]:
     """Check ``result`` (either file of a result, or a Ray output directory), against ``baseline`` if
     given. Returns a JSON-ready dict: ``passed``, ``failures`` (one line each), ``criteria``, the counts
     and, with a baseline, ``metrics`` (see ``quality.compare``). Raises UsageError for bad usage."""
@@ -60,6 +63,8 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
             raise UsageError(f"{name} must be between 0 and {hi}, got {v!r}")
     if max_psi is not None and not max_psi >= 0:
         raise UsageError(f"max_psi must be >= 0, got {max_psi!r}")
+    if isinstance(max_impossible, bool) or not isinstance(max_impossible, int) or max_impossible < 0:
+        raise UsageError(f"max_impossible must be an integer >= 0, got {max_impossible!r}")
     cur = load_scores(result, what="result")
     base = None if baseline is None else load_baseline(
         baseline, model_checksum=cur.settings.get("model_checksum"), mode=cur.settings.get("mode"),
@@ -68,10 +73,18 @@ def run_check(result: str | os.PathLike, *, baseline: str | os.PathLike | None =
     out: dict[str, Any] = {
         "result": _summary(cur), "baseline": _summary(base) if base else None,
         "limits": {"max_flagged_rate": max_flagged_rate, "max_skipped_rate": max_skipped_rate,
-                   "max_shift": max_shift, "shift_alpha": shift_alpha, "max_psi": max_psi},
+                   "max_shift": max_shift, "shift_alpha": shift_alpha, "max_psi": max_psi,
+                   "max_impossible": max_impossible},
     }
     criteria: list[dict[str, Any]] = [{"name": "scored", "value": cur.scored, "limit": 1, "passed": cur.scored >= 1,
                                        "text": f"{cur.scored} scored row(s)"}]
+    out["impossible"] = cur.impossible
+    where = f" (line {', '.join(cur.impossible_lines)}{' …' if cur.impossible > len(cur.impossible_lines) else ''})" \
+        if cur.impossible_lines else ""
+    passed = cur.impossible <= max_impossible
+    criteria.append({"name": "impossible", "value": cur.impossible, "limit": max_impossible, "passed": passed,
+                     "text": f"{cur.impossible} scored row(s) with impossible scores (NaN, or a log-prob that is "
+                             f"infinite or above 0){where}" + ("" if passed else f" > {max_impossible} (--max-impossible)")})
     skipped_rate = cur.skipped / cur.rows if cur.rows else 0.0
     out["skipped_rate"] = skipped_rate
     criteria.append(_limit("skipped_rate", skipped_rate, max_skipped_rate, "--max-skipped-rate",
@@ -188,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                          "baseline: pseudo_perplexity=p99 and --flag-below min_word_prob=p1")
     ap.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE",
                     help="count rows below this as flagged (e.g. min_word_prob=p1)")
+    ap.add_argument("--max-impossible", type=int, default=DEFAULTS["max_impossible"], metavar="N",
+                    help="fail when more than N rows marked ok have impossible scores: NaN, or a log-prob that is "
+                         "infinite or above 0 (default %(default)s; a damaged or foreign result)")
     ap.add_argument("--json", metavar="FILE", help="also write the statistics and the verdict as JSON")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the verdict line")
     args = ap.parse_args(argv)
@@ -198,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score check", quiet=args.quiet)
     try:
         rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
+        if args.json:
+            from .report import check_report_target
+
+            check_report_target(args.json, "the --json file", args.result, args.baseline)
         r = run_check(args.result, baseline=args.baseline, rules=rules or None, max_flagged_rate=args.max_flagged_rate,
                       max_skipped_rate=args.max_skipped_rate, max_shift=args.max_shift,
-                      shift_alpha=args.shift_alpha, max_psi=args.max_psi)
+                      shift_alpha=args.shift_alpha, max_psi=args.max_psi, max_impossible=args.max_impossible)
         if args.json:
-            atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode())
+            atomic_write_bytes(args.json, (json.dumps(r, indent=2) + "\n").encode(), what="the --json file")
     except MlmScorerError as exc:
         log.error(str(exc))
         return exc.exit_code

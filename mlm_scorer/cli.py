@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean_word_log_prob, pll (repeatable; adds the flag and flag_reason columns). VALUE is "
                         "a number or a percentile pNN: p1 is the run's 1st percentile (or the baseline's)")
     q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
-                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99)")
+                   help="flag sentences whose METRIC is above VALUE: pseudo_perplexity (e.g. =2000, or =p99), "
+                        "unknown_words (words the vocabulary does not know; =0 flags any)")
     q.add_argument("--baseline", metavar="RESULT",
                    help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
                         "directory, scored with the same model and mode) instead of this run")
@@ -164,7 +165,13 @@ def sigterm_as_interrupt():
     committed and says so. Off the main thread (where handlers cannot be set) nothing changes."""
     from .errors import Interrupted
 
+    received = []
+
     def handler(signum, frame):
+        if received:  # again while stopping: the first one is being handled; say so, do not start over
+            os.write(2, b"mlm-score: already stopping (SIGTERM received again); committed chunks are kept\n")
+            return
+        received.append(signum)
         raise Interrupted("terminated (SIGTERM)", signum=signum)
 
     try:
@@ -189,6 +196,19 @@ def flag_rules(args) -> list:
         raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
                          "--flag-above pseudo_perplexity=p99")
     return rules
+
+
+def committed_rows(output: str) -> str:
+    """What an interrupted run on ``output`` left for --resume, read from its parts directory."""
+    try:
+        with open(f"{output}.parts/progress.json", encoding="utf-8") as f:
+            n = sum(int(part["rows"]) for part in json.load(f)["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n = 0
+    if not n:
+        return "no rows were committed"
+    return f"{n} rows are committed in {output}.parts; rerun with --resume (same command and input) to continue " \
+           f"after them"
 
 
 def internal_error(exc: Exception) -> int:
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     engine, opts = _engine_options(args, ap)
     if args.model is None and engine in ("rest", "grpc", "kserve_http", "kserve_grpc", "auto"):
         ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
-    for flag in ("batch_tokens", "chunk_rows"):
+    for flag in ("batch_tokens", "chunk_rows", "max_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
     if args.top_k < 0:
@@ -230,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError
+    from .fsutil import check_target
     from .logs import configure_cli, log
     from .models import DEFAULT_MODEL
     from .pipeline import score_file
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
         if args.summary_json:
+            check_target(args.summary_json, "the --summary-json file")
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = flag_rules(args)
         if engine == "auto":  # TF Serving or KServe v2: what the server answers (kserve_base.detect_protocol)
@@ -262,18 +284,24 @@ def main(argv: list[str] | None = None) -> int:
             log.error(str(exc), extra={"bare": True})
             return exc.exit_code
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"
-        log.error(f"{what} outside the scoring loop (starting or closing); committed chunks, if any, are kept in "
-                  f"{args.output}.parts/ for --resume", extra={"bare": True})
+        log.error(f"{what} while starting or closing; {committed_rows(args.output)}", extra={"bare": True})
         return exc.exit_code if isinstance(exc, Interrupted) else 130
     except OSError as exc:  # disk full, permission denied while writing...
         log.error(str(exc))
         return 1
     except Exception as exc:  # a bug: say so plainly; the traceback on request
         return internal_error(exc)
-    if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary.to_dict(), f, indent=2)
     log.info(summary.line())
+    if args.summary_json:
+        from .fsutil import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(args.summary_json, (json.dumps(summary.to_dict(), indent=2) + "\n").encode(),
+                               what="the --summary-json file")
+        except (OSError, MlmScorerError) as exc:
+            log.error(f"the outputs are written ({summary.output}, {summary.sentences_output}), but the summary "
+                      f"could not be written to {args.summary_json}: {exc}")
+            return getattr(exc, "exit_code", 1) if isinstance(exc, MlmScorerError) else 1
     return 0
 
 

@@ -37,7 +37,7 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
     import pyarrow as pa
 
     from .pipeline import (ScoreSummary, _add_stats, _check_options, _close_scorer, _finish_summary, _flag_rules,
-                           _score_chunk, build_columns, open_scorer, score_file)
+                           _score_chunk, build_columns, open_scorer, score_file, warn)
     from .progress import Progress
     from .quality import RunQuantiles
     from .writer import sentence_schema, word_schema
@@ -49,7 +49,8 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
                          f"{', '.join(sorted(set(params) - _FILE_ONLY))}")
     o = {k: options.get(k, p.default) for k, p in params.items() if k not in _FILE_ONLY}
     _check_options(on_bad_row=o["on_bad_row"], chunk_rows=o["chunk_rows"], dedupe_cache=o["dedupe_cache"],
-                   limit=o["limit"])
+                   limit=o["limit"], max_row_chars=o["max_row_chars"], max_batch_size=o["max_batch_size"],
+                   batch_tokens=o["batch_tokens"])
 
     t0 = time.perf_counter()
     names = [str(c) for c in df.columns]
@@ -57,6 +58,10 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
     if dup:
         raise UsageError(f"the DataFrame has duplicate column name(s) {dup}")
     lay = layout_for(names, text_column, id_column, SOURCE)
+    kind = getattr(df.dtypes.iloc[lay.text], "kind", "O")
+    if kind in "biufcmM":  # numbers, booleans, times: not text (a float column's NaN would be the word "nan")
+        raise UsageError(f"{SOURCE}: the text column {names[lay.text]!r} has dtype {df.dtypes.iloc[lay.text]}, not "
+                         f"text: choose the text with text_column=NAME, or convert the column to str first")
     n = len(df) if o["limit"] is None else min(len(df), o["limit"])
     rows = [_row(i, t, lay, o["max_row_chars"]) for i, t in enumerate(df.iloc[:n, lay.text].tolist())]
 
@@ -68,7 +73,8 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
                              cache_dir=o["cache_dir"], dedupe_cache=o["dedupe_cache"],
                              score_cache=o["score_cache"], log=o["log"])
     try:
-        rules = _flag_rules(o["flag_rules"], o["baseline"], scorer)
+        notes: list[str] = []
+        rules = _flag_rules(o["flag_rules"], o["baseline"], scorer, notes)
         load_seconds = time.perf_counter() - t0
         core = Layout(names=[names[lay.text]], text=0, id=None, passthrough=[])  # id and the rest: added below
         wschema, sschema = word_schema(None, [], scorer.top_k > 0), sentence_schema(None, [], bool(rules))
@@ -94,10 +100,12 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
             bar.close()
         finally:
             bar.close(done=False)
+        warn(summary, notes)
         second = RunQuantiles.from_tables(rules, sents)  # percentiles of this run: a second pass, in memory
         if second is not None:
             sents = [second.apply(t) for t in sents]
             summary.flagged, rules = second.flagged, second.rules
+            warn(summary, second.notes)
         summary.flag_rules = [str(r) for r in rules]
         _finish_summary(summary, scorer)
     finally:
@@ -121,7 +129,10 @@ def _row(i: int, text, lay: Layout, max_chars: int) -> Row:
     if text is None or (isinstance(text, float) and math.isnan(text)) or type(text).__name__ in ("NAType", "NaTType"):
         return Row(i, i + 1, None, error=InputError(f"the text column {lay.names[lay.text]!r} is null", path=SOURCE,
                                                     line=i + 1, reason="null_text"))
-    text = text if isinstance(text, str) else str(text)
+    if not isinstance(text, str):  # bytes, a list, a number in an object column: never scored through str()
+        return Row(i, i + 1, None, error=InputError(
+            f"the text column {lay.names[lay.text]!r} holds a {type(text).__name__} here, not a str; decode or "
+            f"convert it first", path=SOURCE, line=i + 1, reason="not_text"))
     if len(text) > max_chars:
         return Row(i, i + 1, None, error=InputError(
             f"the text is {len(text)} characters long, more than max_row_chars {max_chars}", path=SOURCE,

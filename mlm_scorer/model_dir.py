@@ -184,5 +184,7 @@ class ModelDir:
 
     @property
     def checksum(self) -> str:
-        """Identity of the weights + tokenizer: key for caches and client/server match checks."""
+        """Identity of what the scores depend on (weights, tokenizer, casing, special tokens and, from
+        ``checksum_scheme`` 2 on, the configuration): key for caches, resume and baselines, and for
+        client/server match checks."""
         return str(self.manifest["model_checksum"])

@@ -286,6 +286,9 @@ def rebuild_hint(md: ModelDir, model: str | None, *flags: str) -> str:
         out = f"{md.path}-2"
         args += [shlex.quote(out)]
         use = f"then pass --model {shlex.quote(out)}"
+    elif model is None and set(flags) <= {"--onnx", "--quantize int8"}:  # added to this version, not a copy
+        args += [shlex.quote(str(md.path.parent)), "--version", str(md.version)]
+        use = f"it adds the file to {md.path}"
     elif model is None:
         base = md.path.parent
         version = max((int(p.name) for p in base.iterdir() if p.name.isdigit()), default=0) + 1

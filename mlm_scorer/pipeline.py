@@ -11,7 +11,7 @@ Memory is bounded by the chunk size (rows) and the queue depth, not by the input
 from __future__ import annotations
 
 import itertools
-import math
+import numbers
 import os
 import queue
 import signal
@@ -30,9 +30,11 @@ from .progress import Progress
 from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
 from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
-from .writer import ResultWriter, check_output_path, pseudo_perplexity
+from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
 
 ON_BAD_ROW = ("fail", "skip")
+#: Unknown words kept (as written) per run, for the cause the unknown-words warning names.
+UNKNOWN_SAMPLES = 50
 #: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
 #: per chunk stays bounded however long the rows are (up to ``max_row_chars`` each).
 CHUNK_CHARS = 1 << 18
@@ -70,7 +72,10 @@ class ScoreSummary:
     resumed_rows: int = 0  # rows committed by an interrupted run and not scored again (--resume)
     resume_note: str | None = None  # committed parts a resume found damaged (discarded, scored again)
     flag_rules: list[str] = field(default_factory=list)  # as applied: percentiles with the value taken
+    unknown_words: int = 0  # scored words whose pieces include the unknown token ([UNK])
+    warnings: list[str] = field(default_factory=list)  # what the run warned about (also logged)
     _pll_sum: float = field(default=0.0, repr=False)
+    _unknown_samples: list[str] = field(default_factory=list, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
 
     MAX_LISTED = 20
@@ -105,6 +110,7 @@ class ScoreSummary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("_pll_sum", None)
+        d.pop("_unknown_samples", None)
         d["copies_per_second"] = self.copies_per_second
         return d
 
@@ -139,7 +145,8 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
     Refuses (UsageError, before anything is touched) an input that is a file the run would replace or
     delete. A stream (stdin, a pipe, a FIFO) is read once; its committed prefix is checked on resume.
     """
-    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit)
+    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit,
+                   max_row_chars=max_row_chars, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
     out = check_output_path(output, input_path, also=cache_files(score_cache))
     t0 = time.perf_counter()
     reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
@@ -151,11 +158,15 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
                                  engine_options=engine_options, mode=mode, top_k=top_k, batch_tokens=batch_tokens,
                                  max_batch_size=max_batch_size, cache_dir=cache_dir, dedupe_cache=dedupe_cache,
                                  score_cache=score_cache, log=log)
-        rules = _flag_rules(flag_rules, baseline, scorer)
+        notes: list[str] = []
+        rules = _flag_rules(flag_rules, baseline, scorer, notes)
+        for n in notes:  # said before the run: a baseline's percentile of too few rows
+            _log_warning(n)
         load_seconds = time.perf_counter() - t0
         summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
                        limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
                        resume=resume, baseline=None if baseline is None else str(baseline))
+        summary.warnings[:0] = notes
         summary.load_seconds = load_seconds + getattr(scorer.engine, "open_seconds", 0.0)
         summary.seconds += load_seconds
         return summary
@@ -174,7 +185,8 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
     # What must not change between an interrupted run and its --resume (the engine, batch sizes and
     # on_bad_row may: they do not change the rows already committed).
-    settings = {"model_checksum": md.checksum, "mode": scorer.mode, "top_k": scorer.top_k,
+    settings = {"model_checksum": md.checksum, "max_seq_length": md.max_seq_length, "mode": scorer.mode,
+                "top_k": scorer.top_k,
                 "numerics": scorer.numerics,
                 "columns": lay.names, "text_column": lay.text, "id_column": lay.id, "header": reader.header,
                 "flag_rules": [str(r) for r in flag_rules], "limit": limit}
@@ -247,6 +259,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         except BaseException as exc:
             _put(q2, stop, exc)
 
+    stopping = False
     threads = [threading.Thread(target=produce, name="mlm-scorer-reader", daemon=True),
                threading.Thread(target=infer, name="mlm-scorer-engine", daemon=True)]
     for t in threads:
@@ -275,30 +288,47 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
             writer.commit(transform=second.apply, metadata={"flag_rules": second.rule_strings})
             summary.flagged = second.flagged
             flag_rules = second.rules
+            warn(summary, second.notes)
         summary.flag_rules = [str(r) for r in flag_rules]
     except BaseException as exc:
         stop.set()
-        writer.abort()
+        stopping = True
+        try:
+            writer.abort()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM again while stopping: stop the same way
+            writer.close()
         told = explain_committed(exc, committed_note(writer, reader, input_path))
         if told is exc:
             raise
         raise told from (None if isinstance(told, Interrupted) else exc)
     finally:
         stop.set()
-        bar.close(done=False)
-        for t in threads:
-            _drain(q)
-            _drain(q2)
-            t.join(timeout=10)
+        try:
+            bar.close(done=False)
+            for t in threads:
+                _drain(q)
+                _drain(q2)
+                t.join(timeout=10)
+        except KeyboardInterrupt:
+            if not stopping:  # not already stopping for another reason: this one is the reason
+                raise
+            # a second Ctrl-C / SIGTERM while the threads stop: the first one's message (what is committed,
+            # how to resume) stands; the threads are daemons and end with the process
     _finish_summary(summary, scorer)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None) -> None:
+def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None,
+                   max_row_chars: int = MAX_ROW_CHARS, max_batch_size: int | None = None,
+                   batch_tokens: int | None = None) -> None:
     """Refuse (UsageError) an option out of its range: ``score_file``'s and ``score_frame``'s."""
     if on_bad_row not in ON_BAD_ROW:
         raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+    for name, v in (("chunk_rows", chunk_rows), ("max_row_chars", max_row_chars), ("max_batch_size", max_batch_size),
+                    ("batch_tokens", batch_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise UsageError(f"{name} must be a positive integer, got {v!r}")
     if chunk_rows < 1:
         raise UsageError("chunk_rows must be positive")
     if dedupe_cache < 0:
@@ -307,13 +337,27 @@ def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit
         raise UsageError("limit must be >= 0")
 
 
-def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer) -> list[FlagRule]:
+def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer,
+                notes: list[str] | None = None) -> list[FlagRule]:
     """The rules to apply: percentile thresholds are taken from ``baseline`` when one is given (else from the
-    run itself, in a second pass at the end)."""
+    run itself, in a second pass at the end). ``notes`` receives what to know about them (``percentile_notes``)."""
     rules = list(flag_rules or [])
     if baseline is not None and any(r.relative for r in rules):
-        rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode)
+        rules = baseline_rules(rules, baseline, model_checksum=scorer.model.checksum, mode=scorer.mode, notes=notes)
     return rules
+
+
+def warn(summary: ScoreSummary, notes: list[str]) -> None:
+    """Log each note as a warning and keep it in the summary (``warnings``)."""
+    for n in notes:
+        summary.warnings.append(n)
+        _log_warning(n)
+
+
+def _log_warning(message: str) -> None:
+    from .logs import log
+
+    log.warning(message)
 
 
 def _score_chunk(scorer: Scorer, prepared, n_rows: int, bar: Progress) -> list[SentenceResult]:
@@ -328,7 +372,13 @@ def _score_chunk(scorer: Scorer, prepared, n_rows: int, bar: Progress) -> list[S
 
 
 def _finish_summary(summary: ScoreSummary, scorer: Scorer) -> None:
-    """The scorer's counters at the end of a run (engine, copies, deduplication, score cache) into ``summary``."""
+    """The scorer's counters at the end of a run (engine, copies, deduplication, score cache) into ``summary``,
+    and the warning when many words are unknown to the model's vocabulary (logged, and in ``warnings``)."""
+    from .segment import unknown_words_warning
+
+    unknown = unknown_words_warning(scorer.tokenizer, summary.unknown_words, summary.words, summary._unknown_samples)
+    if unknown:
+        warn(summary, [unknown])
     if getattr(scorer.engine, "opened", True):  # an engine opened on first use that scored nothing stays closed
         summary.engine_streams = scorer.engine.streams
         summary.batch_tokens = scorer.policy.batch_tokens
@@ -366,9 +416,20 @@ def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int 
                      numerics=numerics(engine, opts))
     try:
         return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
-                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size))
+                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size), server=server_of(opts))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def server_of(engine_options: dict[str, Any]) -> str | None:
+    """Where an engine that asks a server gets its answers ("http://host:8501 model bert version 3"), from its
+    options; None for an in-process engine."""
+    server = engine_options.get("server")
+    if not server:
+        return None
+    where = f"{server} model {engine_options.get('model_name') or 'bert'}"
+    version = engine_options.get("model_version")
+    return where + (f" version {version}" if version not in (None, "", "latest") else "")
 
 
 def _progress_total(reader, input_path: str, limit: int | None) -> int | None:
@@ -391,6 +452,10 @@ def _add_stats(summary: ScoreSummary, st: dict) -> None:
     summary.scored += st.get("scored", 0)
     summary.skipped += st.get("skipped", 0)
     summary.words += st.get("words", 0)
+    summary.unknown_words += st.get("unknown_words", 0)
+    room = UNKNOWN_SAMPLES - len(summary._unknown_samples)
+    if room > 0:
+        summary._unknown_samples += st.get("unknown_samples", [])[:room]
     summary.flagged += st.get("flagged", 0)
     summary._pll_sum += st.get("pll_sum", 0.0)
     for sk in st.get("skipped_rows", []):
@@ -479,9 +544,9 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
     has_id = lay.id is not None
     W: dict[str, list] = {k: [] for k in ("row", "line", "word_index", "word", "char_start", "char_end", "n_pieces",
                                           "log_prob", "prob")}
-    S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "pll",
-                                          "pseudo_perplexity", "min_word_log_prob", "min_word_index", "status",
-                                          "error")}
+    S: dict[str, list] = {k: [] for k in ("row", "line", "text", "n_words", "n_pieces", "n_copies", "unknown_words",
+                                          "pll", "pseudo_perplexity", "min_word_log_prob", "min_word_index",
+                                          "status", "error")}
     if flag_rules:
         S["flag"], S["flag_reason"] = [], []
     if has_id:
@@ -490,7 +555,8 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
         W[name], S[name] = [], []
     if scorer.top_k:
         W["top_k"] = []
-    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": [], "flagged": 0}
+    stats = {"scored": 0, "words": 0, "pll_sum": 0.0, "skipped": [], "flagged": 0, "unknown_words": 0,
+             "unknown_samples": []}
     it = iter(results)
     for row in rows:
         err = row.error
@@ -510,8 +576,8 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
             S[name].append(row.passthrough[j] if j < len(row.passthrough) else None)
         S["text"].append(row.text)
         if err is not None:
-            for k in ("n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
-                      "min_word_index"):
+            for k in ("n_words", "n_pieces", "n_copies", "unknown_words", "pll", "pseudo_perplexity",
+                      "min_word_log_prob", "min_word_index"):
                 S[k].append(None)
             S["status"].append("skipped")
             S["error"].append(str(err))
@@ -525,17 +591,24 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
         pll = float(wlp.sum())
         nw = sent.n_words
         imin = int(np.argmin(wlp))
+        unknown = scorer.tokenizer.unknown(sent)
+        n_unknown = int(unknown.sum())
         S["n_words"].append(nw)
         S["n_pieces"].append(sent.n_pieces)
         S["n_copies"].append(res.n_copies)
+        S["unknown_words"].append(n_unknown)
         S["pll"].append(pll)
         S["pseudo_perplexity"].append(pseudo_perplexity(pll, nw))
         S["min_word_log_prob"].append(float(wlp[imin]))
         S["min_word_index"].append(imin)
         S["status"].append("ok")
         S["error"].append(None)
+        if n_unknown:
+            stats["unknown_words"] += n_unknown
+            if len(stats["unknown_samples"]) < UNKNOWN_SAMPLES:
+                stats["unknown_samples"] += [row.text[int(a):int(b)][:64] for a, b in sent.char_spans[unknown][:5]]
         if flag_rules:
-            flagged, why = evaluate(flag_rules, pll, nw, float(wlp[imin]))
+            flagged, why = evaluate(flag_rules, pll, nw, float(wlp[imin]), n_unknown)
             S["flag"].append(flagged)
             S["flag_reason"].append(why)
             stats["flagged"] += flagged
@@ -560,7 +633,7 @@ def build_columns(rows: list[Row], results: list[SentenceResult], *, path: str, 
             W["n_pieces"].append(int(npieces[w]))
             lp = float(wlp[w])
             W["log_prob"].append(lp)
-            W["prob"].append(math.exp(lp))
+            W["prob"].append(exp(lp))
             if scorer.top_k:
                 W["top_k"].append([{"token": vocab[i], "log_prob": float(v)}
                                    for i, v in zip(res.top_k_ids[w], res.top_k_log_probs[w]) if i >= 0])

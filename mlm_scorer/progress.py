@@ -27,6 +27,11 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _rate(x: float) -> str:
+    """A rate for people: whole numbers from 10 on, two significant digits below (0.37, not 0)."""
+    return f"{x:,.0f}" if x >= 10 or x == 0 else f"{x:.2g}"
+
+
 class Progress:
     """``add(rows, copies)`` as work finishes; ``close()`` at the end (a final line off a terminal).
 
@@ -88,10 +93,16 @@ class Progress:
         now = self._clock() if now is None else now
         el = now - self.t0
         done = self.rows
-        s = f"progress: {done:,.0f}" + (f"/{self.total:,} rows ({done / self.total:.1%})" if self.total else " rows")
+        shown = f"{done:,.0f}"
+        s = f"progress: {shown}" + (f"/{self.total:,} rows ({done / self.total:.1%})" if self.total else
+                                    " row" if shown == "1" else " rows")
         if el > 0:
             rate = (done - self.initial) / el
-            s += f", {self.copies / el:,.0f} copies/s, {rate:,.0f} rows/s, {_clock(el)} elapsed"
+            if rate > 0 or self.copies:
+                s += f", {_rate(self.copies / el)} copies/s, {_rate(rate)} rows/s"
+            else:
+                s += ", no row done yet"
+            s += f", {_clock(el)} elapsed"
             if self.total and rate > 0 and done < self.total:
                 s += f", ETA {_clock((self.total - done) / rate)}"
         return s

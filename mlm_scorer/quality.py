@@ -44,11 +44,14 @@ METRICS = {
     "min_word_log_prob": "below",
     "mean_word_log_prob": "below",
     "pll": "below",
+    "unknown_words": "above",  # words whose pieces include the unknown token ([UNK])
 }
 # what check and the report compare with a baseline: a sentence's overall fit and its worst word (the
 # other metrics are monotone transforms of these, or depend on the length)
 COMPARED = ("pseudo_perplexity", "min_word_prob")
 SCORE_COLUMNS = ["status", "pll", "n_words", "pseudo_perplexity", "min_word_log_prob"]
+#: metric -> the column it needs beyond SCORE_COLUMNS (results written before it existed lack it)
+EXTRA_COLUMNS = {"unknown_words": "unknown_words"}
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -135,18 +138,23 @@ def parse_rule(spec: str, op: str) -> FlagRule:
     return FlagRule(metric, op, v)
 
 
-def sentence_metrics(pll: float, n_words: int, min_word_log_prob: float) -> dict[str, float]:
+def sentence_metrics(pll: float, n_words: int, min_word_log_prob: float,
+                     unknown_words: int | None = None) -> dict[str, float]:
+    from .writer import exp, pseudo_perplexity
+
     return {
-        "pseudo_perplexity": math.exp(-pll / n_words),
-        "min_word_prob": math.exp(min_word_log_prob),
+        "pseudo_perplexity": pseudo_perplexity(pll, n_words),
+        "min_word_prob": exp(min_word_log_prob),
         "min_word_log_prob": min_word_log_prob,
         "mean_word_log_prob": pll / n_words,
         "pll": pll,
+        "unknown_words": float("nan") if unknown_words is None else float(unknown_words),
     }
 
 
-def evaluate(rules: list[FlagRule], pll: float, n_words: int, min_word_log_prob: float) -> tuple[bool, str | None]:
-    m = sentence_metrics(pll, n_words, min_word_log_prob)
+def evaluate(rules: list[FlagRule], pll: float, n_words: int, min_word_log_prob: float,
+             unknown_words: int | None = None) -> tuple[bool, str | None]:
+    m = sentence_metrics(pll, n_words, min_word_log_prob, unknown_words)
     reasons = [r for r in (rule.check(m) for rule in rules) if r]
     return bool(reasons), "; ".join(reasons) or None
 
@@ -157,8 +165,15 @@ def fired(rules: list[FlagRule], values: dict[str, Any], n: int):
 
     hit = np.zeros(n, bool)
     for r in rules:
-        hit |= r.fires_on(values[r.metric])
+        hit |= r.fires_on(_metric_values(values, r.metric))
     return hit
+
+
+def _metric_values(values: dict[str, Any], metric: str):
+    if metric not in values:
+        raise UsageError(f"the result has no {EXTRA_COLUMNS.get(metric, metric)} column (it was scored by an "
+                         f"earlier version of mlm-score): score it again to use a rule on {metric}")
+    return values[metric]
 
 
 def default_baseline_rules() -> list[FlagRule]:
@@ -178,7 +193,8 @@ def quantiles(values, percentiles) -> list[float]:
     """``quantile`` of ``values`` at each of ``percentiles`` (one sort for all)."""
     import numpy as np
 
-    v = np.sort(np.asarray(values, dtype=np.float64))
+    v = np.asarray(values, dtype=np.float64)
+    v = np.sort(v[~np.isnan(v)])  # an impossible (NaN) score has no rank
     if not v.size:
         return [float("nan")] * len(percentiles)
     # exact: Fraction("99.9") * n / 100
@@ -198,11 +214,13 @@ def metric_array(table, metric: str):
     if metric == "pseudo_perplexity":
         return col("pseudo_perplexity")
     if metric == "min_word_prob":  # math.exp, as the per-row rules compute it: the same value to the bit
-        return np.fromiter((math.exp(x) for x in col("min_word_log_prob")), np.float64, table.num_rows)
+        from .writer import exp
+
+        return np.fromiter((exp(x) for x in col("min_word_log_prob")), np.float64, table.num_rows)
     if metric == "mean_word_log_prob":
         with np.errstate(invalid="ignore", divide="ignore"):
             return col("pll") / col("n_words")
-    if metric in ("min_word_log_prob", "pll"):
+    if metric in ("min_word_log_prob", "pll", "unknown_words"):
         return col(metric)
     raise ValueError(metric)
 
@@ -212,6 +230,22 @@ def scored_mask(table):
     import pyarrow.compute as pc
 
     return pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy()
+
+
+def impossible_mask(table):
+    """bool array: rows marked "ok" whose scores are impossible: a PLL or least-likely-word log-prob that is
+    NaN, infinite or above 0, or a NaN pseudo-perplexity (+inf is possible: a mean word log-prob below
+    about -709.78). This program never writes such a row; a damaged or foreign result may hold them."""
+    import numpy as np
+
+    ok = scored_mask(table)
+    with np.errstate(invalid="ignore"):
+        bad = np.zeros(table.num_rows, bool)
+        for name in ("pll", "min_word_log_prob"):
+            x = metric_array(table, name)
+            bad |= ~np.isfinite(x) | (x > 0)
+        bad |= np.isnan(metric_array(table, "pseudo_perplexity"))
+    return ok & bad
 
 
 @dataclass
@@ -225,6 +259,8 @@ class Scores:
     scored: int
     values: dict[str, Any]  # metric -> float64 array over the scored rows
     flag: Any | None  # bool array over the scored rows (the result's flag column), None without one
+    impossible: int = 0  # scored rows whose scores are impossible (``impossible_mask``)
+    impossible_lines: list = None  # where the first of them are ("12", or "file:12" for a Ray result)
 
     @property
     def skipped(self) -> int:
@@ -237,7 +273,7 @@ def load_scores(result: str | os.PathLike, *, what: str = "result") -> Scores:
 
     try:
         _, sents_path = result_paths(result)
-        table, schema = read_table(sents_path, SCORE_COLUMNS + ["flag"])
+        table, schema = read_table(sents_path, SCORE_COLUMNS + ["flag", "line", "file", "unknown_words"])
     except UsageError as exc:
         raise UsageError(f"{what}: {exc}") from None
     missing = [c for c in SCORE_COLUMNS if c not in table.column_names]
@@ -254,17 +290,26 @@ def scores_of(table, schema, *, path: str | os.PathLike, sentences: Path) -> Sco
     from .results import settings
 
     ok = scored_mask(table)
-    values = {m: metric_array(table, m)[ok] for m in METRICS}
+    values = {m: metric_array(table, m)[ok] for m in METRICS
+              if EXTRA_COLUMNS.get(m) in (None, *table.column_names)}
     flag = None
     if "flag" in table.column_names:
         flag = np.asarray(pc.fill_null(table.column("flag"), False).to_numpy(), dtype=bool)[ok]
+    bad = impossible_mask(table)
+    where = []
+    if bad.any() and "line" in table.column_names:
+        idx = np.flatnonzero(bad)[:10]
+        lines = table.column("line").take(idx).to_pylist()
+        files = table.column("file").take(idx).to_pylist() if "file" in table.column_names else [None] * len(idx)
+        where = [f"{f}:{n}" if f else str(n) for f, n in zip(files, lines)]
     return Scores(path=str(path), sentences=sentences, settings=settings(schema), rows=table.num_rows,
-                  scored=int(ok.sum()), values=values, flag=flag)
+                  scored=int(ok.sum()), values=values, flag=flag, impossible=int(bad.sum()), impossible_lines=where)
 
 
 def resolve(rules: list[FlagRule], values: dict[str, Any], *, of: str) -> list[FlagRule]:
     """The rules with every percentile taken from ``values`` (metric -> scores of the reference)."""
-    return [replace(r, value=quantile(values[r.metric], r.percentile), of=of) if r.relative else r for r in rules]
+    return [replace(r, value=quantile(_metric_values(values, r.metric), r.percentile), of=of) if r.relative else r
+            for r in rules]
 
 
 def check_comparable(reference: Scores, *, model_checksum: str | None, mode: str | None, what: str = "baseline",
@@ -294,17 +339,53 @@ def load_baseline(baseline: str | os.PathLike, *, model_checksum: str | None, mo
 
 
 def baseline_rules(rules: list[FlagRule], baseline: str | os.PathLike, *, model_checksum: str | None = None,
-                   mode: str | None = None) -> list[FlagRule]:
-    """``rules`` with their percentiles taken from the baseline result (see ``load_baseline``)."""
-    return resolve(rules, load_baseline(baseline, model_checksum=model_checksum, mode=mode).values, of="baseline")
+                   mode: str | None = None, notes: list[str] | None = None) -> list[FlagRule]:
+    """``rules`` with their percentiles taken from the baseline result (see ``load_baseline``); ``notes``, if
+    given, receives ``percentile_notes`` about them."""
+    values = load_baseline(baseline, model_checksum=model_checksum, mode=mode).values
+    resolved = resolve(rules, values, of="baseline")
+    if notes is not None:
+        notes += percentile_notes(resolved, values)
+    return resolved
+
+
+def percentile_notes(rules: list[FlagRule], values: dict[str, Any]) -> list[str]:
+    """What a user should know about percentiles taken from too few rows: ``--flag-above X=p99`` of fewer than
+    100 scores is their maximum (the run's own rows then never exceed it), ``--flag-below X=p1`` of at most
+    100 their minimum. ``rules``: resolved; ``values``: the scores they were taken from."""
+    import numpy as np
+
+    notes = []
+    for r in rules:
+        if not r.relative or r.metric not in values:
+            continue
+        v = np.asarray(values[r.metric], dtype=np.float64)
+        n = int((~np.isnan(v)).sum())
+        p = r.percentile
+        if n == 0:
+            notes.append(f"{r}: the {r.of} has no scored rows, so the rule flags nothing")
+            continue
+        rank = max(math.ceil(p * n / 100), 1)
+        if r.op == "above" and rank == n and p < 100:
+            need = math.ceil(Fraction(100) / (100 - p))
+            effect = "no row of the run is above it" if r.of == "run" else "only rows above all of them are flagged"
+            notes.append(f"{r}: p{_pct(p)} of {n} rows is their maximum (it takes at least {need} rows to be "
+                         f"anything else), so {effect}")
+        elif r.op == "below" and rank == 1 and p > 0:
+            need = math.floor(Fraction(100) / p) + 1
+            effect = "no row of the run is below it" if r.of == "run" else "only rows below all of them are flagged"
+            notes.append(f"{r}: p{_pct(p)} of {n} rows is their minimum (it takes at least {need} rows to be "
+                         f"anything else), so {effect}")
+    return notes
 
 
 class RunQuantiles:
     """The second pass for rules relative to the run itself: ``fit`` takes the percentiles from the
     committed sentence parts, ``apply`` recomputes the flag columns of a sentences table with every rule."""
 
-    def __init__(self, rules: list[FlagRule]):
+    def __init__(self, rules: list[FlagRule], notes: list[str] | None = None):
         self.rules = rules  # every percentile taken
+        self.notes = notes or []  # percentile_notes: percentiles of too few rows
         self.flagged = 0  # rows flagged by ``apply`` so far
 
     @classmethod
@@ -314,7 +395,8 @@ class RunQuantiles:
 
         if not any(r.pending for r in rules):
             return None
-        return cls.from_tables(rules, (pq.read_table(p, columns=SCORE_COLUMNS) for p in parts))
+        need = SCORE_COLUMNS + sorted({EXTRA_COLUMNS[r.metric] for r in rules if r.metric in EXTRA_COLUMNS})
+        return cls.from_tables(rules, (pq.read_table(p, columns=need) for p in parts))
 
     @classmethod
     def from_tables(cls, rules: list[FlagRule], tables) -> RunQuantiles | None:
@@ -330,8 +412,8 @@ class RunQuantiles:
             for m in pending:
                 chunks[m].append(metric_array(t, m)[ok])
         values = {m: np.concatenate(c) if c else np.empty(0) for m, c in chunks.items()}
-        rules = [replace(r, value=quantile(values[r.metric], r.percentile)) if r.pending else r for r in rules]
-        return cls(rules)
+        taken = [replace(r, value=quantile(values[r.metric], r.percentile)) if r.pending else r for r in rules]
+        return cls(taken, percentile_notes([t for r, t in zip(rules, taken) if r.pending], values))
 
     @property
     def rule_strings(self) -> list[str]:
@@ -369,9 +451,28 @@ class RunQuantiles:
                 old = json.loads(meta.get(b"mlm_scorer", b"{}"))
                 meta[b"mlm_scorer"] = json.dumps({**old, **metadata}, sort_keys=True).encode()
                 t = t.replace_schema_metadata(meta)
-            tmp = p.with_name(f".{p.name}.tmp")
-            pq.write_table(t, tmp, compression="zstd")
-            os.replace(tmp, p)
+            atomic_write_parquet(t, p)
+
+
+def atomic_write_parquet(table, path: str | os.PathLike, what: str = "a result file") -> None:
+    """Write ``table`` to ``path`` under the run's own temporary name (created exclusively), then rename it
+    into place (``fsutil.replace_file``: ``path`` must be absent or a regular file)."""
+    import pyarrow.parquet as pq
+
+    from .fsutil import create_exclusive, default_file_mode, identity, replace_file, safe_unlink, temp_path
+
+    tmp = temp_path(path)
+    fd = create_exclusive(tmp, default_file_mode())
+    made = identity(os.fstat(fd))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        replace_file(tmp, path, what)
+    except BaseException:
+        safe_unlink(tmp, identity_of=made)
+        raise
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -380,8 +481,9 @@ def ks_2samp(a, b) -> tuple[float, float]:
     (ties handled: F counts values <= x). NaN, NaN when a sample is empty."""
     import numpy as np
 
-    a = np.sort(np.asarray(a, dtype=np.float64))
-    b = np.sort(np.asarray(b, dtype=np.float64))
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a, b = np.sort(a[~np.isnan(a)]), np.sort(b[~np.isnan(b)])  # impossible (NaN) scores are counted apart
     if not a.size or not b.size:
         return float("nan"), float("nan")
     x = np.concatenate([a, b])
@@ -414,6 +516,7 @@ def psi(baseline, current, bins: int = 10) -> float:
 
     b = np.asarray(baseline, dtype=np.float64)
     c = np.asarray(current, dtype=np.float64)
+    b, c = b[~np.isnan(b)], c[~np.isnan(c)]
     if not b.size or not c.size:
         return float("nan")
     edges = np.unique(quantiles(b, [Fraction(100 * k, bins) for k in range(1, bins)]))

@@ -79,8 +79,8 @@ def _resolve(spec: str | int | None, names: list[str], what: str, header: bool) 
 # ``writer.sentence_schema`` give them their types. A pass-through column of one of these names would make
 # two columns of one name: refused when the layout is read.
 WORD_COLUMNS = ("word_index", "word", "char_start", "char_end", "n_pieces", "log_prob", "prob", "top_k")
-SENTENCE_COLUMNS = ("text", "n_words", "n_pieces", "n_copies", "pll", "pseudo_perplexity", "min_word_log_prob",
-                    "min_word_index", "flag", "flag_reason", "status", "error")
+SENTENCE_COLUMNS = ("text", "n_words", "n_pieces", "n_copies", "unknown_words", "pll", "pseudo_perplexity",
+                    "min_word_log_prob", "min_word_index", "flag", "flag_reason", "status", "error")
 OUTPUT_COLUMNS = frozenset(("row", "line", *WORD_COLUMNS, *SENTENCE_COLUMNS))
 
 
@@ -350,43 +350,120 @@ def is_parquet(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith((".parquet", ".pq"))
 
 
+#: Decoded bytes of a Parquet record batch at most (about; see ``ParquetReader``): a file whose rows are
+#: megabytes each is read a few rows at a time.
+PARQUET_BATCH_BYTES = 64 << 20
+
+#: Arrow types a text column may have (a dictionary of them too).
+_TEXT_TYPES = ("string", "large_string", "string_view")
+
+
+def _is_text_type(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return str(t) in _TEXT_TYPES or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _byte_lengths(arr):
+    """Bytes of each value of a string (or dictionary of strings) array, without decoding it: int64, 0 for null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(arr.type):  # a value's length, read from the dictionary: nothing is expanded
+        lengths = pc.binary_length(arr.dictionary).cast(pa.int64()).take(arr.indices)
+    else:
+        lengths = pc.binary_length(arr).cast(pa.int64())
+    return pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False)
+
+
+def _without(arr, drop):
+    """``arr`` with the rows of the bool mask ``drop`` made null, decoded to plain strings (dropped values
+    are never expanded)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if drop.any():
+        mask = pa.array(np.asarray(drop, bool))
+        if pa.types.is_dictionary(arr.type):
+            arr = pa.DictionaryArray.from_arrays(pc.if_else(mask, pa.scalar(None, arr.indices.type), arr.indices),
+                                                 arr.dictionary)
+        else:
+            arr = pc.if_else(mask, pa.scalar(None, arr.type), arr)
+    return arr
+
+
 def parquet_rows(batch, lay: Layout, path: str, *, first: int, max_row_chars: int = MAX_ROW_CHARS) -> list[Row]:
     """Rows of a Parquet record batch whose first row is row ``first`` (0-based) of the file.
 
     ``line`` is the 1-based row number (a Parquet file has no lines). The id and pass-through columns
-    are passed on as strings, as from a TSV; a null text is a bad row (reason ``null_text``), and so is
-    a text longer than ``max_row_chars`` (``row_too_long``, its text not kept), as in a TSV.
+    are passed on as strings, as from a TSV; a null text is a bad row (reason ``null_text``), and so is a
+    row longer than ``max_row_chars`` (``row_too_long``): its text, or its other columns together (a TSV
+    line is limited whole). Lengths are read from the column data (a dictionary column's dictionary)
+    before any value is decoded to Python: a row of megabytes is never copied.
     """
+    import numpy as np
     import pyarrow as pa
 
-    def col(j: int) -> list:
+    n = batch.num_rows
+    others = ([lay.id] if lay.id is not None else []) + list(lay.passthrough)
+
+    def as_text(j: int):
+        arr = batch.column(j)
+        if _is_text_type(arr.type):
+            return arr
         try:
-            return batch.column(j).cast(pa.string()).to_pylist()
+            return arr.cast(pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise UsageError(f"{path}: column {lay.names[j]!r} of type {batch.schema.field(j).type} cannot be "
                              f"read as text; drop it from the file (or score a copy without it)") from None
 
-    text = col(lay.text)
-    ids = col(lay.id) if lay.id is not None else [None] * len(text)
-    passthrough = [col(j) for j in lay.passthrough]
+    ttype = batch.schema.field(lay.text).type
+    if not _is_text_type(ttype):
+        raise UsageError(f"{path}: the text column {lay.names[lay.text]!r} has type {ttype}, not text (a Parquet "
+                         f"string column): choose the text with --text-column NAME, or convert the column to "
+                         f"strings first")
+    cols = {j: as_text(j) for j in [lay.text, *others]}
+    cap = 4 * max_row_chars  # UTF-8: at most 4 bytes a character
+    text_bytes = _byte_lengths(cols[lay.text])
+    other_bytes = sum((_byte_lengths(cols[j]) for j in others), np.zeros(n, np.int64))
+    too_long = (text_bytes > cap) | (other_bytes > cap)  # longer than the limit whatever the characters
+    text = _without(cols[lay.text], too_long).to_pylist()
+    decoded = {j: _without(cols[j], too_long).to_pylist() for j in others}
     rows = []
     for k, t in enumerate(text):
         i = first + k
         err = None
-        if t is None:
+        fields = [decoded[j][k] for j in others]
+        size = sum(len(f) for f in fields if f is not None)
+        if too_long[k] or size > max_row_chars or (t is not None and len(t) > max_row_chars):
+            what = (f"the text is {len(t)} characters long" if t is not None and len(t) > max_row_chars else
+                    f"the text is {text_bytes[k]:,} bytes long" if text_bytes[k] > cap else
+                    f"its id and pass-through columns are {other_bytes[k] if other_bytes[k] > cap else size:,} "
+                    f"{'bytes' if other_bytes[k] > cap else 'characters'} long")
+            err = InputError(f"{what}, more than --max-row-chars {max_row_chars} (raise it with --max-row-chars N)",
+                             path=path, line=i + 1, reason="row_too_long")
+            t, fields = None, [None] * len(others)
+        elif t is None:
             err = InputError(f"the text column {lay.names[lay.text]!r} is null", path=path, line=i + 1,
                              reason="null_text")
-        elif len(t) > max_row_chars:
-            err = InputError(f"the text is {len(t)} characters long, more than --max-row-chars {max_row_chars} "
-                             f"(raise it with --max-row-chars N)", path=path, line=i + 1, reason="row_too_long")
-            t = None
-        rows.append(Row(i, i + 1, t, ids[k], tuple(p[k] for p in passthrough), err))
+        idv = fields[0] if lay.id is not None else None
+        rows.append(Row(i, i + 1, t, idv, tuple(fields[1:] if lay.id is not None else fields), err))
     return rows
 
 
 class ParquetReader:
     """Iterate the ``Row``s of a Parquet file, as ``TsvReader`` does a TSV: the text and id columns by name
-    (or 0-based index), every other column passed through; read ``batch_rows`` rows at a time."""
+    (or 0-based index), every other column passed through.
+
+    Memory stays bounded whatever the rows hold: string columns are read as dictionaries where the file
+    stores them so (a value repeated in many rows is decoded once, its length read before it is expanded),
+    and each row group is read ``batch_rows`` rows at a time, fewer where its uncompressed size says rows
+    are large (``PARQUET_BATCH_BYTES`` per batch). The text column must hold strings: a column of numbers
+    (a float column's NaN would be scored as the word "nan") or bytes is refused.
+    """
 
     header = True  # the schema names the columns, as a header line does
     is_stream = False
@@ -396,6 +473,8 @@ class ParquetReader:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if max_row_chars < 1:
+            raise UsageError(f"max_row_chars must be positive, got {max_row_chars}")
         self.path = str(path)
         self.batch_rows, self.max_row_chars = batch_rows, max_row_chars
         self.rows_read = 0
@@ -405,21 +484,54 @@ class ParquetReader:
             raise UsageError(f"input {self.path!r} is a directory, not a Parquet file")
         try:
             self._pf = pq.ParquetFile(self.path)
+            schema = self._pf.schema_arrow
         except PermissionError:
             raise UsageError(f"input file {self.path!r} cannot be read (permission denied)") from None
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"not a readable Parquet file ({exc}); a TSV input must not end in .parquet",
                              path=self.path, reason="bad_parquet") from None
-        self.layout = layout_for(self._pf.schema_arrow.names, text_column, id_column, self.path)
+        self.layout = lay = layout_for(schema.names, text_column, id_column, self.path)
+        ttype = schema.field(lay.text).type
+        if not _is_text_type(ttype):
+            raise UsageError(f"{self.path}: the text column {lay.names[lay.text]!r} has type {ttype}, not text (a "
+                             f"Parquet string column): choose the text with --text-column NAME, or convert the "
+                             f"column to strings first")
         self.num_rows = self._pf.metadata.num_rows
+        strings = [n for n in schema.names if _is_text_type(schema.field(n).type)]
+        self._pf.close()
+        try:  # again, with the string columns read as dictionaries where the file stores them so
+            self._pf = pq.ParquetFile(self.path, read_dictionary=strings)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"not a readable Parquet file ({exc})", path=self.path, reason="bad_parquet") from None
+
+    def _batch_rows(self, group: int) -> int:
+        """Rows per batch for row group ``group``: ``batch_rows``, fewer where its columns' uncompressed size
+        per row is large."""
+        rg = self._pf.metadata.row_group(group)
+        size = sum(rg.column(c).total_uncompressed_size for c in range(rg.num_columns))
+        per_row = size / max(1, rg.num_rows)
+        return int(max(1, min(self.batch_rows, PARQUET_BATCH_BYTES // max(1.0, per_row))))
 
     def __iter__(self) -> Iterator[Row]:
+        import pyarrow as pa
+
         first = 0
-        for batch in self._pf.iter_batches(batch_size=self.batch_rows):
-            for row in parquet_rows(batch, self.layout, self.path, first=first, max_row_chars=self.max_row_chars):
-                self.rows_read += 1
-                yield row
-            first += batch.num_rows
+        for g in range(self._pf.metadata.num_row_groups):
+            batches = self._pf.iter_batches(batch_size=self._batch_rows(g), row_groups=[g])
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (pa.ArrowException, OSError) as exc:  # a damaged page: "Corrupt snappy compressed data"
+                    raise InputError(f"the Parquet data from row {first + 1} on cannot be read ({exc}): the file "
+                                     f"is damaged; rows before it were read", path=self.path, line=first + 1,
+                                     reason="bad_parquet") from None
+                for row in parquet_rows(batch, self.layout, self.path, first=first,
+                                        max_row_chars=self.max_row_chars):
+                    self.rows_read += 1
+                    yield row
+                first += batch.num_rows
 
     def position(self) -> dict:
         """Where reading stands (rows read; a file is checked whole by ``identity`` on resume)."""

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MlmScorerError, UsageError
+from .fsutil import atomic_write_bytes
 from .results import read_table as _read
+from .writer import exp as _exp
 from .results import result_paths as _paths
 from .results import settings as _settings
 
@@ -236,7 +238,7 @@ def highlight(text: str, words: list[dict], *, floor: float, least: int | None) 
         lp = w["log_prob"]
         l10 = lp / math.log(10) if lp is not None and math.isfinite(lp) else floor
         cls = "w least" if w["word_index"] == least else "w"
-        tip = f"{text[a:b]}: p = {math.exp(lp):.3g} (log p = {lp:.3f})" if lp is not None else text[a:b]
+        tip = f"{text[a:b]}: p = {_exp(lp):.3g} (log p = {lp:.3f})" if lp is not None else text[a:b]
         out.append(f'<span class="{cls}" style="background:{_colour(l10, floor)}" title="{html.escape(tip)}">'
                    f'{html.escape(text[a:b])}</span>')
         pos = b
@@ -289,6 +291,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     if lowest < 0:
         raise UsageError("lowest must be >= 0")
     words_path, sents_path = _paths(result_parquet)
+    dest = check_report_target(out_html, "the report (-o)", result_parquet, baseline)
     sents, schema = _read(sents_path)
     settings = _settings(schema)
     names = sents.column_names
@@ -303,12 +306,21 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     has_flag = "flag" in has
     n_flagged = int(pc.sum(sents.column("flag").cast("int64")).as_py() or 0) if has_flag else None
     rows = sents.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok" and r["pseudo_perplexity"] is not None
-          and math.isfinite(r["pseudo_perplexity"])]
-    def order(r):
-        return -r["pseudo_perplexity"], r.get("file") or "", r["row"]
+    from .quality import impossible_mask
 
-    worst = sorted(ok, key=order)[:lowest]
+    bad = impossible_mask(sents)
+    for r, b in zip(rows, bad):
+        r["_impossible"] = bool(b)
+    scored = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in scored if not r["_impossible"]]  # what the statistics are taken over
+    n_impossible = len(scored) - len(ok)
+
+    def order(r):  # impossible scores first (they are never expected), then the least likely
+        ppl = r["pseudo_perplexity"]
+        return (not r["_impossible"], -ppl if ppl is not None and not math.isnan(ppl) else 0.0,
+                r.get("file") or "", r["row"])
+
+    worst = sorted(scored, key=order)[:lowest]
 
     cmp = None
     if baseline is not None:
@@ -355,6 +367,8 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
         '<section id="counts"><div class="cards">',
     ]
     cards = [("rows", n_rows), ("scored", n_ok), ("skipped", n_skipped)]
+    if n_impossible:
+        cards.append(("impossible scores", n_impossible))
     if has_flag:
         cards.append(("flagged", n_flagged))
     words_total = sum(r["n_words"] or 0 for r in ok)
@@ -367,7 +381,9 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
         cards.append(("median pseudo-perplexity", _num(ppl[len(ppl) // 2], ".4g")))
         cards.append(("mean PLL per word", _num(sum(r["pll"] for r in ok) / max(1, words_total), ".3f")))
     for name, v in cards:
-        out.append(f'<div class="card" data-count="{esc(name)}"><b>{esc(str(v))}</b><span>{esc(name)}</span></div>')
+        warn = " warn" if name == "impossible scores" else ""
+        out.append(f'<div class="card{warn}" data-count="{esc(name)}"><b>{esc(str(v))}</b><span>{esc(name)}</span>'
+                   f'</div>')
     out.append("</div></section>")
 
     if cmp:
@@ -388,7 +404,7 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
                 cells.append(f"<td>{esc(str(r['id'])) if r['id'] is not None else ''}</td>")
             cells += [f'<td class="num">{_num(r["pseudo_perplexity"])}</td>',
                       f'<td class="num">{_num(r["pll"], ".2f")}</td>',
-                      f'<td class="num">{_num(math.exp(r["min_word_log_prob"]), ".3g")}</td>']
+                      f'<td class="num">{_num(_exp(r["min_word_log_prob"]), ".3g")}</td>']
             if flag_head:
                 why = flag_text(r)
                 cells.append(f'<td class="flag">{esc(why)}</td>' if why else "<td></td>")
@@ -413,11 +429,16 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     out.append(histogram_svg([r["pseudo_perplexity"] for r in ok], title="Pseudo-perplexity per sentence (log scale)",
                              x_label="pseudo-perplexity = exp(−PLL / words); higher is less likely",
                              css_class="hist pppl"))
-    out.append(histogram_svg([math.exp(r["min_word_log_prob"]) for r in ok if r["min_word_log_prob"] is not None],
+    out.append(histogram_svg([_exp(r["min_word_log_prob"]) for r in ok if r["min_word_log_prob"] is not None],
                              title="Probability of each sentence's least likely word (log scale)",
                              x_label="min word probability; lower is less likely", css_class="hist minp"))
     out.append("</div></section>")
     out.append(f'<section id="lowest"><h2>The {len(worst)} lowest-scoring sentence(s)</h2>')
+    if n_impossible:
+        out.append(f'<p class="sub err">{n_impossible} row(s) marked ok hold impossible scores (NaN, or a '
+                   f'log-prob that is infinite or above 0): they come first below and are left out of the '
+                   f'statistics. mlm-score never writes such a row: the file is damaged or was written by '
+                   f'something else; score the input again.</p>')
     out.append(legend)
     sentence_table("lowest", worst, "flag" if has_flag else None,
                    lambda r: (r.get("flag_reason") or "") if r.get("flag") else "")
@@ -455,17 +476,35 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     out.append('<p class="sub">Generated by mlm-score report. PLL: pseudo-log-likelihood (natural log), the sum of '
                "the words' log-probabilities; pseudo-perplexity = exp(−PLL / words).</p></body></html>")
 
-    dest = Path(out_html)
-    if not dest.parent.exists():
-        raise UsageError(f"output directory {str(dest.parent)!r} does not exist")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, ("\n".join(out) + "\n").encode("utf-8"), what="the report (-o)")
     info = {"rows": n_rows, "scored": n_ok, "skipped": n_skipped, "flagged": n_flagged, "shown": len(worst),
-            "output": str(dest)}
+            "impossible": n_impossible, "output": str(dest)}
     if cmp:
         info.update(newly_flagged=len(cmp["newly"]), baseline=str(baseline), metrics=cmp["metrics"])
     return info
+
+
+def check_report_target(path: str | os.PathLike, what: str, result: str | os.PathLike,
+                        baseline: str | os.PathLike | None = None) -> Path:
+    """Refuse (UsageError) a file ``report`` or ``check`` would write that is not absent or a regular file, or
+    that is one of the files it reads: either file of the result or of the baseline, or a file inside a
+    result directory of ``mlm-score ray``."""
+    from .fsutil import check_target
+
+    reads: list[tuple[Path, str]] = []
+    for name, r in (("result", result), ("baseline", baseline)):
+        if r is None:
+            continue
+        if Path(r).is_dir():
+            inside = os.path.realpath(r) + os.sep
+            if os.path.realpath(path).startswith(inside):
+                raise UsageError(f"{what} {str(path)!r} lies inside the {name} directory {str(r)!r}, which is read; "
+                                 f"choose a path outside it")
+            continue
+        words, sents = _paths(r) if Path(r).exists() else (Path(r), Path(r))
+        reads += [(Path(r), f"the {name}"), (words, f"the {name}'s words file"),
+                  (sents, f"the {name}'s sentences file")]
+    return check_target(path, what, inputs=reads)
 
 
 def _compare_with(result, baseline, cur, ok: list[dict]) -> dict[str, Any]:
@@ -478,7 +517,7 @@ def _compare_with(result, baseline, cur, ok: list[dict]) -> dict[str, Any]:
     rules = resolve(default_baseline_rules(), base.values, of="baseline")
     newly, why = [], {}
     for r in ok:
-        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"])
+        hit, reason = evaluate(rules, r["pll"], r["n_words"], r["min_word_log_prob"], r.get("unknown_words"))
         if hit:
             newly.append(r)
             why[id(r)] = reason

@@ -6,6 +6,13 @@ prepare the next chunk on another thread while the engine works on this one (``p
 
 Aggregation (all modes): every copy yields the log-probability of each of its predicted pieces;
 a word's log-prob is the sum over its pieces; a sentence's PLL is the sum over its words.
+
+Nothing an engine returns is used unchecked, whichever engine or server it is (``check_result``): the
+arrays must have the batch's shape and numeric types (else EngineError naming the engine and server), the
+log-probs in the slots read must be finite and <= 0, and the top-k ids in [0, vocab_size). A copy whose
+values are impossible makes its sentence a bad row (reason ``impossible_score``), never an ``ok`` one; a
+batch of several sentences in which every copy is impossible is an EngineError (the engine or server is at
+fault, not the rows).
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from typing import Callable
 import numpy as np
 
 from .batching import BatchPolicy, build, copy_lengths, padding_efficiency, plan
-from .engines.base import Batch, Engine, numerics
+from .engines.base import Batch, BatchResult, Engine, numerics
+from .errors import EngineError
 from .expand import PRED_A, PRED_B, SENT, WordTooLong, masked_spans, windows
 from .model_dir import ModelDir
 from .segment import Sentence, WordTokenizer
@@ -133,9 +141,11 @@ class Scorer:
 
     def __init__(self, model: ModelDir, engine: Engine, *, mode: str = "whole-word", top_k: int = 0,
                  policy: BatchPolicy | Callable[[Engine], BatchPolicy] | None = None, cache_size: int = 20_000,
-                 store_dir: str | None = None):
+                 store_dir: str | None = None, server: str | None = None):
         """``policy``: a BatchPolicy, or a function of the engine giving one (called when the first batch
-        is planned: an engine opened on first use, ``engines.base.LazyEngine``, stays closed until then)."""
+        is planned: an engine opened on first use, ``engines.base.LazyEngine``, stays closed until then).
+        ``server``: for an engine that asks a server, where it is (address and model name): the score
+        cache keeps its answers apart, and stores them only after the identity probe passes again."""
         from .expand import MODES
 
         if mode not in MODES:
@@ -161,16 +171,22 @@ class Scorer:
         self._cache_pieces = 0
         self._pending: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.server = server
         self.store = None
+        self._trusted = False  # the store's entries may be used (see _trust_store)
+        self._stamped = False  # the export's files stamp is recorded in the store as verified
         if store_dir is not None:
             from .cache import ScoreCache
 
             # The family leads the key and reduced precision ends it (BERT exports scored in fp32 keep the key
-            # they always had, so existing caches stay valid): int8 or bf16 scores never answer an fp32 run.
+            # they always had, so existing caches stay valid): int8 or bf16 scores never answer an fp32 run,
+            # and a server's answers never answer an in-process run or another server's.
             family = "" if model.family == "bert" else f"{model.family}|"
             reduced = "" if self.numerics == "fp32" else f"|{self.numerics}"
-            self.store = ScoreCache(store_dir, namespace=f"{family}{model.checksum}|{model.max_seq_length}|{mode}|"
-                                                         f"{top_k}{reduced}")
+            remote = "" if server is None else f"|server={server}"
+            source = f"{engine.name} {server} {self.numerics}" if server else f"{engine.name} {self.numerics}"
+            self.store = ScoreCache(store_dir, source=source, namespace=f"{family}{model.checksum}|"
+                                    f"{model.max_seq_length}|{mode}|{top_k}{reduced}{remote}")
 
     @property
     def policy(self) -> BatchPolicy:
@@ -250,22 +266,39 @@ class Scorer:
         word_of_piece, word_offsets = self._first_piece_words(prep.sentences)
         top_ids = np.full((int(word_offsets[-1]), k), -1, np.int32) if k else None
         top_lp = np.full((int(word_offsets[-1]), k), -np.inf, np.float32) if k else None
+        impossible: dict[int, str] = {}  # sentence -> why its scores cannot be used
         for idx, res in zip(prep.batches, self.engine.map(prep.built) if prep.built else ()):
             if on_batch is not None:
                 on_batch(len(idx))
             cp = prep.copies[idx]
             n_pred = cp[:, PRED_B] - cp[:, PRED_A]
-            P = res.log_probs.shape[1]
+            lp, ids, tlp, bad = check_result(res, n_pred, k=k, vocab_size=self.tokenizer.vocab_size,
+                                             engine=lambda: describe_engine(self.engine))
+            if bad is not None:
+                sents = cp[:, SENT]
+                if bad.all() and len(np.unique(sents)) > 1:
+                    raise EngineError(f"{describe_engine(self.engine)} returned {bad_values(res, n_pred)} for every "
+                                      f"one of the {len(bad)} masked copies of a batch of {len(np.unique(sents))} "
+                                      f"sentences: a log-probability is finite and <= 0, so none of them is used. "
+                                      f"The model or the server is at fault (a damaged export: re-export it; a "
+                                      f"server: check what it serves)")
+                why = (f"{describe_engine(self.engine)} returned {bad_values(res, n_pred, bad)} for "
+                       f"this row, not a log-probability (finite, <= 0), so it cannot be scored; the model or the "
+                       f"server is at fault, not the text (a damaged export gives NaN at some positions: "
+                       f"re-export and verify it)")
+                for i in np.unique(sents[bad]):
+                    impossible.setdefault(int(i), why)
+            P = lp.shape[1]
             slot = np.arange(P)[None, :]
             valid = slot < n_pred[:, None]
             flat = offsets[cp[:, SENT]][:, None] + cp[:, PRED_A][:, None] + slot
-            piece_lp[flat[valid]] = res.log_probs[valid]
+            piece_lp[flat[valid]] = lp[valid]
             if k:
                 first = flat[:, 0]
                 w = word_of_piece[first]  # -1 where slot 0 is not a word's first piece
                 sel = w >= 0
-                top_ids[w[sel]] = res.top_k_ids[sel, 0, :k]
-                top_lp[w[sel]] = res.top_k_log_probs[sel, 0, :k]
+                top_ids[w[sel]] = ids[sel, 0, :k]
+                top_lp[w[sel]] = tlp[sel, 0, :k]
         self.stats.copies += prep.n_copies
         real, computed = padding_efficiency(prep.copies, prep.batches)
         self.stats.real_tokens += real
@@ -275,8 +308,8 @@ class Scorer:
         n_copies = np.bincount(prep.copies[:, SENT], minlength=len(prep.sentences)) if len(prep.copies) else \
             np.zeros(len(prep.sentences), np.int64)
         for i, s in enumerate(prep.sentences):
-            if i in prep.errors:
-                reason, msg = prep.errors[i]
+            if i in prep.errors or i in impossible:
+                reason, msg = prep.errors[i] if i in prep.errors else ("impossible_score", impossible[i])
                 fresh.append(SentenceResult(sentence=s, error=msg, reason=reason))
                 continue
             r = SentenceResult(sentence=s, piece_log_probs=piece_lp[offsets[i]:offsets[i + 1]].copy(),
@@ -286,8 +319,12 @@ class Scorer:
                 r.top_k_log_probs = top_lp[word_offsets[i]:word_offsets[i + 1]].copy()
             fresh.append(r)
         if self.store is not None:
-            self.store.put_many([(t, r.piece_log_probs, r.top_k_ids, r.top_k_log_probs, r.n_copies)
-                                 for t, r in zip(prep.unique, fresh) if r.error is None])
+            items = [(t, r.piece_log_probs, r.top_k_ids, r.top_k_log_probs, r.n_copies)
+                     for t, r in zip(prep.unique, fresh) if r.error is None]
+            if items and self.server is not None:
+                self._verify_server()
+            self.store.put_many(items)
+            self._stamp_verified()
         with self._lock:
             for t in prep.unique:
                 self._pending.pop(t, None)
@@ -322,6 +359,7 @@ class Scorer:
         found = self.store.get_many(texts)
         if not found:
             return {}
+        self._trust_store()
         hit_texts = list(found)
         out = {}
         wrong = []
@@ -339,6 +377,53 @@ class Scorer:
         with self._lock:
             self._remember(out.items())
         return out
+
+    def _trust_store(self) -> None:
+        """Before the first entry of the score cache is used: make sure the export's weights are those an
+        engine verified. An engine already open verified them (its identity probe); else the export's files
+        must have the stamp recorded when one did (``cache.files_stamp``), or the engine is opened now (and
+        verifies them: ModelError if they are not the manifest's). A server's entries are keyed by the
+        server and were probed before they were stored."""
+        if self._trusted:
+            return
+        if self.server is None and not getattr(self.engine, "opened", True):
+            from .cache import files_stamp
+
+            if self.store.verified_stamp(self.model.path) != files_stamp(self.model.path):
+                self.engine.open()  # LazyEngine: the engine verifies the weights as it opens
+        self._stamp_verified()
+        self._trusted = True
+
+    def _stamp_verified(self) -> None:
+        """Record in the store that the export's files, as they are now, were verified by an engine (once an
+        in-process engine is open)."""
+        if self._stamped or self.server is not None or not getattr(self.engine, "opened", True):
+            return
+        from .cache import files_stamp
+
+        self.store.record_stamp(self.model.path, files_stamp(self.model.path))
+        self._stamped = True
+
+    def _verify_server(self) -> None:
+        """Run the export's identity probe against the server again before its answers are stored: EngineError
+        if the served model no longer gives the numbers recorded at export (another model behind the same
+        name, a restart on other weights)."""
+        from .engines.base import IDENTITY_TOLERANCE, probe_diff, read_identity_probe
+
+        probe = read_identity_probe(self.model)
+        if probe is None:
+            raise EngineError(f"{describe_engine(self.engine)}: the export {self.model.path} records no identity "
+                              f"probe, so the server's answers cannot be verified before they are stored in the "
+                              f"score cache; re-export the model with mlm-export, or run without --cache")
+        batch, expected = probe
+        diff = probe_diff(check_result(self.engine.run(batch), np.count_nonzero(batch.masked_lm_positions, axis=1),
+                                       k=0, vocab_size=self.tokenizer.vocab_size,
+                                       engine=lambda: describe_engine(self.engine))[0], expected)
+        if not diff <= IDENTITY_TOLERANCE:
+            raise EngineError(f"{describe_engine(self.engine)}: the served model no longer answers the identity probe "
+                              f"recorded in the export {self.model.path} (its log-probs differ by up to {diff:.3g}, "
+                              f"allowed {IDENTITY_TOLERANCE:g}): another model is being served. Its answers are "
+                              f"neither stored in the score cache nor written")
 
     def _remember(self, items) -> None:
         """Keep (text, result) pairs for duplicates (the caller holds the lock), evicting the oldest beyond
@@ -369,3 +454,89 @@ class Scorer:
 
 def _pieces(r: SentenceResult) -> int:
     return r.sentence.n_pieces if r.sentence is not None else 0
+
+
+#: A log-probability above 0 by at most this much is a rounding artefact of log-softmax (set to 0.0); above
+#: it, an impossible value.
+LOG_PROB_SLACK = 1e-5
+
+
+def describe_engine(engine: Engine) -> str:
+    """"the rest engine (server http://host:8501, model bert)": the engine, and the server where there is one."""
+    from .engines.base import LazyEngine
+
+    inner = engine.open() if isinstance(engine, LazyEngine) else engine
+    opts = getattr(inner, "opts", None)
+    where = opts.describe() if hasattr(opts, "describe") else None
+    return f"the {engine.name} engine" + (f" ({where})" if where else "")
+
+
+def check_result(res: BatchResult, n_pred: np.ndarray, *, k: int, vocab_size: int,
+                 engine: Callable[[], str]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Check what an engine returned for a batch of ``len(n_pred)`` copies (``n_pred``: slots read per copy).
+
+    Returns (log_probs float64 [B, P], top_k_ids int32 [B, P, k'] or None, top_k_log_probs float32 or None,
+    bad) where ``bad`` is None when every value read is possible, else a bool [B]: the copies with a
+    log-prob that is not finite or above 0 (beyond ``LOG_PROB_SLACK``), or, with ``k``, a top-k id outside
+    [0, vocab_size) or a top-k log-prob that is not finite or above 0, at slot 0. Raises EngineError
+    (``engine()`` names it) for arrays that are not numeric or not of the batch's shape.
+    """
+    B = len(n_pred)
+    need = int(n_pred.max()) if B else 0
+
+    def malformed(what: str) -> EngineError:
+        return EngineError(f"{engine()} returned {what} for a batch of {B} copies with up to {need} predictions "
+                           f"each; nothing of it is used")
+
+    def numeric(x, name: str, kinds: str) -> np.ndarray:
+        try:
+            a = np.asarray(x)
+        except (TypeError, ValueError) as exc:  # ragged nested lists
+            raise malformed(f"{name} that is not an array ({exc})") from None
+        if a.dtype.kind not in kinds:
+            raise malformed(f"{name} of type {a.dtype}, not numbers")
+        return a
+
+    lp = numeric(res.log_probs, "log-probs", "fiu")
+    if lp.ndim != 2 or lp.shape[0] != B or lp.shape[1] < need:
+        raise malformed(f"log-probs of shape {list(lp.shape)}, not [{B}, >= {need}]")
+    lp = lp.astype(np.float64)
+    valid = np.arange(lp.shape[1])[None, :] < n_pred[:, None]
+    with np.errstate(invalid="ignore"):
+        wrong = valid & ~(np.isfinite(lp) & (lp <= LOG_PROB_SLACK))
+        lp[valid & (lp > 0) & (lp <= LOG_PROB_SLACK)] = 0.0
+    bad = wrong.any(axis=1)
+    ids = tlp = None
+    if k:
+        if res.top_k_ids is None or res.top_k_log_probs is None:
+            raise malformed("no top-k arrays (top-k was asked for)")
+        ids = numeric(res.top_k_ids, "top-k ids", "iu")
+        tlp = numeric(res.top_k_log_probs, "top-k log-probs", "fiu")
+        if ids.ndim != 3 or ids.shape[:2] != lp.shape or ids.shape[2] < k or tlp.shape != ids.shape:
+            raise malformed(f"top-k arrays of shapes {list(ids.shape)} and {list(tlp.shape)}, not "
+                            f"[{B}, {lp.shape[1]}, >= {k}]")
+        first_ids = ids[:, 0, :k]
+        first_lp = tlp[:, 0, :k].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad |= ((first_ids < 0) | (first_ids >= vocab_size)).any(axis=1)
+            bad |= (~np.isfinite(first_lp) | (first_lp > LOG_PROB_SLACK)).any(axis=1)
+        ids = ids.astype(np.int32, copy=False)
+        tlp = np.minimum(tlp.astype(np.float32), 0.0)
+    return lp, ids, tlp, (bad if bad.any() else None)
+
+
+def bad_values(res: BatchResult, n_pred: np.ndarray, rows: np.ndarray | None = None) -> str:
+    """The impossible log-probs of ``res`` in words ("NaN (3), +inf (1), 3.2 (2)"), over ``rows`` if given."""
+    lp = np.asarray(res.log_probs, dtype=np.float64)
+    valid = np.arange(lp.shape[1])[None, :] < n_pred[:, None]
+    if rows is not None:
+        valid &= rows[:, None]
+    v = lp[valid]
+    parts = []
+    for name, m in (("NaN", np.isnan(v)), ("+inf", np.isposinf(v)), ("-inf", np.isneginf(v)),
+                    ("values above 0", np.isfinite(v) & (v > LOG_PROB_SLACK))):
+        if m.any():
+            eg = f", e.g. {v[m][0]:.4g}" if name == "values above 0" else ""
+            parts.append(f"{name} ({int(m.sum())}{eg})")
+    return "log-probs " + ", ".join(parts) if parts else "impossible top-k predictions (ids outside the vocabulary " \
+                                                          "or log-probs that are not finite or above 0)"

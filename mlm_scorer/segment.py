@@ -73,6 +73,7 @@ class WordTokenizer:
         if missing:
             raise ModelError(f"special tokens {missing} are not in the vocabulary of {model.tokenizer_json}")
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = ids["cls"], ids["sep"], ids["mask"], ids["pad"]
+        self.unk_id, self.unk_token = ids["unk"], st["unk"]
         self.vocab_size = vocab_size
 
     def id_to_token(self, i: int) -> str:
@@ -82,6 +83,56 @@ class WordTokenizer:
         """Tokenize many texts at once (the Rust tokenizer runs them in parallel)."""
         encs = self._tok.encode_batch(texts, add_special_tokens=False)
         return [_to_sentence(e, t) for e, t in zip(encs, texts)]
+
+    def unknown(self, sent: Sentence) -> np.ndarray:
+        """bool [n_words]: the words whose pieces include the unknown token (``[UNK]``, ``<unk>``)."""
+        if sent.n_words == 0:
+            return np.zeros(0, bool)
+        return np.logical_or.reduceat(sent.ids == self.unk_id, sent.word_starts[:-1])
+
+    def unknown_share(self, words: list[str]) -> float:
+        """Share of ``words`` (each tokenized alone) that contain the unknown token."""
+        if not words:
+            return 0.0
+        return sum(bool(self.unknown(s).any()) for s in self.tokenize(words)) / len(words)
+
+
+#: A run warns when at least this share of its words is unknown to the model's vocabulary (ordinary
+#: English on bert-base-uncased: well under 1 %).
+UNKNOWN_WARN_SHARE = 0.10
+
+
+def unknown_words_warning(tok: WordTokenizer, unknown: int, words: int, samples: list[str]) -> str | None:
+    """The warning for a run in which ``unknown`` of ``words`` words are unknown to the vocabulary (``samples``:
+    some of them, as written), with the likely cause, or None when the share is below UNKNOWN_WARN_SHARE.
+
+    Causes tried on the samples: residues (or characters) written without spaces, for a vocabulary of
+    single-character tokens (a protein model); the casing the vocabulary does not have; else the text is
+    not in the model's language or alphabet (a wrong model)."""
+    if not words or unknown / words < UNKNOWN_WARN_SHARE:
+        return None
+    head = (f"{unknown / words:.0%} of words ({unknown:,} of {words:,}) are unknown to this model's vocabulary "
+            f"(scored as {tok.unk_token}), so their scores say little about the text: ")
+    samples = list(dict.fromkeys(w for w in samples if w))[:50]
+    eg = ", ".join(repr(w if len(w) <= 24 else w[:21] + "...") for w in samples[:3])
+    if samples:
+        base = tok.unknown_share(samples)
+        long = sum(map(len, samples)) / len(samples) >= 8
+        spaced = {how: tok.unknown_share([" ".join(f(w)) for w in samples])
+                  for how, f in (("", str), (" and in upper case", str.upper), (" and in lower case", str.lower))}
+        how, best = min(spaced.items(), key=lambda kv: kv[1])
+        if long and best <= 0.5 * base and best < 0.5:
+            return head + (f"they look like sequences written without spaces (e.g. {eg}), and this model's "
+                           f"vocabulary has single residues or characters: write them separated by spaces{how} "
+                           f"('E V Q L V E S')")
+        cased = {how: tok.unknown_share([f(w) for w in samples])
+                 for how, f in (("upper", str.upper), ("lower", str.lower))}
+        how, best = min(cased.items(), key=lambda kv: kv[1])
+        if best <= 0.5 * base and best < 0.5:
+            return head + (f"the model's vocabulary knows these words in {how} case (e.g. {eg}): the text's casing "
+                           f"is not the model's; convert it, or use a model of the text's casing")
+    return head + (f"the text may not be in this model's language or alphabet (e.g. {eg}): is --model the right "
+                   f"model for it?")
 
 
 def _to_sentence(enc, text: str) -> Sentence:

@@ -14,18 +14,17 @@ words:     row int64, line int64, [id string], [pass-through columns string], wo
            word string, char_start int32, char_end int32, n_pieces int32, log_prob float64,
            prob float64, [top_k list<struct<token string, log_prob float32>>]
 sentences: row int64, line int64, [id string], [pass-through columns string], text string,
-           n_words int32, n_pieces int32, n_copies int32, pll float64, pseudo_perplexity float64,
+           n_words int32, n_pieces int32, n_copies int32, unknown_words int32, pll float64, pseudo_perplexity float64,
            min_word_log_prob float64, min_word_index int32, [flag bool, flag_reason string],
            status string, error string
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -33,7 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UsageError
-from .fsutil import atomic_write_bytes, fsync_path
+from .fsutil import (OwnedDir, atomic_write_bytes, check_distinct, check_target, create_exclusive, default_file_mode,
+                     fsync_path, identity, remove_debris, replace_file, safe_unlink, same_file, temp_names, temp_path)
 from .reader import SENTENCE_COLUMNS, WORD_COLUMNS
 
 
@@ -43,23 +43,47 @@ def sentences_path(words_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".sentences.parquet")
 
 
+def parts_path(words_path: str | os.PathLike) -> Path:
+    """The parts directory of a run on ``words_path``: ``OUT.parts``."""
+    return Path(str(words_path) + ".parts")
+
+
+_PART = re.compile(r"(?:words|sentences)-\d{6,}\.parquet")
+_PART_FILE = r"(?:lock|progress\.json|(?:words|sentences)-\d{6,}\.parquet)"
+# temporary names of the files above: fsutil.temp_path's, and tempfile.mkstemp's of earlier versions
+_PART_TEMP = re.compile(rf"\.{_PART_FILE}\.(?:tmp-\d+(?:-\d+-[0-9a-f]{{8}}-\d+)?|[a-z0-9_]{{8}}\.tmp)")
+
+
+def is_part_name(name: str) -> bool:
+    """A name the writer makes in a parts directory: lock, progress.json, the parts and their temporary names."""
+    return name in ("lock", ResultWriter.PROGRESS) or bool(_PART.fullmatch(name)) or bool(_PART_TEMP.fullmatch(name))
+
+
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None,
                       also: Iterable[tuple[str | os.PathLike, str]] = ()) -> Path:
-    """Refuse outputs that would clobber the input, a directory, or write through a symlink elsewhere.
+    """Refuse, before anything is touched, outputs that are not the run's to write (UsageError, naming the path).
 
-    ``also``: more (path, what) pairs the run will write, checked against the input like the outputs.
+    Both outputs must be absent or regular files (not a directory, a symlink, a device such as /dev/null, a
+    FIFO or a socket: ``fsutil.check_target``) in an existing directory; ``OUT.parts`` must be absent or a
+    parts directory this program made (``fsutil.OwnedDir``); the input must be none of the files the run
+    replaces or deletes (``check_not_input``). ``also``: more (path, what) pairs the run will write (the
+    score cache's files, the summary JSON): each must be absent or a regular file, not the input, not an
+    output, and not inside the parts directory.
     """
     out = Path(output)
-    if out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a directory; give a file path like {out / 'probs.parquet'}")
+    also = [(Path(a), w) for a, w in also]
     if input_path is not None:
         check_not_input(input_path, out, also)
-    for p in (out, sentences_path(out)):
-        if p.is_symlink():
-            raise UsageError(f"output {str(p)!r} is a symlink (to {os.readlink(p)!r}); refusing to replace it. "
-                             f"Remove it or choose another path")
-    if not out.parent.exists():
-        raise UsageError(f"output directory {str(out.parent)!r} does not exist")
+    check_target(out, "the output (-o)")
+    check_target(sentences_path(out), "the sentences output", parent_must_exist=False)
+    OwnedDir.check(parts_path(out), what="the parts directory", known=is_part_name)
+    parts_real = os.path.realpath(parts_path(out))
+    for p, what in also:
+        check_target(p, what, parent_must_exist=False)
+        if os.path.realpath(p).startswith(parts_real + os.sep):
+            raise UsageError(f"{what} {str(p)!r} lies inside the parts directory {parts_real!r}, which belongs to the "
+                             f"run on {str(out)!r}; choose another path for it")
+    check_distinct([(out, "the words output"), (sentences_path(out), "the sentences output"), *also])
     return out
 
 
@@ -67,13 +91,12 @@ def touched_paths(output: str | os.PathLike) -> list[tuple[Path, str]]:
     """Every existing path a run on ``output`` may replace or delete, with what it is: both outputs, their
     temporary names (a dead run's are deleted), the parts directory and everything in it."""
     out = Path(output)
-    parts = Path(str(out) + ".parts")
+    parts = parts_path(out)
     found = [(out, "the words output"), (sentences_path(out), "the sentences output"),
              (parts, "the parts directory")]
     for final in (out, sentences_path(out)):
-        found += [(Path(p), "a temporary name of an output")
-                  for p in glob.glob(glob.escape(str(final.with_name(f".{final.name}.tmp-"))) + "*")]
-    if parts.is_dir():
+        found += [(p, "a temporary name of an output") for p in temp_names(final)]
+    if parts.is_dir() and not parts.is_symlink():
         found += [(p, f"a file in the parts directory {parts}") for p in sorted(parts.rglob("*"))]
     return found
 
@@ -86,21 +109,14 @@ def check_not_input(input_path: str | os.PathLike, output: str | os.PathLike,
     if str(input_path) == "-":
         return
     try:
-        st = os.stat(input_path)
+        os.stat(input_path)
     except OSError:
         return  # the reader says what is wrong with it
     real = os.path.realpath(input_path)
     out = Path(output)
-    parts_real = os.path.realpath(str(out) + ".parts")
+    parts_real = os.path.realpath(parts_path(out))
     for p, what in [*touched_paths(out), *((Path(a), w) for a, w in also)]:
-        same = os.path.realpath(p) == real
-        if not same:
-            try:
-                q = os.stat(p)
-                same = (q.st_dev, q.st_ino) == (st.st_dev, st.st_ino)
-            except OSError:
-                pass
-        if same:
+        if same_file(p, input_path):
             raise UsageError(f"refusing to run: the input {str(input_path)!r} is {what} ({str(p)!r}), which this "
                              f"run would replace or delete; choose another output path (-o) or move the input")
     if real.startswith(parts_real + os.sep):
@@ -114,7 +130,7 @@ _TYPES = {
     "word_index": pa.int32(), "word": pa.string(), "char_start": pa.int32(), "char_end": pa.int32(),
     "n_pieces": pa.int32(), "log_prob": pa.float64(), "prob": pa.float64(),
     "top_k": pa.list_(pa.struct([("token", pa.string()), ("log_prob", pa.float32())])),
-    "text": pa.string(), "n_words": pa.int32(), "n_copies": pa.int32(), "pll": pa.float64(),
+    "text": pa.string(), "n_words": pa.int32(), "n_copies": pa.int32(), "unknown_words": pa.int32(), "pll": pa.float64(),
     "pseudo_perplexity": pa.float64(), "min_word_log_prob": pa.float64(), "min_word_index": pa.int32(),
     "flag": pa.bool_(), "flag_reason": pa.string(), "status": pa.string(), "error": pa.string(),
 }
@@ -137,11 +153,16 @@ def sentence_schema(id_name: str | None, passthrough: list[str], flag: bool) -> 
 
 
 class _AtomicParquet:
+    """A Parquet file written under the run's own temporary name (created exclusively), renamed into place."""
+
     def __init__(self, final: Path, schema: pa.Schema, metadata: dict[str, str]):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(final)
         self.schema = schema.with_metadata({k: v.encode() for k, v in metadata.items()})
-        self.writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
+        fd = create_exclusive(self.tmp, default_file_mode())
+        self._made = identity(os.fstat(fd))
+        self._file = os.fdopen(fd, "wb")
+        self.writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
 
     def write(self, columns: dict) -> None:
         table = pa.Table.from_pydict(columns, schema=self.schema)
@@ -150,20 +171,20 @@ class _AtomicParquet:
 
     def close(self) -> None:
         self.writer.close()
-        fsync_path(self.tmp)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
 
-    def commit(self) -> None:
-        os.replace(self.tmp, self.final)
+    def commit(self, what: str) -> None:
+        replace_file(self.tmp, self.final, what)
 
     def abort(self) -> None:
         try:
             self.writer.close()
         except Exception:
             pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        self._file.close()
+        safe_unlink(self.tmp, identity_of=self._made)
 
 
 class ResultWriter:
@@ -175,8 +196,11 @@ class ResultWriter:
         OUT.parts/words-000000.parquet   one pair of parts per chunk, each written to a temporary name,
         OUT.parts/sentences-000000.parquet    fsync'ed and renamed before progress.json lists it
         OUT.parts/lock                   flock'ed by the live run: a second run on OUT is refused
+        OUT.parts/.mlm-scorer-owned      the marker: the directory is this program's (``fsutil.OwnedDir``)
 
-    A run killed at any point leaves only committed parts (and perhaps a temporary file, ignored). With
+    The parts directory is never followed through a symlink, and a directory of that name that this program
+    did not make is refused; only the files named above are ever deleted from it. A run killed at any
+    point leaves only committed parts (and perhaps a temporary file: the next run deletes it). With
     ``resume=True`` a new run checks that the input and the settings are unchanged and continues after
     the last committed row; otherwise an old ``OUT.parts`` is discarded and the run starts over. At the
     end the parts are concatenated into the final files (temporary names, fsync, rename: sentences
@@ -190,10 +214,9 @@ class ResultWriter:
                  resume: bool = False):
         self.words_path = Path(output)
         self.sentences_path = sentences_path(output)
-        self.parts_dir = Path(str(output) + ".parts")
-        for stale in glob.glob(str(self.words_path.with_name(f".{self.words_path.name}.tmp-*"))) + \
-                glob.glob(str(self.sentences_path.with_name(f".{self.sentences_path.name}.tmp-*"))):
-            _remove_if_dead(stale)
+        self.parts_dir = parts_path(output)
+        for final in (self.words_path, self.sentences_path):  # left by runs that were killed
+            remove_debris(final)
         self.meta = {"mlm_scorer": json.dumps(metadata, sort_keys=True)}
         self.word_schema = word_schema(id_name, passthrough, top_k > 0)
         self.sentence_schema = sentence_schema(id_name, passthrough, flag)
@@ -210,8 +233,10 @@ class ResultWriter:
     def _lock(self) -> int:
         import fcntl
 
-        self.parts_dir.mkdir(exist_ok=True)
-        fd = os.open(self.parts_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self.parts = OwnedDir.open(self.parts_dir, what="the parts directory", known=is_part_name,
+                                   owner=f"mlm-score, the committed parts of {self.words_path}")
+        fd = os.open(self.parts_dir / "lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     default_file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -249,9 +274,7 @@ class ResultWriter:
                 self.resume_note = f"{problem}: {which} discarded and their {rows} rows scored again"
                 prog["parts"] = prog["parts"][:i]
                 keep = {p[k] for p in prog["parts"] for k in ("words", "sentences")} | {"lock", self.PROGRESS}
-                for f in self.parts_dir.iterdir():
-                    if f.name not in keep:
-                        f.unlink()
+                self.parts.clear(keep=keep)
                 self._save(prog)
                 break
         return prog
@@ -295,9 +318,7 @@ class ResultWriter:
                              f"is not the input of the interrupted run. Rerun without --resume to start over")
 
     def _clear_parts(self) -> None:
-        for p in self.parts_dir.iterdir():
-            if p.name != "lock":
-                p.unlink()
+        self.parts.clear(keep={"lock"})
 
     def _save(self, prog: dict) -> None:
         atomic_write_bytes(self.parts_dir / self.PROGRESS, json.dumps(prog, indent=1).encode())
@@ -360,16 +381,21 @@ class ResultWriter:
             for w in writers:
                 w.abort()
             raise
-        for w in writers:  # sentences first, words last: a words file always has its sentences file
-            w.commit()
+        try:
+            for w, what in zip(writers, ("the sentences output", "the words output")):
+                w.commit(what)  # sentences first, words last: a words file always has its sentences file
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
         fsync_path(self.words_path.parent)
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.parts.remove()
         self.close()
 
     def abort(self) -> None:
         """Stop without assembling: committed parts stay for --resume (an empty parts dir goes)."""
         if not self.progress["parts"]:
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self.parts.remove()
         self.close()
 
     def close(self) -> None:
@@ -386,23 +412,17 @@ def _diff(what: str, old: dict, new: dict) -> list[str]:
     return out
 
 
-def _remove_if_dead(tmp: str) -> None:
-    """Remove a temporary file left by a crashed run (its pid is gone); leave a live run's file alone."""
-    pid = tmp.rsplit("-", 1)[-1]
-    if pid.isdigit() and int(pid) != os.getpid():
-        try:
-            os.kill(int(pid), 0)
-            return  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            return
+def exp(x: float) -> float:
+    """``math.exp`` that gives +inf where the result exceeds the largest float (an impossible log-prob read
+    from a damaged result) instead of raising OverflowError."""
     try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def pseudo_perplexity(pll: float, n_words: int) -> float:
-    return math.exp(-pll / n_words) if n_words else float("nan")
+    """exp(-pll / n_words): +inf where that exceeds the largest float (a mean word log-prob below about
+    -709.78, e.g. one word of many unlikely pieces), NaN without words."""
+    return exp(-pll / n_words) if n_words else float("nan")
 

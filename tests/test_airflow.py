@@ -247,7 +247,7 @@ def test_the_gate_passes_a_clean_batch_and_fails_a_corrupted_one(airflow_runs):
     failure = "flagged 2 of 6 scored rows (33.3 %) > 5.0 % (--max-flagged-rate)"
     log = logs["gate-corrupted"] + stderr
     assert f"failed the quality gate: {failure}" in log, log[-4000:]
-    assert "FAIL: " in log and f"fails 1 of 5 criteria: {failure}" in log  # check_cli's verdict line
+    assert "FAIL: " in log and f"fails 1 of 6 criteria: {failure}" in log  # check_cli's verdict line
     for sub in ("lib", "cli"):  # the statistics stay next to the output, for whoever looks into the failure
         r = json.loads((paths["out"] / "gate" / sub / "2024-02-02T000000" / "check.json").read_text())
         assert not r["passed"] and r["flagged"] == 2 and r["failures"] == [failure]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from tiny_models import SMALL_VOCAB, UNCASED_VOCAB, make_hf_bert
 
@@ -18,6 +19,7 @@ from mlm_export.casing import (CASED_VOCAB_SHARE, check_pieces, checkpoint_name,
                                vocab_evidence)
 from mlm_export.errors import CasingError
 from mlm_export.verify import VerificationError
+from mlm_scorer.cli import main
 
 
 def _state(hf: Path) -> dict:
@@ -377,3 +379,52 @@ def test_pieces_check_fails_when_the_tokenizers_differ(tmp_path):
     shutil.copyfile(SMALL_VOCAB, small / "vocab.txt")
     with pytest.raises(VerificationError, match="differently"):  # same casing, another vocabulary: the ids differ
         check_pieces(good, small, **kw)
+
+
+# ------------------------------------------------------------------------------------------ the checksum
+def _variant(src: Path, dst: Path, **config) -> Path:
+    """A copy of the checkpoint ``src`` with the same weights and ``config`` changed in config.json."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_the_checksum_covers_the_config_and_the_special_tokens(tiny_hf, tmp_path):
+    from mlm_export.checkpoint import CHECKSUM_SCHEME, load_checkpoint
+
+    base = load_checkpoint(tiny_hf)
+    relu = load_checkpoint(_variant(tiny_hf, tmp_path / "relu", hidden_act="relu"))
+    eps = load_checkpoint(_variant(tiny_hf, tmp_path / "eps", layer_norm_eps=1.0))
+    unk = load_checkpoint(tiny_hf)
+    unk.special_tokens = {**unk.special_tokens, "unk": "[unused0]"}
+    sums = [c.checksum() for c in (base, relu, eps, unk)]
+    assert CHECKSUM_SCHEME == 2 and len(set(sums)) == 4, "same weights, other config: other checksums"
+    # the earlier scheme (still readable in old manifests) did not tell them apart
+    assert len({c.checksum(scheme=1) for c in (base, relu, eps, unk)}) == 1
+    assert load_checkpoint(tiny_hf).checksum() == sums[0], "deterministic"
+
+
+def test_exports_differing_only_in_config_never_share_scores(tiny_hf, tiny_export, tmp_path, capsys):
+    """The same weights with hidden_act=relu score differently; its export gets its own checksum, so a score
+    cache filled by one never answers the other and check refuses to compare them."""
+    from mlm_export import export
+
+    from mlm_scorer.model_dir import ModelDir
+
+    relu = tmp_path / "relu_export"
+    export(_variant(tiny_hf, tmp_path / "relu_hf", hidden_act="relu"), relu, log=lambda m: None, top_k=5)
+    a, b = ModelDir.open(tiny_export), ModelDir.open(relu)
+    assert a.checksum != b.checksum and b.manifest["checksum_scheme"] == 2
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\nthe cat sat on the mat\na dog ran\n")
+    cache = tmp_path / "cache"
+    assert main([str(tsv), "-o", str(tmp_path / "a.parquet"), "--model", str(tiny_export), "--cache", str(cache),
+                 "-q"]) == 0
+    assert main([str(tsv), "-o", str(tmp_path / "b.parquet"), "--model", str(relu), "--cache", str(cache)]) == 0
+    assert "hit rate 0.0% (0/2)" in capsys.readouterr().err
+    pa_, pb = (pq.read_table(tmp_path / f"{x}.sentences.parquet").column("pll").to_pylist() for x in "ab")
+    assert all(abs(x - y) > 1e-3 for x, y in zip(pa_, pb)), (pa_, pb)
+    assert main(["check", str(tmp_path / "b.parquet"), "--baseline", str(tmp_path / "a.parquet")]) == 2
+    assert "scored differently (model checksum" in capsys.readouterr().err

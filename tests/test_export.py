@@ -3,6 +3,7 @@ writes (signatures, manifest, tokenizer) and that it verifies itself."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -229,3 +230,87 @@ def test_layer_norm_forms_compute_the_same_function(tiny_hf, tiny_export, tmp_pa
     with pytest.raises(ValueError, match="layer_norm must be one of"):
         export(tiny_hf, tmp_path / "bad", layer_norm="nope", log=lambda m: None)
     assert not any((tmp_path / "bad").glob("1*"))  # nothing half-written
+
+
+# ------------------------------------------------------------------------ versions, permissions, positions
+def test_an_existing_version_is_refused_before_the_checkpoint_is_loaded(tiny_export, tiny_hf, tmp_path, capsys,
+                                                                         monkeypatch):
+    import mlm_export.checkpoint as checkpoint
+    from mlm_export.cli import main as export_main
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    assert export_main([str(tiny_hf), str(tiny_export)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_export / '1'} already exists" in err and "--overwrite" in err and "--onnx" in err, err
+    with pytest.raises(FileExistsError, match="already exists"):
+        export(tiny_hf, tiny_export, log=lambda m: None)
+    # --overwrite replaces only an export this program wrote
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "thesis.tex").write_text("x")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "1").symlink_to(tmp_path / "victim")
+    assert export_main([str(tiny_hf), str(tmp_path / "base"), "--overwrite"]) == 2
+    assert "not an export made by mlm-export" in capsys.readouterr().err
+    assert (tmp_path / "victim" / "thesis.tex").read_text() == "x"
+
+
+def test_export_directories_are_readable_by_other_users(tiny_hf, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        v = export(tiny_hf, tmp_path / "m", log=lambda m: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(v.stat().st_mode) == 0o755, oct(v.stat().st_mode)
+    for p in v.rglob("*"):
+        assert p.stat().st_mode & 0o004, f"{p} is not readable by others"
+
+
+def test_onnx_is_added_to_an_existing_version_not_copied_into_a_new_one(tiny_export, tiny_hf, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("torch")
+    base = _copy(tiny_export, tmp_path / "m")
+    pb = (base / "1" / "saved_model.pb").stat()
+    code = "import sys; from mlm_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_hf), str(base), "--onnx", "--top-k", "9"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "was exported with --top-k 5" in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-c", code + "\nassert 'tensorflow' not in sys.modules", str(tiny_hf),
+                        str(base), "--onnx"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(base / "1") and "adding model.onnx to it" in p.stderr
+    assert sorted(x.name for x in base.iterdir() if x.name.isdigit()) == ["1"], "no new version"
+    assert (base / "1" / "model.onnx").is_file() and (base / "1" / "saved_model.pb").stat().st_ino == pb.st_ino
+    assert json.loads((base / "1" / "mlm_scorer.json").read_text())["onnx"]["verification"]["max_abs_diff"] <= 1e-4
+
+
+def _nan_positions(src: Path, dst: Path, first: int) -> Path:
+    """A copy of the checkpoint ``src`` whose position embeddings are NaN from row ``first`` on."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    key = next(k for k in state if k.endswith("position_embeddings.weight"))
+    state[key][first:] = float("nan")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dst / "model.safetensors"))
+    assert torch.isnan(state[key]).any()
+    return dst
+
+
+def test_verification_covers_every_position_up_to_max_seq_length(tiny_hf, tmp_path):
+    """NaN in position embeddings 40-63 (of 64): the short probe inputs never reach them, the full-length copy
+    does, and the export is refused naming the damaged rows; an export that stops before them is fine."""
+    from mlm_export.verify import VerificationError
+
+    hf = _nan_positions(tiny_hf, tmp_path / "hf", 40)
+    with pytest.raises(VerificationError, match=r"position_embeddings \(\d+ values; rows 40-63\)"):
+        export(hf, tmp_path / "m", log=lambda m: None)
+    assert not (tmp_path / "m" / "1").exists()
+    v = export(hf, tmp_path / "short", max_seq_length=40, log=lambda m: None)
+    assert json.loads((v / "mlm_scorer.json").read_text())["verification"]["positions_checked"] == 40

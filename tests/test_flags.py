@@ -169,3 +169,35 @@ def test_run_percentiles_survive_an_interrupted_run_and_resume(tmp_path, fake_ex
     assert summary["flagged"] == n_flagged and summary["resumed_rows"] == 200
     assert summary["flag_rules"] == [f"--flag-below min_word_prob=p5 (of the run: {p5:.6g})",
                                      f"--flag-above pseudo_perplexity=p90 (of the run: {p90:.6g})"]
+
+
+def test_a_percentile_of_too_few_rows_is_said_in_the_runs_output(tmp_path, fake_export, capsys):
+    """p99 of fewer than 100 rows is their maximum, p1 of at most 100 their minimum: the run says so (a
+    warning, and the summary's warnings), for the run's own rows and for a baseline's."""
+    import json
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\n" + "".join(f"sentence {i} of the cat\n" for i in range(40)), encoding="utf-8")
+    out, js = tmp_path / "o.parquet", tmp_path / "s.json"
+    base = [str(tsv), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--summary-json", str(js)]
+    assert main(base + ["--flag-above", "pseudo_perplexity=p99", "--flag-below", "min_word_prob=p1"]) == 0
+    err = capsys.readouterr().err
+    above = "p99 of 40 rows is their maximum (it takes at least 100 rows to be anything else), so no row of the " \
+            "run is above it"
+    below = "p1 of 40 rows is their minimum (it takes at least 101 rows to be anything else)"
+    assert above in err and below in err, err
+    warnings = json.loads(js.read_text())["warnings"]
+    assert any(above in w for w in warnings) and any(below in w for w in warnings)
+    _, sents = read_outputs(out)
+    assert not any(s["flag"] for s in sents)
+    # a baseline of 40 rows: said before the run, for its percentiles
+    ref = tmp_path / "ref.parquet"
+    assert main([str(tsv), "-o", str(ref), "--model", str(fake_export), "--engine", "fake", "-q"]) == 0
+    assert main(base + ["--flag-above", "pseudo_perplexity=p99", "--baseline", str(ref)]) == 0
+    err = capsys.readouterr().err
+    assert "(of the baseline: " in err and "p99 of 40 rows is their maximum" in err and \
+        "only rows above all of them are flagged" in err, err
+    # 100 rows are enough for p99
+    tsv.write_text("text\n" + "".join(f"sentence {i} of the cat\n" for i in range(100)), encoding="utf-8")
+    assert main(base + ["--flag-above", "pseudo_perplexity=p99"]) == 0
+    assert "is their maximum" not in capsys.readouterr().err and json.loads(js.read_text())["warnings"] == []

@@ -106,3 +106,37 @@ def test_peak_rss_is_the_childs_own_not_its_parents():
     child = int(r.stdout)
     del ballast
     assert child < 256 * 2**20, f"child's peak RSS {child / 2**20:.0f} MiB: the parent's 768 MiB leaked in"
+
+
+def test_a_parquet_decompression_bomb_is_bad_rows_in_bounded_memory(tmp_path, fake_export):
+    """A Parquet file of a few kilobytes whose 120 rows decode to 5 MB each (one dictionary value): rows are
+    measured (bytes, from the dictionary) before any is decoded, and row groups are read in batches sized by
+    their uncompressed size, so the rows past --max-row-chars are bad rows and memory stays near that of a
+    one-row file (decoding whole batches first took 1.2 GB more). A plain-encoded file of large rows (40
+    rows of 5 MB, compressed) is read a few rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = "ab" * 2_500_000
+    bomb = tmp_path / "bomb.parquet"
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 120, pa.int32()), pa.array([big]))
+    pq.write_table(pa.table({"text": text}), bomb, compression="zstd")
+    assert bomb.stat().st_size < 64 * 1024
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"text": [big] * 40}), plain, compression="zstd", use_dictionary=False)
+    small = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"text": ["one short sentence"]}), small)
+
+    def run(path):
+        r, rss, _ = _probe([path, "-o", tmp_path / f"{path.stem}.out.parquet", "--model", fake_export, "--engine",
+                            "fake", "-q", "--on-bad-row", "skip"])
+        assert r.returncode == 0, r.stderr
+        return rss
+
+    base = run(small)
+    for path, n in ((bomb, 120), (plain, 40)):
+        rss = run(path)
+        assert rss - base < 250, f"peak RSS {base:.0f} MiB for one row, {rss:.0f} MiB for {path.name}"
+        _, sents = read_outputs(tmp_path / f"{path.stem}.out.parquet")
+        assert len(sents) == n and {s["status"] for s in sents} == {"skipped"}
+        assert "the text is 5,000,000 bytes long, more than --max-row-chars 100000" in sents[0]["error"]

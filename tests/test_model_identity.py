@@ -72,6 +72,27 @@ def test_swapped_variables_are_refused_and_never_mix_with_the_cache(tiny_export,
     assert (cache / "scores.sqlite").stat().st_mtime_ns == before, "nothing was written to the cache"
 
 
+def test_a_full_cache_hit_notices_swapped_variables_without_scoring(tiny_export, other_export, tmp_path, capsys):
+    """A run the cache answers whole opens no engine, so no identity probe runs; the cache's stamp of the
+    export's files (size, mtime, inode) as last verified tells it the weights changed, and the engine opens
+    to verify them before any entry is used."""
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\nthe cat sat on the mat\na dog ran\n")
+    model = _copy(tiny_export, tmp_path / "model")
+    cache = tmp_path / "cache"
+    base = ["--model", str(model), "--cache", str(cache)]
+    assert main([str(tsv), "-o", str(tmp_path / "a.parquet"), *base]) == 0
+    assert main([str(tsv), "-o", str(tmp_path / "b.parquet"), *base, "--summary-json", str(tmp_path / "b.json")]) == 0
+    assert "hit rate 100.0% (2/2)" in capsys.readouterr().err  # unchanged export: the stamp matches ...
+    assert json.loads((tmp_path / "b.json").read_text())["batch_tokens"] == 0  # ... and no engine was opened
+    _swap_variables(model, other_export)
+    code = main([str(tsv), "-o", str(tmp_path / "c.parquet"), *base, "-q"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert f"{model / '1' / 'variables'}" in err and "not those of" in err, err
+    assert not (tmp_path / "c.parquet").exists()
+
+
 @pytest.mark.parametrize("engine", ["saved_model", "torch"])
 def test_every_in_process_engine_verifies_the_weights(engine, tiny_export, other_export, tmp_path):
     if engine == "torch":

@@ -208,7 +208,8 @@ def test_onnx_engine_on_an_export_without_onnx_names_the_command(tiny_export, tm
     err = capsys.readouterr().err
     src = json.loads((tiny_export / "1" / "mlm_scorer.json").read_text())["source"]["path"]
     assert rc == 4 and "model.onnx is missing (this export was made without it)" in err, err
-    assert f"Export it with: mlm-export {src} {tiny_export} --version 2 --onnx; then --model" in err
+    assert f"Export it with: mlm-export {src} {tiny_export} --version 1 --onnx; it adds the file to " \
+           f"{tiny_export / '1'}" in err
 
 
 def test_what_each_engine_needs_beside_the_saved_model(tiny_export, monkeypatch):

@@ -108,3 +108,25 @@ def test_a_bar_on_a_terminal(fake_export, tmp_path):
     assert "/200 rows" in text and "copies/s" in text, text
     assert text.count("\r") >= 3  # redrawn as batches finish
     assert "scored 200/200 rows" in text
+
+
+def test_slow_rates_and_a_single_row_read_as_they_are(caplog):
+    """A slow model on long rows: 3 rows in the first 10 s is 0.3 rows/s, not "0 rows/s"; before any row is
+    done the line says so; one row from standard input is "1 row"."""
+    from mlm_scorer.progress import Progress
+
+    clock = _Clock()
+    p = Progress(None, mode="log", clock=clock)
+    clock.t += 4
+    assert p.line() == "progress: 0 rows, no row done yet, 0:04 elapsed"
+    clock.t += 6
+    p.add(3, 12)
+    assert p.line() == "progress: 3 rows, 1.2 copies/s, 0.3 rows/s, 0:10 elapsed"
+    q = Progress(None, mode="log", clock=clock)
+    clock.t += 2
+    q.add(1, 20)
+    assert q.line() == "progress: 1 row, 10 copies/s, 0.5 rows/s, 0:02 elapsed"
+    r = Progress(1000, mode="log", clock=clock)
+    clock.t += 100
+    r.add(7, 70)
+    assert r.line() == "progress: 7/1,000 rows (0.7%), 0.7 copies/s, 0.07 rows/s, 1:40 elapsed, ETA 3:56:25"

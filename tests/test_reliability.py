@@ -207,6 +207,31 @@ def test_sigterm_says_what_is_committed_and_resume_gives_the_clean_output(tmp_pa
     assert read_outputs(out) == _reference(tmp_path, data, fake_export)
 
 
+def test_a_second_sigterm_while_stopping_keeps_the_first_ones_message(tmp_path, fake_export):
+    """SIGTERM twice (a supervisor repeating itself) while the engine thread finishes its batch: the run stops
+    once, says what is committed and how to resume, and a resume gives the clean output."""
+    data = _tsv_bytes(600, seed=6)
+    inp = tmp_path / "in.tsv"
+    inp.write_bytes(data)
+    out = tmp_path / "out.parquet"
+    progress = tmp_path / "out.parquet.parts" / "progress.json"
+    cmd = _cli(*_args(inp, out, fake_export, "--engine-option", "delay=0.5", "--max-batch-size", "16"))
+    p = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for_commits(p, progress, n=100)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # the engine thread is still in its 0.5 s batch
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    done = _committed(progress)
+    assert f"terminated (SIGTERM); nothing was written at the output path; {done} rows are committed" in err, err
+    assert "already stopping" in err and "outside the scoring loop" not in err and "Traceback" not in err
+    p = subprocess.run(cmd[:-4] + ["--engine-option", "delay=0", "--max-batch-size", "16", "--resume"], env=_env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert read_outputs(out) == _reference(tmp_path, data, fake_export)
+
+
 def test_sigterm_on_stdin_says_how_to_resume_it(tmp_path, fake_export):
     data = _tsv_bytes(1500, seed=5)
     out = tmp_path / "out.parquet"
