@@ -977,7 +977,10 @@ class _StartReport:
             wait = self.every
 
     def stop(self) -> None:
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            if _reaper is not None:
+                _reaper.watch_descendants()  # everything Ray started for this run is up by the first batch
 
 
 def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, batch_rows, batches_per_split,

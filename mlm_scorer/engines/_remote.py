@@ -108,7 +108,7 @@ OPTION_SPEC: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "model_version": (_opt_int, None),     # None: the server's latest AVAILABLE version
     "concurrency": (int, 4),               # requests in flight
     "max_batch_size": (_opt_int, 64),      # copies per request; match the server's batching max_batch_size
-    "timeout": (float, 30.0),              # seconds per request attempt (gRPC deadline, HTTP read timeout)
+    "timeout": (float, 30.0),              # seconds per request attempt, the whole answer included (a deadline)
     "connect_timeout": (float, 5.0),       # seconds to open a connection (REST)
     "retry_budget": (float, 60.0),         # seconds of retrying one request before giving up
     "backoff_initial": (float, 0.1),       # first backoff ceiling, doubled each attempt ...
@@ -593,6 +593,9 @@ class RemoteEngine(Engine):
             if self._verify is None:  # still starting: a wrong name or version, said by the start-up checks
                 raise
             raise ModelChangedError(self._gone(exc)) from None
+        missing = [n for n in outputs if n not in out]
+        if missing:
+            raise BadResponseError(f"the answer lacks output(s) {missing}")
         specs = self.expect(inputs, outputs)
         used = inputs["masked_lm_positions"] != 0
         return {n: check_output(specs[n], out[n], used=used, vocab_size=self.vocab_size) for n in outputs}
