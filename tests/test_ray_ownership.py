@@ -288,3 +288,11 @@ def test_the_start_up_report_says_what_the_actors_do(tmp_path):
         assert rep.describe()[1]
     finally:
         rep.stop()
+
+
+def test_help_is_plain_text():
+    from mlm_scorer.ray_cli import build_parser
+
+    text = build_parser().format_help()
+    assert "``" not in text and text.count("mlm-score ray: score TSV/Parquet files") == 1
+    assert "a line every 10 s says what they are doing" in " ".join(text.split())
