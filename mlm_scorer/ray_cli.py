@@ -6,12 +6,17 @@
 
 Install: pip install 'mlm-scorer[ray]' (Ray Data). Without --num-actors and --cpus-per-actor, every
 node's CPUs are shared equally among actors of up to 4 CPUs (one model each); with --num-actors alone,
-the CPUs are shared among that many; with --cpus-per-actor alone, as many actors as the nodes hold. Each actor reads, scores and writes its own
-batches, so memory does not grow with the dataset. Ray's own log lines stay off stderr unless -v.
+the CPUs are shared among that many; with --cpus-per-actor alone, as many actors as the nodes hold.
+Each actor reads, scores and writes its own batches, so memory does not grow with the dataset. While
+the actors start (loading the model can take minutes), a line every 10 s says what they are doing.
+Ray's own log lines stay off stderr unless -v.
 
-Writes out/words/ and out/sentences/ (Parquet datasets: a ``file`` column, then the single-machine
-schemas) and out/summary.json. Exit codes as ``mlm-score``: 2 bad usage, 3 bad input row, 4 model,
-5 engine, 130 interrupted, 143 terminated (SIGTERM).
+Writes out/words/ and out/sentences/ (Parquet datasets: a "file" column, then the single-machine
+schemas), out/summary.json and out/_mlm_score_ray.json (the run's identity). An existing out/ is
+replaced only if mlm-score ray wrote it and it holds nothing else; one run at a time per output (a
+second is refused while the first holds the lock). The actors check that each input is still what the
+run planned (size, mtime, the hash of every batch) before they score it. Exit codes as mlm-score:
+2 bad usage, 3 bad input row, 4 model, 5 engine, 130 interrupted, 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -24,13 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .logs import add_output_flags
     from .reader import MAX_ROW_CHARS
 
-    ap = argparse.ArgumentParser(prog="mlm-score ray", description=__doc__.split("\n\n")[0],
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    doc = __doc__.replace("``", "")  # the docstring's reST literals, as plain text for --help
+    ap = argparse.ArgumentParser(prog="mlm-score ray", description=doc.split("\n\n")[0],
+                                 epilog="\n\n".join(doc.split("\n\n")[1:]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help="TSV (header line unless --no-header) or Parquet "
                                                                "(.parquet) files, all with the same columns")
     ap.add_argument("-o", "--output", required=True, metavar="OUTDIR",
-                    help="output directory (words/, sentences/, summary.json); replaced as a whole at the end")
+                    help="output directory (words/, sentences/, summary.json); replaced as a whole at the end, "
+                         "if mlm-score ray wrote it")
     m = ap.add_argument_group("model and engine")
     m.add_argument("--model", default=None, help="export directory (mlm-export) or checkpoint (default "
                                                  "bert-base-uncased); every node must see the path")
@@ -124,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: as mlm-score, no traceback unless MLM_SCORER_DEBUG=1
         return internal_error(exc)
     if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        from .fsutil import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(args.summary_json, (json.dumps(summary, indent=2) + "\n").encode())
+        except OSError as exc:
+            log.error(f"--summary-json {args.summary_json}: {exc.strerror or exc} (the output {args.output} is "
+                      f"complete)")
+            return 1
     log.info(f"scored {summary['scored']}/{summary['rows']} rows ({summary['words']} words, {summary['copies']} "
              f"copies) with {summary['actors']} actor(s) on {summary['nodes']} node(s) in {summary['seconds']:.1f}s; "
              f"skipped {summary['skipped']}" + (f", flagged {summary['flagged']}" if summary["flagged"] else "")

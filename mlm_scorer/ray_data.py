@@ -46,12 +46,16 @@ the actors read and write there; the driver renames the finished directory into 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import stat
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +72,8 @@ from .reader import (MAX_ROW_CHARS, OUTPUT_COLUMNS, Layout, Row, TsvReader, is_p
                      refuse_output_names)
 from .writer import sentence_schema, word_schema
 
-__all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER"]
+__all__ = ["score_dataset", "plan_actors", "ActorPlan", "OUTPUT_MARKER", "read_marker", "check_replaceable"]
 
-OUTPUT_MARKER = "summary.json"  # present in every directory score_dataset wrote (so it may replace it)
 _STATS = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("rows", pa.int64()), ("scored", pa.int64()),
                     ("words", pa.int64()), ("copies", pa.int64()), ("flagged", pa.int64()),
                     ("pll_sum", pa.float64()), ("skipped_rows", pa.string()), ("actor", pa.string()),
@@ -194,12 +197,29 @@ def _check_layouts(inputs: list[str], layouts: list[Layout]) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------------- splits
-def tsv_batch_starts(path: str, *, header: bool, batch_rows: int, block: int = 1 << 22) -> tuple[list[int], int]:
-    """Byte offsets of data rows 0, B, 2B, ... of a TSV (B = ``batch_rows``), and its number of data rows.
+@dataclass
+class TsvPlan:
+    """What the planner read of a TSV: the byte offset of data rows 0, B, 2B, ... (``starts``), the number of
+    data rows, and the file's identity as read: size, mtime, sha256 of all of it, of the header (the bytes
+    before data row 0) and of each batch (``starts[i]`` up to the next start, or the end)."""
 
-    One pass over the file, counting newlines with NumPy (about as fast as the disk). A row is a physical
-    line, as ``TsvReader`` reads it: row ``i`` is line ``i + 1 + header``.
+    starts: list[int]
+    rows: int
+    size: int
+    mtime_ns: int
+    sha256: str
+    header_sha256: str
+    batch_sha256: list[str]
+
+
+def tsv_plan(path: str, *, header: bool, batch_rows: int, block: int = 1 << 22) -> TsvPlan:
+    """Plan a TSV in one pass (newlines counted with NumPy, about as fast as the disk), hashing what it reads.
+
+    A row is a physical line, as ``TsvReader`` reads it: row ``i`` is line ``i + 1 + header``. Raises
+    UsageError if the file changes while it is read (its size or mtime before and after differ).
     """
+    import hashlib
+
     import numpy as np
 
     first_line = 2 if header else 1  # line of data row 0
@@ -208,85 +228,180 @@ def tsv_batch_starts(path: str, *, header: bool, batch_rows: int, block: int = 1
     newlines = 0  # newlines before the current block
     size = 0
     last = b"\n"
+    whole = hashlib.sha256()
+    segments = [hashlib.sha256()]  # the header, then one per batch start found
     with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
         while chunk := f.read(block):
             nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+            cut = 0  # where the current segment resumes in this chunk
             # line L starts after newline number L-1 (1-based); line 1 at offset 0
             while want == 1 or newlines < want - 1 <= newlines + len(nl):
-                starts.append(0 if want == 1 else size + int(nl[want - 2 - newlines]) + 1)
+                start = 0 if want == 1 else size + int(nl[want - 2 - newlines]) + 1
+                starts.append(start)
+                segments[-1].update(chunk[cut:start - size])
+                segments.append(hashlib.sha256())
+                cut = start - size
                 want += batch_rows
+            segments[-1].update(chunk[cut:])
+            whole.update(chunk)
             newlines += len(nl)
             size += len(chunk)
             last = chunk[-1:]
+        after = os.fstat(f.fileno())
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or after.st_size != size:
+        raise UsageError(f"{path} changed while the run was planning its splits; rerun on a file that stays as it is")
     lines = newlines + (0 if last == b"\n" or size == 0 else 1)
     rows = max(0, lines - (1 if header else 0))
-    return [s for s in starts if s < size][: math.ceil(rows / batch_rows)], rows
+    n = math.ceil(rows / batch_rows)
+    # a start at the very end of the file (after its last newline) begins no row: it and its empty segment go
+    kept = [s for s in starts if s < size][:n]
+    return TsvPlan(starts=kept, rows=rows, size=size, mtime_ns=after.st_mtime_ns, sha256=whole.hexdigest(),
+                   header_sha256=segments[0].hexdigest(), batch_sha256=[h.hexdigest() for h in segments[1:1 + n]])
+
+
+def tsv_batch_starts(path: str, *, header: bool, batch_rows: int, block: int = 1 << 22) -> tuple[list[int], int]:
+    """Byte offsets of data rows 0, B, 2B, ... of a TSV (B = ``batch_rows``), and its number of data rows."""
+    plan = tsv_plan(path, header=header, batch_rows=batch_rows, block=block)
+    return plan.starts, plan.rows
+
+
+def parquet_footer_sha256(path: str) -> str:
+    """sha256 of a Parquet file's footer (its metadata: schema, row groups, column chunk offsets and
+    statistics, and the 8 bytes after it): what the planner reads of a Parquet input."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end < 12:
+            raise UsageError(f"{path} is not a Parquet file (too short)")
+        f.seek(end - 8)
+        tail = f.read(8)
+        n = int.from_bytes(tail[:4], "little")
+        f.seek(max(0, end - 8 - n))
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _scan(inputs: list[str], *, header: bool, batch_rows: int) -> list[tuple]:
     """Every input as runs of consecutive batches: (file number, path, kind, [[(offset or row group,
-    start in the group, rows, first row), ...], ...]): one run for a TSV, one per Parquet row group."""
+    start in the group, rows, first row, sha256 of the batch or None), ...], ...], identity): one run for a
+    TSV, one per Parquet row group. ``identity``: what the planner read (size, mtime, content hashes)."""
     import pyarrow.parquet as pq
 
     scan = []
     for i, path in enumerate(inputs):
         if is_parquet(path):
+            ident = _identity(path)
+            ident["footer_sha256"] = parquet_footer_sha256(path)
             md = pq.ParquetFile(path).metadata
             runs, offset = [], 0
             for g in range(md.num_row_groups):
                 n = md.row_group(g).num_rows
-                runs.append([(g, s, min(batch_rows, n - s), offset + s) for s in range(0, n, batch_rows)])
+                runs.append([(g, s, min(batch_rows, n - s), offset + s, None) for s in range(0, n, batch_rows)])
                 offset += n
-            scan.append((i, path, "parquet", runs))
+            if _identity(path) != {k: ident[k] for k in ("path", "size", "mtime_ns")}:
+                raise UsageError(f"{path} changed while the run was planning its splits; rerun on a file that "
+                                 f"stays as it is")
+            scan.append((i, path, "parquet", runs, ident))
         else:
-            starts, rows = tsv_batch_starts(path, header=header, batch_rows=batch_rows)
-            scan.append((i, path, "tsv", [[(off, 0, min(batch_rows, rows - b * batch_rows), b * batch_rows)
-                                           for b, off in enumerate(starts)]]))
+            plan = tsv_plan(path, header=header, batch_rows=batch_rows)
+            ident = {"path": os.path.abspath(path), "size": plan.size, "mtime_ns": plan.mtime_ns,
+                     "sha256": plan.sha256, "header_sha256": plan.header_sha256,
+                     "header_bytes": plan.starts[0] if plan.starts else plan.size}
+            scan.append((i, path, "tsv", [[(off, 0, min(batch_rows, plan.rows - b * batch_rows), b * batch_rows,
+                                            plan.batch_sha256[b]) for b, off in enumerate(plan.starts)]], ident))
     return scan
 
 
-def _splits(scan: list[tuple], *, header: bool, batches_per_split: int | None, num_actors: int) -> list[dict]:
+def _splits(scan: list[tuple], *, header: bool, batches_per_split: int | None, num_actors: int,
+            batch_rows: int) -> list[dict]:
     """Work units for the actors, in input order: up to k consecutive batches of one TSV or of one
     Parquet row group. About four splits per actor for a small input (every actor gets work), at most 16
     batches for a large one (a lost actor costs little to redo; an actor skips to its place in a row
-    group by reading the group's first batches)."""
-    total_batches = sum(len(run) for *_, runs in scan for run in runs)
+    group by reading the group's first batches). Each carries what the planner read of its file (size,
+    mtime, the hashes of its batches), which the actor checks before it scores a row."""
+    total_batches = sum(len(run) for *_, runs, _ in scan for run in runs)
     k = batches_per_split or max(1, min(16, total_batches // (4 * num_actors)))
     line0 = 2 if header else 1
     splits = []
-    for i, path, kind, runs in scan:
+    for i, path, kind, runs, ident in scan:
         for run in runs:
             for a in range(0, len(run), k):
                 group = run[a:a + k]
-                where, start, _, row = group[0]
+                where, start, _, row, _ = group[0]
                 tsv = kind == "tsv"
                 splits.append({"file": i, "path": path, "kind": kind, "row": row, "rows": sum(u[2] for u in group),
                                "line": row + line0 if tsv else row + 1, "offset": where if tsv else 0,
-                               "row_group": -1 if tsv else where, "start": start})
+                               "row_group": -1 if tsv else where, "start": start, "batch_rows": batch_rows,
+                               "size": ident["size"], "mtime_ns": ident["mtime_ns"],
+                               "check": ident.get("header_sha256") or ident.get("footer_sha256"),
+                               "header_bytes": ident.get("header_bytes", 0),
+                               "batches": [u[4] for u in group] if tsv else []})
     return splits
 
 
-def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool, batch_rows: int,
+class _HashingTsvReader(TsvReader):
+    """A TsvReader that hashes the bytes it reads (``digest``), to compare them with the planner's."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        import hashlib
+
+        self.digest = hashlib.sha256()
+        super().__init__(*args, **kwargs)
+
+    def _read(self, limit: int) -> bytes:
+        block = super()._read(limit)
+        self.digest.update(block)
+        return block
+
+
+def _changed(spec: dict, what: str) -> UsageError:
+    return UsageError(f"{spec['path']} changed after the run planned its splits ({what}); nothing of this run is "
+                      f"published: rerun on a file that stays as it is")
+
+
+def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool,
                 max_row_chars: int = MAX_ROW_CHARS) -> Iterator[list[Row]]:
-    """The split's rows, in batches of at most ``batch_rows``."""
-    path, want = spec["path"], spec["rows"]
+    """The split's rows, in the planner's batches, each checked against what the planner read of the file
+    before it is yielded: the file's size and mtime, then the sha256 of the header and of each batch's
+    bytes (TSV) or of the footer (Parquet). A file rewritten after planning raises UsageError."""
+    import hashlib
+
+    path, want, batch_rows = spec["path"], spec["rows"], spec["batch_rows"]
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (spec["size"], spec["mtime_ns"]):
+        raise _changed(spec, f"size {st.st_size:,} and mtime {st.st_mtime_ns} instead of {spec['size']:,} and "
+                             f"{spec['mtime_ns']}")
     if spec["kind"] == "tsv":
         from itertools import islice
 
-        with TsvReader(path, text_column=text_column, id_column=id_column, header=header,
-                       max_row_chars=max_row_chars) as reader:
+        with open(path, "rb") as f:  # the header first: a changed one would fail the reader's own checks
+            if hashlib.sha256(f.read(spec["header_bytes"])).hexdigest() != spec["check"]:
+                raise _changed(spec, "its header line differs")
+        with _HashingTsvReader(path, text_column=text_column, id_column=id_column, header=header,
+                               max_row_chars=max_row_chars) as reader:
+            if header and reader.digest.hexdigest() != spec["check"]:
+                raise _changed(spec, "its header line differs")
             reader.seek(spec["offset"], line=spec["line"], index=spec["row"])
             it = iter(reader)
-            while want > 0:
+            for b, planned in enumerate(spec["batches"]):
+                reader.digest = hashlib.sha256()
                 rows = list(islice(it, min(batch_rows, want)))
-                if not rows:
-                    raise UsageError(f"{path} changed while it was being scored (it has fewer rows than when "
-                                     f"the run started); rerun on a file that stays as it is")
+                first = spec["line"] + b * batch_rows
+                if reader.digest.hexdigest() != planned:
+                    raise _changed(spec, f"the bytes of lines {first}-{first + min(batch_rows, want) - 1} differ")
                 want -= len(rows)
                 yield rows
         return
     import pyarrow.parquet as pq
 
+    if parquet_footer_sha256(path) != spec["check"]:
+        raise _changed(spec, "its Parquet footer differs")
     start, pos = spec["start"], 0  # rows of the row group before the split, before the current batch
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[spec["row_group"]]):
         a, b = max(start - pos, 0), min(start + spec["rows"] - pos, batch.num_rows)
@@ -303,8 +418,8 @@ class _ScoreActor:
     """One model per actor, loaded in ``__init__``; ``__call__`` reads, scores and writes its splits."""
 
     def __init__(self, *, model: str, engine: str, engine_options: dict, mode: str, top_k: int, batch_tokens,
-                 max_batch_size, layout: Layout, text_column, id_column, header: bool, batch_rows: int,
-                 on_bad_row: str, flag_rules: list[FlagRule], out_dir: str, meta: dict, threads: int | None,
+                 max_batch_size, layout: Layout, text_column, id_column, header: bool, on_bad_row: str,
+                 flag_rules: list[FlagRule], out_dir: str, status_dir: str, meta: dict, threads: int | None,
                  log_level: int, max_row_chars: int = MAX_ROW_CHARS):
         if threads:  # the engine plans its threads for this actor's share of the node
             os.environ["MLM_SCORER_CPUS"] = str(threads)
@@ -313,11 +428,13 @@ class _ScoreActor:
 
         self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
         self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
-                        "batch_rows": batch_rows, "max_row_chars": max_row_chars}
+                        "max_row_chars": max_row_chars}
         self.out = Path(out_dir)
         self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.status = Path(status_dir) / f"{os.uname().nodename}-{os.getpid()}.json"
+        _set_status(self.status, f"loading the model with engine {engine}")
         # An error here (a model a node cannot see, an engine option, a missing package) is raised by the
         # first call instead: Ray would otherwise restart the actor over and over, and the run would end
         # in a bare ActorDiedError rather than our message.
@@ -326,6 +443,7 @@ class _ScoreActor:
             self._open(model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size)
         except MlmScorerError as exc:
             self.error = exc
+        _set_status(self.status, "failed" if self.error else "ready")
 
     def _open(self, model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size) -> None:
         from .batching import BatchPolicy
@@ -344,8 +462,13 @@ class _ScoreActor:
         if self.error is not None:
             raise _Shipped(self.error)
         for spec in batch.to_pylist():
-            for rows in _read_split(spec, self.layout, **self.read_kw):
-                yield self._score(spec, rows)
+            try:
+                for rows in _read_split(spec, self.layout, **self.read_kw):
+                    yield self._score(spec, rows)
+            except _Shipped:
+                raise
+            except MlmScorerError as exc:
+                raise _Shipped(exc) from None
 
     def _score(self, spec: dict, rows: list[Row]) -> pa.Table:
         from .pipeline import ScoreSummary, build_columns
@@ -369,6 +492,16 @@ class _ScoreActor:
             "max_rss": peak_rss_bytes()}], schema=_STATS)
 
 
+def _set_status(path: Path, phase: str) -> None:
+    """What an actor is doing, for the driver's start-up report (best effort: a report, not a result)."""
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"phase": phase, "since": time.time(), "pid": os.getpid()}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, pa.Schema]:
     md = {"mlm_scorer": json.dumps(meta, sort_keys=True)}
     file_field = pa.field("file", pa.string())
@@ -386,6 +519,278 @@ def _write_part(final: Path, columns: dict, schema: pa.Schema) -> None:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp, compression="zstd")
     os.replace(tmp, final)
+
+
+# ------------------------------------------------------------------------------------------ ownership
+#: The file ``mlm-score ray`` writes into every output directory (no other command writes this name): the
+#: run's identity. A directory is replaced only when it carries one, and holds nothing else foreign.
+OUTPUT_MARKER = "_mlm_score_ray.json"
+WRITTEN_BY = "mlm-score ray"
+#: what an output directory may hold besides its parts: the marker, the summary, and ``check.json``
+#: (``mlm-score check --json``, the Airflow check task)
+_OWN_FILES = {OUTPUT_MARKER, "summary.json", "check.json"}
+_PART = re.compile(r"part-\d{5}-\d{12}\.parquet")
+
+
+def read_marker(out: Path) -> dict | None:
+    """The marker of an output directory ``mlm-score ray`` wrote, or None (absent, not a regular file, or
+    not a marker of ours)."""
+    path = out / OUTPUT_MARKER
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("written_by") == WRITTEN_BY and doc.get("run_id") else None
+
+
+def _foreign(out: Path) -> list[str]:
+    """Entries of an output directory that ``mlm-score ray`` does not write (relative paths)."""
+    found = []
+    for e in sorted(os.scandir(out), key=lambda e: e.name):
+        if e.name in ("words", "sentences") and e.is_dir(follow_symlinks=False):
+            found += [f"{e.name}/{f.name}" for f in sorted(os.scandir(e.path), key=lambda f: f.name)
+                      if not (_PART.fullmatch(f.name) and f.is_file(follow_symlinks=False))]
+        elif not (e.name in _OWN_FILES and e.is_file(follow_symlinks=False)):
+            found.append(e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    return found
+
+
+def check_replaceable(out: Path, *, overwrite: bool = True) -> None:
+    """Raise UsageError (exit 2) unless ``out`` may become this run's output: absent, an empty directory, or
+    a directory written by ``mlm-score ray`` (its marker) holding nothing it did not write."""
+    if out.is_symlink():
+        raise UsageError(f"output {str(out)!r} is a symbolic link; the ray runner replaces a directory of its own: "
+                         f"give the real path, or another directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"output {str(out)!r} is not a directory; the ray runner writes a directory (words/, "
+                         f"sentences/)")
+    try:
+        if not any(out.iterdir()):
+            return
+    except OSError as exc:
+        raise UsageError(f"output directory {str(out)!r} cannot be read ({exc.strerror})") from None
+    owner = read_marker(out)
+    if owner is None:
+        raise UsageError(f"output directory {str(out)!r} is not empty and was not written by mlm-score ray (it has "
+                         f"no {OUTPUT_MARKER}); refusing to replace it. Choose a new or empty directory")
+    if not overwrite:
+        raise UsageError(f"output directory {str(out)!r} exists (written by mlm-score ray, run {owner['run_id']}); "
+                         f"pass overwrite=True to replace it")
+    foreign = _foreign(out)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UsageError(f"output directory {str(out)!r} was written by mlm-score ray but now also holds "
+                         f"{', '.join(foreign[:5])}{more}, which it did not write; refusing to replace it (they "
+                         f"would be lost). Move them out, or choose another directory")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (not its target) or a directory tree (links in it are unlinked, not followed)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Workspace:
+    """The run's own directory beside its output, ``.OUT.mlm-score-ray/``::
+
+        lock          flock'ed by the live run for all of it (writer.lock_output, as mlm-score's own output
+                      lock): a second run on OUT is refused (OutputLocked, exit 2)
+        owner.json    this run: id, host, pid, start
+        run-ID/       what the actors write (words/, sentences/), renamed to OUT when complete
+        actors/       what each actor is doing (the start-up report)
+
+    A run removes it when it ends, whatever the outcome. A driver killed with SIGKILL leaves it behind;
+    the next run on OUT takes the free lock and removes what the dead run left (its Ray processes are
+    ended by ``_Reaper`` when its driver dies). Entries it does not know are refused, never deleted.
+    """
+
+    def __init__(self, out: Path, run_id: str):
+        self.out, self.run_id = out, run_id
+        self.dir = out.with_name(f".{out.name}.mlm-score-ray")
+        self.stage = self.dir / f"run-{run_id}"
+        self.actors = self.dir / "actors"
+        self.debris: str | None = None  # what a dead run left, when there was something
+        self._fd: int | None = None
+
+    def __enter__(self) -> "_Workspace":
+        from .writer import lock_output
+
+        for _ in range(10):  # a run that ends removes the directory: make it again
+            if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+                raise UsageError(f"{self.dir} is not a directory of mlm-score ray's; move it away")
+            self.dir.mkdir(exist_ok=True)
+            try:
+                self._fd = lock_output(self.dir / "lock", self.out)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise UsageError(f"cannot take the lock {self.dir / 'lock'}: its directory keeps disappearing")
+        try:
+            self._clear()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = None
+            raise
+        try:
+            info = {"written_by": WRITTEN_BY, "run_id": self.run_id, "host": os.uname().nodename,
+                    "pid": os.getpid(), "started": time.time(), "output": str(self.out.absolute())}
+            (self.dir / "owner.json").write_text(json.dumps(info), encoding="utf-8")
+            for sub in ("sentences", "words"):
+                (self.stage / sub).mkdir(parents=True)
+            self.actors.mkdir()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _clear(self) -> None:
+        """Remove what a dead run left here (the lock is free, so its run is gone)."""
+        entries = [e for e in self.dir.iterdir() if e.name != "lock"]
+        unknown = [e.name for e in entries if e.name not in ("owner.json", "actors") and
+                   not e.name.startswith(("run-", "old-"))]
+        if unknown:
+            raise UsageError(f"{self.dir} holds {', '.join(sorted(unknown)[:5])}, which mlm-score ray did not "
+                             f"write; move them away (the directory is the runner's own workspace for {self.out})")
+        if entries:
+            try:
+                dead = json.loads((self.dir / "owner.json").read_text(encoding="utf-8"))
+                self.debris = f"run {dead.get('run_id')}, pid {dead.get('pid')} on {dead.get('host')}"
+            except (OSError, ValueError, AttributeError):
+                self.debris = "an earlier run"
+        for e in entries:
+            _remove(e)
+        # the temporary directories of older versions (.OUT.tmp-PID) whose process is gone
+        for e in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
+            pid = e.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)) and e.is_dir() and not e.is_symlink() and \
+                    {c.name for c in e.iterdir()} <= {"words", "sentences", "summary.json"}:
+                _remove(e)
+
+    def publish(self, *, overwrite: bool) -> None:
+        """Rename the complete stage to OUT (the earlier output, checked again, is moved out first)."""
+        check_replaceable(self.out, overwrite=overwrite)
+        if self.out.exists():
+            os.replace(self.out, self.dir / f"old-{self.run_id}")
+        os.replace(self.stage, self.out)
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        try:
+            for e in self.dir.iterdir():
+                if e.name in ("owner.json", "actors") or e.name.startswith(("run-", "old-")):
+                    _remove(e)
+            _remove(self.dir / "lock")
+            os.rmdir(self.dir)
+        except OSError:
+            pass  # left for the next run, which removes what is its own
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+_REAPER = r"""
+import os, signal, sys, time
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+procs = {}
+for line in sys.stdin:  # "PID START" lines, until the driver closes the pipe: it ended, or was killed
+    pid, start = line.split()
+    procs[int(pid)] = start
+time.sleep(float(sys.argv[1]))  # a driver that ended normally has shut its Ray down by now
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    alive = [p for p, s in procs.items() if started(p) == s]
+    for p in alive:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    if not alive:
+        break
+    time.sleep(2)
+"""
+
+
+class _Reaper:
+    """Ends the Ray processes a driver started (``ray.init`` without an address) once the driver is gone.
+
+    Ray's gcs, raylet and workers die with the driver, but its dashboard and runtime-env agents, orphaned
+    by a driver killed with SIGKILL, keep running for about a minute (they try to report the raylet's death
+    to a GCS that is gone). A small process, in a session of its own, holds a pipe from the driver and
+    learns the driver's descendants (pid and start time, so a reused pid is never hit); when the pipe
+    closes it waits ``grace`` seconds and ends those still running. Linux only (/proc); elsewhere a no-op.
+    """
+
+    def __init__(self, grace: float = 3.0):
+        self.proc = None
+        if not Path("/proc/self/stat").exists():
+            return
+        import subprocess
+        import sys
+
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _REAPER, str(grace)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                         text=True)
+        except OSError:
+            self.proc = None
+        self._sent: set[tuple[int, str]] = set()
+
+    def watch_descendants(self) -> None:
+        """Send the driver's descendants not sent yet (call again as Ray starts more processes)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children: dict[int, list[int]] = {}
+        starts: dict[int, str] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(d))
+            starts[int(d)] = fields[19]
+        todo, found = [os.getpid()], []
+        while todo:
+            for c in children.get(todo.pop(), []):
+                if c != self.proc.pid:
+                    found.append(c)
+                    todo.append(c)
+        new = {(p, starts[p]) for p in found if p in starts} - self._sent
+        try:
+            self.proc.stdin.write("".join(f"{p} {s}\n" for p, s in sorted(new)))
+            self.proc.stdin.flush()
+            self._sent |= new
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -435,13 +840,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
             raise UsageError(f"input file {p!r} does not exist" if not Path(p).exists() else
                              f"input {p!r} is not a file")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} is a file; the ray runner writes a directory (words/, sentences/)")
-    if out.is_dir() and any(out.iterdir()) and not (out / OUTPUT_MARKER).is_file():
-        raise UsageError(f"output directory {str(out)!r} is not empty and was not written by mlm-score ray; "
-                         f"refusing to replace it. Choose a new or empty directory")
-    if out.is_dir() and (out / OUTPUT_MARKER).is_file() and not overwrite:
-        raise UsageError(f"output directory {str(out)!r} exists (pass overwrite=True to replace it)")
+    check_replaceable(out, overwrite=overwrite)  # before anything is touched
     if not out.parent.is_dir():
         raise UsageError(f"the parent of the output directory, {str(out.parent)!r}, does not exist")
     flag_rules = list(flag_rules or [])
@@ -458,32 +857,34 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
         from .quality import baseline_rules
 
         flag_rules = baseline_rules(flag_rules, baseline, model_checksum=md.checksum, mode=mode)
+    run_id = uuid.uuid4().hex
     meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": mode, "engine": engine,
             "input": inputs[0] if len(inputs) == 1 else ", ".join(inputs), "inputs": inputs,
-            "flag_rules": [str(r) for r in flag_rules], "runner": "ray",
+            "flag_rules": [str(r) for r in flag_rules], "runner": "ray", "run_id": run_id,
             **({"baseline": str(baseline)} if baseline else {})}
     summary: dict[str, Any] = {
         "inputs": inputs, "output": str(out), "words_output": str(out / "words"),
         "sentences_output": str(out / "sentences"), "engine": engine, "mode": mode, "model": str(md.path),
         "model_checksum": md.checksum, "rows": 0, "scored": 0, "skipped": 0, "flagged": 0, "words": 0,
-        "copies": 0, "mean_pll": None, "skipped_rows": [], "runner": "ray", "flag_rules": meta["flag_rules"],
-        "actors": 0, "nodes": 0, "num_actors": 0, "cpus_per_actor": None, "gpus_per_actor": num_gpus_per_actor,
-        "threads_per_actor": None, "batch_rows": batch_rows, "max_actor_rss_bytes": 0}
+        "copies": 0, "mean_pll": None, "skipped_rows": [], "runner": "ray", "run_id": run_id,
+        "flag_rules": meta["flag_rules"], "actors": 0, "nodes": 0, "num_actors": 0, "cpus_per_actor": None,
+        "gpus_per_actor": num_gpus_per_actor, "threads_per_actor": None, "batch_rows": batch_rows,
+        "max_actor_rss_bytes": 0}
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("sentences", "words"):
-        (tmp / sub).mkdir(parents=True)
-    try:
+    with _Workspace(out, run_id) as ws:  # the output's lock, and what a killed run left removed
+        if ws.debris and log:
+            log(f"removed what a killed earlier run on {out} left behind ({ws.debris})")
+        tmp = ws.stage
         scan = _scan(inputs, header=header, batch_rows=batch_rows)
-        total = sum(u[2] for *_, runs in scan for run in runs for u in run)
+        total = sum(u[2] for _, _, _, runs, _ in scan for run in runs for u in run)
         if total:  # an empty input starts no Ray, no actor and no engine
             _run_ray(
-                scan, total, summary, inputs=inputs, header=header, batches_per_split=batches_per_split, actor_kw=dict(
+                scan, total, summary, inputs=inputs, header=header, batch_rows=batch_rows,
+                batches_per_split=batches_per_split, status_dir=ws.actors, actor_kw=dict(
                     model=str(md.path), engine=engine, engine_options=dict(engine_options or {}), mode=mode,
                     top_k=top_k, batch_tokens=batch_tokens, max_batch_size=max_batch_size, layout=lay,
-                    text_column=text_column, id_column=id_column, header=header, batch_rows=batch_rows,
-                    on_bad_row=on_bad_row, flag_rules=flag_rules, out_dir=str(tmp), meta=meta,
+                    text_column=text_column, id_column=id_column, header=header, on_bad_row=on_bad_row,
+                    flag_rules=flag_rules, out_dir=str(tmp), status_dir=str(ws.actors), meta=meta,
                     max_row_chars=max_row_chars),
                 num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
                 num_gpus_per_actor=num_gpus_per_actor, ray_address=ray_address,
@@ -503,17 +904,12 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
             second.rewrite(parts, {"flag_rules": second.rule_strings})
             summary["flagged"], summary["flag_rules"] = second.flagged, second.rule_strings
         summary["seconds"] = time.perf_counter() - t0
-        (tmp / OUTPUT_MARKER).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        marker = {"written_by": WRITTEN_BY, "format": 1, "run_id": run_id, "output": str(out.absolute()),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_checksum": md.checksum,
+                  "inputs": [ident for *_, ident in scan]}
+        (tmp / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        ws.publish(overwrite=overwrite)
     return summary
 
 
@@ -534,9 +930,63 @@ def _keep_sigterm_handler():
             signal.signal(signal.SIGTERM, before)
 
 
-def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, batches_per_split, actor_kw: dict, num_actors,
-             num_cpus_per_actor, num_gpus_per_actor, ray_address, ray_init_options, wait_for_actors_s,
-             progress) -> None:
+_reaper: _Reaper | None = None  # held for the life of the process: its pipe closing is the driver's death
+
+
+class _StartReport:
+    """While the actors start (Ray starts their processes, each loads the model: minutes for a large model
+    on a busy node), a line every ``every`` seconds says what they are doing, from the status each actor
+    writes (``_set_status``); stops at the first scored batch."""
+
+    def __init__(self, status_dir: Path, planned: int, *, first: float = 5.0, every: float = 10.0):
+        import threading
+
+        self.status_dir, self.planned, self.first, self.every = Path(status_dir), planned, first, every
+        self._stop = threading.Event()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="mlm-ray-start", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> tuple[str, bool]:
+        """The report line now, and whether every planned actor is ready."""
+        now = time.time()
+        phases: dict[str, list[float]] = {}
+        for f in self.status_dir.glob("*.json"):
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+                phases.setdefault(str(doc["phase"]), []).append(now - float(doc["since"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        ready = len(phases.pop("ready", []))
+        parts = [f"{len(ages)} {phase} ({max(ages):.0f} s)" for phase, ages in sorted(phases.items())]
+        waiting = self.planned - ready - sum(len(a) for a in phases.values())
+        if waiting > 0:
+            parts.append(f"{waiting} waiting for Ray to start {'its' if waiting == 1 else 'their'} process")
+        line = f"actors: {ready} of {self.planned} ready after {time.monotonic() - self._t0:.0f} s"
+        return line + (": " + ", ".join(parts) if parts else ""), ready >= self.planned
+
+    def _run(self) -> None:
+        wait = self.first
+        while not self._stop.wait(wait):
+            if _reaper is not None:
+                _reaper.watch_descendants()  # the agents and workers Ray started meanwhile
+            line, all_ready = self.describe()
+            log.info(line)
+            if all_ready:
+                return
+            wait = self.every
+
+    def stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            if _reaper is not None:
+                _reaper.watch_descendants()  # everything Ray started for this run is up by the first batch
+
+
+def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, batch_rows, batches_per_split,
+             status_dir: Path, actor_kw: dict, num_actors, num_cpus_per_actor, num_gpus_per_actor, ray_address,
+             ray_init_options, wait_for_actors_s, progress) -> None:
+    global _reaper
     import ray
 
     if not ray.is_initialized():
@@ -545,8 +995,13 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
             logging.getLogger("ray").setLevel(logging.ERROR)  # its notes at start-up (token file, dashboard, ...)
         opts = {"include_dashboard": False, "log_to_driver": not quiet,
                 "logging_level": logging.ERROR if quiet else logging.INFO, **(ray_init_options or {})}
+        local = ray_address is None and not os.environ.get("RAY_ADDRESS")
         with _keep_sigterm_handler():
             ray.init(address=ray_address, **opts)
+        if local and _reaper is None:  # a Ray of our own: its processes must not outlive a killed driver
+            _reaper = _Reaper()
+    if _reaper is not None:
+        _reaper.watch_descendants()
     import ray.data
 
     deadline = time.monotonic() + 5  # the actors of a run that just ended free their CPUs within a second or two
@@ -561,10 +1016,12 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
         log.warning(f"{plan.num_actors} actors of {plan.cpus:g} CPU(s) planned, {plan.min_actors} fit in the "
                     f"cluster's free resources now: starting with {plan.min_actors}, adding the others as "
                     f"resources free up or nodes join")
-    if sum(len(run) for *_, runs in scan for run in runs) < min(plan.num_actors, total):
+    if sum(len(run) for _, _, _, runs, _ in scan for run in runs) < min(plan.num_actors, total):
         # a small input: batches small enough that every actor gets one
-        scan = _scan(inputs, header=header, batch_rows=math.ceil(total / plan.num_actors))
-    splits = _splits(scan, header=header, batches_per_split=batches_per_split, num_actors=plan.num_actors)
+        batch_rows = math.ceil(total / plan.num_actors)
+        scan = _scan(inputs, header=header, batch_rows=batch_rows)
+    splits = _splits(scan, header=header, batches_per_split=batches_per_split, num_actors=plan.num_actors,
+                     batch_rows=batch_rows)
     summary.update(num_actors=plan.num_actors, cpus_per_actor=plan.cpus, gpus_per_actor=plan.gpus,
                    threads_per_actor=plan.threads)
     log.info(f"scoring {total:,} rows in {len(splits)} splits with {plan.num_actors} actor(s) of {plan.cpus:g} "
@@ -610,9 +1067,12 @@ def _run_ray(scan: list[tuple], total: int, summary: dict, *, inputs, header, ba
         # closed on any exit: an exception's traceback would otherwise keep the iterator, its execution
         # and its actors alive (holding their CPUs) for as long as the caller keeps the exception
         stack.callback(getattr(batches, "close", lambda: None))
+        starting = _StartReport(status_dir, plan.num_actors)
+        stack.callback(starting.stop)
         failure: MlmScorerError | None = None
         try:
             for t in batches:
+                starting.stop()
                 for r in t.to_pylist():
                     if (r["file"], r["row"]) in seen:  # a batch redone after a lost actor: count it once
                         continue

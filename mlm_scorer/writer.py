@@ -187,6 +187,33 @@ class _AtomicParquet:
         safe_unlink(self.tmp, identity_of=self._made)
 
 
+class OutputLocked(UsageError):
+    """Another live run holds the output's lock: a sibling to wait for (a retry may pass), not a mistake."""
+
+
+def lock_output(lock_path: str | os.PathLike, output: str | os.PathLike) -> int:
+    """``flock`` ``lock_path`` (created if absent) for the run writing ``output``; returns the descriptor
+    (closing it releases the lock). OutputLocked when a live run holds it. A lock file that its holder
+    removed after this run opened it (a finished run cleaning up) is opened again, so that two runs
+    never hold locks on two files of one name."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), default_file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLocked(f"another mlm-score run is writing {output} (lock {lock_path} is held); wait for "
+                               f"it or choose another output") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 class ResultWriter:
     """Commits each chunk as Parquet parts, resumable; ``commit`` assembles the final files atomically.
 
@@ -231,19 +258,9 @@ class ResultWriter:
 
     # -- progress ---------------------------------------------------------------------------------
     def _lock(self) -> int:
-        import fcntl
-
         self.parts = OwnedDir.open(self.parts_dir, what="the parts directory", known=is_part_name,
                                    owner=f"mlm-score, the committed parts of {self.words_path}")
-        fd = os.open(self.parts_dir / "lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                     default_file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(f"another mlm-score run is writing {self.words_path} (lock {self.parts_dir / 'lock'} "
-                             f"is held); wait for it or choose another output") from None
-        return fd
+        return lock_output(self.parts_dir / "lock", self.words_path)
 
     def _load_or_start(self, resume: bool) -> dict:
         path = self.parts_dir / self.PROGRESS

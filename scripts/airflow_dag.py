@@ -20,10 +20,13 @@ Tasks:
   check_cli   `mlm-score check` on score_cli's output (exit 1 fails the task); its XCom is the verdict line.
   publish     reads the score and check tasks' XComs (what a downstream task would do: alert, load, report).
 
-<run key> is the run's logical date (2024-01-01T000000), or its run id when it has none: a retry, or a
-re-run of the same date, writes the same paths, and the files are replaced atomically (never a mix of
-two attempts). A bad input row fails the task at once (no retries) with the scorer's file:line message;
-set on_bad_row to "skip" to record such rows (status "skipped") and go on.
+<run key> is the run's logical date in UTC to the microsecond (2024-01-01T000000.000000Z), or its run id,
+escaped, when it has none (run-manual__...). Each output directory is claimed for its run (a
+.mlm-score-run.json naming the DAG and the run): a retry of the run writes the same paths and replaces
+its files atomically (never a mix of two attempts), while another run of the same date is refused
+rather than allowed to overwrite them. A bad input row fails the task at once (no retries) with the
+scorer's file:line message; set on_bad_row to "skip" to record such rows (status "skipped") and go on.
+An attempt that finds the output locked by another attempt still running fails and is retried.
 
 The model defaults to $MLM_SCORER_MODEL (an mlm-export directory, or a checkpoint id exported once into
 the cache); the scoring runs in the worker's Python, so install mlm-scorer[tf] there.
@@ -91,7 +94,8 @@ with DAG(
         dag_run = ctx["dag_run"]
         return score_task(
             p["input"], os.path.join(p["output_dir"], "lib"), model=p["model"],
-            logical_date=getattr(dag_run, "logical_date", None), run_id=ctx["run_id"], mode=p["mode"],
+            logical_date=getattr(dag_run, "logical_date", None), run_id=ctx["run_id"], dag_id=dag_run.dag_id,
+            mode=p["mode"],
             id_column=p["id_column"], text_column=p["text_column"], on_bad_row=p["on_bad_row"],
             flag_below=p["flag_below"], flag_above=p["flag_above"], baseline=p["baseline"] or None,
             score_cache=p["cache"] or None)
@@ -118,6 +122,8 @@ with DAG(
             "PY": sys.executable,
             "IN": "{{ params.input }}",
             "OUT_DIR": "{{ params.output_dir }}/cli/{{ mlm_run_key(dag_run.logical_date, run_id) }}",
+            "RUN_ID": "{{ run_id }}",
+            "DAG_ID": "{{ dag.dag_id }}",
             "MODEL": "{{ params.model }}",
             "MODE": "{{ params.mode }}",
             "ID_COLUMN": "{{ params.id_column }}",
@@ -126,7 +132,7 @@ with DAG(
         },
         append_env=True,
         bash_command=(
-            'set -euo pipefail; mkdir -p "$OUT_DIR"; '
+            'set -euo pipefail; "$PY" -m mlm_scorer.airflow claim "$OUT_DIR" --run-id "$RUN_ID" --dag-id "$DAG_ID"; '
             '"$MLM_SCORE" "$IN" -o "$OUT_DIR/probs.parquet" --model "$MODEL" --mode "$MODE" '
             '--on-bad-row "$ON_BAD_ROW" ${ID_COLUMN:+--id-column "$ID_COLUMN"} ${CACHE:+--cache "$CACHE"} '
             '--summary-json "$OUT_DIR/summary.json"; '

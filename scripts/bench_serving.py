@@ -57,10 +57,14 @@ def timed_map(engine, batches) -> float:
 
 
 def rest_codec_seconds(engine, batches) -> tuple[float, float]:
-    """Encode (json of the columnar body) and decode (json + numpy) seconds over the batches."""
+    """Encode (json of the columnar body) and decode (json, numpy, the answer's checks) seconds over the
+    batches' requests (with their padding and verification rows, as the engine sends them)."""
+    from mlm_scorer.engines._remote import check_output
+    from mlm_scorer.engines.tf_serving_rest import ALL_OUTPUTS, json_tensor
+
     enc = dec = 0.0
     for b in batches:
-        inputs = {k: np.ascontiguousarray(v, np.int32) for k, v in b.as_dict().items()}
+        inputs, _, _ = engine.request(b)
         t = time.perf_counter()
         body = json.dumps({"signature_name": "serving_default", "inputs": {k: v.tolist() for k, v in inputs.items()}},
                           separators=(",", ":")).encode()
@@ -68,8 +72,9 @@ def rest_codec_seconds(engine, batches) -> tuple[float, float]:
         raw = engine._session.post(engine._root + ":predict", data=body, timeout=engine._timeouts).content
         t = time.perf_counter()
         doc = json.loads(raw)["outputs"]
+        specs, used = engine.expect(inputs, ALL_OUTPUTS), inputs["masked_lm_positions"] != 0
         for name in engine._outputs:
-            np.asarray(doc[name], dtype=np.int32 if name == "top_k_ids" else np.float32)
+            check_output(specs[name], json_tensor(doc[name], specs[name]), used=used, vocab_size=engine.vocab_size)
         dec += time.perf_counter() - t
     return enc, dec
 
@@ -77,14 +82,16 @@ def rest_codec_seconds(engine, batches) -> tuple[float, float]:
 def grpc_codec_seconds(engine, batches) -> tuple[float, float]:
     from tensorflow_serving.apis import predict_pb2
 
+    from mlm_scorer.engines._remote import check_output
     from mlm_scorer.engines.tf_serving_grpc import from_tensor_proto, to_tensor_proto
 
     enc = dec = 0.0
     for b in batches:
+        inputs, _, _ = engine.request(b)
         t = time.perf_counter()
         req = predict_pb2.PredictRequest(output_filter=engine._outputs)
         engine._spec(req)
-        for k, v in b.as_dict().items():
+        for k, v in inputs.items():
             req.inputs[k].CopyFrom(to_tensor_proto(v))
         data = req.SerializeToString()
         enc += time.perf_counter() - t
@@ -92,8 +99,10 @@ def grpc_codec_seconds(engine, batches) -> tuple[float, float]:
         raw = resp.SerializeToString()
         t = time.perf_counter()
         r = predict_pb2.PredictResponse.FromString(raw)
+        specs, used = engine.expect(inputs, engine._outputs), inputs["masked_lm_positions"] != 0
         for name in engine._outputs:
-            from_tensor_proto(r.outputs[name])
+            check_output(specs[name], from_tensor_proto(r.outputs[name], specs[name]), used=used,
+                         vocab_size=engine.vocab_size)
         dec += time.perf_counter() - t
         del data
     return enc, dec
@@ -106,7 +115,7 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=200)
     ap.add_argument("--mode", default="whole-word")
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=64, help="rows per request (the server's max_batch_size)")
     ap.add_argument("--server-rest")
     ap.add_argument("--server-grpc")
     ap.add_argument("--engines", default="saved_model,rest,grpc")
@@ -123,7 +132,9 @@ def main() -> None:
     md = ModelDir.open(base)
     texts = sentences(a.sentences)
     t = time.perf_counter()
-    prep = Scorer(md, FakeEngine(md), mode=a.mode, policy=BatchPolicy(max_batch_size=a.max_batch_size)).prepare(texts)
+    # batches of max_batch_size - 2 copies: with the padding and verification rows, one request each
+    policy = BatchPolicy(max_batch_size=a.max_batch_size - 2)
+    prep = Scorer(md, FakeEngine(md), mode=a.mode, policy=policy).prepare(texts)
     batches = list(prep.built)  # all built here (the scorer builds a large chunk's as the engine takes them)
     prepare_s = time.perf_counter() - t
     copies = sum(len(b) for b in batches)

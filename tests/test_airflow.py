@@ -2,11 +2,13 @@
 
 Airflow lives in a separate virtualenv (``scripts/airflow_test.sh`` builds ``.venv-airflow`` and runs
 this file); this test, in the main venv, makes the tiny model, then drives Airflow in that venv:
-``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` five times in one
-process: a run, a re-run of the same logical date (idempotence), a run on a bad input, and the quality
-gate with real weights (AntiBERTy): a batch of natural antibody domains and one with corrupted domains,
-each checked against a baseline of natural domains (the ``antibody_batches`` fixture; the scoring tasks
-read the engine's results from its score cache, so the model runs once, in the main venv).
+``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` seven times in one
+process: a run; another run of the same logical date (refused: it may not overwrite the first run's
+output); a run half a second later (its own key); a run whose output's lock a sibling holds
+(its score task is retried and then succeeds); a run on a bad input; and the quality gate with real
+weights (AntiBERTy): a batch of natural antibody domains and one with corrupted domains, each checked
+against a baseline of natural domains (the ``antibody_batches`` fixture; the scoring tasks read the
+engine's results from its score cache, so the model runs once, in the main venv).
 
 Skipped when the Airflow venv does not exist, unless MLM_REQUIRE_AIRFLOW=1 (the CI script sets it).
 """
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,11 @@ if not VENV.is_absolute():
     VENV = ROOT / VENV
 AIRFLOW_PY = VENV / "bin" / "python"
 LOGICAL_DATE = "2024-01-01T00:00:00+00:00"
-RUN_KEY = "2024-01-01T000000"
+RUN_KEY = "2024-01-01T000000.000000Z"
+HALF_DATE = "2024-01-01T00:00:00.500000+00:00"  # half a second after LOGICAL_DATE: another run, another key
+HALF_KEY = "2024-01-01T000000.500000Z"
+LOCKED_DATE = "2024-01-03T00:00:00+00:00"
+LOCKED_KEY = "2024-01-03T000000.000000Z"
 
 if not (VENV / "bin" / "airflow").exists():
     if os.environ.get("MLM_REQUIRE_AIRFLOW") == "1":
@@ -63,6 +70,58 @@ for spec in json.loads(sys.argv[2]):
 '''
 
 
+# A sibling attempt holding the output's lock (run in the main venv while the DAG runs). The run's input is
+# a FIFO this process feeds, one copy per reader: when the score task (which claims its directory first)
+# opens it, the lock is taken before the task gets a byte, so its first try meets the lock; the lock is
+# released once Airflow has put the task up for retry.
+SIBLING = r"""
+import fcntl, os, sqlite3, sys, threading, time
+fifo, out_dir, db, data = os.path.realpath(sys.argv[1]), sys.argv[2], sys.argv[3], open(sys.argv[4], "rb").read()
+marker, lock = os.path.join(out_dir, ".mlm-score-run.json"), os.path.join(out_dir, "probs.parquet.parts", "lock")
+held = []
+def release_when_retried():
+    while not held:
+        time.sleep(0.05)
+    while True:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+                n = c.execute("select count(*) from task_instance where task_id = 'score' and "
+                              "state = 'up_for_retry'").fetchone()[0]
+        except sqlite3.Error:
+            n = 0
+        if n:
+            print("released", flush=True)
+            os.close(held[0])
+            return
+        time.sleep(0.2)
+threading.Thread(target=release_when_retried, daemon=True).start()
+def open_elsewhere():
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == fifo for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return True
+            except OSError:
+                pass
+    return False
+while True:
+    w = os.open(fifo, os.O_WRONLY)  # blocks until a task opens the input (to read it, or to peek at it)
+    if os.path.exists(marker) and not held:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+        print("held", flush=True)
+    try:
+        os.write(w, data)
+    except BrokenPipeError:  # a reader that only peeked and closed
+        pass
+    os.close(w)
+    while open_elsewhere():  # one copy per reader: the next open must not find this reader still there
+        time.sleep(0.01)
+"""
+
+
 def _env(home: Path, dags: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV", "PYTHON"))}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags), AIRFLOW__CORE__LOAD_EXAMPLES="False",
@@ -87,10 +146,14 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
                          text=True, timeout=300)
     assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
 
+    fifo = tmp / "sibling.fifo"
+    os.mkfifo(fifo)
     conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id"}
     runs = [{"name": "first", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)},
              "snapshot": str(tmp / "first")},
             {"name": "again", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)}},
+            {"name": "half", "logical_date": HALF_DATE, "conf": {**conf, "input": str(good)}},
+            {"name": "locked", "logical_date": LOCKED_DATE, "conf": {**conf, "input": str(fifo)}},
             {"name": "bad", "logical_date": "2024-01-02T00:00:00+00:00", "conf": {**conf, "input": str(bad)}}]
     gate = {}
     try:
@@ -119,8 +182,15 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
     lib_dir.mkdir(parents=True)
     stale = lib_dir / ".probs.parquet.tmp-999999999"
     stale.write_bytes(b"partial")
-    proc = subprocess.run([str(AIRFLOW_PY), "-c", DRIVER, str(dags), json.dumps(runs)], env=env, cwd=tmp,
-                          capture_output=True, text=True, timeout=900)
+    sibling = subprocess.Popen([sys.executable, "-c", SIBLING, str(fifo), str(out / "lib" / LOCKED_KEY),
+                                str(home / "airflow.db"), str(good)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = subprocess.run([str(AIRFLOW_PY), "-c", DRIVER, str(dags), json.dumps(runs)], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=1200)
+    finally:
+        sibling.kill()
+        sibling_log = sibling.communicate()[0]
     log = proc.stdout + proc.stderr
     results = {}
     for line in proc.stdout.splitlines():
@@ -135,8 +205,8 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
     for chunk in proc.stdout.split("@@RUN ")[1:]:
         name, _, body = chunk.partition("\n")
         parts[name] = body
-    return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first", **gate}, parts, \
-        proc.stderr
+    return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first",
+                     "sibling_log": sibling_log, **gate}, parts, proc.stderr
 
 
 def test_dag_scores_and_passes_a_small_summary(airflow_runs):
@@ -175,32 +245,54 @@ def test_dag_scores_and_passes_a_small_summary(airflow_runs):
     assert [s["pll"] for s in cs] == [s["pll"] for s in sents]
 
 
-def test_rerun_of_the_same_date_gives_identical_output(airflow_runs):
-    import pyarrow.parquet as pq
-
+def test_another_run_of_the_same_date_is_refused_not_overwritten(airflow_runs):
+    """Airflow 3 allows two runs of one logical date: the second maps to the first's paths, finds them
+    claimed by another run, and fails at once (no retry for the library task) with both runs named;
+    the first run's files are untouched. A run half a second later (the same key once, when keys
+    stopped at seconds) has its own key and its own output."""
     from mlm_scorer.writer import sentences_path
 
-    results, paths, _, _ = airflow_runs
+    results, paths, logs, stderr = airflow_runs
     first, again = results["first"], results["again"]
-    assert again["state"] == "success" and again["run_id"] != first["run_id"]
-    # the same logical date maps to the same paths, whichever run (or retry of a run) writes them
-    assert again["xcoms"]["score"]["output"] == first["xcoms"]["score"]["output"]
-    assert json.loads(again["xcoms"]["score_cli"])["output"] == json.loads(first["xcoms"]["score_cli"])["output"]
+    assert again["state"] == "failed" and again["run_id"] != first["run_id"], again
+    assert again["tis"]["score"] == {"state": "failed", "try_number": 1}  # AirflowFailException: not retried
+    assert again["tis"]["score_cli"]["state"] == "failed"  # the claim step of the CLI form: exit 2
+    assert {again["tis"][t]["state"] for t in ("check", "check_cli", "publish")} == {"upstream_failed"}
+    log = logs["again"] + stderr
+    assert f"holds the output of another run (DAG 'mlm_score_tsv', run '{first['run_id']}'" in log, log[-4000:]
+    assert f"this run (DAG 'mlm_score_tsv', run '{again['run_id']}') refuses to overwrite it" in log
     for sub in ("lib", "cli"):
         d, d1 = paths["out"] / sub / RUN_KEY, paths["first"] / sub / RUN_KEY
-        # only the final files: no temporary file left, no second copy under another name
-        expected = ["check.json", "probs.parquet", "probs.sentences.parquet"] + (["summary.json"] if sub == "cli" else [])
+        # only the final files and the claim: no temporary file left, no second copy under another name
+        expected = [".mlm-score-run.json", "check.json", "probs.parquet", "probs.sentences.parquet"] + \
+            (["summary.json"] if sub == "cli" else [])
         assert sorted(p.name for p in d.iterdir()) == expected
+        assert json.loads((d / ".mlm-score-run.json").read_text())["run_id"] == first["run_id"]
         out, out1 = d / "probs.parquet", d1 / "probs.parquet"
         for p, p1 in ((out, out1), (sentences_path(out), sentences_path(out1))):
-            assert p.stat().st_mtime_ns != p1.stat().st_mtime_ns, f"{p} was not rewritten by the second run"
-            t, t1 = pq.read_table(p), pq.read_table(p1)
-            assert t.num_rows > 0 and t.equals(t1), f"{p} differs between the two runs of one date"
-            assert t.schema.metadata == t1.schema.metadata
-    s1, s2 = first["xcoms"]["score"], again["xcoms"]["score"]
-    for k in ("rows", "scored", "skipped", "words", "mean_pll", "model_checksum", "output"):
-        assert s1[k] == s2[k], k
+            assert p.stat().st_mtime_ns == p1.stat().st_mtime_ns and p.read_bytes() == p1.read_bytes(), p
     assert not paths["stale"].exists(), "the dead attempt's temporary file was not cleaned up"
+    half = results["half"]
+    assert half["state"] == "success", half
+    assert half["xcoms"]["score"]["output"] == str(paths["out"] / "lib" / HALF_KEY / "probs.parquet")
+    assert json.loads(half["xcoms"]["score_cli"])["output"] == str(paths["out"] / "cli" / HALF_KEY / "probs.parquet")
+    for k in ("rows", "scored", "words", "mean_pll", "model_checksum"):
+        assert half["xcoms"]["score"][k] == first["xcoms"]["score"][k], k
+
+
+def test_a_sibling_holding_the_output_lock_is_waited_for_by_retrying(airflow_runs):
+    """The score task's first try meets the output's lock, held by another attempt still running: it
+    fails as a retryable error (not AirflowFailException), Airflow retries it, and the second try, once
+    the lock is free, scores the run."""
+    results, paths, logs, stderr = airflow_runs
+    r = results["locked"]
+    assert paths["sibling_log"].split() == ["held", "released"], paths["sibling_log"]
+    assert r["state"] == "success", r
+    assert r["tis"]["score"] == {"state": "success", "try_number": 2}
+    log = logs["locked"] + stderr
+    assert "OutputLocked: another mlm-score run is writing" in log, log[-4000:]
+    s = r["xcoms"]["score"]
+    assert s["output"] == str(paths["out"] / "lib" / LOCKED_KEY / "probs.parquet") and s["scored"] == 3
 
 
 def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):
@@ -220,7 +312,7 @@ def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):
     assert "expected 2 tab-separated fields (id, text), found 3" in log
     assert f"mlm-score: error: {where}" in log  # the CLI's message, in the BashOperator's log
     # nothing written for the failed date
-    assert not (paths["out"] / "lib" / "2024-01-02T000000" / "probs.parquet").exists()
+    assert not (paths["out"] / "lib" / "2024-01-02T000000.000000Z" / "probs.parquet").exists()
 
 
 def test_the_gate_passes_a_clean_batch_and_fails_a_corrupted_one(airflow_runs):
@@ -249,6 +341,6 @@ def test_the_gate_passes_a_clean_batch_and_fails_a_corrupted_one(airflow_runs):
     assert f"failed the quality gate: {failure}" in log, log[-4000:]
     assert "FAIL: " in log and f"fails 1 of 6 criteria: {failure}" in log  # check_cli's verdict line
     for sub in ("lib", "cli"):  # the statistics stay next to the output, for whoever looks into the failure
-        r = json.loads((paths["out"] / "gate" / sub / "2024-02-02T000000" / "check.json").read_text())
+        r = json.loads((paths["out"] / "gate" / sub / "2024-02-02T000000.000000Z" / "check.json").read_text())
         assert not r["passed"] and r["flagged"] == 2 and r["failures"] == [failure]
         assert r["metrics"]["pseudo_perplexity"]["rows_beyond"] == 2

@@ -42,7 +42,8 @@ def test_mlm_score_ray_with_no_resource_options_finishes_quietly(tiny_export, tm
     assert min(abs(summary["cpus_per_actor"] * n - c) for c in (cpus, os.cpu_count())) < 0.01, summary
     assert summary["cpus_per_actor"] <= 4
     lines = p.stderr.splitlines()
-    assert lines and all(line.startswith(("scoring ", "progress: ", "scored ")) for line in lines), p.stderr
+    assert lines and all(line.startswith(("scoring ", "actors: ", "progress: ", "scored ")) for line in lines), \
+        p.stderr
     assert lines[-1].startswith("scored 30/30 rows")
     # -q: nothing at all on stderr
     q = subprocess.run([sys.executable, "-m", "mlm_scorer", "ray", str(sample), "-o", str(out), "--model",
@@ -65,14 +66,14 @@ def test_mlm_score_ray_sigterm_exits_143_and_publishes_nothing(fake_export, tmp_
                           str(fake_export), "--engine", "fake", "--engine-option", "delay=0.05", "--batch-rows", "64",
                           "--id-column", "id", "--no-progress"], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".out.tmp-*/sentences/part-*.parquet")):  # scoring has begun
+    while not list(tmp_path.glob(".out.mlm-score-ray/run-*/sentences/part-*.parquet")):  # scoring has begun
         assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else ""
         time.sleep(0.2)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err, err
-    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +377,9 @@ def test_plan_actors_from_the_cluster():
 def test_tsv_batch_starts_match_the_reader(tmp_path, header):
     """The driver's one-pass split plan: a reader that seeks to each start reads exactly the rows a reader
     from the top reads there (a BOM, CRLF, empty lines, a missing last newline, a bad row)."""
-    from mlm_scorer.ray_data import tsv_batch_starts
+    import hashlib
+
+    from mlm_scorer.ray_data import tsv_batch_starts, tsv_plan
     from mlm_scorer.reader import TsvReader
 
     lines = ["id\ttext"] if header else []
@@ -399,6 +402,12 @@ def test_tsv_batch_starts_match_the_reader(tmp_path, header):
                 got += [(row.index, row.line, row.text, row.id, row.error is None)
                         for _, row in zip(range(min(4, rows - 4 * b)), r)]
         assert got == expect
+        # what the planner hashed: the header, and each batch's bytes up to the next start (or the end)
+        plan = tsv_plan(str(path), header=header, batch_rows=4, block=block)
+        ends = starts[1:] + [len(raw)]
+        assert plan.batch_sha256 == [hashlib.sha256(raw[a:b]).hexdigest() for a, b in zip(starts, ends)]
+        assert plan.header_sha256 == hashlib.sha256(raw[:starts[0]]).hexdigest()
+        assert (plan.size, plan.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
     empty = tmp_path / "empty.tsv"
     empty.write_text("id\ttext\n")
     assert tsv_batch_starts(str(empty), header=True, batch_rows=4) == ([], 0)

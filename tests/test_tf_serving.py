@@ -6,6 +6,7 @@ error bodies; the real ``tensorflow_model_server`` cannot run on these machines.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tfserving_standin import StandIn  # noqa: E402
 from tiny_models import make_hf_bert  # noqa: E402
 
 from mlm_scorer.engines._remote import (  # noqa: E402
+    BadResponseError,
     FatalError,
     RemoteOptions,
     RetryableError,
@@ -100,19 +102,27 @@ def model(export_dir) -> ModelDir:
 
 
 @pytest.fixture(scope="module")
-def server(export_dir, model, tmp_path_factory):
+def other_export(tmp_path_factory) -> Path:
+    """An export of the same shape, vocabulary and k as ``export_dir``, with other weights (version 1)."""
     from mlm_export import export
 
+    root = tmp_path_factory.mktemp("other")
+    make_hf_bert(root / "other_hf", seed=7)
+    export(root / "other_hf", root / "other", log=lambda *_: None)
+    return root / "other"
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, other_export, model, tmp_path_factory):
     root = tmp_path_factory.mktemp("fakes")
     V = model.manifest["vocab_size"]
-    make_hf_bert(root / "other_hf", seed=7)  # same shape, vocabulary and k; other weights
-    export(root / "other_hf", root / "other", log=lambda *_: None)
     models = {
-        "otherweights": root / "other",
+        "otherweights": other_export,
         "bert": export_dir,
         "wrongsig": _fake_mlm(root / "wrongsig", vocab=V, int64_ids=True, drop="masked_lm_ids"),
         "bigvocab": _fake_mlm(root / "bigvocab", vocab=V + 7),
         "smallvocab": _fake_mlm(root / "smallvocab", vocab=V - 7),
+        "topk7": _fake_mlm(root / "topk7", vocab=V, k=7),
     }
     s = StandIn(models, tmp_path_factory.mktemp("logs")).start()
     yield s
@@ -228,7 +238,7 @@ def test_wrong_model_name(kind, model, server):
 
 @pytest.mark.parametrize("kind", ENGINES)
 def test_missing_version(kind, model, server):
-    with pytest.raises(ModelError, match=r"Could not find version 7 of model bert"):
+    with pytest.raises(ModelError, match=r"version 7 is not served; served: 1 AVAILABLE"):
         _engine(kind, model, server, model_version=7)
     with _engine(kind, model, server, model_version="1") as eng:  # a string, as from --engine-option
         assert eng.served_version == 1
@@ -249,6 +259,13 @@ def test_vocabulary_mismatch(kind, name, word, model, server):
         _engine(kind, model, server, model_name=name)
     with _engine(kind, model, server, model_name=name, check_model="false"):
         pass  # the probe can be turned off
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_another_top_k_width_is_refused(kind, model, server):
+    with pytest.raises(ModelError, match=r"the server returns top-7, the local export says top_k=5: a different "
+                                         r"export is being served"):
+        _engine(kind, model, server, model_name="topk7")
 
 
 @pytest.mark.parametrize("kind", ENGINES)
@@ -343,6 +360,228 @@ def test_server_killed_and_restarted_mid_run(kind, model, server, reference, bat
         got = list(eng.map(feed()))
     assert restarted.wait(60)
     _assert_same(got, expected)
+
+
+# ------------------------------------------------------------------------------------ malformed answers
+
+@pytest.fixture(scope="module")
+def tamper(server, model):
+    """A proxy in front of the stand-in that damages predict answers once its ``mode`` is set."""
+    pytest.importorskip("tensorflow_serving")
+    from tfserving_standin.tamper import TamperProxy
+
+    p = TamperProxy(server, vocab=model.manifest["vocab_size"]).start()
+    yield p
+    p.stop()
+
+
+V_PLUS_3 = "{V3}"  # replaced by the vocabulary size + 3
+REST_ANSWERS = {
+    "strings": r"output 'masked_lm_log_probs' holds strings where numbers belong",
+    "ragged": r"output 'masked_lm_log_probs' is not a rectangular array of numbers",
+    "extra_row": r"output 'masked_lm_log_probs' has shape \[7, \d+\]; this request allows float32 \[6, ",
+    "missing_row": r"output 'masked_lm_log_probs' has shape \[5, \d+\]; this request allows float32 \[6, ",
+    "top_k_oob": r"top_k_ids\[5, 0, 0\] = {V3}: a top-k id must be a token of the vocabulary",
+    "top_k_float": r"output 'top_k_ids' holds fractional numbers where integer ids belong",
+    "nan": r"masked_lm_log_probs\[5, 0\] = nan: a log-probability must be finite and <= 0",
+    "positive": r"masked_lm_log_probs\[5, 0\] = 3\.0: a log-probability must be finite and <= 0",
+    "true": r"output 'masked_lm_log_probs' holds true, false or null where numbers belong",
+    "null": r"output 'masked_lm_log_probs' holds true, false or null where numbers belong",
+    "huge_int": r"output 'top_k_ids' holds values that are not one kind of number",
+    "rank3": r"output 'masked_lm_log_probs' has shape \[6, \d+, 1\]; this request allows float32 \[6, ",
+    "scalar": r"output 'masked_lm_log_probs' has shape \[\]",
+    "no_outputs": r"predict response has no 'outputs' key",
+    "not_json": r"HTTP 200 with a body that is not JSON \(31 bytes: '<html>gateway says hello</html>'\)",
+    "deep": r"HTTP 200 with a body nested too deeply to be an answer",
+    "huge_declared": r"the answer is 1,000,000,000,000 bytes \(Content-Length\), more than the [\d,]+ its request",
+    "huge_chunked": r"the answer is more than the [\d,]+ bytes its request can need; refused while it was arriving",
+}
+GRPC_ANSWERS = {
+    "extra_row": r"output 'masked_lm_log_probs' has shape \[7, \d+\]; this request allows float32 \[6, ",
+    "broadcast": r"output 'masked_lm_log_probs' has 1 value\(s\) in float_val for shape \[6, \d+\] \(\d+ elements\)",
+    "huge_shape": r"output 'masked_lm_log_probs' has shape \[64, 4194304\]; this request allows float32 \[6, ",
+    "wide": r"output 'masked_lm_log_probs' has shape \[6, 536870912\]",
+    "rank3": r"output 'masked_lm_log_probs' has shape \[6, \d+, 1\]",
+    "negative_dim": r"output 'masked_lm_log_probs' has shape \[-1, \d+\]",
+    "overflow_dims": r"output 'masked_lm_log_probs' has shape \[4611686018427387904, 4611686018427387904\]",
+    "short_content": r"output 'masked_lm_log_probs' has \d+ bytes of tensor_content for shape \[6, \d+\]",
+    "content_and_val": r"output 'masked_lm_log_probs' has both tensor_content and float_val",
+    "double": r"output 'masked_lm_log_probs' has dtype DT_DOUBLE, expected float32",
+    "unknown_rank": r"output 'masked_lm_log_probs' has no shape \(unknown rank\)",
+    "nan": r"masked_lm_log_probs\[5, 0\] = nan: a log-probability must be finite and <= 0",
+    "positive": r"masked_lm_log_probs\[5, 0\] = 3\.0: a log-probability must be finite and <= 0",
+    "top_k_oob": r"top_k_ids\[5, 0, 0\] = {V3}: a top-k id must be a token of the vocabulary",
+    "version2": r"the response is from version 2 of 'bert', but this run verified version 1 at start-up",
+    "other_name": r"the response is from model 'someothermodel', not 'bert'",
+    "big_message": r"the answer is larger than the [\d,]+ bytes the largest request can need \(.*larger than max",
+}
+
+
+def _four_copies(model) -> Batch:
+    """Four copies (with the padding and verification rows: a request of 6 rows)."""
+    b = probe_batch(model, 9).as_dict()
+    return Batch(**{k: np.concatenate([v] * 4) for k, v in b.items()})
+
+
+@pytest.mark.parametrize("kind,mode", [("rest", m) for m in REST_ANSWERS] + [("grpc", m) for m in GRPC_ANSWERS])
+def test_a_malformed_answer_is_an_engine_error_naming_the_server(kind, mode, tamper, model):
+    """Every damaged answer stops the run at once (EngineError, exit 5), naming the server and what was
+    wrong; none is retried, none becomes an internal error, none is allocated at its declared size."""
+    import tracemalloc
+
+    V = model.manifest["vocab_size"]
+    want = (REST_ANSWERS if kind == "rest" else GRPC_ANSWERS)[mode].replace(V_PLUS_3, str(V + 3))
+    url = tamper.rest_url if kind == "rest" else tamper.grpc_url
+    with _engine(kind, model, tamper, top_k=True, max_batch_size=16) as eng:
+        tamper.mode, tamper.tampered = mode, 0
+        tracemalloc.start()
+        try:
+            with pytest.raises(EngineError) as ei:
+                eng.run(_four_copies(model))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            tamper.mode = None
+    msg = str(ei.value)
+    assert msg.startswith(f"{kind} engine, model 'bert' version 1 at {url}, predict on 4 copies: "), msg
+    assert re.search(want, msg), msg
+    assert tamper.tampered == 1  # refused at once, not retried
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated for a refused answer"
+
+
+@pytest.mark.parametrize("mode", ["chunked_forever", "drip"])
+def test_rest_a_body_that_never_ends_is_cut_at_the_deadline(mode, tamper, model):
+    """A chunked body that never ends, a body a byte at a time: each attempt ends at its wall-clock
+    deadline (``timeout``), and the request gives up within its retry budget."""
+    with _engine("rest", model, tamper, timeout=1.0, retry_budget=2.5, backoff_initial=0.05) as eng:
+        tamper.mode = mode
+        t = time.monotonic()
+        try:
+            with pytest.raises(EngineError, match=r"predict on 4 copies: gave up after \d+ attempt.*timed out: no "
+                                                  r"complete answer within the 1s deadline"):
+                eng.run(_four_copies(model))
+        finally:
+            tamper.mode = None
+        assert time.monotonic() - t < 6
+
+
+def test_mlm_score_exits_5_on_a_malformed_answer(tamper, export_dir, tmp_path):
+    """The CLI: a server answering strings ends the run with exit 5 and the engine's message, not an
+    internal error; nothing is written."""
+    src = tmp_path / "in.tsv"
+    src.write_text("id\ttext\n" + "".join(f"r{i}\t{s}\n" for i, s in enumerate(SENTENCES)), encoding="utf-8")
+    tamper.mode, tamper.skip = "strings", 4  # the start-up probes and the verification row pass untouched
+    try:
+        p = subprocess.run([sys.executable, "-m", "mlm_scorer", str(src), "-o", str(tmp_path / "o.parquet"),
+                            "--model", str(export_dir), "--server", tamper.rest_url, "--model-name", "bert",
+                            "--id-column", "id"], capture_output=True, text=True, timeout=300)
+    finally:
+        tamper.mode, tamper.skip = None, 0
+    assert p.returncode == 5, p.stderr
+    assert "holds strings where numbers belong" in p.stderr and "internal error" not in p.stderr, p.stderr
+    assert not (tmp_path / "o.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------ one model per run
+
+@pytest.fixture
+def lone_server(export_dir, tmp_path):
+    """A stand-in of its own (serving ``bert`` = the export), to be restarted on other weights."""
+    s = StandIn({"bert": export_dir}, tmp_path).start()
+    yield s
+    s.stop()
+
+
+def _versioned(base: Path, dest: Path, version: int) -> Path:
+    """``base``'s version 1 as version ``version`` of a new base directory."""
+    shutil.copytree(base / "1", dest / str(version))
+    return dest
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_restart_on_other_weights_is_caught_on_the_first_answer(kind, model, lone_server, other_export, batches):
+    """The server behind the address is restarted with other weights under the same name and version:
+    the verification row in every request catches it on the first answer (no result of the other
+    model is returned); a version that is no longer served is named with what is served instead."""
+    b = batches["whole-word"][0]
+    with _engine(kind, model, lone_server, retry_budget=60) as eng:
+        first = eng.run(b)
+        lone_server.models = {"bert": other_export}
+        lone_server.restart()
+        with pytest.raises(EngineError, match=r"predict on \d+ copies: the server's answer to the verification row "
+                                              r"differs from its answer at start-up by [\d.e-]+ \(allowed 0.001\): the "
+                                              r"model served as 'bert' version 1 is no longer the one verified"):
+            eng.run(b)
+        lone_server.models = {"bert": _versioned(other_export, other_export.parent / f"v2-{kind}", 2)}
+        lone_server.restart()
+        with pytest.raises(EngineError, match=r"version 1 of model 'bert', verified at start-up, is no longer "
+                                              r"served \(the server now has: 2 AVAILABLE; it said: .*(404|NOT_FOUND)"):
+            eng.run(b)
+    assert np.isfinite(first.log_probs).all()
+
+
+def _rows_tsv(path: Path, n: int) -> Path:
+    words = "the quick brown fox jumps over lazy dog a man walks into bar and orders drink she sells sea".split()
+    rng = random.Random(0)
+    path.write_text("id\ttext\n" + "".join(f"r{i}\t{' '.join(rng.choice(words) for _ in range(rng.randint(3, 9)))}\n"
+                                           for i in range(n)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_mlm_score_never_commits_rows_of_two_models(kind, export_dir, other_export, lone_server, tmp_path):
+    """kill -9 the server mid-run and restart it on other weights (same name, same version) while the
+    client retries: the run stops with exit 5 before a row of the second model is committed; the chunks
+    committed before are the first model's, and --resume refuses the other model at start-up."""
+    import json as _json
+
+    import pyarrow.parquet as pq
+
+    from mlm_scorer.pipeline import score_file
+
+    src = _rows_tsv(tmp_path / "in.tsv", 1200)
+    out = tmp_path / "out.parquet"
+    url = lone_server.rest_url if kind == "rest" else lone_server.grpc_url
+    lone_server.faults(delay_next=-1, delay_s=0.05)  # slow enough to restart it mid-run
+    cmd = [sys.executable, "-m", "mlm_scorer", str(src), "-o", str(out), "--model", str(export_dir), "--server", url,
+           "--model-name", "bert", "--id-column", "id", "--chunk-rows", "100", "--retry-budget", "120",
+           "--engine-option", "max_batch_size=16", "--no-progress"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    progress = Path(str(out) + ".parts") / "progress.json"
+    deadline = time.monotonic() + 240
+    while True:
+        assert p.poll() is None and time.monotonic() < deadline, "the run ended before the restart"
+        try:
+            if len(_json.loads(progress.read_text())["parts"]) >= 2:
+                break
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    lone_server.models = {"bert": other_export}
+    lone_server.restart()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 5, err
+    assert "no longer the one verified at start-up" in err and "internal error" not in err, err
+    assert not out.exists()
+    parts = _json.loads(progress.read_text())["parts"]
+    committed = sum(part["rows"] for part in parts)
+    assert 200 <= committed < 1200
+    got = [r["pll"] for part in parts
+           for r in pq.read_table(progress.parent / part["sentences"], columns=["pll"]).to_pylist()]
+    # the committed rows are the first model's, not the second's
+    first_rows = tmp_path / "first.tsv"
+    first_rows.write_text("".join(src.read_text().splitlines(keepends=True)[: committed + 1]))
+    refs = {}
+    for name, m in (("first", export_dir), ("second", other_export)):
+        score_file(first_rows, tmp_path / f"{name}.parquet", model=m, engine="saved_model", id_column="id",
+                   text_column="text")
+        refs[name] = pq.read_table(tmp_path / f"{name}.sentences.parquet", columns=["pll"]).column("pll").to_pylist()
+    np.testing.assert_allclose(got, refs["first"], atol=1e-3, rtol=0)
+    assert np.max(np.abs(np.array(got) - refs["second"])) > 0.1
+    # --resume: the start-up checks refuse the other model (exit 4) and leave the committed chunks
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 4 and "different weights are being served" in r.stderr, r.stderr
+    assert _json.loads(progress.read_text())["parts"] == parts
 
 
 # ------------------------------------------------------------------------------------ auth and TLS
@@ -518,10 +757,14 @@ def test_grpc_decodes_val_fields_and_tensor_content():
     a = np.arange(12, dtype=np.int32).reshape(3, 4)
     np.testing.assert_array_equal(from_tensor_proto(to_tensor_proto(a)), a)
     np.testing.assert_array_equal(tf.make_ndarray(to_tensor_proto(a)), a)
-    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.5, -np.inf])
+    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.5, -np.inf, 0.0, -2.0])
     t.tensor_shape.dim.add(size=2)
     t.tensor_shape.dim.add(size=2)
-    np.testing.assert_array_equal(from_tensor_proto(t), np.array([[1.5, -np.inf], [-np.inf, -np.inf]], np.float32))
+    np.testing.assert_array_equal(from_tensor_proto(t), np.array([[1.5, -np.inf], [0.0, -2.0]], np.float32))
+    # fewer values than elements: TensorFlow repeats the last one over the shape; an answer never does that
+    del t.float_val[1:]
+    with pytest.raises(BadResponseError, match=r"1 value\(s\) in float_val for shape \[2, 2\] \(4 elements\)"):
+        from_tensor_proto(t)
     f = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
     np.testing.assert_array_equal(from_tensor_proto(tf.make_tensor_proto(f)), f)
 

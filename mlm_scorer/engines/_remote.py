@@ -1,4 +1,5 @@
-"""What the TF Serving REST and gRPC engines share: options, secrets, retries, ordering, start-up checks.
+"""What the model-server engines share: options, secrets, retries, ordering, start-up checks, and the
+checks of every answer.
 
 A remote engine only has to say how to do *one attempt* of three calls (``_fetch_status``,
 ``_fetch_signature``, ``_predict_once``) and how to classify its transport's failures; everything else
@@ -9,7 +10,15 @@ lives here, once:
 * ``with_retries``: exponential backoff with full jitter inside a bounded time budget per request;
 * ``RemoteEngine.map``: up to ``concurrency`` requests in flight, results yielded in input order;
 * the start-up checks: the model version is AVAILABLE, the served signature has the inputs, outputs and
-  dtypes this client sends and reads, and the served model is the local export's (vocabulary probe).
+  dtypes this client sends and reads, and the served model is the local export's (vocabulary probe);
+* one model per run: every call after the start-up checks names the version they verified, a response
+  that names another model or version is refused (``check_response_model``), and every predict request
+  carries a *verification row* whose answer must equal the one the server gave at start-up
+  (``RemoteEngine.check_verification_row``): a server restarted or reloaded with other weights under the
+  same name and version is caught on its first answer, before any of its rows is used;
+* every output tensor checked before use: ``OutputSpec`` (what the request allows: dtype, rank, exact
+  rows, slots, top-k width; checked by the decoders before they allocate anything) and ``check_output``
+  (values: log-probs finite and <= 0, top-k ids in the vocabulary).
 
 Arrays crossing the engine boundary are those of ``Batch`` / ``BatchResult``: int32 inputs
 ``[B, T]`` / ``[B, P]`` in, float32 ``[B, P]`` log-probs (and int32/float32 ``[B, P, k]`` top-k) out.
@@ -51,6 +60,28 @@ class FatalError(Exception):
     """One attempt failed in a way that a retry cannot fix (a 4xx, INVALID_ARGUMENT): the server's message."""
 
 
+class NotFoundError(FatalError):
+    """The server does not serve the model or version asked for (HTTP 404, gRPC NOT_FOUND)."""
+
+
+class BadResponseError(Exception):
+    """The server answered, but the answer cannot be used: a malformed or impossible tensor, a body past
+    its size limit, another model or version. Never retried; the run stops with an EngineError (exit 5)
+    naming the server and what was wrong."""
+
+
+class ModelChangedError(BadResponseError):
+    """The answer comes from another model or version than the one the start-up checks verified."""
+
+
+class ShapeError(BadResponseError):
+    """An output's shape is not one the request allows (``spec``: what it allows; ``shape``: what came)."""
+
+    def __init__(self, message: str, spec: "OutputSpec", shape: tuple[int, ...]):
+        super().__init__(message)
+        self.spec, self.shape = spec, shape
+
+
 # --------------------------------------------------------------------------------------------- options
 
 def _as_bool(value: Any) -> bool:
@@ -77,7 +108,7 @@ OPTION_SPEC: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "model_version": (_opt_int, None),     # None: the server's latest AVAILABLE version
     "concurrency": (int, 4),               # requests in flight
     "max_batch_size": (_opt_int, 64),      # copies per request; match the server's batching max_batch_size
-    "timeout": (float, 30.0),              # seconds per request attempt (gRPC deadline, HTTP read timeout)
+    "timeout": (float, 30.0),              # seconds per request attempt, the whole answer included (a deadline)
     "connect_timeout": (float, 5.0),       # seconds to open a connection (REST)
     "retry_budget": (float, 60.0),         # seconds of retrying one request before giving up
     "backoff_initial": (float, 0.1),       # first backoff ceiling, doubled each attempt ...
@@ -91,6 +122,7 @@ OPTION_SPEC: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "tls_verify": (_as_bool, True),        # REST: False disables certificate checks (testing only)
     "check_model": (_as_bool, True),       # run the vocabulary/identity probe at start
     "padding_row": (_as_bool, True),       # prepend an all-zero row (server runs pad_variable_length_inputs)
+    "verify_responses": (_as_bool, True),  # append the verification row to every request and check its answer
 }
 
 
@@ -115,6 +147,7 @@ class RemoteOptions:
     tls_verify: bool = True
     check_model: bool = True
     padding_row: bool = True
+    verify_responses: bool = True
     # derived from ``server``
     scheme: str = ""
     host: str = ""
@@ -228,8 +261,8 @@ def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial:
 
     Backoff: before retry n (n = 1, 2, ...) sleep ``uniform(0, min(maximum, initial * 2**(n-1)))``
     ("full jitter"), never past the budget. ``FatalError`` is raised at once as ``fatal`` (EngineError;
-    ModelError for the start-up checks, where a 404 means a wrong model name or version); when the
-    budget is spent, ``EngineError`` says how many attempts were made over how long and the last error.
+    ModelError for the start-up checks, where a 404 means a wrong model name or version);
+    ``BadResponseError`` at once as EngineError; when the budget is spent, ``EngineError`` says how many attempts were made over how long and the last error.
     """
     rng = rng or random
     start = clock()
@@ -240,6 +273,8 @@ def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial:
             return attempt()
         except FatalError as exc:
             raise fatal(f"{what}: {exc}") from None
+        except BadResponseError as exc:
+            raise EngineError(f"{what}: {exc}") from None
         except RetryableError as exc:
             elapsed = clock() - start
             ceiling = min(maximum, initial * (2 ** (attempts - 1)))
@@ -336,15 +371,145 @@ def probe_batch(model: ModelDir, target: int) -> Batch:
                  masked_lm_positions=np.array([[1]], np.int32), masked_lm_ids=np.array([[target]], np.int32))
 
 
+# --------------------------------------------------------------------------------------------- answers
+
+OUTPUT_DTYPES = {LOG_PROBS: "float32", "top_k_ids": "int32", "top_k_log_probs": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """What one output of a predict response may be, known from the request before the answer arrives.
+
+    ``rows`` is exact: the server's batching splits merged requests on the first dimension only, so any
+    other count is a shifted or foreign answer. ``slots`` is the request's P; up to ``max_slots`` are
+    accepted, because TF Serving's batching with ``pad_variable_length_inputs`` pads the second dimension
+    of merged requests to the widest of them and returns it so (the slots past P are dropped). ``k``: the
+    top-k width of a rank-3 output (exact), None for the rank-2 log-probs.
+    """
+
+    name: str
+    dtype: str
+    rows: int
+    slots: int
+    max_slots: int
+    k: int | None = None
+
+    @property
+    def rank(self) -> int:
+        return 2 if self.k is None else 3
+
+    @property
+    def max_values(self) -> int:
+        return self.rows * self.max_slots * (self.k or 1)
+
+    def describe(self) -> str:
+        slots = str(self.slots) if self.max_slots == self.slots else f"{self.slots}..{self.max_slots}"
+        return f"{self.dtype} [{self.rows}, {slots}" + (f", {self.k}]" if self.k is not None else "]")
+
+    def check_shape(self, shape: Iterable[int]) -> tuple[int, ...]:
+        """The shape as a tuple; BadResponseError unless it is one this request allows. Decoders call this
+        with the *declared* shape before allocating anything, so a small message declaring a huge shape,
+        a negative or a missing dimension costs nothing."""
+        shape = tuple(int(d) for d in shape)
+        if (len(shape) != self.rank or shape[0] != self.rows or not self.slots <= shape[1] <= self.max_slots
+                or (self.k is not None and shape[2] != self.k)):
+            raise ShapeError(f"output {self.name!r} has shape {list(shape)}; this request allows "
+                             f"{self.describe()}", self, shape)
+        return shape
+
+
+def expected_outputs(inputs: dict[str, np.ndarray], names: Iterable[str], *, k: int,
+                     max_slots: int) -> dict[str, OutputSpec]:
+    """``OutputSpec`` of each of ``names`` for a request of ``inputs`` (int32 [rows, T] / [rows, P])."""
+    rows, slots = (int(d) for d in inputs["masked_lm_positions"].shape)
+    return {n: OutputSpec(n, OUTPUT_DTYPES[n], rows, slots, max(slots, max_slots), None if n == LOG_PROBS else k)
+            for n in names}
+
+
+def response_limit(specs: Iterable[OutputSpec], bytes_per_value: int, overhead: int = 1 << 16) -> int:
+    """The most bytes a well-formed answer with these outputs can take (``bytes_per_value`` for the
+    encoding: 4 for raw float32/int32, 10 for protobuf varints, about 32 for JSON numbers)."""
+    return overhead + bytes_per_value * sum(s.max_values for s in specs)
+
+
+_WHY = {LOG_PROBS: "a log-probability must be finite and <= 0",
+        "top_k_log_probs": "a top-k log-probability must be <= 0, and finite in a slot that was asked for",
+        "top_k_ids": "a top-k id must be a token of the vocabulary (-1 only in an unused slot)"}
+
+
+def check_output(spec: OutputSpec, a: np.ndarray, *, used: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``a`` (a decoded output) if it is what the request asked for; else BadResponseError naming the
+    first bad element, its value and how many there are.
+
+    ``used``: bool [rows, P], the request's slots that ask for a prediction (``masked_lm_positions`` > 0).
+    Checks: dtype and shape (``spec``); masked_lm_log_probs finite and <= 0 everywhere (unused slots hold
+    0.0); top_k_log_probs <= 0 and never NaN, -inf only in unused slots; top_k_ids in [0, V), -1 only in
+    unused slots. Slots past P (server-side padding) are held to the unused-slot rules.
+    """
+    a = np.asarray(a)
+    if a.dtype != np.dtype(spec.dtype):
+        raise BadResponseError(f"output {spec.name!r} has dtype {a.dtype}, expected {spec.dtype}")
+    spec.check_shape(a.shape)
+    mask = np.zeros(a.shape[:2], bool)
+    mask[:, : used.shape[1]] = used
+    if spec.k is not None:
+        mask = mask[..., None]
+    if spec.name == LOG_PROBS:
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(a) & (a <= 0))
+    elif spec.name == "top_k_log_probs":
+        with np.errstate(invalid="ignore"):
+            bad = np.isnan(a) | (a > 0) | (np.isneginf(a) & mask)
+    else:
+        bad = (a < -1) | (a >= vocab_size) | ((a < 0) & mask)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        more = int(bad.sum()) - 1
+        raise BadResponseError(f"{spec.name}{list(where)} = {a[where].item()!r}: {_WHY[spec.name]}"
+                               + (f" (and {more} more such value(s))" if more else ""))
+    return a
+
+
+#: The verification row's targets: slots of one ``[CLS] [MASK] [SEP]`` copy, each asking for another id.
+VERIFY_SLOTS = 4
+
+
+def verification_batch(model: ModelDir) -> Batch:
+    """The verification row: ``[CLS] [MASK] [SEP]`` asking, in its VERIFY_SLOTS slots, for the log-probs of
+    ids spread over the first 1000 of the vocabulary (ids a server serves even where the vocabulary probe
+    is turned off; int32 [1, 3] / [1, VERIFY_SLOTS]). Its answer depends on every weight on the path from
+    the embeddings to the output layer, so another model answers it otherwise."""
+    low = min(int(model.manifest["vocab_size"]), 1000)  # ids any vocabulary this size serves, however checked
+    b = probe_batch(model, 0)
+    targets = [(5 + j * (low // VERIFY_SLOTS)) % low for j in range(VERIFY_SLOTS)]
+    return Batch(input_ids=b.input_ids, input_mask=b.input_mask, segment_ids=b.segment_ids,
+                 masked_lm_positions=np.ones((1, VERIFY_SLOTS), np.int32),
+                 masked_lm_ids=np.array([targets], np.int32))
+
+
+def _pad_to(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` [rows, w] padded with zeros (the padding convention) to [rows, width]."""
+    if a.shape[1] >= width:
+        return a
+    return np.concatenate([a, np.zeros((a.shape[0], width - a.shape[1]), a.dtype)], axis=1)
+
+
 # --------------------------------------------------------------------------------------------- engine
 
 class RemoteEngine(Engine):
-    """Base of the TF Serving engines. Subclasses set ``name``/``SCHEMES`` and implement the ``_`` hooks.
+    """Base of the model-server engines. Subclasses set ``name``/``SCHEMES`` and implement the ``_`` hooks.
 
-    Hooks (one attempt each; raise ``RetryableError`` or ``FatalError`` on failure):
-      ``_fetch_status() -> list[(version, state, message)]``
-      ``_fetch_signature() -> {"inputs": {name: TensorInfo}, "outputs": {...}}`` for serving_default
-      ``_predict_once(inputs: dict[str, int32 ndarray], outputs: list[str]) -> dict[str, ndarray]``
+    Hooks (one attempt each; raise ``RetryableError``, ``FatalError`` (``NotFoundError`` for a model or
+    version the server does not serve) or ``BadResponseError`` on failure):
+      ``_fetch_status() -> list[(version, state, message)]``: every version of the model, not only the
+        pinned one (a vanished version is then reported with what is served instead);
+      ``_fetch_signature() -> {"inputs": {name: TensorInfo}, "outputs": {...}}`` for serving_default;
+      ``_predict_once(inputs: dict[str, int32 ndarray], outputs: list[str]) -> dict[str, ndarray]``:
+        decode each output to an array of ``OUTPUT_DTYPES[name]``, checking its declared shape against
+        ``self.expect(inputs, outputs)`` before allocating it, and pass a response's model name and
+        version (where the protocol has them) to ``check_response_model``. Values are checked here.
+    After ``check_versions``, ``opts.model_version`` holds the verified version: every later call must
+    name it (gRPC ``model_spec.version``, REST and KServe v2 ``.../versions/V``).
     """
 
     SCHEMES: dict[str, int] = {}
@@ -353,16 +518,27 @@ class RemoteEngine(Engine):
         self.model = model
         self.want_top_k = bool(top_k)
         self.opts = RemoteOptions.parse(self.name, options, schemes=self.SCHEMES)
-        # max_batch_size is the request size the server takes; the padding row counts against it.
+        self.vocab_size = int(model.manifest["vocab_size"])
+        self.top_k_width = int(model.top_k)
+        self.max_slots = int(model.manifest["max_seq_length"])
+        # max_batch_size is the request size the server takes; the padding and verification rows count
+        # against it.
+        extra = int(self.opts.padding_row) + int(self.opts.verify_responses)
         self.max_batch_size = self.opts.max_batch_size
-        if self.opts.padding_row and self.max_batch_size is not None:
-            if self.max_batch_size < 2:
-                raise UsageError(f"engine {self.name!r}: padding_row needs max_batch_size >= 2")
-            self.max_batch_size -= 1
+        if extra and self.max_batch_size is not None:
+            if self.max_batch_size <= extra:
+                raise UsageError(f"engine {self.name!r}: max_batch_size must be at least {extra + 1} (each request "
+                                 f"also carries " + " and ".join(
+                                     w for w, on in (("the padding row", self.opts.padding_row),
+                                                     ("the verification row", self.opts.verify_responses)) if on)
+                                 + ")")
+            self.max_batch_size -= extra
         self._token = read_bearer_token(self.opts)
         self._executor: cf.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._outputs = [LOG_PROBS] + (list(TOP_K_OUTPUTS) if self.want_top_k else [])
+        self._verify: Batch | None = None
+        self._verify_answer: dict[str, np.ndarray] = {}
         self._connect()
         try:
             self.served_version = self.check_server()
@@ -392,14 +568,63 @@ class RemoteEngine(Engine):
         return with_retries(attempt, what=f"{self.name} engine, {o.describe()}, {what}", budget=o.retry_budget,
                             initial=o.backoff_initial, maximum=o.backoff_max, fatal=fatal)
 
+    def expect(self, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, OutputSpec]:
+        """The ``OutputSpec`` of each output for a request of ``inputs`` (for decoders, before allocating)."""
+        return expected_outputs(inputs, outputs, k=self.top_k_width, max_slots=self.max_slots)
+
+    def check_response_model(self, name: str | None, version: int | str | None) -> None:
+        """Raise ModelChangedError when a response names another model, or another version than the one
+        verified at start-up. For transports whose responses carry them (gRPC ``model_spec``, KServe v2
+        ``model_name``/``model_version``); None or "": not given."""
+        if name and name != self.opts.model_name:
+            raise ModelChangedError(f"the response is from model {name!r}, not {self.opts.model_name!r}")
+        pinned = self.opts.model_version
+        if version not in (None, "") and pinned is not None and str(version) != str(pinned):
+            raise ModelChangedError(f"the response is from version {version} of {self.opts.model_name!r}, but this "
+                                    f"run verified version {pinned} at start-up and asked for it; the run "
+                                    f"stops so that one output holds one model's scores")
+
+    def predict_checked(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """One attempt of ``_predict_once`` with every output checked (``check_output``); a version that
+        is no longer served is reported with the versions served now (ModelChangedError)."""
+        try:
+            out = self._predict_once(inputs, outputs)
+        except NotFoundError as exc:
+            if self._verify is None:  # still starting: a wrong name or version, said by the start-up checks
+                raise
+            raise ModelChangedError(self._gone(exc)) from None
+        missing = [n for n in outputs if n not in out]
+        if missing:
+            raise BadResponseError(f"the answer lacks output(s) {missing}")
+        specs = self.expect(inputs, outputs)
+        used = inputs["masked_lm_positions"] != 0
+        return {n: check_output(specs[n], out[n], used=used, vocab_size=self.vocab_size) for n in outputs}
+
+    def _gone(self, exc: Exception) -> str:
+        pinned = self.opts.model_version
+        try:
+            served = ", ".join(f"{v} {s}" for v, s, _ in sorted(self._fetch_status())) or "no version"
+        except Exception as err:  # noqa: BLE001 - only for the message
+            served = f"unknown ({type(err).__name__}: {err})"
+        return (f"version {pinned} of model {self.opts.model_name!r}, verified at start-up, is no longer served "
+                f"(the server now has: {served}; it said: {exc}); the run stops so that one output holds one "
+                f"model's scores")
+
     def check_server(self) -> int:
-        """Start-up checks (status, signature, vocabulary probe); return the served version number."""
+        """Start-up checks (status, signature, vocabulary probe); pin the version; record the answer to the
+        verification row. Return the served version number."""
         version = check_versions(self._retry(self._fetch_status, "model status", ModelError), self.opts)
+        self.opts.model_version = version  # every later call names the version verified here
         check_signature(self._retry(self._fetch_signature, "model metadata", ModelError), self.model,
                         want_top_k=self.want_top_k, opts=self.opts)
         if self.opts.check_model:
             self.check_vocabulary()
-        log.info("%s engine: %s, version %d AVAILABLE, signature ok", self.name, self.opts.describe(), version)
+        verify = verification_batch(self.model)
+        if self.opts.verify_responses:
+            answer = self._retry(lambda: self.predict_checked(verify.as_dict(), self._outputs), "verification row")
+            self._verify_answer = {n: answer[n][0, :VERIFY_SLOTS] for n in self._outputs if n != "top_k_ids"}
+        self._verify = verify
+        log.info("%s engine: %s AVAILABLE, signature ok", self.name, self.opts.describe())
         return version
 
     def check_vocabulary(self) -> None:
@@ -416,28 +641,35 @@ class RemoteEngine(Engine):
         weights as well. Limits: two models with equal V, equal k and no recorded
         probe cannot be told apart this way.
         """
-        V = int(self.model.manifest["vocab_size"])
+        V = self.vocab_size
         where = f"{self.opts.describe()} vs local export {self.model.path}"
-        outs = [LOG_PROBS, "top_k_ids"]
+
         def attempt(target: int, outputs: list[str]) -> Any:
+            inputs = probe_batch(self.model, target).as_dict()
             try:
-                return self._predict_once(probe_batch(self.model, target).as_dict(), outputs)
-            except FatalError as exc:  # a rejection is an answer here, not a failure
+                return self._predict_once(inputs, outputs)
+            except NotFoundError:
+                raise
+            except (FatalError, BadResponseError) as exc:  # a rejection is an answer here, not a failure
                 return exc
 
-        last = self._retry(lambda: attempt(V - 1, outs), "vocabulary probe")
+        last = self._retry(lambda: attempt(V - 1, [LOG_PROBS, "top_k_ids"]), "vocabulary probe")
         if isinstance(last, FatalError):
             raise ModelError(f"{where}: the server rejects target id {V - 1} (the local vocabulary has {V} "
                              f"tokens), so its vocabulary is smaller. Server said: {last}")
+        if isinstance(last, ShapeError) and last.spec.k is not None and len(last.shape) == 3 \
+                and last.shape[:2] == (1, 1) and last.shape[2] != last.spec.k:
+            raise ModelError(f"{where}: the server returns top-{last.shape[2]}, the local export says top_k="
+                             f"{last.spec.k}: a different export is being served")
+        if isinstance(last, BadResponseError):
+            raise EngineError(f"{self.name} engine, {self.opts.describe()}, vocabulary probe: {last}")
         lp = float(np.asarray(last[LOG_PROBS]).reshape(-1)[0])
         if not (np.isfinite(lp) and lp < 0):
             raise ModelError(f"{where}: log-prob of target id {V - 1} is {lp}, not a finite negative number: "
                              f"the served vocabulary is smaller than the local one ({V})")
-        k = int(np.asarray(last["top_k_ids"]).shape[-1])
-        if k != self.model.top_k:
-            raise ModelError(f"{where}: the server returns top-{k}, the local export says top_k="
-                             f"{self.model.top_k}: a different export is being served")
         over = self._retry(lambda: attempt(V, [LOG_PROBS]), "vocabulary probe")
+        if isinstance(over, BadResponseError):
+            raise EngineError(f"{self.name} engine, {self.opts.describe()}, vocabulary probe: {over}")
         if isinstance(over, FatalError):
             over = None  # expected on CPU: "indices[...] = V is not in [0, V)"
         if over is not None:
@@ -448,37 +680,81 @@ class RemoteEngine(Engine):
         probe = read_identity_probe(self.model)
         if probe is not None:
             batch, expected = probe
-            got = self._retry(lambda: self._predict_once(batch.as_dict(), [LOG_PROBS]), "identity probe")[LOG_PROBS]
+            got = self._retry(lambda: self.predict_checked(batch.as_dict(), [LOG_PROBS]), "identity probe")[LOG_PROBS]
             diff = probe_diff(got, expected)
             if not diff <= IDENTITY_TOLERANCE:
                 raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the "
                                  f"export by up to {diff:.3g}: different weights are being served")
 
+    def request(self, batch: Batch) -> tuple[dict[str, np.ndarray], int, int | None]:
+        """The request for ``batch``: (int32 inputs, rows before the batch's, row of the verification row).
+
+        With ``padding_row``, row 0 is all zeros. TF Serving's batching, with ``pad_variable_length_inputs:
+        true``, pads each merged tensor with its *first element* (batching_util.cc: ``pad_value =
+        input.flat<T>()(0)``); an all-zero first row makes that value 0, which is exactly this model's padding
+        convention (input_mask 0, unused slot at position 0). With ``verify_responses``, the last row is the
+        verification row (``verification_batch``), padded to the batch's T and cut or padded to its P.
+        """
+        inputs = {n: np.ascontiguousarray(a, dtype=np.int32) for n, a in batch.as_dict().items()}
+        parts = [inputs]
+        skip = 0
+        if self.opts.padding_row:
+            parts.insert(0, {n: np.zeros((1,) + a.shape[1:], np.int32) for n, a in inputs.items()})
+            skip = 1
+        row = None
+        if self.opts.verify_responses:
+            P = inputs["masked_lm_positions"].shape[1]
+            v = self._verify.as_dict()
+            v = {n: (a[:, :P] if n.startswith("masked_lm") else a) for n, a in v.items()}
+            parts.append(v)
+            row = skip + len(batch)
+        if len(parts) == 1:
+            return inputs, skip, row
+        out = {}
+        for n in inputs:
+            width = max(p[n].shape[1] for p in parts)
+            out[n] = np.concatenate([_pad_to(p[n], width) for p in parts])
+        return out, skip, row
+
+    def check_verification_row(self, out: dict[str, np.ndarray], row: int) -> None:
+        """Raise ModelChangedError unless the verification row's answer in ``out`` equals the start-up
+        answer within ``IDENTITY_TOLERANCE`` (the same model gives the same numbers whatever the batch)."""
+        diffs = []
+        for n, ref in self._verify_answer.items():
+            got = out[n][row, : min(ref.shape[0], out[n].shape[1])]
+            ref = ref[: got.shape[0]]
+            if n == "top_k_log_probs":
+                got, ref = np.sort(got, axis=-1), np.sort(ref, axis=-1)
+            diffs.append(float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0)
+        diff = max(diffs, default=0.0)
+        if not diff <= IDENTITY_TOLERANCE:
+            raise ModelChangedError(
+                f"the server's answer to the verification row differs from its answer at start-up by {diff:.3g} "
+                f"(allowed {IDENTITY_TOLERANCE:g}): the model served as {self.opts.model_name!r} version "
+                f"{self.opts.model_version} is no longer the one verified at start-up (restarted or reloaded "
+                f"with other weights); the run stops so that one output holds one model's scores")
+
     def score_batch(self, batch: Batch) -> BatchResult:
         """One request: int32 [B,T]/[B,P] inputs -> float32 [B,P] log-probs (+ [B,P,k] top-k).
 
-        With ``padding_row``, row 0 of the request is all zeros. TF Serving's batching, with
-        ``pad_variable_length_inputs: true``, pads each merged tensor with its *first element*
-        (batching_util.cc: ``pad_value = input.flat<T>()(0)``); an all-zero first row makes that value 0,
-        which is exactly this model's padding convention (input_mask 0, unused slot at position 0). Rows and
-        slots the server adds are dropped here: the response is cut back to [B, P].
+        The request carries the padding and verification rows (``request``); every output is checked
+        (``predict_checked``), the verification row's answer too (``check_verification_row``), and the
+        answer is cut back to [B, P]: the rows and slots this batch asked for.
         """
-        inputs = {n: np.ascontiguousarray(a, dtype=np.int32) for n, a in batch.as_dict().items()}
-        B, P = inputs["masked_lm_positions"].shape
-        skip = 0
-        if self.opts.padding_row:
-            inputs = {n: np.concatenate([np.zeros((1,) + a.shape[1:], np.int32), a]) for n, a in inputs.items()}
-            skip = 1
-        out = self._retry(lambda: self._predict_once(inputs, self._outputs), f"predict on {B} copies")
-        try:
-            lp = np.asarray(out[LOG_PROBS], np.float32)
-            res = BatchResult(log_probs=_cut(lp, skip, B, P))
-            if self.want_top_k:
-                res.top_k_ids = _cut(np.asarray(out["top_k_ids"]).astype(np.int32, copy=False), skip, B, P)
-                res.top_k_log_probs = _cut(np.asarray(out["top_k_log_probs"], np.float32), skip, B, P)
-        except (KeyError, ValueError) as exc:
-            raise EngineError(f"{self.name} engine, {self.opts.describe()}: malformed predict response for "
-                              f"{B} copies x {P} slots: {type(exc).__name__}: {exc}") from None
+        inputs, skip, row = self.request(batch)
+        B, P = batch.masked_lm_positions.shape
+
+        def attempt() -> dict[str, np.ndarray]:
+            out = self.predict_checked(inputs, self._outputs)
+            if row is not None:
+                self.check_verification_row(out, row)
+            return out
+
+        out = self._retry(attempt, f"predict on {B} copies")
+        res = BatchResult(log_probs=_cut(out[LOG_PROBS], skip, B, P))
+        if self.want_top_k:
+            res.top_k_ids = _cut(out["top_k_ids"], skip, B, P)
+            res.top_k_log_probs = _cut(out["top_k_log_probs"], skip, B, P)
         return res
 
     def _pool(self) -> cf.ThreadPoolExecutor:
@@ -522,7 +798,5 @@ class RemoteEngine(Engine):
 
 
 def _cut(a: np.ndarray, skip: int, B: int, P: int) -> np.ndarray:
-    """Rows ``skip:skip+B`` and the first ``P`` slots of an output [B', P', ...] (B' >= skip+B, P' >= P)."""
-    if a.ndim < 2 or a.shape[0] < skip + B or a.shape[1] < P:
-        raise ValueError(f"output shape {list(a.shape)} is smaller than the request [{skip + B}, {P}]")
+    """Rows ``skip:skip+B`` and the first ``P`` slots of a checked output [B', P', ...] (P' >= P)."""
     return np.ascontiguousarray(a[skip:skip + B, :P])

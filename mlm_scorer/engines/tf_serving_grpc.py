@@ -2,16 +2,24 @@
 
 Calls (tensorflow_serving/apis/prediction_service.proto and model_service.proto):
 
-* ``ModelService.GetModelStatus(GetModelStatusRequest{model_spec})`` -> ``model_version_status`` with
-  ``state`` AVAILABLE for the version used;
+* ``ModelService.GetModelStatus(GetModelStatusRequest{model_spec{name}})`` -> ``model_version_status``
+  of every version, with ``state`` AVAILABLE for the version used;
 * ``PredictionService.GetModelMetadata(model_spec, metadata_field=["signature_def"])`` -> ``metadata``
   ``["signature_def"]``, an ``Any`` holding a ``SignatureDefMap``;
-* ``PredictionService.Predict(PredictRequest{model_spec{name, version?, signature_name}, inputs, output_filter})``
+* ``PredictionService.Predict(PredictRequest{model_spec{name, version, signature_name}, inputs, output_filter})``
   with each input a ``TensorProto`` (DT_INT32, shape, ``tensor_content`` = little-endian bytes) and
-  ``output_filter`` naming only the outputs read. Each call has a deadline (``timeout``).
+  ``output_filter`` naming only the outputs read. Each call has a deadline (``timeout``). After the
+  start-up checks every call names the version they verified, and a response whose ``model_spec`` names
+  another model or version is refused.
 
-Status codes retried: UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; all others (INVALID_ARGUMENT,
-NOT_FOUND, UNAUTHENTICATED, ...) fail at once with the server's message.
+Answers are decoded strictly (``from_tensor_proto``): the dtype the signature declares, the shape the
+request allows (checked before anything is allocated), exactly one value per element (TensorFlow would
+repeat the last value of a short ``float_val`` over the shape; a server never needs that, so it is
+refused). The channel refuses messages larger than the largest request can need
+(``max_receive_message_length``, from ``max_batch_size``, the export's ``max_seq_length`` and top-k).
+
+Status codes retried: UNAVAILABLE, RESOURCE_EXHAUSTED (from the server), DEADLINE_EXCEEDED; all others
+(INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, ...) fail at once with the server's message.
 
 Note: the stubs import ``tensorflow.core.framework`` protos, so this engine imports TensorFlow's Python
 package (not its runtime use) — install ``tensorflow-cpu`` alongside (see the ``grpc`` extra).
@@ -36,16 +44,21 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
 )
 
+from ..batching import BatchPolicy  # noqa: E402
 from ..errors import ModelError, UsageError  # noqa: E402
-from ._remote import TF_DTYPES, FatalError, RemoteEngine, RetryableError, TensorInfo, read_file_bytes  # noqa: E402
+from ._remote import (OUTPUT_DTYPES, TF_DTYPES, BadResponseError, FatalError, NotFoundError,  # noqa: E402
+                      OutputSpec, RemoteEngine, RetryableError, TensorInfo, read_file_bytes, response_limit)
 
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          grpc.StatusCode.DEADLINE_EXCEEDED})
+#: protobuf bytes one value may take: 4 in tensor_content, up to 10 as a varint (a negative int_val)
+PROTO_BYTES_PER_VALUE = 10
 
 _NP = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_INT32: np.int32, types_pb2.DT_INT64: np.int64,
        types_pb2.DT_DOUBLE: np.float64}
 _VAL_FIELD = {types_pb2.DT_FLOAT: "float_val", types_pb2.DT_INT32: "int_val", types_pb2.DT_INT64: "int64_val",
               types_pb2.DT_DOUBLE: "double_val"}
+_DT = {"float32": types_pb2.DT_FLOAT, "int32": types_pb2.DT_INT32}
 _STATE = {v: k for k, v in get_model_status_pb2.ModelVersionStatus.State.items()}
 
 
@@ -59,24 +72,45 @@ def to_tensor_proto(a: np.ndarray) -> tensor_pb2.TensorProto:
         tensor_content=a.tobytes())
 
 
-def from_tensor_proto(t: tensor_pb2.TensorProto) -> np.ndarray:
-    """TensorProto (DT_FLOAT/INT32/INT64/DOUBLE) -> ndarray, from ``tensor_content`` or the typed ``*_val``
-    field (where fewer values than elements mean: repeat the last one, as TensorFlow reads it)."""
+def from_tensor_proto(t: tensor_pb2.TensorProto, spec: OutputSpec | None = None) -> np.ndarray:
+    """TensorProto -> ndarray, or BadResponseError; nothing is allocated before the shape is checked.
+
+    ``spec``: the output this request allows (dtype and shape, ``OutputSpec.check_shape``); without it,
+    any DT_FLOAT/INT32/INT64/DOUBLE tensor of non-negative dims. The values come from ``tensor_content``
+    (exactly one per element) or from the typed ``*_val`` field (exactly one per element: TensorFlow's
+    reading, where fewer values mean "repeat the last", is refused), never from both.
+    """
+    name = spec.name if spec is not None else "tensor"
+    if spec is not None and t.dtype != _DT[OUTPUT_DTYPES[spec.name]]:
+        got = types_pb2.DataType.Name(t.dtype) if t.dtype in types_pb2.DataType.values() else t.dtype
+        raise BadResponseError(f"output {name!r} has dtype {got}, expected {spec.dtype}")
     if t.dtype not in _NP:
-        raise FatalError(f"unexpected output dtype {types_pb2.DataType.Name(t.dtype)}")
+        raise BadResponseError(f"output {name!r} has unexpected dtype {t.dtype}")
+    if t.tensor_shape.unknown_rank:
+        raise BadResponseError(f"output {name!r} has no shape (unknown rank)")
+    shape = tuple(int(d.size) for d in t.tensor_shape.dim)
+    if spec is not None:
+        spec.check_shape(shape)
+    elif any(d < 0 for d in shape):
+        raise BadResponseError(f"output {name!r} has a negative dimension: {list(shape)}")
+    n = 1
+    for d in shape:
+        n *= d
     dtype = np.dtype(_NP[t.dtype]).newbyteorder("<")
-    shape = tuple(d.size for d in t.tensor_shape.dim)
-    n = int(np.prod(shape, dtype=np.int64))
+    vals = getattr(t, _VAL_FIELD[t.dtype])
     if t.tensor_content:
+        if len(vals):
+            raise BadResponseError(f"output {name!r} has both tensor_content and {_VAL_FIELD[t.dtype]}")
+        if len(t.tensor_content) != n * dtype.itemsize:
+            raise BadResponseError(f"output {name!r} has {len(t.tensor_content)} bytes of tensor_content for "
+                                   f"shape {list(shape)} ({n * dtype.itemsize} expected)")
         arr = np.frombuffer(t.tensor_content, dtype=dtype)
     else:
-        vals = np.asarray(getattr(t, _VAL_FIELD[t.dtype]), dtype=dtype)
-        if vals.size < n:
-            fill = vals[-1] if vals.size else dtype.type(0)
-            vals = np.concatenate([vals, np.full(n - vals.size, fill, dtype)])
-        arr = vals
-    if arr.size != n:
-        raise FatalError(f"output tensor has {arr.size} values for shape {list(shape)}")
+        if len(vals) != n:
+            raise BadResponseError(f"output {name!r} has {len(vals)} value(s) in {_VAL_FIELD[t.dtype]} for shape "
+                                   f"{list(shape)} ({n} elements); a short list, which TensorFlow would repeat "
+                                   f"over the shape, is not an answer")
+        arr = np.asarray(vals, dtype=dtype)
     return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
 
 
@@ -95,8 +129,9 @@ class GrpcEngine(RemoteEngine):
         if not o.tls_verify:
             raise UsageError("engine 'grpc': tls_verify=false is not supported; give tls_ca_file instead")
         target = f"{o.host}:{o.port}"
+        self.receive_limit = self._receive_limit()
         options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_receive_message_length", self.receive_limit),
             ("grpc.max_send_message_length", -1),
             # Reconnect quickly after a server restart: our own backoff decides how long to keep trying.
             ("grpc.initial_reconnect_backoff_ms", 100),
@@ -118,14 +153,23 @@ class GrpcEngine(RemoteEngine):
         self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
 
+    def _receive_limit(self) -> int:
+        """The largest answer a request can need: its rows (``max_batch_size``, or the scorer's 256 copies,
+        plus the padding and verification rows) x the export's ``max_seq_length`` slots x (1 + 2 top-k)
+        values, at the widest protobuf encoding. One limit for the channel: gRPC has none per call."""
+        rows = (self.opts.max_batch_size or BatchPolicy.max_batch_size + 2)
+        specs = [OutputSpec(n, OUTPUT_DTYPES[n], rows, self.max_slots, self.max_slots,
+                            None if n == "masked_lm_log_probs" else self.top_k_width) for n in OUTPUT_DTYPES]
+        return response_limit(specs, PROTO_BYTES_PER_VALUE)
+
     def _close_transport(self) -> None:
         ch = getattr(self, "_channel", None)
         if ch is not None:
             ch.close()
 
-    def _spec(self, msg: Any, signature: bool = True) -> None:
+    def _spec(self, msg: Any, signature: bool = True, version: bool = True) -> None:
         msg.model_spec.name = self.opts.model_name
-        if self.opts.model_version is not None:
+        if version and self.opts.model_version is not None:
             msg.model_spec.version.value = self.opts.model_version
         if signature:
             msg.model_spec.signature_name = "serving_default"
@@ -139,13 +183,19 @@ class GrpcEngine(RemoteEngine):
             text = f"{what}: {code.name}: {detail}"
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 text += f" (deadline {self.opts.timeout:g}s)"
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (detail or ""):
+                # this client's own limit, not a busy server: the answer is larger than any request needs
+                raise BadResponseError(f"{what}: the answer is larger than the {self.receive_limit:,} bytes "
+                                       f"the largest request can need ({detail})") from None
             if code in RETRY_CODES:
                 raise RetryableError(text) from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFoundError(text) from None
             raise FatalError(text) from None
 
     def _fetch_status(self) -> list[tuple[int, str, str]]:
         req = get_model_status_pb2.GetModelStatusRequest()
-        self._spec(req, signature=False)
+        self._spec(req, signature=False, version=False)  # every version, whichever is pinned
         resp = self._invoke(self._model_stub.GetModelStatus, req, "GetModelStatus")
         return [(int(s.version), _STATE.get(s.state, str(s.state)), s.status.error_message)
                 for s in resp.model_version_status]
@@ -176,7 +226,12 @@ class GrpcEngine(RemoteEngine):
         for name, arr in inputs.items():
             req.inputs[name].CopyFrom(to_tensor_proto(arr))
         resp = self._invoke(self._predict_stub.Predict, req, "Predict")
+        if resp.HasField("model_spec"):
+            spec = resp.model_spec
+            self.check_response_model(spec.name, spec.version.value if spec.HasField("version") else None)
         missing = [n for n in outputs if n not in resp.outputs]
         if missing:
-            raise FatalError(f"Predict response lacks output(s) {missing}; it has {sorted(resp.outputs)}")
-        return {n: from_tensor_proto(resp.outputs[n]) for n in outputs}
+            raise BadResponseError(f"Predict response lacks output(s) {missing}; it has "
+                                   f"{sorted(resp.outputs)[:10]}")
+        specs = self.expect(inputs, outputs)
+        return {n: from_tensor_proto(resp.outputs[n], specs[n]) for n in outputs}

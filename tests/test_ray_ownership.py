@@ -1,0 +1,298 @@
+"""``mlm-score ray`` touches only what is its own: it replaces an output directory only when it carries the
+runner's marker and nothing foreign, takes the output's lock, checks that every input is still what it
+planned before scoring a row of it, and what a killed driver leaves (files, Ray processes) does not
+outlive it. Most checks run before Ray starts; two tests run a local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import write_tsv
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'mlm-scorer[ray]')")
+pytest.importorskip("ray.data", reason="ray[data] is not installed (pip install 'mlm-scorer[ray]')")
+
+from mlm_scorer.errors import UsageError  # noqa: E402
+from mlm_scorer.ray_data import (OUTPUT_MARKER, _read_split, _scan, _splits, _StartReport,  # noqa: E402
+                                 _Workspace, check_replaceable, score_dataset)
+from mlm_scorer.writer import OutputLocked  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ROWS = [[f"r{i}", f"the cat sat on mat number {i}"] for i in range(40)]
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlm_scorer", *args], capture_output=True, text=True, env=_env(),
+                          timeout=600, **kw)
+
+
+# ------------------------------------------------------------------------------------------ the output
+
+def test_a_directory_it_did_not_write_is_never_replaced(fake_export, tmp_path):
+    """A directory holding a summary.json that `mlm-score --summary-json` wrote (and a user's notes) is
+    not a ray output: refused with exit 2 before anything is touched. So is a forged marker, a symlink,
+    and a ray output a user has added files to."""
+    a = write_tsv(tmp_path / "a.tsv", ROWS[:3])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    p = _cli(str(a), "-o", str(mine / "probs.parquet"), "--model", str(fake_export), "--engine", "fake",
+             "--id-column", "id", "--summary-json", str(mine / "summary.json"))
+    assert p.returncode == 0, p.stderr
+    (mine / "NOTES.txt").write_text("x")
+    before = {f.name: f.read_bytes() for f in mine.iterdir()}
+    p = _cli("ray", str(a), "-o", str(mine), "--model", str(fake_export), "--engine", "fake")
+    assert p.returncode == 2, p.stderr
+    assert f"is not empty and was not written by mlm-score ray (it has no {OUTPUT_MARKER})" in p.stderr
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == before
+    assert not list(tmp_path.glob(".mine*")), "nothing of the run's own was made either"
+
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / OUTPUT_MARKER).write_text(json.dumps({"written_by": "someone else", "run_id": "1"}))
+    with pytest.raises(UsageError, match="was not written by mlm-score ray"):
+        check_replaceable(forged)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        check_replaceable(link)
+    own = tmp_path / "own"
+    (own / "words").mkdir(parents=True)
+    (own / "sentences").mkdir()
+    (own / "words" / "part-00000-000000000000.parquet").write_bytes(b"x")
+    (own / OUTPUT_MARKER).write_text(json.dumps({"written_by": "mlm-score ray", "run_id": "abc"}))
+    (own / "summary.json").write_text("{}")
+    check_replaceable(own)  # its own: may be replaced
+    with pytest.raises(UsageError, match=r"exists \(written by mlm-score ray, run abc\); pass overwrite=True"):
+        check_replaceable(own, overwrite=False)
+    (own / "sentences" / "notes.txt").write_text("x")
+    (own / "NOTES.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"now also holds NOTES.txt, sentences/notes.txt, which it did not write"):
+        check_replaceable(own)
+    check_replaceable(tmp_path / "new")  # absent: fine
+
+
+def test_a_second_run_on_the_same_output_is_refused(fake_export, tmp_path):
+    """While a run holds the output's lock (the same lock mlm-score takes: writer.lock_output), another
+    run on that output is refused (OutputLocked, exit 2) and changes nothing."""
+    a = write_tsv(tmp_path / "a.tsv", ROWS[:3])
+    out = tmp_path / "r"
+    with _Workspace(out, "live") as ws:
+        assert ws.stage.is_dir()
+        with pytest.raises(OutputLocked, match=r"another mlm-score run is writing .*r \(lock .*\.r\.mlm-score-ray/lock"):
+            score_dataset([str(a)], out, model=str(fake_export), engine="fake")
+        p = _cli("ray", str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake")
+        assert p.returncode == 2 and "another mlm-score run is writing" in p.stderr, p.stderr
+        assert ws.stage.is_dir() and (ws.dir / "owner.json").is_file()
+    assert not ws.dir.exists() and not out.exists()  # a run removes its workspace when it ends
+
+
+def test_what_a_killed_run_left_is_removed_but_nothing_foreign(tmp_path):
+    out = tmp_path / "r"
+    ws_dir = tmp_path / ".r.mlm-score-ray"
+    (ws_dir / "run-dead" / "words").mkdir(parents=True)
+    (ws_dir / "actors").mkdir()
+    (ws_dir / "owner.json").write_text(json.dumps({"run_id": "dead", "pid": 1, "host": "h"}))
+    (ws_dir / "lock").write_text("")
+    old_style = tmp_path / ".r.tmp-999999999"  # an older version's temporary directory, its process gone
+    (old_style / "words").mkdir(parents=True)
+    with _Workspace(out, "new") as ws:
+        assert ws.debris == "run dead, pid 1 on h"
+        assert sorted(p.name for p in ws_dir.iterdir()) == ["actors", "lock", "owner.json", "run-new"]
+        assert not old_style.exists()
+    ws_dir.mkdir()
+    (ws_dir / "mine.txt").write_text("x")
+    with pytest.raises(UsageError, match="holds mine.txt, which mlm-score ray did not write"):
+        _Workspace(out, "new2").__enter__()
+    assert (ws_dir / "mine.txt").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------ the inputs
+
+def _plan(path: Path, **kw) -> list[dict]:
+    return _splits(_scan([str(path)], header=True, batch_rows=8), header=True, batches_per_split=16,
+                   num_actors=1, batch_rows=8, **kw)
+
+
+def _read(spec: dict) -> list:
+    from mlm_scorer.reader import Layout
+
+    lay = Layout(names=["id", "text"], text=1, id=0, passthrough=[])  # as the driver found it when planning
+    return [row for rows in _read_split(spec, lay, text_column=None, id_column="id", header=True) for row in rows]
+
+
+def test_an_input_rewritten_after_planning_is_refused_before_a_row_is_read(tmp_path):
+    """The actor checks size and mtime, then the hash of the header and of each batch as it reads it:
+    a rewrite of the same size with its mtime put back is caught as well as an append; a Parquet input
+    by its footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tsv = write_tsv(tmp_path / "in.tsv", ROWS)
+    spec = _plan(tsv)[0]
+    assert len(_read(spec)) == 40  # unchanged: read whole
+    st = tsv.stat()
+    raw = tsv.read_bytes()
+    tsv.write_bytes(raw.replace(b"number 30", b"NUMBER 30"))  # same size, in the fourth batch
+    os.utime(tsv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(UsageError, match=r"in.tsv changed after the run planned its splits \(the bytes of lines "
+                                         r"26-33 differ\); nothing of this run is published"):
+        _read(spec)
+    tsv.write_bytes(raw.replace(b"id\ttext", b"ID\ttext"))
+    os.utime(tsv, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(UsageError, match="its header line differs"):
+        _read(spec)
+    tsv.write_bytes(raw + b"r40\tone more\n")
+    with pytest.raises(UsageError, match=r"\(size [\d,]+ and mtime \d+ instead of [\d,]+ and \d+\)"):
+        _read(spec)
+
+    pqf = tmp_path / "in.parquet"
+    t = pa.table({"id": [r[0] for r in ROWS], "text": [r[1] for r in ROWS]})
+    pq.write_table(t, pqf, compression="none")
+    spec = _plan(pqf)[0]
+    assert len(_read(spec)) == 40
+    st = pqf.stat()
+    pq.write_table(pa.table({"id": [r[0] for r in ROWS], "text": [r[1].upper() for r in ROWS]}), pqf,
+                   compression="none")
+    os.utime(pqf, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert pqf.stat().st_size == st.st_size
+    with pytest.raises(UsageError, match="its Parquet footer differs"):
+        _read(spec)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+
+
+def test_a_run_whose_input_changes_after_planning_publishes_nothing(local_ray, fake_export, tmp_path, monkeypatch):
+    """Through the actors: the input is rewritten between planning and scoring; under ``skip`` no row is
+    recorded as skipped, the run fails with the input named, and no output appears."""
+    import mlm_scorer.ray_data as rd
+
+    tsv = write_tsv(tmp_path / "in.tsv", ROWS)
+    plan = rd._splits
+
+    def plan_then_rewrite(*a, **kw):
+        splits = plan(*a, **kw)
+        tsv.write_text(tsv.read_text().replace("mat number", "rug number"))
+        return splits
+
+    monkeypatch.setattr(rd, "_splits", plan_then_rewrite)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"in.tsv changed after the run planned its splits"):
+        score_dataset([str(tsv)], out, model=str(fake_export), engine="fake", id_column="id", on_bad_row="skip",
+                      num_actors=1, num_cpus_per_actor=0.5, batch_rows=8)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# ------------------------------------------------------------------------------------------ a killed driver
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every process below ``pid`` (from /proc)."""
+    children, starts = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(d))
+            starts[int(d)] = fields[19]
+    todo, found = [pid], {}
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found[c] = starts[c]
+            todo.append(c)
+    return found
+
+
+def _running(procs: dict[int, str]) -> list[int]:
+    alive = []
+    for p, start in procs.items():
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[19] == start:
+                alive.append(p)
+        except OSError:
+            pass
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_killed_driver_leaves_no_ray_process_and_the_next_run_cleans_up(fake_export, tmp_path):
+    """A run on ``out`` is scoring; a second run on ``out`` is refused (its lock). The first driver is
+    killed with SIGKILL: none of the processes it started outlives it by more than a few seconds (Ray's
+    agents used to linger a minute), and the next run on ``out`` removes what it left and publishes."""
+    big = write_tsv(tmp_path / "big.tsv", [[f"r{i}", f"the cat sat on the mat {i}"] for i in range(3000)])
+    small = write_tsv(tmp_path / "small.tsv", ROWS[:5])
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "mlm_scorer", "ray", str(big), "-o", str(out), "--model",
+                          str(fake_export), "--engine", "fake", "--engine-option", "delay=0.3", "--batch-rows", "64",
+                          "--id-column", "id", "--no-progress"], stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".out.mlm-score-ray/run-*/sentences/part-*.parquet")):  # scoring has begun
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    second = _cli("ray", str(small), "-o", str(out), "--model", str(fake_export), "--engine", "fake")
+    assert second.returncode == 2 and "another mlm-score run is writing" in second.stderr, second.stderr
+    started = _descendants(p.pid)
+    assert any("raylet" in Path(f"/proc/{q}/cmdline").read_text(errors="replace") for q in _running(started))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 20
+    while _running(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {q: Path(f"/proc/{q}/cmdline").read_text(errors="replace")[:80] for q in _running(started)}
+    assert not left, f"still running 20 s after the driver was killed: {left}"
+    assert (tmp_path / ".out.mlm-score-ray").is_dir() and not out.exists()  # what the dead run left
+    third = _cli("ray", str(small), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--id-column",
+                 "id")
+    assert third.returncode == 0, third.stderr
+    assert "removed what a killed earlier run on" in third.stderr
+    assert not (tmp_path / ".out.mlm-score-ray").exists()
+    assert json.loads((out / "summary.json").read_text())["rows"] == 5
+    assert json.loads((out / OUTPUT_MARKER).read_text())["run_id"] == json.loads((out / "summary.json").read_text())[
+        "run_id"]
+
+
+# ------------------------------------------------------------------------------------------ start-up report
+
+def test_the_start_up_report_says_what_the_actors_do(tmp_path):
+    status = tmp_path / "actors"
+    status.mkdir()
+    rep = _StartReport(status, 3, first=3600)
+    try:
+        now = time.time()
+        (status / "h-1.json").write_text(json.dumps({"phase": "loading the model with engine saved_model",
+                                                     "since": now - 42, "pid": 1}))
+        (status / "h-2.json").write_text(json.dumps({"phase": "ready", "since": now, "pid": 2}))
+        line, ready = rep.describe()
+        assert not ready
+        assert line.startswith("actors: 1 of 3 ready after ")
+        assert line.endswith(": 1 loading the model with engine saved_model (42 s), 1 waiting for Ray to start its "
+                             "process")
+        (status / "h-1.json").write_text(json.dumps({"phase": "ready", "since": now, "pid": 1}))
+        (status / "h-3.json").write_text(json.dumps({"phase": "ready", "since": now, "pid": 3}))
+        assert rep.describe()[1]
+    finally:
+        rep.stop()
+
+
+def test_help_is_plain_text():
+    from mlm_scorer.ray_cli import build_parser
+
+    text = build_parser().format_help()
+    assert "``" not in text and text.count("mlm-score ray: score TSV/Parquet files") == 1
+    assert "a line every 10 s says what they are doing" in " ".join(text.split())
