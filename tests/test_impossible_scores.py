@@ -147,6 +147,9 @@ class _Tamper(BaseHTTPRequestHandler):
     value: float = float("nan")
     probe_rows: list = []
     tamper_all_after: int | None = None
+    #: leave the rows of three tokens alone (the clients' per-request verification row, [CLS] [MASK] [SEP]):
+    #: a server that answers the checks right and the sentences wrong
+    spare_short_rows = False
     calls = 0
 
     def log_message(self, *a):
@@ -162,8 +165,13 @@ class _Tamper(BaseHTTPRequestHandler):
             return e.code, e.read()
 
     def _is_probe(self, doc) -> bool:
-        rows = [r for r in doc["inputs"]["input_ids"] if any(r)]  # the padding row is all zeros
-        return all(len(r) == 3 for r in rows) or rows == type(self).probe_rows
+        def strip(r):
+            return tuple(r[:max((i + 1 for i, t in enumerate(r) if t), default=0)])
+
+        # the padding row is all zeros; the clients' verification row, [CLS] [MASK] [SEP], rides along
+        rows = [strip(r) for r in doc["inputs"]["input_ids"] if any(r)]
+        return (all(len(r) == 3 for r in rows)
+                or [r for r in rows if len(r) != 3] == [s for s in map(strip, type(self).probe_rows) if len(s) != 3])
 
     def do_GET(self):
         status, data = self._forward(None)
@@ -180,7 +188,11 @@ class _Tamper(BaseHTTPRequestHandler):
             if late or not self._is_probe(doc):
                 out = json.loads(data)
                 lp = np.asarray(out["outputs"]["masked_lm_log_probs"], dtype=np.float64)
-                out["outputs"]["masked_lm_log_probs"] = np.full(lp.shape, cls.value).tolist()
+                tampered = np.full(lp.shape, cls.value)
+                if cls.spare_short_rows:
+                    short = [sum(1 for t in r if t) == 3 for r in doc["inputs"]["input_ids"]]
+                    tampered[short] = lp[short]
+                out["outputs"]["masked_lm_log_probs"] = tampered.tolist()
                 data = json.dumps(out).encode()
         self._reply(status, data)
 
@@ -238,6 +250,7 @@ def test_a_server_that_passes_the_probes_then_answers_impossible_numbers_fails_n
 
 def test_a_servers_answers_never_answer_an_in_process_run_from_the_cache(proxy, tiny_export, tmp_path, capsys):
     proxy.value = -5.0  # possible numbers, but not the model's
+    proxy.spare_short_rows = True  # and the clients' verification row answered right, so the run goes through
     inp = tmp_path / "in.tsv"
     inp.write_text(ROWS)
     cache = tmp_path / "cache"
