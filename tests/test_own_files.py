@@ -170,6 +170,23 @@ def test_a_users_file_in_a_marked_parts_directory_survives_the_run(tmp_path, inp
     assert (parts / "notes.txt").read_text() == "mine\n", "only the run's own files are deleted"
 
 
+@pytest.mark.parametrize("what", ["char_device", "fifo", "symlink"])
+def test_a_lock_file_that_is_not_a_regular_file_is_never_opened(what, tmp_path, inp, fake_export, capsys):
+    """The lock in a parts directory this program marked: a device (opening one may act: a tape rewinds, a
+    watchdog starts), a FIFO or a symlink there is refused with exit 2, never opened or deleted."""
+    from mlm_scorer.fsutil import OwnedDir
+
+    _needs(what)
+    parts = tmp_path / "out.parquet.parts"
+    parts.mkdir()
+    (parts / OwnedDir.MARKER).write_text("")
+    _special(parts / "lock", what)
+    code, err = _run(capsys, inp, tmp_path / "out.parquet", fake_export)
+    assert code == 2 and str(parts / "lock") in err and "not a regular file" in err, err
+    _unchanged(parts / "lock", what)
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_a_parts_directory_of_an_earlier_version_without_a_marker_still_resumes(tmp_path, inp, fake_export, capsys):
     out = tmp_path / "out.parquet"
     parts = tmp_path / "out.parquet.parts"
