@@ -251,6 +251,65 @@ def test_publish_moves_back_what_appeared_at_the_output_after_its_check(tmp_path
     assert not (tmp_path / ".out.mlm-score-ray").exists()
 
 
+def test_summary_json_is_checked_before_the_run_and_never_replaces_what_the_run_reads(fake_export, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """``mlm-score ray --summary-json``: an input, the baseline, the output directory or a path in it, a
+    symlink, a FIFO or a device are refused (exit 2) before the run starts; a symlink put there during the
+    run is a clear error (the output is complete), not a traceback."""
+    import stat
+
+    import mlm_scorer.ray_data as rd
+    from mlm_scorer.ray_cli import main
+
+    a = write_tsv(tmp_path / "a.tsv", ROWS[:3])
+    base = tmp_path / "base"
+    _ray_output(base, ROWS[:3])
+    calls = []
+
+    def fake_run(inputs, output_dir, **kw):
+        calls.append(output_dir)
+        return {"scored": 3, "rows": 3, "words": 9, "copies": 9, "actors": 1, "nodes": 1, "seconds": 0.1,
+                "skipped": 0, "flagged": 0, "words_output": "w", "sentences_output": "s"}
+
+    monkeypatch.setattr(rd, "score_dataset", fake_run)
+    out = tmp_path / "out"
+    _ray_output(out, ROWS[:3])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "link.json").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.json")
+    devices = [(tmp_path / "null.json", "is a character device")] if os.geteuid() == 0 else []  # mknod needs root
+    for dev, _ in devices:
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    before = {p: p.read_bytes() for p in (a, victim, *base.rglob("*.parquet"), *out.rglob("*.parquet"))}
+    for target, message in ((a, "is an input"), (out, "is the output directory"),
+                            (out / "summary.json", "lies inside the output directory"),
+                            (tmp_path / ".out.mlm-score-ray" / "s.json", "lies inside the runner's workspace"),
+                            (base / "sentences" / "part-00000-000000000000.parquet", "inside the baseline directory"),
+                            (tmp_path / "link.json", "is a symlink"), (tmp_path / "fifo.json", "is a FIFO"),
+                            (tmp_path / "nodir" / "s.json", "does not exist"), *devices):
+        code = main([str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--baseline", str(base),
+                     "--flag-above", "pseudo_perplexity=p90", "--summary-json", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and str(target) in err and "Traceback" not in err, (target, err)
+    assert calls == [], "refused before the run"
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "fifo.json").is_fifo() and all(dev.is_char_device() for dev, _ in devices)
+
+    summary = tmp_path / "s.json"
+
+    def run_then_plant(inputs, output_dir, **kw):
+        summary.symlink_to(victim)  # appears while the run scores
+        return fake_run(inputs, output_dir, **kw)
+
+    monkeypatch.setattr(rd, "score_dataset", run_then_plant)
+    code = main([str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--summary-json",
+                 str(summary)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a symlink" in err and f"the output {out} is complete" in err and "Traceback" not in err
+    assert victim.read_text() == "precious\n" and summary.is_symlink()
+
+
 # ------------------------------------------------------------------------------------------ the inputs
 
 def _plan(path: Path, **kw) -> list[dict]:
