@@ -322,3 +322,70 @@ def test_outputs_are_written_with_the_umasks_permissions(tmp_path, inp, fake_exp
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == 3
     assert read_outputs(out)[1][0]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------ the exporter
+def test_export_overwrite_replaces_only_a_real_export(tiny_hf, tiny_export, tmp_path, capsys, monkeypatch):
+    """``mlm-export --overwrite`` replaces OUT/VERSION only when it is an export this program wrote: a
+    directory whose manifest is a symlink (even to a real export's), is not this program's format, or is
+    not JSON is refused with exit 2 before the checkpoint is loaded, and every file in it stays."""
+    import mlm_export.checkpoint as checkpoint
+    from mlm_export.cli import main as export_main
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    real_manifest = tiny_export / "1" / MANIFEST_NAME
+    for name, make in (("link", lambda m: m.symlink_to(real_manifest)),
+                       ("other_format", lambda m: m.write_text(json.dumps({"name": "my app", "format": "web"}))),
+                       ("not_json", lambda m: m.write_text("precious\n"))):
+        v = tmp_path / name / "1"
+        v.mkdir(parents=True)
+        (v / "thesis.tex").write_text("precious\n")
+        make(v / MANIFEST_NAME)
+        before = sorted(p.name for p in v.iterdir())
+        assert export_main([str(tiny_hf), str(v.parent), "--overwrite", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "is not an export made by mlm-export" in err and str(v) in err, err
+        assert sorted(p.name for p in v.iterdir()) == before and (v / "thesis.tex").read_text() == "precious\n"
+    assert json.loads(real_manifest.read_text())["format"] == "mlm-scorer-export"
+
+
+def test_export_overwrite_replaces_a_real_export_whole(tiny_hf, tiny_export, tmp_path):
+    import shutil
+
+    from mlm_export import export
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_export, base)
+    (base / "1" / "stale.txt").write_text("from the replaced export\n")
+    before = json.loads((base / "1" / MANIFEST_NAME).read_text())["created"]
+    assert export(tiny_hf, base, top_k=3, overwrite=True, log=lambda m: None) == base / "1"
+    manifest = json.loads((base / "1" / MANIFEST_NAME).read_text())
+    assert manifest["top_k"] == 3 and not (base / "1" / "stale.txt").exists(), (before, manifest["created"])
+    assert sorted(p.name for p in base.iterdir()) == ["1", "models.config"], "nothing of the old one is left"
+
+
+@pytest.mark.parametrize("what", ["symlink", "fifo", "directory"])
+def test_export_refuses_a_models_config_that_is_not_a_regular_file_before_exporting(what, tiny_hf, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """OUT/models.config (written after the export, for TF Serving) is checked before the checkpoint is
+    loaded: a symlink, a FIFO or a directory there is refused (exit 2) and no version directory is made."""
+    import mlm_export.checkpoint as checkpoint
+    from mlm_export.cli import main as export_main
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    base = tmp_path / "base"
+    base.mkdir()
+    _special(base / "models.config", what)
+    assert export_main([str(tiny_hf), str(base), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(base / "models.config") in err and "not a regular file" in err and "Traceback" not in err, err
+    _unchanged(base / "models.config", what)
+    assert not (base / "1").exists()
