@@ -389,3 +389,50 @@ def test_export_refuses_a_models_config_that_is_not_a_regular_file_before_export
     assert str(base / "models.config") in err and "not a regular file" in err and "Traceback" not in err, err
     _unchanged(base / "models.config", what)
     assert not (base / "1").exists()
+
+
+def test_triton_repo_replaces_only_its_own_version_directory_and_config(tiny_export, tmp_path, capsys):
+    """``python -m mlm_export.triton_repo --overwrite`` replaces REPO/NAME/VERSION only when this program
+    wrote it; a config.pbtxt that is a symlink is refused before anything is written; an export inside the
+    version directory it would replace is refused; temporary names are its own (a user's look-alike and a
+    live run's file stay)."""
+    from mlm_export.triton_repo import RepositoryError, main as triton_main, write_triton_repo
+    from mlm_scorer.fsutil import create_exclusive, temp_path
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    repo = tmp_path / "repo"
+    kw = dict(backend="tensorflow", log=lambda m: None)
+    model_dir = write_triton_repo(tiny_export, repo, **kw)
+    notes = model_dir / ".config.pbtxt.tmp-notes"
+    notes.write_text("mine\n")
+    live = temp_path(model_dir / "config.pbtxt")  # this process is alive: not debris
+    os.close(create_exclusive(live))
+    write_triton_repo(tiny_export, repo, overwrite=True, max_batch_size=8, **kw)  # its own: replaced
+    assert "max_batch_size: 8" in (model_dir / "config.pbtxt").read_text()
+    assert notes.read_text() == "mine\n" and live.exists()
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".config")) == ["1", "config.pbtxt"]
+
+    foreign = repo / "other" / "1"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("precious\n")
+    with pytest.raises(RepositoryError, match="is not a version directory written by this program"):
+        write_triton_repo(tiny_export, repo, name="other", overwrite=True, **kw)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+    plan = model_dir / "1" / "model.plan"  # a plan kept in the version directory it would replace
+    plan.write_bytes(b"a TensorRT plan")
+    with pytest.raises(RepositoryError, match=r"the model file .*model.plan' lies in .*repo/bert/1, which this run "
+                                              r"replaces"):
+        write_triton_repo(tiny_export, repo, backend="tensorrt", plan=plan, overwrite=True, log=lambda m: None)
+    assert plan.read_bytes() == b"a TensorRT plan" and (model_dir / "1" / MANIFEST_NAME).is_file()
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    cfg = repo / "linked" / "config.pbtxt"
+    cfg.parent.mkdir()
+    cfg.symlink_to(victim)
+    assert triton_main([str(tiny_export), str(repo), "--name", "linked", "--backend", "tensorflow"]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "is a symlink" in err and "Traceback" not in err, err
+    assert cfg.is_symlink() and victim.read_text() == "precious\n"
+    assert [p.name for p in cfg.parent.iterdir()] == ["config.pbtxt"], "nothing written before the refusal"
