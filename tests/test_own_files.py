@@ -436,3 +436,25 @@ def test_triton_repo_replaces_only_its_own_version_directory_and_config(tiny_exp
     assert str(cfg) in err and "is a symlink" in err and "Traceback" not in err, err
     assert cfg.is_symlink() and victim.read_text() == "precious\n"
     assert [p.name for p in cfg.parent.iterdir()] == ["config.pbtxt"], "nothing written before the refusal"
+
+
+def test_tensorrt_plan_paths_are_checked_before_tensorrt_is_loaded(tiny_export, tmp_path, capsys):
+    """``python -m mlm_export.to_tensorrt --out``: the export's manifest, the workload file, a symlink or a
+    FIFO are refused (exit 2) before TensorRT is loaded or a plan is built (minutes), and stay as they were."""
+    from mlm_export.to_tensorrt import main as trt_main
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    manifest = tiny_export / "1" / MANIFEST_NAME
+    workload = tmp_path / "workload.txt"
+    workload.write_text("the cat sat\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "link.plan").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.plan")
+    before = {p: p.read_bytes() for p in (manifest, workload, victim)}
+    for out, message in ((manifest, "is the export's manifest"), (workload, "is the workload file"),
+                         (tmp_path / "link.plan", "is a symlink"), (tmp_path / "fifo.plan", "is a FIFO")):
+        assert trt_main([str(tiny_export), "--out", str(out), "--workload", str(workload)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(out) in err and "TensorRT" not in err, err
+    assert {p: p.read_bytes() for p in before} == before and (tmp_path / "fifo.plan").is_fifo()
