@@ -64,7 +64,7 @@ import pyarrow as pa
 
 from .errors import InputError, MlmScorerError, UsageError
 from .fsutil import (OwnedDir, atomic_write_bytes, create_exclusive, default_file_mode, identity, lstat_or_none,
-                     safe_unlink, temp_owner)
+                     replace_file, safe_unlink, temp_owner, temp_path)
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .progress import peak_rss_bytes
@@ -494,12 +494,21 @@ class _ScoreActor:
 
 
 def _set_status(path: Path, phase: str) -> None:
-    """What an actor is doing, for the driver's start-up report (best effort: a report, not a result)."""
+    """What an actor is doing, for the driver's start-up report (best effort: a report, not a result). Written
+    under the actor's own temporary name, then renamed; never into a directory made again once the run has
+    removed its workspace."""
     try:
-        atomic_write_bytes(path, json.dumps({"phase": phase, "since": time.time(), "pid": os.getpid()}).encode(),
-                           what="an actor's status file")
+        tmp = temp_path(path)
+        fd = create_exclusive(tmp, default_file_mode())
+    except OSError:
+        return
+    made = identity(os.fstat(fd))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({"phase": phase, "since": time.time(), "pid": os.getpid()}).encode())
+        replace_file(tmp, path, "an actor's status file")
     except (OSError, MlmScorerError):
-        pass
+        safe_unlink(tmp, identity_of=made)
 
 
 def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, pa.Schema]:

@@ -175,6 +175,12 @@ def test_parts_and_status_files_are_written_under_the_runs_own_names(tmp_path):
     with pytest.raises(UsageError, match=r"a part file .*part-00000-000000000000.parquet' is a symlink"):
         _write_part(part, {"row": [3]}, schema)
     assert part.is_symlink() and victim.read_text() == "precious\n"
+    status.unlink()
+    status.symlink_to(victim)
+    _set_status(status, "failed")  # best effort: not written, and nothing left behind
+    assert status.is_symlink() and victim.read_text() == "precious\n"
+    _set_status(tmp_path / "gone" / "h-2.json", "ready")  # the workspace was removed: not made again
+    assert not (tmp_path / "gone").exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p and not p.endswith(f"-{os.getpid()}")]
 
 
