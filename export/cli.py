@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as exc:
         logger.error(str(exc))
         return 2
+    except MlmScorerError as exc:  # a file the export would write that is not a regular file
+        logger.error(str(exc))
+        return exc.exit_code
     if not adding:
         try:
             import_tensorflow()  # first, so that its C++ start-up lines are filtered (see mlm_scorer.logs)

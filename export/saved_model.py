@@ -13,15 +13,16 @@ import json
 import os
 import platform
 import shutil
+import stat
 from pathlib import Path
 
-from mlm_scorer.fsutil import make_temp_dir
+from mlm_scorer.fsutil import check_target, lstat_or_none, make_temp_dir
 from mlm_scorer.model_dir import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 from .casing import check_pieces
 from .checkpoint import CHECKSUM_SCHEME, Checkpoint, load_checkpoint
 from .config import GRAPH_REVISION
-from .serving_config import write_serving_files
+from .serving_config import MODELS_CONFIG_FILE, write_serving_files
 from .verify import verify_export
 
 _INT32_2D = {"dtype": "int32", "shape": [-1, -1]}
@@ -55,19 +56,36 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, version: in
                              overwrite=overwrite, tolerance=tolerance, layer_norm=layer_norm, log=log)
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an export this program wrote: a real directory (not a symlink) whose manifest is a
+    regular file (not a symlink) of this program's format."""
+    p = Path(path)
+    st, mst = lstat_or_none(p), lstat_or_none(p / MANIFEST_NAME)
+    if st is None or not stat.S_ISDIR(st.st_mode) or mst is None or not stat.S_ISREG(mst.st_mode):
+        return False
+    try:
+        manifest = json.loads((p / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def check_version_dir(out_dir: str | os.PathLike, version: int, *, overwrite: bool = False) -> Path:
     """``out_dir/version``, refused before anything is loaded if it exists (FileExistsError, saying the
-    choices) unless ``overwrite``; with ``overwrite`` only an export this program wrote (a real directory with
-    a manifest) is replaced, never a symlink or another directory (FileExistsError)."""
+    choices) unless ``overwrite``; with ``overwrite`` only an export this program wrote (``is_export``) is
+    replaced, never a symlink, a file or another directory (FileExistsError). The TF Serving model config
+    written into ``out_dir`` must be absent or a regular file (UsageError, ``fsutil.check_target``)."""
     final = Path(out_dir) / str(int(version))
+    check_target(Path(out_dir) / MODELS_CONFIG_FILE, "the TF Serving model config", parent_must_exist=False)
     if not os.path.lexists(final):
         return final
     if not overwrite:
         raise FileExistsError(f"{final} already exists; choose another --version, pass --overwrite to replace it, "
                               f"or --onnx / --quantize int8 to add the ONNX model to it")
-    if final.is_symlink() or not final.is_dir() or not (final / MANIFEST_NAME).is_file():
+    if not is_export(final):
         raise FileExistsError(f"{final} exists and is not an export made by mlm-export (a symlink, a file, or a "
-                              f"directory without {MANIFEST_NAME}); refusing to replace it: move it away")
+                              f"directory without an mlm-export {MANIFEST_NAME} as a regular file); refusing to "
+                              f"replace it: move it away")
     return final
 
 
@@ -146,9 +164,16 @@ def export_checkpoint(ckpt: Checkpoint, out_dir: str | os.PathLike, *, version: 
             check_version_dir(base, version, overwrite=True)
             old = make_temp_dir(prefix=f".{version}.old-", dir=base)
             os.replace(final, old / "export")
+            if not is_export(old / "export"):  # what was moved is not what was checked: put it back
+                os.replace(old / "export", final)
+                os.rmdir(old)
+                check_version_dir(base, version, overwrite=True)  # says what it is
+                raise FileExistsError(f"{final} changed while it was replaced; refusing to replace it")
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)  # a directory this run made, holding the replaced export
+            # a directory this run made, holding the export checked above (rmtree never follows a symlink)
+            shutil.rmtree(old, ignore_errors=True)
         else:
+            check_version_dir(base, version, overwrite=overwrite)  # nothing put there since the first check
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

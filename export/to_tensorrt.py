@@ -102,21 +102,30 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
                  workload_file: str | os.PathLike | None = None, max_batch: int = 256,
                  opt_batch: int | None = None, max_seq: int | None = None, max_predictions: int = 8,
                  n_profiles: int = 2, fp16: bool = True, workspace_gib: float = 4.0, log=print) -> Path:
-    """Build and write the plan + manifest; return the plan path. Needs TensorRT >= 10 and a CUDA GPU."""
+    """Build and write the plan + manifest; return the plan path. Needs TensorRT >= 10 and a CUDA GPU.
+    Both files must be absent or regular files, and neither the ONNX model, the export's manifest nor the
+    workload file (UsageError, before TensorRT is loaded)."""
     from mlm_scorer.engines._shapes import profiles_from_workload
-    from mlm_scorer.fsutil import atomic_write_bytes
-    from mlm_scorer.model_dir import ModelDir, sha256_file
+    from mlm_scorer.fsutil import atomic_write_bytes, check_distinct, check_target
+    from mlm_scorer.model_dir import MANIFEST_NAME, ModelDir, sha256_file
 
+    md = ModelDir.open(model_path)
+    onnx_path = md.path / "model.onnx"
+    plan = Path(out) if out else md.path / PLAN_NAME
+    reads = [(onnx_path, "the ONNX model"), (md.path / MANIFEST_NAME, "the export's manifest")]
+    if workload_file:
+        reads.append((workload_file, "the workload file"))
+    targets = [(plan, "the plan"), (plan_manifest_path(plan), "the plan's manifest")]
+    for path, what in targets:
+        check_target(path, what, inputs=reads)
+    check_distinct(targets)
     try:
         import tensorrt as trt
     except ImportError:
         raise SystemExit("mlm_export.to_tensorrt needs TensorRT (pip install 'mlm-scorer[tensorrt]' on a machine "
                          "with an NVIDIA GPU and driver)") from None
-    md = ModelDir.open(model_path)
-    onnx_path = md.path / "model.onnx"
     if not onnx_path.is_file():
         raise SystemExit(f"{onnx_path} is missing: re-export with mlm-export ... --onnx")
-    plan = Path(out) if out else md.path / PLAN_NAME
     max_seq = int(min(max_seq or md.max_seq_length, md.max_seq_length))
     lengths: list[int] = []
     if workload_file:
@@ -157,8 +166,9 @@ def build_engine(model_path: str | os.PathLike, out: str | os.PathLike | None = 
                              onnx_sha256=sha256_file(onnx_path),
                              workload={"file": str(workload_file) if workload_file else None,
                                        "n_sentences": len(lengths)})
-    atomic_write_bytes(plan, bytes(serialized))
-    atomic_write_bytes(plan_manifest_path(plan), (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(plan, bytes(serialized), what="the plan")
+    atomic_write_bytes(plan_manifest_path(plan), (json.dumps(manifest, indent=2) + "\n").encode(),
+                       what="the plan's manifest")
     log(f"wrote {plan} and {plan_manifest_path(plan).name} (TensorRT {trt.__version__}, {gpu.get('name')})")
     return plan
 
@@ -189,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32", action="store_true", help="build fp32 only (no fp16)")
     ap.add_argument("--workspace-gib", type=float, default=4.0)
     a = ap.parse_args(argv)
-    plan = build_engine(a.model, a.out, workload_file=a.workload, max_batch=a.max_batch, opt_batch=a.opt_batch,
-                        max_seq=a.max_seq, max_predictions=a.max_predictions, n_profiles=a.profiles,
-                        fp16=not a.fp32, workspace_gib=a.workspace_gib, log=lambda m: print(m, file=sys.stderr))
+    from mlm_scorer.errors import MlmScorerError
+
+    try:
+        plan = build_engine(a.model, a.out, workload_file=a.workload, max_batch=a.max_batch, opt_batch=a.opt_batch,
+                            max_seq=a.max_seq, max_predictions=a.max_predictions, n_profiles=a.profiles,
+                            fp16=not a.fp32, workspace_gib=a.workspace_gib, log=lambda m: print(m, file=sys.stderr))
+    except MlmScorerError as exc:  # not an export; a plan path that is a symlink, a device, or an input
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(plan)
     return 0
 

@@ -210,10 +210,16 @@ def write_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike, *,
     ``link``: hard-link the model files where the file system allows (else copy). The model file is checked
     against the manifest first (ONNX: the sha256 it records; plan: the model_checksum of its ``.json``).
     Files are written under a temporary name and renamed into place; ``overwrite`` replaces an existing
-    REPO/NAME/VERSION (other versions and models in the repository are left alone).
-    Raises RepositoryError (a ValueError) with the fix, FileExistsError without ``overwrite``.
+    REPO/NAME/VERSION that this program wrote (it holds an export's manifest; other versions and models in
+    the repository are left alone). Before anything is written: ``config.pbtxt`` must be absent or a regular
+    file, and neither the export nor the plan may lie in the version directory it replaces.
+    Raises RepositoryError (a ValueError) with the fix, FileExistsError without ``overwrite``, UsageError
+    for a ``config.pbtxt`` that is not a regular file.
     """
+    from mlm_scorer.fsutil import atomic_write_bytes, check_target, make_temp_dir, remove_debris
     from mlm_scorer.model_dir import MANIFEST_NAME, ModelDir, sha256_file
+
+    from .saved_model import is_export
 
     try:
         md = ModelDir.open(export_dir)
@@ -263,14 +269,29 @@ def write_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike, *,
 
     model_dir = Path(repo) / name
     vdir = model_dir / str(version)
-    if vdir.exists() and not overwrite:
-        raise FileExistsError(f"{vdir} exists; pass --overwrite to replace it")
+    config = model_dir / "config.pbtxt"
+
+    def check_vdir() -> None:
+        if not os.path.lexists(vdir):
+            return
+        if not overwrite:
+            raise FileExistsError(f"{vdir} exists; pass --overwrite to replace it")
+        if not is_export(vdir):
+            raise RepositoryError(f"{vdir} exists and is not a version directory written by this program (a "
+                                  f"symlink, a file, or a directory without an mlm-export {MANIFEST_NAME}); refusing "
+                                  f"to replace it: move it away or give another --version")
+
+    check_vdir()
+    check_target(config, "the model configuration", parent_must_exist=False)
+    for read, what in ((md.path, "the export"), (src, "the model file")):
+        real, v = os.path.realpath(read), os.path.realpath(vdir)
+        if real == v or real.startswith(v + os.sep):
+            raise RepositoryError(f"{what} {str(read)!r} lies in {vdir}, which this run replaces; give an export "
+                                  f"outside the repository entry, or another --version")
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".{version}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_debris(config)  # the temporary files of runs that were killed
+    tmp = make_temp_dir(prefix=f".{version}.tmp-", dir=model_dir)
     try:
-        tmp.mkdir()
         if backend == "tensorflow":
             (tmp / filename).mkdir()
             for part in SAVEDMODEL_FILES:
@@ -280,17 +301,22 @@ def write_triton_repo(export_dir: str | os.PathLike, repo: str | os.PathLike, *,
             _place(src, tmp / filename, link)
         for part in CLIENT_FILES:
             _place(md.path / part, tmp / part, link=False)  # small; a copy keeps the repository self-contained
-        cfg_tmp = model_dir / f".config.pbtxt.tmp-{os.getpid()}"
-        cfg_tmp.write_text(text, encoding="utf-8")
-        if vdir.exists():
-            shutil.rmtree(vdir)
-        os.replace(tmp, vdir)
-        os.replace(cfg_tmp, model_dir / "config.pbtxt")
+        check_vdir()
+        if os.path.lexists(vdir):  # set aside, checked again (what was moved is what was checked), removed
+            old = make_temp_dir(prefix=f".{version}.old-", dir=model_dir)
+            os.replace(vdir, old / "version")
+            if not is_export(old / "version"):
+                os.replace(old / "version", vdir)
+                os.rmdir(old)
+                check_vdir()
+                raise RepositoryError(f"{vdir} changed while it was replaced; refusing to replace it")
+            os.replace(tmp, vdir)
+            shutil.rmtree(old, ignore_errors=True)  # a directory this run made, holding the version checked above
+        else:
+            os.replace(tmp, vdir)
+        atomic_write_bytes(config, text.encode("utf-8"), what="the model configuration")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        for stale in model_dir.glob(".config.pbtxt.tmp-*"):
-            stale.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)  # this run's own (make_temp_dir); gone once renamed
     log(f"wrote Triton model {name!r} version {version} ({backend}, max_batch_size {max_batch_size}) to {model_dir}")
     return model_dir
 
@@ -324,15 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy", action="store_true", help="copy the model files instead of hard-linking them")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing REPO/NAME/VERSION")
     args = ap.parse_args(argv)
+    from mlm_scorer.errors import MlmScorerError
+
     try:
         write_triton_repo(args.export, args.repo, name=args.name, backend=args.backend, version=args.version,
                           plan=args.plan, max_batch_size=args.max_batch_size,
                           max_queue_delay_us=args.max_queue_delay_us, instance_kind=args.instance_kind,
                           instance_count=args.instances, link=not args.copy, overwrite=args.overwrite,
                           log=lambda m: print(m, file=sys.stderr))
-    except (RepositoryError, FileExistsError) as exc:
+    except (RepositoryError, FileExistsError, MlmScorerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

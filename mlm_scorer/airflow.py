@@ -36,6 +36,7 @@ from typing import Any, Iterable
 from urllib.parse import quote
 
 from .errors import InputError, MissingDependencyError, ModelError, UsageError
+from .fsutil import check_target, identity, safe_unlink
 
 __all__ = ["run_key", "output_path", "claim_output_dir", "score_task", "check_task", "xcom_summary", "NOT_TRANSIENT",
            "OutputTaken", "OWNER_FILE"]
@@ -91,12 +92,13 @@ def claim_output_dir(directory: str | os.PathLike, *, run_id: str | None, dag_id
         except FileExistsError:
             pass
         else:
+            made = identity(os.fstat(fd))
             # files from before any claim: whose, nobody can say (hidden ones are a crashed writer's
             # temporary files, never an output: the writer removes them)
             others = sorted(p.name for p in d.iterdir() if not p.name.startswith("."))
             if others:
                 os.close(fd)
-                owner.unlink()
+                safe_unlink(owner, identity_of=made)  # the record this call made, not one put there since
                 raise OutputTaken(f"{d} already holds {', '.join(others[:5])} and no record of the run that wrote "
                                   f"them ({OWNER_FILE}); refusing to overwrite them. Move them away, or write this "
                                   f"run elsewhere")
@@ -120,6 +122,20 @@ def claim_output_dir(directory: str | os.PathLike, *, run_id: str | None, dag_id
                           f"{dag_id!r}, run {run_id!r}) refuses to overwrite it. Delete that directory to score "
                           f"the date again, or give this run another output_dir")
     raise OutputTaken(f"cannot claim {d}: its {OWNER_FILE} keeps changing")
+
+
+def check_destinations(input_path: str | os.PathLike, out: Path,
+                       score_cache: str | os.PathLike | None = None) -> None:
+    """Refuse (UsageError), before the claim writes anything, what ``score_task`` would write that is not
+    absent or a regular file (the claim record, both outputs, the score cache's files) or that is the input
+    (by path, through symlinks or by inode); ``score_file`` checks its own again before it writes."""
+    from .pipeline import cache_files
+    from .writer import sentences_path
+
+    inputs = [(input_path, "the input")]
+    for p, what in ((out.parent / OWNER_FILE, "the run's claim record"), (out, "the output"),
+                    (sentences_path(out), "the sentences output"), *cache_files(score_cache)):
+        check_target(p, what, inputs=inputs, parent_must_exist=False)
 
 
 def output_path(output_dir: str | os.PathLike, *, logical_date: datetime | None = None, run_id: str | None = None,
@@ -179,6 +195,7 @@ def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, 
 
     try:
         out = output_path(output_dir, logical_date=logical_date, run_id=run_id)
+        check_destinations(input_path, out, score_cache or None)
         claim_output_dir(out.parent, run_id=run_id, dag_id=dag_id, logical_date=logical_date)
         rules = [parse_rule(x, "below") for x in flag_below or ()] + [parse_rule(x, "above") for x in flag_above or ()]
         summary = score_file(input_path, out, model=model, engine=engine, engine_options=engine_options, mode=mode,
@@ -200,23 +217,29 @@ def check_task(result: str | os.PathLike, *, baseline: str | os.PathLike | None 
     """The quality gate on a scored batch (``mlm_scorer.check.run_check``); a limit left None takes its
     default. Writes the full statistics to ``json_path`` (default: ``check.json`` next to the result) and
     returns a small summary for XCom. Raises ``AirflowFailException`` when the batch fails the gate (the
-    message lists the failed criteria) or the check cannot run (a missing baseline, another model's)."""
+    message lists the failed criteria) or the check cannot run (a missing baseline, another model's), or
+    when ``json_path`` is a file it may not write (checked first: not absent or a regular file, or a file of
+    the result or of the baseline)."""
     import json
 
     from .check import DEFAULTS, QualityGateFailed, format_text, run_check
     from .fsutil import atomic_write_bytes
+    from .report import check_report_target
 
     limits = {k: v if v is not None else DEFAULTS[k] for k, v in (("max_flagged_rate", max_flagged_rate),
                                                                   ("max_skipped_rate", max_skipped_rate),
                                                                   ("max_shift", max_shift))}
-    try:
-        r = run_check(result, baseline=baseline or None, **limits)
-    except NOT_TRANSIENT as exc:
-        raise _fail_fast(exc) from exc
     dest = Path(json_path) if json_path else Path(result).parent / "check.json"
     if Path(result).is_dir():  # a Ray output directory: the JSON goes inside it
         dest = Path(json_path) if json_path else Path(result) / "check.json"
-    atomic_write_bytes(dest, (json.dumps(r, indent=2) + "\n").encode())
+    # check.json in a Ray output directory is one of the files that runner's outputs may hold (ray_data._OWN_FILES)
+    own = Path(result).is_dir() and os.path.realpath(dest) == os.path.realpath(Path(result) / "check.json")
+    try:
+        check_report_target(dest, "the check JSON", None if own else result, baseline or None)
+        r = run_check(result, baseline=baseline or None, **limits)
+        atomic_write_bytes(dest, (json.dumps(r, indent=2) + "\n").encode(), what="the check JSON")
+    except NOT_TRANSIENT as exc:
+        raise _fail_fast(exc) from exc
     if log:
         log(format_text(r))
     small = {"passed": r["passed"], "failures": [_cut(f) for f in r["failures"]], "json": str(dest),

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_summary_target(path: str | os.PathLike, inputs: list[str], output: str | os.PathLike,
+                         baseline: str | os.PathLike | None = None) -> Path:
+    """Refuse (UsageError), before the run, a --summary-json that is not absent or a regular file in an existing
+    directory (``fsutil.check_target``), that is one of the inputs or the baseline's files, or that is the
+    output directory or lies in it or in the runner's workspace beside it (replaced or deleted by the run)."""
+    from .errors import UsageError
+    from .fsutil import check_target
+    from .ray_data import workspace_path
+    from .report import check_report_target
+
+    what = "the --summary-json file"
+    out = Path(output)
+    real = os.path.realpath(path)
+    for d, d_what in ((out, "the output directory"), (workspace_path(out), "the runner's workspace")):
+        if real == os.path.realpath(d) or real.startswith(os.path.realpath(d) + os.sep):
+            raise UsageError(f"{what} {str(path)!r} {'is' if real == os.path.realpath(d) else 'lies inside'} {d_what} "
+                             f"{str(d)!r}, which this run replaces or deletes; choose a path outside it")
+    if baseline is not None:
+        check_report_target(path, what, None, baseline)
+    return check_target(path, what, inputs=[(p, "an input") for p in inputs])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -101,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_cli("mlm-score ray", quiet=args.quiet, verbose=args.verbose)
     init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     try:
+        if args.summary_json:  # before the run: a file it may not write is refused now, not after hours
+            check_summary_target(args.summary_json, args.inputs, args.output, args.baseline)
         with sigterm_as_interrupt():  # Airflow, Kubernetes, `timeout`: stop as Ctrl-C does
             from .ray_data import score_dataset
 
@@ -134,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         from .fsutil import atomic_write_bytes
 
         try:
-            atomic_write_bytes(args.summary_json, (json.dumps(summary, indent=2) + "\n").encode())
-        except OSError as exc:
-            log.error(f"--summary-json {args.summary_json}: {exc.strerror or exc} (the output {args.output} is "
-                      f"complete)")
-            return 1
+            atomic_write_bytes(args.summary_json, (json.dumps(summary, indent=2) + "\n").encode(),
+                               what="the --summary-json file")
+        except (OSError, MlmScorerError) as exc:
+            log.error(f"--summary-json {args.summary_json}: {getattr(exc, 'strerror', None) or exc} (the output "
+                      f"{args.output} is complete)")
+            return exc.exit_code if isinstance(exc, MlmScorerError) else 1
     log.info(f"scored {summary['scored']}/{summary['rows']} rows ({summary['words']} words, {summary['copies']} "
              f"copies) with {summary['actors']} actor(s) on {summary['nodes']} node(s) in {summary['seconds']:.1f}s; "
              f"skipped {summary['skipped']}" + (f", flagged {summary['flagged']}" if summary["flagged"] else "")

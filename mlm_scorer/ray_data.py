@@ -52,18 +52,19 @@ import logging
 import math
 import os
 import re
-import shutil
 import stat
 import time
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
 from .errors import InputError, MlmScorerError, UsageError
+from .fsutil import (OwnedDir, atomic_write_bytes, create_exclusive, default_file_mode, identity, lstat_or_none,
+                     replace_file, safe_unlink, temp_owner, temp_path)
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
 from .models import DEFAULT_MODEL
 from .progress import peak_rss_bytes
@@ -493,13 +494,21 @@ class _ScoreActor:
 
 
 def _set_status(path: Path, phase: str) -> None:
-    """What an actor is doing, for the driver's start-up report (best effort: a report, not a result)."""
+    """What an actor is doing, for the driver's start-up report (best effort: a report, not a result). Written
+    under the actor's own temporary name, then renamed; never into a directory made again once the run has
+    removed its workspace."""
     try:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"phase": phase, "since": time.time(), "pid": os.getpid()}), encoding="utf-8")
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        fd = create_exclusive(tmp, default_file_mode())
     except OSError:
-        pass
+        return
+    made = identity(os.fstat(fd))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({"phase": phase, "since": time.time(), "pid": os.getpid()}).encode())
+        replace_file(tmp, path, "an actor's status file")
+    except (OSError, MlmScorerError):
+        safe_unlink(tmp, identity_of=made)
 
 
 def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, pa.Schema]:
@@ -512,13 +521,12 @@ def _out_schemas(lay: Layout, top_k: int, flag: bool, meta: dict) -> dict[str, p
 
 
 def _write_part(final: Path, columns: dict, schema: pa.Schema) -> None:
-    """Write one part file under a hidden name, then rename it: a retried batch replaces it whole, and
-    readers (which skip names starting with '.') never see a partial file."""
-    import pyarrow.parquet as pq
+    """Write one part file under the actor's own hidden temporary name (``fsutil.temp_path``, created
+    exclusively), then rename it: a retried batch replaces it whole, and readers (which skip names starting
+    with '.') never see a partial file."""
+    from .quality import atomic_write_parquet
 
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pydict(columns, schema=schema), tmp, compression="zstd")
-    os.replace(tmp, final)
+    atomic_write_parquet(pa.Table.from_pydict(columns, schema=schema), final, what="a part file")
 
 
 # ------------------------------------------------------------------------------------------ ownership
@@ -588,15 +596,84 @@ def check_replaceable(out: Path, *, overwrite: bool = True) -> None:
                          f"would be lost). Move them out, or choose another directory")
 
 
-def _remove(path: Path) -> None:
-    """Remove a file, a link (not its target) or a directory tree (links in it are unlinked, not followed)."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
+def _own_name(name: str, finals: Callable[[str], bool]) -> bool:
+    """A name the runner writes (``finals``), or a temporary name of one: ``fsutil.temp_path``'s, or the
+    ``.NAME.tmp`` and ``.NAME.tmp-PID`` of earlier versions."""
+    if finals(name):
+        return True
+    m = re.fullmatch(r"\.(.+)\.tmp(-.*)?", name)
+    return m is not None and finals(m[1]) and (m[2] is None or temp_owner(m[1], name) is not None)
+
+
+def _is_part(name: str) -> bool:
+    return _own_name(name, lambda n: _PART.fullmatch(n) is not None)
+
+
+def _real_dir(path: Path) -> bool:
+    st = lstat_or_none(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _remove_run_dir(d: Path) -> bool:
+    """Delete a run directory (``run-ID`` in the workspace: what a run's actors wrote; ``old-ID``: the output
+    a run replaced; ``.OUT.tmp-PID``: an earlier version's) as far as it is the runner's own: the part files
+    of words/ and sentences/, the summary, the marker, check.json and their temporary names (regular files:
+    ``fsutil.OwnedDir``, ``safe_unlink``), never through a symlink. Anything else stays, and the directories
+    holding it. Returns whether it is gone."""
+    if not _real_dir(d):
+        return False
+    for sub in ("words", "sentences"):
+        if _real_dir(d / sub):
+            OwnedDir(d / sub, f"the run directory {d / sub}", _is_part).remove()
+    return OwnedDir(d, f"the run directory {d}", lambda n: _own_name(n, _OWN_FILES.__contains__)).remove()
+
+
+def _left_in(d: Path, skip: set[str]) -> list[str]:
+    """What is in ``d`` (files and empty directories, relative paths; symlinks not followed), but ``skip``."""
+    found = []
+    for root, dirs, files in os.walk(d):
+        rel = os.path.relpath(root, d)
+        if rel == ".":
+            dirs[:] = [x for x in dirs if x not in skip]
+            files = [f for f in files if f not in skip]
+        names = files + [x for x in dirs if os.path.islink(os.path.join(root, x))]
+        found += [os.path.normpath(os.path.join(rel, n)) for n in names]
+        if not names and not dirs and rel != ".":
+            found.append(rel + "/")
+    return sorted(found)
+
+
+def workspace_path(out: Path) -> Path:
+    """The run's own directory beside its output (``_Workspace``)."""
+    return out.with_name(f".{out.name}.mlm-score-ray")
+
+
+def check_inputs_kept(inputs: Iterable[str | os.PathLike], out: Path) -> None:
+    """Raise UsageError (exit 2), before anything is touched, if an input lies in the output directory (which
+    the run replaces as a whole) or in the runner's workspace beside it, through symlinks or as a hard link
+    to a file there."""
+    places = [(out, "the output directory"), (workspace_path(out), "the runner's workspace")]
+    there: dict[tuple[int, int], str] = {}  # (device, inode) of the files in those places
+    for d, _ in places:
+        if _real_dir(d):
+            for root, _dirs, files in os.walk(d):
+                for f in files:
+                    st = lstat_or_none(os.path.join(root, f))
+                    if st is not None and stat.S_ISREG(st.st_mode):
+                        there.setdefault(identity(st), os.path.join(root, f))
+    for p in map(str, inputs):
+        real = os.path.realpath(p)
+        for d, what in places:
+            if real.startswith(os.path.realpath(d) + os.sep):
+                raise UsageError(f"refusing to run: the input {p!r} lies inside {what} {str(d)!r}, which this run "
+                                 f"replaces or deletes; move the input out of it or choose another output directory")
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if identity(st) in there:
+            raise UsageError(f"refusing to run: the input {p!r} is the file {there[identity(st)]!r} (a hard link), "
+                             f"which this run would replace; copy the input or choose another output directory")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -620,12 +697,14 @@ class _Workspace:
 
     A run removes it when it ends, whatever the outcome. A driver killed with SIGKILL leaves it behind;
     the next run on OUT takes the free lock and removes what the dead run left (its Ray processes are
-    ended by ``_Reaper`` when its driver dies). Entries it does not know are refused, never deleted.
+    ended by ``_Reaper`` when its driver dies). Entries it does not know are refused, never deleted; in
+    those it knows, only the regular files the runner writes are deleted (never through a symlink), and
+    anything else left there is refused as well.
     """
 
     def __init__(self, out: Path, run_id: str):
         self.out, self.run_id = out, run_id
-        self.dir = out.with_name(f".{out.name}.mlm-score-ray")
+        self.dir = workspace_path(out)
         self.stage = self.dir / f"run-{run_id}"
         self.actors = self.dir / "actors"
         self.debris: str | None = None  # what a dead run left, when there was something
@@ -635,7 +714,7 @@ class _Workspace:
         from .writer import lock_output
 
         for _ in range(10):  # a run that ends removes the directory: make it again
-            if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            if os.path.lexists(self.dir) and not _real_dir(self.dir):
                 raise UsageError(f"{self.dir} is not a directory of mlm-score ray's; move it away")
             self.dir.mkdir(exist_ok=True)
             try:
@@ -654,7 +733,8 @@ class _Workspace:
         try:
             info = {"written_by": WRITTEN_BY, "run_id": self.run_id, "host": os.uname().nodename,
                     "pid": os.getpid(), "started": time.time(), "output": str(self.out.absolute())}
-            (self.dir / "owner.json").write_text(json.dumps(info), encoding="utf-8")
+            with os.fdopen(create_exclusive(self.dir / "owner.json", default_file_mode()), "w", encoding="utf-8") as f:
+                json.dump(info, f)
             for sub in ("sentences", "words"):
                 (self.stage / sub).mkdir(parents=True)
             self.actors.mkdir()
@@ -663,14 +743,30 @@ class _Workspace:
             raise
         return self
 
+    def _refusal(self, names: list[str]) -> UsageError:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return UsageError(f"{self.dir} holds {shown}, which mlm-score ray did not write; move them away (the "
+                          f"directory is the runner's own workspace for {self.out})")
+
+    def _remove_entry(self, e: Path) -> None:
+        """Delete an entry of the workspace as far as it is the runner's own (regular files it writes)."""
+        if e.name == "owner.json":
+            safe_unlink(e)
+        elif e.name == "actors":
+            if _real_dir(e):
+                OwnedDir(e, f"the actors' status directory {e}", lambda n: _own_name(n, lambda x: x.endswith(".json"))
+                         ).remove()
+        elif e.name.startswith(("run-", "old-")):
+            _remove_run_dir(e)
+
     def _clear(self) -> None:
-        """Remove what a dead run left here (the lock is free, so its run is gone)."""
+        """Remove what a dead run left here (the lock is free, so its run is gone): only the files the runner
+        writes, never through a symlink; anything else is refused (UsageError), and stays."""
         entries = [e for e in self.dir.iterdir() if e.name != "lock"]
         unknown = [e.name for e in entries if e.name not in ("owner.json", "actors") and
                    not e.name.startswith(("run-", "old-"))]
         if unknown:
-            raise UsageError(f"{self.dir} holds {', '.join(sorted(unknown)[:5])}, which mlm-score ray did not "
-                             f"write; move them away (the directory is the runner's own workspace for {self.out})")
+            raise self._refusal(sorted(unknown))
         if entries:
             try:
                 dead = json.loads((self.dir / "owner.json").read_text(encoding="utf-8"))
@@ -678,29 +774,40 @@ class _Workspace:
             except (OSError, ValueError, AttributeError):
                 self.debris = "an earlier run"
         for e in entries:
-            _remove(e)
+            self._remove_entry(e)
+        left = _left_in(self.dir, {"lock"})
+        if left:
+            raise self._refusal(left)
         # the temporary directories of older versions (.OUT.tmp-PID) whose process is gone
         for e in self.out.parent.glob(f".{glob.escape(self.out.name)}.tmp-*"):
             pid = e.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)) and e.is_dir() and not e.is_symlink() and \
+            if pid.isdigit() and not _pid_alive(int(pid)) and _real_dir(e) and \
                     {c.name for c in e.iterdir()} <= {"words", "sentences", "summary.json"}:
-                _remove(e)
+                _remove_run_dir(e)
 
     def publish(self, *, overwrite: bool) -> None:
-        """Rename the complete stage to OUT (the earlier output, checked again, is moved out first)."""
+        """Rename the complete stage to OUT. The earlier output, checked again, is moved into the workspace
+        first and checked once more there: what was moved is what was checked (a symlink or a foreign
+        directory put at OUT in between is moved back, and the run refused)."""
         check_replaceable(self.out, overwrite=overwrite)
-        if self.out.exists():
-            os.replace(self.out, self.dir / f"old-{self.run_id}")
+        if os.path.lexists(self.out):
+            old = self.dir / f"old-{self.run_id}"
+            os.replace(self.out, old)
+            try:
+                check_replaceable(old, overwrite=overwrite)
+            except UsageError:
+                os.replace(old, self.out)
+                check_replaceable(self.out, overwrite=overwrite)  # says what it is, naming OUT
+                raise
         os.replace(self.stage, self.out)
 
     def __exit__(self, *exc) -> None:
         if self._fd is None:
             return
         try:
-            for e in self.dir.iterdir():
-                if e.name in ("owner.json", "actors") or e.name.startswith(("run-", "old-")):
-                    _remove(e)
-            _remove(self.dir / "lock")
+            for e in list(self.dir.iterdir()):
+                self._remove_entry(e)
+            safe_unlink(self.dir / "lock")
             os.rmdir(self.dir)
         except OSError:
             pass  # left for the next run, which removes what is its own
@@ -841,6 +948,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                              f"input {p!r} is not a file")
     out = Path(output_dir)
     check_replaceable(out, overwrite=overwrite)  # before anything is touched
+    check_inputs_kept(inputs, out)
     if not out.parent.is_dir():
         raise UsageError(f"the parent of the output directory, {str(out.parent)!r}, does not exist")
     flag_rules = list(flag_rules or [])
@@ -895,7 +1003,8 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
                 _write_part(tmp / sub / "part-00000-000000000000.parquet",
                             {f.name: [] for f in schemas[sub]}, schemas[sub])
             for stray in (tmp / sub).glob(".*"):  # a killed attempt's temporary file
-                stray.unlink()
+                if _is_part(stray.name):
+                    safe_unlink(stray)
         parts = sorted((tmp / "sentences").glob("part-*.parquet"))
         from .quality import RunQuantiles  # percentiles of the run itself: a second pass over its sentences
 
@@ -904,11 +1013,11 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
             second.rewrite(parts, {"flag_rules": second.rule_strings})
             summary["flagged"], summary["flag_rules"] = second.flagged, second.rule_strings
         summary["seconds"] = time.perf_counter() - t0
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_bytes(tmp / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), what="the summary")
         marker = {"written_by": WRITTEN_BY, "format": 1, "run_id": run_id, "output": str(out.absolute()),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_checksum": md.checksum,
                   "inputs": [ident for *_, ident in scan]}
-        (tmp / OUTPUT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        atomic_write_bytes(tmp / OUTPUT_MARKER, (json.dumps(marker, indent=2) + "\n").encode(), what="the marker")
         ws.publish(overwrite=overwrite)
     return summary
 

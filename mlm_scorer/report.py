@@ -484,11 +484,11 @@ def make_report(result_parquet: str | os.PathLike, out_html: str | os.PathLike, 
     return info
 
 
-def check_report_target(path: str | os.PathLike, what: str, result: str | os.PathLike,
+def check_report_target(path: str | os.PathLike, what: str, result: str | os.PathLike | None,
                         baseline: str | os.PathLike | None = None) -> Path:
     """Refuse (UsageError) a file ``report`` or ``check`` would write that is not absent or a regular file, or
     that is one of the files it reads: either file of the result or of the baseline, or a file inside a
-    result directory of ``mlm-score ray``."""
+    result directory of ``mlm-score ray``. ``result`` None: a writer that reads only ``baseline``."""
     from .fsutil import check_target
 
     reads: list[tuple[Path, str]] = []

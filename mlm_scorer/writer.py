@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -195,11 +196,18 @@ def lock_output(lock_path: str | os.PathLike, output: str | os.PathLike) -> int:
     """``flock`` ``lock_path`` (created if absent) for the run writing ``output``; returns the descriptor
     (closing it releases the lock). OutputLocked when a live run holds it. A lock file that its holder
     removed after this run opened it (a finished run cleaning up) is opened again, so that two runs
-    never hold locks on two files of one name."""
+    never hold locks on two files of one name. A lock path that is not absent or a regular file (a device,
+    whose opening alone may act, a FIFO, a socket, a symlink) is refused (UsageError) and never opened."""
     import fcntl
 
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), default_file_mode())
+        check_target(lock_path, "the lock file", parent_must_exist=False)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0),
+                     default_file_mode())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # put there since the check
+            os.close(fd)
+            check_target(lock_path, "the lock file", parent_must_exist=False)
+            raise UsageError(f"the lock file {str(lock_path)!r} is not a regular file; refusing to use it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -100,3 +100,88 @@ def test_score_task_refuses_another_runs_output_and_leaves_a_held_lock_retryable
 
         os.close(fd)
     assert score_task(tsv, tmp_path / "out", run_id="r1", **kw)["scored"] == 1  # the retry, once it is free
+
+
+def test_check_task_never_writes_over_what_it_reads_and_refuses_special_files_first(fake_export, tmp_path,
+                                                                                    monkeypatch):
+    """``check_task(json_path=...)``: the result's files, the baseline's, a symlink or a FIFO are refused
+    before the check runs (no Airflow here: the scorer's error as is), and nothing is written; the default
+    check.json inside a Ray output directory is still written."""
+    import os
+
+    import mlm_scorer.check as check
+    from mlm_scorer.airflow import check_task
+    from mlm_scorer.errors import UsageError
+    from mlm_scorer.pipeline import score_file
+
+    tsv = write_tsv(tmp_path / "in.tsv", [["a", "The cat sat on the mat."], ["b", "A dog ran home."]])
+    result, base = tmp_path / "probs.parquet", tmp_path / "base.parquet"
+    for out in (result, base):
+        score_file(tsv, out, model=str(fake_export), engine="fake", id_column="id")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "link.json").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.json")
+    files = [result, base, tmp_path / "probs.sentences.parquet", tmp_path / "base.sentences.parquet", victim]
+    before = {p: p.read_bytes() for p in files}
+    ran = []
+    real = check.run_check
+    monkeypatch.setattr(check, "run_check", lambda *a, **k: ran.append(a) or real(*a, **k))
+    for dest, message in ((result, "is the result"), (tmp_path / "probs.sentences.parquet", "the result's sentences"),
+                          (base, "is the baseline"), (tmp_path / "link.json", "is a symlink"),
+                          (tmp_path / "fifo.json", "is a FIFO")):
+        with pytest.raises(UsageError, match=message):
+            check_task(result, baseline=base, json_path=dest, log=None)
+    assert ran == [], "refused before the check ran"
+    assert {p: p.read_bytes() for p in files} == before and (tmp_path / "fifo.json").is_fifo()
+    assert check_task(result, baseline=base, log=None)["passed"]
+    assert json.loads((tmp_path / "check.json").read_text())["passed"]
+
+    ray_dir = tmp_path / "ray"  # a Ray output directory: check.json goes inside it, next to its own files
+    for sub, src in (("words", result), ("sentences", tmp_path / "probs.sentences.parquet")):
+        (ray_dir / sub).mkdir(parents=True)
+        (ray_dir / sub / "part-00000-000000000000.parquet").write_bytes(src.read_bytes())
+    assert check_task(ray_dir, log=None)["json"] == str(ray_dir / "check.json")
+    with pytest.raises(UsageError, match="lies inside the result directory"):
+        check_task(ray_dir, json_path=ray_dir / "sentences" / "c.json", log=None)
+
+
+def test_score_task_checks_what_it_writes_before_claiming_the_directory(fake_export, tmp_path):
+    """A refused run claims nothing: a score cache file that is a symlink is refused before the run's
+    directory and its claim record are made (another run of that key would otherwise be refused too)."""
+    from mlm_scorer.errors import UsageError
+
+    tsv = write_tsv(tmp_path / "in.tsv", [["a", "The cat sat on the mat."]])
+    day = datetime(2024, 1, 1, tzinfo=UTC)
+    kw = dict(model=str(fake_export), engine="fake", logical_date=day, dag_id="d", run_id="r1", id_column="id",
+              progress=False, log=None)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "scores.sqlite").symlink_to(tmp_path / "elsewhere.db")
+    with pytest.raises(UsageError, match="the score cache .*scores.sqlite' is a symlink"):
+        score_task(tsv, tmp_path / "out", score_cache=cache, **kw)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere.db").exists()
+    assert score_task(tsv, tmp_path / "out", run_id="r2", **{k: v for k, v in kw.items() if k != "run_id"})[
+        "scored"] == 1, "the key is free for another run"
+
+
+def test_a_claim_record_replaced_meanwhile_is_not_deleted(tmp_path, monkeypatch):
+    """The claim of a directory holding unclaimed files is withdrawn by deleting the record it made: only
+    that file (device and inode), not a record another run put there since."""
+    from pathlib import Path
+
+    d = tmp_path / "mystery"
+    d.mkdir()
+    (d / "probs.parquet").write_text("whose?")
+    real_iterdir = Path.iterdir
+
+    def iterdir_while_another_run_claims(self):
+        if self == d:  # between this call's claim and its withdrawal, the record is replaced by another run's
+            (d / OWNER_FILE).unlink()
+            (d / OWNER_FILE).write_text(json.dumps({"run_id": "other", "dag_id": None}))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_while_another_run_claims)
+    with pytest.raises(OutputTaken, match="already holds probs.parquet"):
+        claim_output_dir(d, run_id="r4")
+    assert json.loads((d / OWNER_FILE).read_text())["run_id"] == "other"

@@ -170,6 +170,23 @@ def test_a_users_file_in_a_marked_parts_directory_survives_the_run(tmp_path, inp
     assert (parts / "notes.txt").read_text() == "mine\n", "only the run's own files are deleted"
 
 
+@pytest.mark.parametrize("what", ["char_device", "fifo", "symlink"])
+def test_a_lock_file_that_is_not_a_regular_file_is_never_opened(what, tmp_path, inp, fake_export, capsys):
+    """The lock in a parts directory this program marked: a device (opening one may act: a tape rewinds, a
+    watchdog starts), a FIFO or a symlink there is refused with exit 2, never opened or deleted."""
+    from mlm_scorer.fsutil import OwnedDir
+
+    _needs(what)
+    parts = tmp_path / "out.parquet.parts"
+    parts.mkdir()
+    (parts / OwnedDir.MARKER).write_text("")
+    _special(parts / "lock", what)
+    code, err = _run(capsys, inp, tmp_path / "out.parquet", fake_export)
+    assert code == 2 and str(parts / "lock") in err and "not a regular file" in err, err
+    _unchanged(parts / "lock", what)
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_a_parts_directory_of_an_earlier_version_without_a_marker_still_resumes(tmp_path, inp, fake_export, capsys):
     out = tmp_path / "out.parquet"
     parts = tmp_path / "out.parquet.parts"
@@ -305,3 +322,139 @@ def test_outputs_are_written_with_the_umasks_permissions(tmp_path, inp, fake_exp
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == 3
     assert read_outputs(out)[1][0]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------ the exporter
+def test_export_overwrite_replaces_only_a_real_export(tiny_hf, tiny_export, tmp_path, capsys, monkeypatch):
+    """``mlm-export --overwrite`` replaces OUT/VERSION only when it is an export this program wrote: a
+    directory whose manifest is a symlink (even to a real export's), is not this program's format, or is
+    not JSON is refused with exit 2 before the checkpoint is loaded, and every file in it stays."""
+    import mlm_export.checkpoint as checkpoint
+    from mlm_export.cli import main as export_main
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    real_manifest = tiny_export / "1" / MANIFEST_NAME
+    for name, make in (("link", lambda m: m.symlink_to(real_manifest)),
+                       ("other_format", lambda m: m.write_text(json.dumps({"name": "my app", "format": "web"}))),
+                       ("not_json", lambda m: m.write_text("precious\n"))):
+        v = tmp_path / name / "1"
+        v.mkdir(parents=True)
+        (v / "thesis.tex").write_text("precious\n")
+        make(v / MANIFEST_NAME)
+        before = sorted(p.name for p in v.iterdir())
+        assert export_main([str(tiny_hf), str(v.parent), "--overwrite", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "is not an export made by mlm-export" in err and str(v) in err, err
+        assert sorted(p.name for p in v.iterdir()) == before and (v / "thesis.tex").read_text() == "precious\n"
+    assert json.loads(real_manifest.read_text())["format"] == "mlm-scorer-export"
+
+
+def test_export_overwrite_replaces_a_real_export_whole(tiny_hf, tiny_export, tmp_path):
+    import shutil
+
+    from mlm_export import export
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_export, base)
+    (base / "1" / "stale.txt").write_text("from the replaced export\n")
+    before = json.loads((base / "1" / MANIFEST_NAME).read_text())["created"]
+    assert export(tiny_hf, base, top_k=3, overwrite=True, log=lambda m: None) == base / "1"
+    manifest = json.loads((base / "1" / MANIFEST_NAME).read_text())
+    assert manifest["top_k"] == 3 and not (base / "1" / "stale.txt").exists(), (before, manifest["created"])
+    assert sorted(p.name for p in base.iterdir()) == ["1", "models.config"], "nothing of the old one is left"
+
+
+@pytest.mark.parametrize("what", ["symlink", "fifo", "directory"])
+def test_export_refuses_a_models_config_that_is_not_a_regular_file_before_exporting(what, tiny_hf, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """OUT/models.config (written after the export, for TF Serving) is checked before the checkpoint is
+    loaded: a symlink, a FIFO or a directory there is refused (exit 2) and no version directory is made."""
+    import mlm_export.checkpoint as checkpoint
+    from mlm_export.cli import main as export_main
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    base = tmp_path / "base"
+    base.mkdir()
+    _special(base / "models.config", what)
+    assert export_main([str(tiny_hf), str(base), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(base / "models.config") in err and "not a regular file" in err and "Traceback" not in err, err
+    _unchanged(base / "models.config", what)
+    assert not (base / "1").exists()
+
+
+def test_triton_repo_replaces_only_its_own_version_directory_and_config(tiny_export, tmp_path, capsys):
+    """``python -m mlm_export.triton_repo --overwrite`` replaces REPO/NAME/VERSION only when this program
+    wrote it; a config.pbtxt that is a symlink is refused before anything is written; an export inside the
+    version directory it would replace is refused; temporary names are its own (a user's look-alike and a
+    live run's file stay)."""
+    from mlm_export.triton_repo import RepositoryError, main as triton_main, write_triton_repo
+    from mlm_scorer.fsutil import create_exclusive, temp_path
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    repo = tmp_path / "repo"
+    kw = dict(backend="tensorflow", log=lambda m: None)
+    model_dir = write_triton_repo(tiny_export, repo, **kw)
+    notes = model_dir / ".config.pbtxt.tmp-notes"
+    notes.write_text("mine\n")
+    live = temp_path(model_dir / "config.pbtxt")  # this process is alive: not debris
+    os.close(create_exclusive(live))
+    write_triton_repo(tiny_export, repo, overwrite=True, max_batch_size=8, **kw)  # its own: replaced
+    assert "max_batch_size: 8" in (model_dir / "config.pbtxt").read_text()
+    assert notes.read_text() == "mine\n" and live.exists()
+    assert sorted(p.name for p in model_dir.iterdir() if not p.name.startswith(".config")) == ["1", "config.pbtxt"]
+
+    foreign = repo / "other" / "1"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("precious\n")
+    with pytest.raises(RepositoryError, match="is not a version directory written by this program"):
+        write_triton_repo(tiny_export, repo, name="other", overwrite=True, **kw)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+    plan = model_dir / "1" / "model.plan"  # a plan kept in the version directory it would replace
+    plan.write_bytes(b"a TensorRT plan")
+    with pytest.raises(RepositoryError, match=r"the model file .*model.plan' lies in .*repo/bert/1, which this run "
+                                              r"replaces"):
+        write_triton_repo(tiny_export, repo, backend="tensorrt", plan=plan, overwrite=True, log=lambda m: None)
+    assert plan.read_bytes() == b"a TensorRT plan" and (model_dir / "1" / MANIFEST_NAME).is_file()
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    cfg = repo / "linked" / "config.pbtxt"
+    cfg.parent.mkdir()
+    cfg.symlink_to(victim)
+    assert triton_main([str(tiny_export), str(repo), "--name", "linked", "--backend", "tensorflow"]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "is a symlink" in err and "Traceback" not in err, err
+    assert cfg.is_symlink() and victim.read_text() == "precious\n"
+    assert [p.name for p in cfg.parent.iterdir()] == ["config.pbtxt"], "nothing written before the refusal"
+
+
+def test_tensorrt_plan_paths_are_checked_before_tensorrt_is_loaded(tiny_export, tmp_path, capsys):
+    """``python -m mlm_export.to_tensorrt --out``: the export's manifest, the workload file, a symlink or a
+    FIFO are refused (exit 2) before TensorRT is loaded or a plan is built (minutes), and stay as they were."""
+    from mlm_export.to_tensorrt import main as trt_main
+    from mlm_scorer.model_dir import MANIFEST_NAME
+
+    manifest = tiny_export / "1" / MANIFEST_NAME
+    workload = tmp_path / "workload.txt"
+    workload.write_text("the cat sat\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "link.plan").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.plan")
+    before = {p: p.read_bytes() for p in (manifest, workload, victim)}
+    for out, message in ((manifest, "is the export's manifest"), (workload, "is the workload file"),
+                         (tmp_path / "link.plan", "is a symlink"), (tmp_path / "fifo.plan", "is a FIFO")):
+        assert trt_main([str(tiny_export), "--out", str(out), "--workload", str(workload)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(out) in err and "TensorRT" not in err, err
+    assert {p: p.read_bytes() for p in before} == before and (tmp_path / "fifo.plan").is_fifo()

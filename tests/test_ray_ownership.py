@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,204 @@ def test_what_a_killed_run_left_is_removed_but_nothing_foreign(tmp_path):
     with pytest.raises(UsageError, match="holds mine.txt, which mlm-score ray did not write"):
         _Workspace(out, "new2").__enter__()
     assert (ws_dir / "mine.txt").read_text() == "x"
+
+
+def test_a_foreign_workspace_loses_nothing(tmp_path):
+    """A directory at the workspace's name holding files the runner did not write (in its run and actor
+    directories too), or a lock that is not a regular file: refused, exit 2, and every file stays."""
+    out = tmp_path / "r"
+    ws_dir = tmp_path / ".r.mlm-score-ray"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("x")
+    (ws_dir / "run-dead" / "words").mkdir(parents=True)
+    (ws_dir / "run-dead" / "words" / "part-00000-000000000000.parquet").write_bytes(b"a dead run's part")
+    (ws_dir / "run-dead" / "words" / "thesis.tex").write_text("x")
+    (ws_dir / "old-dead").symlink_to(victim)
+    (ws_dir / "actors").mkdir()
+    (ws_dir / "actors" / "notes.txt").write_text("x")
+    (ws_dir / "owner.json").write_text(json.dumps({"run_id": "dead", "pid": 1, "host": "h"}))
+    with pytest.raises(UsageError, match=r"holds actors/notes.txt, old-dead, run-dead/words/thesis.tex, which "
+                                         r"mlm-score ray did not write"):
+        _Workspace(out, "new").__enter__()
+    assert (ws_dir / "run-dead" / "words" / "thesis.tex").read_text() == "x"
+    assert (ws_dir / "actors" / "notes.txt").read_text() == "x"
+    assert (ws_dir / "old-dead").is_symlink() and [p.name for p in victim.iterdir()] == ["thesis.tex"]
+    assert not (ws_dir / "run-dead" / "words" / "part-00000-000000000000.parquet").exists(), "its own: removed"
+    assert not out.exists()
+
+    fresh = tmp_path / "fresh"
+    (tmp_path / ".fresh.mlm-score-ray").mkdir()
+    os.mkfifo(tmp_path / ".fresh.mlm-score-ray" / "lock")
+    with pytest.raises(UsageError, match=r"the lock file .*\.fresh\.mlm-score-ray/lock' is a FIFO"):
+        _Workspace(fresh, "new").__enter__()
+    assert (tmp_path / ".fresh.mlm-score-ray" / "lock").is_fifo()
+
+
+def test_parts_and_status_files_are_written_under_the_runs_own_names(tmp_path):
+    """An actor's part and status files: a symlink planted at the temporary name earlier versions used
+    (``.NAME.tmp-PID``, ``.NAME.tmp``) is never written through; one at the final name is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlm_scorer.ray_data import _set_status, _write_part
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    schema = pa.schema([pa.field("row", pa.int64())])
+    part = tmp_path / "part-00000-000000000000.parquet"
+    (tmp_path / f".{part.name}.tmp-{os.getpid()}").symlink_to(victim)
+    status = tmp_path / "h-1.json"
+    (tmp_path / ".h-1.json.tmp").symlink_to(victim)
+    _write_part(part, {"row": [1, 2]}, schema)
+    _set_status(status, "ready")
+    assert victim.read_text() == "precious\n"
+    assert pq.read_table(part).column("row").to_pylist() == [1, 2]
+    assert json.loads(status.read_text())["phase"] == "ready"
+    part.unlink()
+    part.symlink_to(victim)
+    with pytest.raises(UsageError, match=r"a part file .*part-00000-000000000000.parquet' is a symlink"):
+        _write_part(part, {"row": [3]}, schema)
+    assert part.is_symlink() and victim.read_text() == "precious\n"
+    status.unlink()
+    status.symlink_to(victim)
+    _set_status(status, "failed")  # best effort: not written, and nothing left behind
+    assert status.is_symlink() and victim.read_text() == "precious\n"
+    _set_status(tmp_path / "gone" / "h-2.json", "ready")  # the workspace was removed: not made again
+    assert not (tmp_path / "gone").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p and not p.endswith(f"-{os.getpid()}")]
+
+
+def _ray_output(d: Path, rows: list) -> Path:
+    """A directory as mlm-score ray writes it (marker, summary, one part per output), made by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for sub in ("words", "sentences"):
+        (d / sub).mkdir(parents=True)
+    pq.write_table(pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]}),
+                   d / "sentences" / "part-00000-000000000000.parquet")
+    pq.write_table(pa.table({"row": [0]}), d / "words" / "part-00000-000000000000.parquet")
+    (d / OUTPUT_MARKER).write_text(json.dumps({"written_by": "mlm-score ray", "run_id": "earlier"}))
+    (d / "summary.json").write_text("{}")
+    return d / "sentences" / "part-00000-000000000000.parquet"
+
+
+def test_an_input_inside_the_output_directory_is_refused_before_anything_is_touched(fake_export, tmp_path,
+                                                                                     monkeypatch):
+    """The output directory is replaced as a whole: an input in it (directly, through a symlink, or a hard
+    link to a file in it) or in the workspace beside it would be deleted. Refused, exit 2, before Ray."""
+    import mlm_scorer.ray_data as rd
+
+    monkeypatch.setattr(rd, "_run_ray", lambda *a, **k: None)  # never reached once refused
+    out = tmp_path / "out"
+    part = _ray_output(out, ROWS[:3])
+    (tmp_path / "link.parquet").symlink_to(part)
+    os.link(part, tmp_path / "hard.parquet")
+    before = (part.read_bytes(), part.stat().st_ino)
+    for given, message in ((part, "lies inside the output directory"), (tmp_path / "link.parquet", "lies inside"),
+                           (tmp_path / "hard.parquet", "(a hard link)")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            score_dataset([str(given)], out, model=str(fake_export), engine="fake", text_column="text",
+                          id_column="id")
+        assert (part.read_bytes(), part.stat().st_ino) == before
+    ws_part = tmp_path / ".out.mlm-score-ray" / "run-dead" / "sentences" / part.name
+    ws_part.parent.mkdir(parents=True)
+    ws_part.write_bytes(part.read_bytes())
+    with pytest.raises(UsageError, match="lies inside the runner's workspace"):
+        score_dataset([str(ws_part)], out, model=str(fake_export), engine="fake", text_column="text", id_column="id")
+    assert ws_part.read_bytes() == before[0]
+    p = _cli("ray", str(part), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--text-column",
+             "text")
+    assert p.returncode == 2 and "lies inside the output directory" in p.stderr and "Traceback" not in p.stderr
+    assert (part.read_bytes(), part.stat().st_ino) == before
+
+
+def test_publish_moves_back_what_appeared_at_the_output_after_its_check(tmp_path, monkeypatch):
+    """The output is checked, then moved into the workspace and checked again there: a symlink put at its
+    path in between is moved back (not deleted with the replaced output), and the run refused."""
+    import mlm_scorer.ray_data as rd
+
+    out = tmp_path / "out"
+    _ray_output(out, ROWS[:3])
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("x")
+    real = rd.check_replaceable
+
+    def check_then_swap(path, **kw):
+        real(path, **kw)
+        if path == out and not out.is_symlink():  # the user's link appears just after the check
+            os.rename(out, tmp_path / "moved")
+            out.symlink_to(victim)
+
+    monkeypatch.setattr(rd, "check_replaceable", check_then_swap)
+    with _Workspace(out, "new") as ws:
+        (ws.stage / "sentences" / "part-00000-000000000000.parquet").write_bytes(b"new")
+        with pytest.raises(UsageError, match="is a symbolic link"):
+            ws.publish(overwrite=True)
+    assert out.is_symlink() and os.readlink(out) == str(victim)
+    assert [p.name for p in victim.iterdir()] == ["thesis.tex"]
+    assert not (tmp_path / ".out.mlm-score-ray").exists()
+
+
+def test_summary_json_is_checked_before_the_run_and_never_replaces_what_the_run_reads(fake_export, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """``mlm-score ray --summary-json``: an input, the baseline, the output directory or a path in it, a
+    symlink, a FIFO or a device are refused (exit 2) before the run starts; a symlink put there during the
+    run is a clear error (the output is complete), not a traceback."""
+    import stat
+
+    import mlm_scorer.ray_data as rd
+    from mlm_scorer.ray_cli import main
+
+    a = write_tsv(tmp_path / "a.tsv", ROWS[:3])
+    base = tmp_path / "base"
+    _ray_output(base, ROWS[:3])
+    calls = []
+
+    def fake_run(inputs, output_dir, **kw):
+        calls.append(output_dir)
+        return {"scored": 3, "rows": 3, "words": 9, "copies": 9, "actors": 1, "nodes": 1, "seconds": 0.1,
+                "skipped": 0, "flagged": 0, "words_output": "w", "sentences_output": "s"}
+
+    monkeypatch.setattr(rd, "score_dataset", fake_run)
+    out = tmp_path / "out"
+    _ray_output(out, ROWS[:3])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "link.json").symlink_to(victim)
+    os.mkfifo(tmp_path / "fifo.json")
+    devices = [(tmp_path / "null.json", "is a character device")] if os.geteuid() == 0 else []  # mknod needs root
+    for dev, _ in devices:
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    before = {p: p.read_bytes() for p in (a, victim, *base.rglob("*.parquet"), *out.rglob("*.parquet"))}
+    for target, message in ((a, "is an input"), (out, "is the output directory"),
+                            (out / "summary.json", "lies inside the output directory"),
+                            (tmp_path / ".out.mlm-score-ray" / "s.json", "lies inside the runner's workspace"),
+                            (base / "sentences" / "part-00000-000000000000.parquet", "inside the baseline directory"),
+                            (tmp_path / "link.json", "is a symlink"), (tmp_path / "fifo.json", "is a FIFO"),
+                            (tmp_path / "nodir" / "s.json", "does not exist"), *devices):
+        code = main([str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--baseline", str(base),
+                     "--flag-above", "pseudo_perplexity=p90", "--summary-json", str(target)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and str(target) in err and "Traceback" not in err, (target, err)
+    assert calls == [], "refused before the run"
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "fifo.json").is_fifo() and all(dev.is_char_device() for dev, _ in devices)
+
+    summary = tmp_path / "s.json"
+
+    def run_then_plant(inputs, output_dir, **kw):
+        summary.symlink_to(victim)  # appears while the run scores
+        return fake_run(inputs, output_dir, **kw)
+
+    monkeypatch.setattr(rd, "score_dataset", run_then_plant)
+    code = main([str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--summary-json",
+                 str(summary)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a symlink" in err and f"the output {out} is complete" in err and "Traceback" not in err
+    assert victim.read_text() == "precious\n" and summary.is_symlink()
 
 
 # ------------------------------------------------------------------------------------------ the inputs
