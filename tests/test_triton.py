@@ -123,7 +123,6 @@ def zoo(triton_py, bert_export, other_export, sameshape_export, root, certs):
                                                                       "bert": bert_export},
                               bare={"other_bare": other_export, "sameshape_bare": sameshape_export}, extra=tuple(extra))
     srv.start()
-    srv.token = srv.ready_line.split()[1]
     srv.tls = certs is not None
     yield srv
     srv.stop()

@@ -7,8 +7,9 @@
 the client's ``headers`` option); ``--grpc-tls-cert/--grpc-tls-key`` serve gRPC over TLS. ``--model
 NAME=EXPORT`` serves an export as scripts/serve_triton.py does (its identity in the configuration's
 parameters); ``--bare NAME=EXPORT`` leaves the identity out, so only the client's probes can tell the model
-apart. Prints ``READY <access token>`` once every model is loaded: the token opens Triton's restricted
-APIs (model repository load/unload, statistics), which the tests use to make a model not ready.
+apart. Prints ``READY`` once every model is loaded, after writing the access token to ``--token-file``:
+the token opens Triton's restricted APIs (model repository load/unload, statistics), which the tests use
+to make a model not ready and to count the requests a model answered.
 
 ``--swap NAME=EXPORT`` loads EXPORT beside NAME's own export; each SIGUSR1 then switches the weights NAME
 answers with (the server prints ``SWAPPED n``) while the server, its connections and the model's name,
@@ -44,6 +45,7 @@ def main() -> int:
                     help="inference needs the access token too (header triton-access-token)")
     ap.add_argument("--grpc-tls-cert", help="serve gRPC over TLS with this certificate (PEM) ...")
     ap.add_argument("--grpc-tls-key", help="... and key")
+    ap.add_argument("--token-file", required=True, help="where to write the access token before READY")
     ap.add_argument("--swap", action="append", default=[], metavar="NAME=EXPORT",
                     help="each SIGUSR1 switches model NAME between its export's weights and EXPORT's")
     args = ap.parse_args()
@@ -78,7 +80,10 @@ def main() -> int:
             print(f"SWAPPED {swapped[0]}", flush=True)
 
         signal.signal(signal.SIGUSR1, swap)
-        print(f"READY {triton.get_access_token()}", flush=True)
+        token = Path(args.token_file)
+        token.with_suffix(".part").write_text(triton.get_access_token())
+        token.with_suffix(".part").replace(token)
+        print("READY", flush=True)
         triton.serve()
     return 0
 
