@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import read_outputs, write_tsv
+from helpers import committed, read_outputs, wait_for_chunks, write_tsv
 from tiny_models import SMALL_VOCAB, make_hf_bert
 from triton_fixtures import export_with_onnx, serve_triton_process, test_server_process, triton_python
 
@@ -419,8 +419,6 @@ def test_mlm_score_never_commits_rows_of_two_models(scheme, how, lone, bert_expo
     and a restart on them while the client retries, or a reload in place): the run stops with exit code 5
     before a row of the other weights is committed; every committed row is the first model's; --resume is
     refused at start-up and leaves the committed chunks alone."""
-    import pyarrow.parquet as pq
-
     rows = [[f"r{i}", s] for i, s in enumerate(_sentences(3000, seed=13))]
     tsv = write_tsv(tmp_path / "in.tsv", rows)
     out = tmp_path / "out.parquet"
@@ -428,29 +426,16 @@ def test_mlm_score_never_commits_rows_of_two_models(scheme, how, lone, bert_expo
            lone.http_url if scheme == "http" else lone.grpc_url, "--model-name", "bert", "--protocol", "kserve",
            "--id-column", "id", "--chunk-rows", "100", "--retry-budget", "120", "--engine-option", "backoff_max=1",
            "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    progress = Path(str(out) + ".parts") / "progress.json"
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, "the run ended before the weights changed: " + proc.communicate()[1]
-        assert time.monotonic() < deadline, "no two chunks were committed in time"
-        try:
-            if len(json.loads(progress.read_text())["parts"]) >= 2:
-                break
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_chunks(out, proc, 2)
     _other_weights(lone, how, sameshape_export)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 5, err
     assert "no longer the one verified at start-up" in err and "Traceback" not in err, err
     assert not out.exists()
-    parts = json.loads(progress.read_text())["parts"]
-    committed = sum(part["rows"] for part in parts)
-    assert 200 <= committed < len(rows)
-    got = [r["pll"] for part in parts
-           for r in pq.read_table(progress.parent / part["sentences"], columns=["pll"]).to_pylist()]
-    head = write_tsv(tmp_path / "head.tsv", rows[:committed])
+    parts, got = committed(out)
+    assert 200 <= len(got) < len(rows)
+    head = write_tsv(tmp_path / "head.tsv", rows[:len(got)])
     first = _sentences_pll(head, bert_export, tmp_path / "first.parquet")
     second = _sentences_pll(head, sameshape_export, tmp_path / "second.parquet")
     np.testing.assert_allclose(got, first, atol=1e-3, rtol=0)
@@ -459,7 +444,7 @@ def test_mlm_score_never_commits_rows_of_two_models(scheme, how, lone, bert_expo
     assert r.returncode == 4, r.stderr
     assert re.search(r"not the local export .*configuration records model_checksum|different weights are being "
                      r"served", r.stderr) and "Traceback" not in r.stderr, r.stderr
-    assert json.loads(progress.read_text())["parts"] == parts
+    assert committed(out)[0] == parts
 
 
 # ------------------------------------------------------------------------------------------ two clients
