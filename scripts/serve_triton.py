@@ -197,23 +197,35 @@ def prepare_environment() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def read_manifest(vdir: Path) -> dict[str, Any]:
+    return json.loads((vdir / "mlm_scorer.json").read_text(encoding="utf-8"))
+
+
+def export_callable(vdir: Path, manifest: dict[str, Any], threads: int | None = None) -> Callable[[list], list]:
+    """The callable that serves the export in ``vdir``: ONNX Runtime on its model.onnx (checked by
+    ``open_session``), each request checked by ``make_infer``."""
+    cfg = manifest.get("config") or {}
+    return make_infer(open_session(vdir, manifest, threads), vocab=int(manifest["vocab_size"]),
+                      type_vocab=int(cfg.get("type_vocab_size") or 2), max_len=int(manifest["max_seq_length"]),
+                      k=int(manifest["top_k"]))
+
+
 def bind_export(triton, export: Path, *, name: str, version: int | None = None, max_batch_size: int = 64,
                 max_queue_delay_us: int = 2000, instances: int = 1, threads: int | None = None,
-                with_identity: bool = True) -> dict[str, Any]:
+                with_identity: bool = True, infer: Callable[[list], list] | None = None) -> dict[str, Any]:
     """Bind the export's ONNX model to ``triton`` as NAME (version: the export's); returns its manifest.
 
     ``with_identity``: put the export's identity into the configuration's parameters (a client then refuses
-    another export before probing).
+    another export before probing). ``infer``: the callable to bind instead of ``export_callable``'s (it
+    must answer as the export's signature says).
     """
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     vdir = version_dir(export, version)
-    manifest = json.loads((vdir / "mlm_scorer.json").read_text(encoding="utf-8"))
+    manifest = read_manifest(vdir)
     k = int(manifest["top_k"])
-    cfg = manifest.get("config") or {}
-    sess = open_session(vdir, manifest, threads)
-    infer = make_infer(sess, vocab=int(manifest["vocab_size"]), type_vocab=int(cfg.get("type_vocab_size") or 2),
-                       max_len=int(manifest["max_seq_length"]), k=k)
+    if infer is None:
+        infer = export_callable(vdir, manifest, threads)
     if with_identity:
         _install_parameters_hook()
         _PARAMETERS[name] = identity_parameters(manifest)

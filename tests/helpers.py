@@ -65,3 +65,35 @@ def read_outputs(out: Path):
     from mlm_scorer.writer import sentences_path
 
     return pq.read_table(out).to_pylist(), pq.read_table(sentences_path(out)).to_pylist()
+
+
+def wait_for_chunks(out: Path, proc, n: int, timeout: float = 240.0) -> None:
+    """Wait until the running mlm-score ``proc`` writing ``out`` has committed ``n`` chunks (its
+    ``OUT.parts/progress.json`` lists them); AssertionError if the run ends first or ``timeout`` passes."""
+    import json
+    import time
+
+    progress = Path(str(out) + ".parts") / "progress.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.monotonic() < deadline, f"{n} chunks were not committed within {timeout:g}s"
+        try:
+            if len(json.loads(progress.read_text())["parts"]) >= n:
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+
+
+def committed(out: Path) -> tuple[list[dict], list[float]]:
+    """What an unfinished run writing ``out`` committed: the chunks ``progress.json`` lists, and the ``pll``
+    of each committed row, in input order."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    parts_dir = Path(str(out) + ".parts")
+    parts = json.loads((parts_dir / "progress.json").read_text())["parts"]
+    return parts, [r["pll"] for part in parts
+                   for r in pq.read_table(parts_dir / part["sentences"], columns=["pll"]).to_pylist()]

@@ -274,7 +274,7 @@ def test_a_servers_answers_never_answer_an_in_process_run_from_the_cache(proxy, 
 
 def test_a_server_whose_probe_fails_later_is_never_stored_in_the_cache(proxy, tiny_export, tmp_path, capsys):
     proxy.value = -5.0
-    proxy.tamper_all_after = 3  # the start-up checks (two vocabulary probes, the identity probe) pass
+    proxy.tamper_all_after = 4  # the start-up checks (a plain request, two vocabulary probes, the identity probe) pass
     inp = tmp_path / "in.tsv"
     inp.write_text(ROWS)
     cache = tmp_path / "cache"

@@ -21,6 +21,7 @@ pytest.importorskip("requests")
 tf = pytest.importorskip("tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import committed, wait_for_chunks  # noqa: E402
 from tfserving_standin import StandIn  # noqa: E402
 from tiny_models import make_hf_bert  # noqa: E402
 
@@ -533,8 +534,6 @@ def test_mlm_score_never_commits_rows_of_two_models(kind, export_dir, other_expo
     """kill -9 the server mid-run and restart it on other weights (same name, same version) while the
     client retries: the run stops with exit 5 before a row of the second model is committed; the chunks
     committed before are the first model's, and --resume refuses the other model at start-up."""
-    import json as _json
-
     import pyarrow.parquet as pq
 
     from mlm_scorer.pipeline import score_file
@@ -547,30 +546,18 @@ def test_mlm_score_never_commits_rows_of_two_models(kind, export_dir, other_expo
            "--model-name", "bert", "--id-column", "id", "--chunk-rows", "100", "--retry-budget", "120",
            "--engine-option", "max_batch_size=16", "--no-progress"]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    progress = Path(str(out) + ".parts") / "progress.json"
-    deadline = time.monotonic() + 240
-    while True:
-        assert p.poll() is None and time.monotonic() < deadline, "the run ended before the restart"
-        try:
-            if len(_json.loads(progress.read_text())["parts"]) >= 2:
-                break
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        time.sleep(0.1)
+    wait_for_chunks(out, p, 2)
     lone_server.models = {"bert": other_export}
     lone_server.restart()
     _, err = p.communicate(timeout=300)
     assert p.returncode == 5, err
     assert "no longer the one verified at start-up" in err and "internal error" not in err, err
     assert not out.exists()
-    parts = _json.loads(progress.read_text())["parts"]
-    committed = sum(part["rows"] for part in parts)
-    assert 200 <= committed < 1200
-    got = [r["pll"] for part in parts
-           for r in pq.read_table(progress.parent / part["sentences"], columns=["pll"]).to_pylist()]
+    parts, got = committed(out)
+    assert 200 <= len(got) < 1200
     # the committed rows are the first model's, not the second's
     first_rows = tmp_path / "first.tsv"
-    first_rows.write_text("".join(src.read_text().splitlines(keepends=True)[: committed + 1]))
+    first_rows.write_text("".join(src.read_text().splitlines(keepends=True)[: len(got) + 1]))
     refs = {}
     for name, m in (("first", export_dir), ("second", other_export)):
         score_file(first_rows, tmp_path / f"{name}.parquet", model=m, engine="saved_model", id_column="id",
@@ -581,7 +568,7 @@ def test_mlm_score_never_commits_rows_of_two_models(kind, export_dir, other_expo
     # --resume: the start-up checks refuse the other model (exit 4) and leave the committed chunks
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 4 and "different weights are being served" in r.stderr, r.stderr
-    assert _json.loads(progress.read_text())["parts"] == parts
+    assert committed(out)[0] == parts
 
 
 # ------------------------------------------------------------------------------------ auth and TLS

@@ -4,13 +4,18 @@ KServe v2 HTTP (binary tensors) and gRPC.
 Two servers per module: ``scripts/serve_triton.py`` serving the export as a user starts it (parity,
 kill/restart/--resume, two clients, protocol detection), and tests/triton_server.py serving other exports
 and a spare model behind an access-token header, with gRPC over TLS (refusals, a model that is not ready,
-headers, TLS, dynamic batching). Numbers come from transformers' PyTorch model on the same weights.
+headers, TLS, dynamic batching). A test that changes the weights behind the model's name and version (a
+restart on other weights, or a switch in place) has a tests/triton_server.py of its own (``lone``).
+Numbers come from transformers' PyTorch model on the same weights.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import read_outputs, write_tsv
+from helpers import committed, read_outputs, wait_for_chunks, write_tsv
 from tiny_models import SMALL_VOCAB, make_hf_bert
 from triton_fixtures import export_with_onnx, serve_triton_process, test_server_process, triton_python
 
@@ -123,7 +128,6 @@ def zoo(triton_py, bert_export, other_export, sameshape_export, root, certs):
                                                                       "bert": bert_export},
                               bare={"other_bare": other_export, "sameshape_bare": sameshape_export}, extra=tuple(extra))
     srv.start()
-    srv.token = srv.ready_line.split()[1]
     srv.tls = certs is not None
     yield srv
     srv.stop()
@@ -310,10 +314,11 @@ def test_killed_server_then_resume_equals_a_clean_run(server, bert_export, tmp_p
     _same_outputs(clean, out)
 
 
-def test_run_rides_through_a_restart_and_checks_the_model_again(server, bert_export, tiny_reference, tmp_path):
-    """The server is killed while gRPC requests are in flight and restarted on the same ports: the client
-    retries within its budget, verifies the restarted server's model with the identity probe, and finishes
-    with every number equal to transformers'."""
+def test_run_rides_through_a_restart_on_the_same_model(server, bert_export, tiny_reference, tmp_path):
+    """The server is killed while gRPC requests are in flight and restarted on the same ports and the same
+    export: the client retries within its budget, the verification row of every answer after the restart still
+    equals the start-up answer (the same weights are not taken for others), and the run finishes with every
+    number equal to transformers'."""
     sentences = _sentences(80, seed=5)
     tsv = write_tsv(tmp_path / "in.tsv", [[str(i), s] for i, s in enumerate(sentences)])
     out = tmp_path / "out.parquet"
@@ -328,9 +333,118 @@ def test_run_rides_through_a_restart_and_checks_the_model_again(server, bert_exp
     server.start()
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert "still serves the local export" in err  # the identity probe ran again after reconnecting
+    assert "retrying in" in err  # the restart was seen
     diff = _check_against_reference(out, tiny_reference, sentences, "token")
     assert diff <= TOL
+
+
+# ------------------------------------------------------------------------------------------ one model per run
+
+@pytest.fixture
+def lone(triton_py, bert_export, sameshape_export, tmp_path):
+    """A server of its own serving ``bert`` = bert_export (tests/triton_server.py, the identity in its
+    configuration), to be given other weights of the same shape under the same name and version
+    (``_other_weights``): restarted on sameshape_export, or switched to it in place (``--swap``, SIGUSR1)."""
+    models = {"bert": bert_export}
+    srv = test_server_process(triton_py, tmp_path, tmp_path / "lone", models=models,
+                              extra=("--swap", f"bert={sameshape_export}"))
+    srv.models = models
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _other_weights(srv, how: str, other: Path) -> None:
+    """``restart``: kill -9 the server and start it on ``other`` (same ports, name and version); ``reload``:
+    switch its model to ``other``'s weights in place, with no restart and no dropped connection."""
+    if how == "restart":
+        srv.kill()
+        srv.models["bert"] = other
+        srv.start()
+        return
+    seen = srv.log_path.read_text(errors="replace").count("SWAPPED")
+    os.kill(srv.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while srv.log_path.read_text(errors="replace").count("SWAPPED") == seen:
+        assert time.monotonic() < deadline, "the server did not switch its weights"
+        time.sleep(0.05)
+
+
+def _answered(srv) -> int:
+    """Inference requests the server's model ``bert`` version 1 answered successfully (Triton's statistics)."""
+    r = requests.get(f"{srv.http_url}/v2/models/bert/versions/1/stats", headers={"triton-access-token": srv.token},
+                     timeout=10)
+    assert r.status_code == 200, r.text
+    return int(r.json()["model_stats"][0]["inference_stats"]["success"]["count"])
+
+
+@pytest.mark.parametrize("how", ["restart", "reload"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_weights_are_caught_on_the_first_answer(kind, how, lone, bert_export, sameshape_export):
+    """The model behind the address changes to other weights of the same shape under the same name and version
+    -- the server restarted on them, or the model reloaded in place with no dropped connection: the
+    verification row in every request catches it on the first answer of the other weights (no result of them
+    is returned, and no other request is sent)."""
+    from mlm_scorer.engines.fake import FakeEngine
+    from mlm_scorer.scorer import Scorer
+
+    md = ModelDir.open(bert_export)
+    batch = next(iter(Scorer(md, FakeEngine(md), mode="whole-word").prepare(SENTENCES).built))
+    with get_engine(kind, model=md, server=_url(lone, kind), model_name="bert", retry_budget=120,
+                    backoff_max=1) as eng:
+        first = eng.run(batch)
+        _other_weights(lone, how, sameshape_export)
+        before = _answered(lone)
+        with pytest.raises(EngineError, match=r"inference on \d+ copies: the server's answer to the verification row "
+                                              r"differs from its answer at start-up by [\d.e-]+ \(allowed 0.001\): "
+                                              r"the model served as 'bert' version 1 is no longer the one verified"):
+            eng.run(batch)
+        assert _answered(lone) - before == 1
+    assert np.isfinite(first.log_probs).all() and (first.log_probs < 0).all()
+
+
+def _sentences_pll(tsv: Path, export: Path, out: Path) -> list[float]:
+    import pyarrow.parquet as pq
+
+    from mlm_scorer.writer import sentences_path
+
+    score_file(tsv, out, model=export, engine="onnx", id_column="id")
+    return pq.read_table(sentences_path(out), columns=["pll"]).column("pll").to_pylist()
+
+
+@pytest.mark.parametrize("how", ["restart", "reload"])
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_mlm_score_never_commits_rows_of_two_models(scheme, how, lone, bert_export, sameshape_export, tmp_path):
+    """Mid-run, with chunks committed, the server gets other weights under the same name and version (kill -9
+    and a restart on them while the client retries, or a reload in place): the run stops with exit code 5
+    before a row of the other weights is committed; every committed row is the first model's; --resume is
+    refused at start-up and leaves the committed chunks alone."""
+    rows = [[f"r{i}", s] for i, s in enumerate(_sentences(3000, seed=13))]
+    tsv = write_tsv(tmp_path / "in.tsv", rows)
+    out = tmp_path / "out.parquet"
+    cmd = [sys.executable, "-m", "mlm_scorer", str(tsv), "-o", str(out), "--model", str(bert_export), "--server",
+           lone.http_url if scheme == "http" else lone.grpc_url, "--model-name", "bert", "--protocol", "kserve",
+           "--id-column", "id", "--chunk-rows", "100", "--retry-budget", "120", "--engine-option", "backoff_max=1",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_chunks(out, proc, 2)
+    _other_weights(lone, how, sameshape_export)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 5, err
+    assert "no longer the one verified at start-up" in err and "Traceback" not in err, err
+    assert not out.exists()
+    parts, got = committed(out)
+    assert 200 <= len(got) < len(rows)
+    head = write_tsv(tmp_path / "head.tsv", rows[:len(got)])
+    first = _sentences_pll(head, bert_export, tmp_path / "first.parquet")
+    second = _sentences_pll(head, sameshape_export, tmp_path / "second.parquet")
+    np.testing.assert_allclose(got, first, atol=1e-3, rtol=0)
+    assert np.max(np.abs(np.array(got) - second)) > 0.1
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 4, r.stderr
+    assert re.search(r"not the local export .*configuration records model_checksum|different weights are being "
+                     r"served", r.stderr) and "Traceback" not in r.stderr, r.stderr
+    assert committed(out)[0] == parts
 
 
 # ------------------------------------------------------------------------------------------ two clients
@@ -361,7 +475,7 @@ def test_two_clients_at_once(server, bert_export, tiny_reference, tmp_path):
 
 def test_dynamic_batching_merges_concurrent_requests(zoo, certs, bert_export):
     """Equal-shape requests from several threads are merged by Triton's dynamic batcher (its statistics show
-    fewer executions than inferences), and every merged answer is still each request's own."""
+    fewer executions than requests), and every merged answer is still each request's own."""
     md = ModelDir.open(bert_export)
     from mlm_scorer.engines._remote import probe_batch
 
@@ -375,9 +489,11 @@ def test_dynamic_batching_merges_concurrent_requests(zoo, certs, bert_export):
         after = requests.get(stats_url, headers=hdr, timeout=10).json()["model_stats"][0]
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g.log_probs, e)
-    inferences = after["inference_count"] - before["inference_count"]
+    requests_ = after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"]
     executions = after["execution_count"] - before["execution_count"]
-    assert inferences == len(batches) and executions < inferences, (inferences, executions)
+    assert requests_ == len(batches) and executions < requests_, (requests_, executions)
+    # each request: its copy and the verification row
+    assert after["inference_count"] - before["inference_count"] == 2 * len(batches)
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -396,7 +512,8 @@ def test_another_export_is_refused_at_start_up(kind, zoo, certs, bert_export):
     with pytest.raises(ModelError, match="different weights are being served"):
         _zoo_engine(kind, zoo, certs, md, "sameshape_bare")
     with _zoo_engine(kind, zoo, certs, md, "bert") as eng:  # and the right one passes, through the same checks
-        assert eng.served_version == 1 and eng.max_batch_size == 16  # capped at the model's max_batch_size
+        # capped at the model's max_batch_size, the verification row included
+        assert eng.served_version == 1 and eng.max_batch_size == 15
 
 
 def test_refusal_through_the_command_line(zoo, bert_export, tmp_path):

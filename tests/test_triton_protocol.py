@@ -1,7 +1,8 @@
 """The KServe v2 client's wire format and checks, without a server: the hand-built gRPC messages against
 Triton's own generated descriptors (tritonclient, in .venv-triton), the HTTP binary request against
-tritonclient's, response validation, header options, and the HTTP deadline and size bound against a
-local socket that misbehaves on purpose."""
+tritonclient's, response validation (the KServe engines' ``_predict_once`` and the checks every remote
+engine shares), header options, and the HTTP deadline and size bound against a local socket that
+misbehaves on purpose."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import pytest
 import requests
 from triton_fixtures import run_in_triton_venv, triton_python
 
-from mlm_scorer.engines._remote import FatalError, RetryableError
-from mlm_scorer.engines.kserve_base import Reply, check_structure, check_values, read_headers, response_limit
+from mlm_scorer.engines._remote import (RAW_BYTES_PER_VALUE, BadResponseError, ModelChangedError, RemoteOptions,
+                                        RetryableError, expected_outputs, response_limit)
+from mlm_scorer.engines.kserve_base import KServeEngine, Reply, read_headers
 from mlm_scorer.engines.kserve_http import call, decode_response, encode_request
 from mlm_scorer.errors import UsageError
 
@@ -119,11 +121,34 @@ def _reply(**over) -> tuple[Reply, np.ndarray]:
     return Reply(**fields), pos
 
 
-def _check(reply, pos, k=4, vocab=10):
-    got = check_structure(reply, outputs=["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"], model_name="bert",
-                          version="1", request_id="r1", B=2, P=3, k=k)
-    check_values(got, pos, vocab)
-    return got
+class _Answers(KServeEngine):
+    """A KServe engine, without a server or its start-up checks, whose every inference request (id "r1", for
+    model 'bert' version 1, top-k 4, a 10-token vocabulary) is answered with ``reply``."""
+
+    name = "kserve_http"
+    SCHEMES = {"http": 8000}
+
+    def __init__(self, reply: Reply):  # not RemoteEngine.__init__: no connection, no start-up checks
+        self.opts = RemoteOptions.parse(self.name, {"server": "http://127.0.0.1:1", "model_name": "bert",
+                                                    "model_version": 1, "padding_row": False},
+                                        schemes=self.SCHEMES)
+        self.vocab_size, self.top_k_width, self.max_slots = 10, 4, 8
+        self._verify = None
+        self.reply = reply
+
+    def _request_id(self) -> str:
+        return "r1"
+
+    def _infer(self, inputs, outputs, version, request_id, limit):
+        assert (version, request_id) == ("1", "r1")
+        return self.reply
+
+
+def _check(reply, pos):
+    """The outputs of ``reply`` as the engine would use them (every check passed), for a request of 2 copies x 3
+    slots with masked_lm_positions ``pos``."""
+    return _Answers(reply).predict_checked({"masked_lm_positions": pos},
+                                           ["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"])
 
 
 def test_a_well_formed_reply_passes_with_padding_slots():
@@ -133,35 +158,42 @@ def test_a_well_formed_reply_passes_with_padding_slots():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_name": "other"}, "comes from model 'other', not 'bert'"),
-    ({"model_version": "2"}, "version '2' of 'bert', not the verified version 1"),
+    ({"model_name": "other"}, "is from model 'other', not 'bert'"),
+    ({"model_name": ""}, "is from model '', not 'bert'"),
+    ({"model_version": "2"}, "is from version 2 of 'bert', but this run verified version 1"),
     ({"id": "r2"}, "answers request 'r2', not 'r1'"),
     ({"outputs": {"top_k_ids": ("INT64", (2, 3, 4), np.zeros(24, np.int64))}}, "datatype INT64, expected INT32"),
-    ({"outputs": {"masked_lm_log_probs": ("FP32", (2, 4), np.zeros(8, np.float32))}}, r"shape \[2, 4\], expected \[2, 3\]"),
-    ({"outputs": {"masked_lm_log_probs": ("FP32", (2, 3), np.zeros(5, np.float32))}}, "holds 5 float32 values"),
-    ({"outputs": {"top_k_log_probs": ("FP32", (2, 3, 5), np.zeros(30, np.float32))}}, r"expected \[2, 3, 4\]"),
+    ({"outputs": {"masked_lm_log_probs": ("FP32", (2, 4), np.zeros(8, np.float32))}},
+     r"shape \[2, 4\]; this request allows float32 \[2, 3\]"),
+    ({"outputs": {"masked_lm_log_probs": ("FP32", (3, 3), np.zeros(9, np.float32))}},
+     r"shape \[3, 3\]; this request allows float32 \[2, 3\]"),
+    ({"outputs": {"masked_lm_log_probs": ("FP32", (2, 3), np.zeros(5, np.float32))}},
+     r"holds 5 float32 values for shape \[2, 3\] \(6 expected\)"),
+    ({"outputs": {"top_k_log_probs": ("FP32", (2, 3, 5), np.zeros(30, np.float32))}},
+     r"this request allows float32 \[2, 3, 4\]"),
 ])
 def test_structure_is_refused(change, message):
     reply, pos = _reply(**change)
-    with pytest.raises(FatalError, match=message):
+    with pytest.raises(BadResponseError, match=message) as ei:
         _check(reply, pos)
+    assert isinstance(ei.value, ModelChangedError) == ("model_name" in change or "model_version" in change)
 
 
 def test_missing_output_is_refused():
     reply, pos = _reply()
     del reply.outputs["top_k_ids"]
-    with pytest.raises(FatalError, match="lacks output 'top_k_ids'"):
+    with pytest.raises(BadResponseError, match="lacks output 'top_k_ids'"):
         _check(reply, pos)
 
 
 @pytest.mark.parametrize("name,index,value,message", [
-    ("masked_lm_log_probs", 0, np.nan, "not a log-probability"),
-    ("masked_lm_log_probs", 1, 0.5, "not a log-probability"),
-    ("masked_lm_log_probs", 0, -np.inf, "not a log-probability"),
-    ("top_k_log_probs", 0, -np.inf, "top_k_log_probs.*not a log-probability"),  # -inf at a used slot
-    ("top_k_log_probs", 0, 0.1, "top_k_log_probs"),
-    ("top_k_ids", 0, 10, "not a token id of the 10-token vocabulary"),
-    ("top_k_ids", 0, -1, "not a token id"),  # -1 at a used slot
+    ("masked_lm_log_probs", 0, np.nan, r"\[0, 0\] = nan: a log-probability must be finite and <= 0"),
+    ("masked_lm_log_probs", 1, 0.5, r"\[0, 1\] = 0.5: a log-probability must be finite and <= 0"),
+    ("masked_lm_log_probs", 0, -np.inf, "a log-probability must be finite"),
+    ("top_k_log_probs", 0, -np.inf, r"top_k_log_probs\[0, 0, 0\] = -inf: .* finite in a slot that was asked for"),
+    ("top_k_log_probs", 0, 0.1, r"top_k_log_probs\[0, 0, 0\] = 0.1\d*: a top-k log-probability must be <= 0"),
+    ("top_k_ids", 0, 10, r"top_k_ids\[0, 0, 0\] = 10: a top-k id must be a token of the vocabulary \(10 tokens"),
+    ("top_k_ids", 0, -1, r"top_k_ids\[0, 0, 0\] = -1: .*-1 only in an unused slot"),  # -1 at a used slot
 ])
 def test_impossible_numbers_are_refused(name, index, value, message):
     reply, pos = _reply()
@@ -169,7 +201,7 @@ def test_impossible_numbers_are_refused(name, index, value, message):
     flat = flat.copy()
     flat[index] = value
     reply.outputs[name] = (datatype, shape, flat)
-    with pytest.raises(FatalError, match=message):
+    with pytest.raises(BadResponseError, match=message):
         _check(reply, pos)
 
 
@@ -201,12 +233,19 @@ def test_malformed_binary_response_is_refused(mutate, message):
     body, hdrs = _http_body({"model_name": "bert", "outputs": [
         {"name": "masked_lm_log_probs", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]},
         [np.zeros(2, np.float32).tobytes()])
-    with pytest.raises(FatalError, match=message):
+    with pytest.raises(BadResponseError, match=message):
         decode_response(*mutate(body, hdrs))
 
 
 def test_response_limit_grows_with_the_request():
-    assert response_limit(64, 8, 5) - response_limit(32, 8, 5) == 4 * 32 * 8 * 11
+    """Raw float32/int32 tensors: 4 bytes a value, for the outputs asked for (B x P log-probs, B x P x k of
+    each top-k output), plus 64 KiB for the JSON header."""
+    ins = {n: {"masked_lm_positions": np.zeros((b, 8), np.int32)} for n, b in (("64", 64), ("32", 32))}
+    outs = ["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"]
+    limit = {n: response_limit(expected_outputs(i, outs, k=5, max_slots=0).values(), RAW_BYTES_PER_VALUE)
+             for n, i in ins.items()}
+    assert limit["64"] - limit["32"] == 4 * 32 * 8 * 11
+    assert limit["32"] == (1 << 16) + 4 * 32 * 8 * 11
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -308,7 +347,7 @@ def test_an_answer_larger_than_the_request_allows_is_refused(declared):
     srv = _BadServer(head, body, chunk=4096, pause=0.0)
     try:
         with requests.Session() as s:
-            with pytest.raises(FatalError, match="than the 10000 bytes|exceeds the 10000 bytes"):
+            with pytest.raises(BadResponseError, match="than the 10000 bytes|exceeds the 10000 bytes"):
                 call(s, "POST", srv.url, timeout=10.0, connect_timeout=1.0, limit=10_000, body=b"{}")
     finally:
         srv.close()

@@ -53,8 +53,11 @@ def free_ports(n: int) -> list[int]:
 
 
 class TritonProcess:
-    """One server process: ``argv(http_port, grpc_port, start_number)`` -> its command line; ready when its log has a line
-    starting with READY (the rest of that line is kept in ``ready_line``)."""
+    """One server process: ``argv(http_port, grpc_port, start_number)`` -> its command line; ready when its log has
+    READY (the rest of that line is kept in ``ready_line``). The server's own log shares the file, a piece of a
+    line at a time, so READY may follow the start of a line of tritonserver's, and a word after it may be cut:
+    a server with a secret to tell (tests/triton_server.py's access token) writes it to LOG.token instead
+    (``token``)."""
 
     def __init__(self, argv, log_dir: Path, name: str = "triton"):
         self.argv = argv
@@ -64,6 +67,7 @@ class TritonProcess:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.ready_line = ""
+        self.token: str | None = None
         self.log_path: Path | None = None
         self.shm_before: set[str] = set()
 
@@ -83,6 +87,7 @@ class TritonProcess:
                 self.http_port, self.grpc_port = free_ports(2)
             self.starts += 1
             self.log_path = self.log_dir / f"{self.name}-{self.starts}.log"
+            self.token = None
             self.shm_before = _shm_names()
             env = dict(os.environ)
             env.pop("PYTHONPATH", None)  # the Triton venv has its own numpy; the scripts find the repo themselves
@@ -94,8 +99,10 @@ class TritonProcess:
             while time.monotonic() < deadline:
                 text = self.log_path.read_text(errors="replace")
                 for line in text.splitlines():
-                    if line.startswith("READY"):
-                        self.ready_line = line
+                    if "READY" in line:
+                        self.ready_line = line[line.index("READY"):]
+                        token = self.log_path.with_suffix(".token")
+                        self.token = token.read_text().strip() if token.is_file() else None
                         return self
                 if self.proc.poll() is not None:
                     break
@@ -186,10 +193,12 @@ def serve_triton_process(python: Path, export: Path, log_dir: Path, *, name: str
 def test_server_process(python: Path, log_dir: Path, workspace: Path, *, models: dict[str, Path],
                         bare: dict[str, Path] = {}, max_batch_size: int = 16,  # noqa: B006
                         extra: tuple[str, ...] = ()) -> TritonProcess:
-    """tests/triton_server.py: several exports, some without their identity in the configuration."""
+    """tests/triton_server.py: several exports, some without their identity in the configuration; its access
+    token in ``token`` once started. ``models`` is read at each start: change it to restart on other exports."""
     def argv(h: int, g: int, n: int) -> list[str]:
         cmd = [str(python), str(TESTS / "triton_server.py"), "--http-port", str(h), "--grpc-port", str(g),
-               "--workspace", str(workspace / f"ws-{n}"), "--max-batch-size", str(max_batch_size), *extra]
+               "--workspace", str(workspace / f"ws-{n}"), "--max-batch-size", str(max_batch_size),
+               "--token-file", str(log_dir / f"triton_server-{n}.token"), *extra]
         for n, p in models.items():
             cmd += ["--model", f"{n}={p}"]
         for n, p in bare.items():

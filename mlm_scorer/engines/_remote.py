@@ -1,24 +1,30 @@
 """What the model-server engines share: options, secrets, retries, ordering, start-up checks, and the
 checks of every answer.
 
-A remote engine only has to say how to do *one attempt* of three calls (``_fetch_status``,
-``_fetch_signature``, ``_predict_once``) and how to classify its transport's failures; everything else
-lives here, once:
+A remote engine only has to say how to do *one attempt* of its calls (TF Serving: ``_fetch_status``,
+``_fetch_signature``, ``_predict_once``; the KServe v2 engines replace the first two with their own
+start-up steps, ``kserve_base``) and how to classify its transport's failures; everything else lives
+here, once, for TF Serving and KServe v2 (Triton) alike:
 
 * option parsing (values may arrive as strings from ``--engine-option key=value``) -> ``RemoteOptions``;
 * the bearer token, read from an environment variable or a file and never put in a message or ``repr``;
 * ``with_retries``: exponential backoff with full jitter inside a bounded time budget per request;
 * ``RemoteEngine.map``: up to ``concurrency`` requests in flight, results yielded in input order;
 * the start-up checks: the model version is AVAILABLE, the served signature has the inputs, outputs and
-  dtypes this client sends and reads, and the served model is the local export's (vocabulary probe);
+  dtypes this client sends and reads, and the served model is the local export's (``check_vocabulary``:
+  a plain request answered, the vocabulary's size, the top-k width, the identity probe);
 * one model per run: every call after the start-up checks names the version they verified, a response
   that names another model or version is refused (``check_response_model``), and every predict request
   carries a *verification row* whose answer must equal the one the server gave at start-up
   (``RemoteEngine.check_verification_row``): a server restarted or reloaded with other weights under the
   same name and version is caught on its first answer, before any of its rows is used;
 * every output tensor checked before use: ``OutputSpec`` (what the request allows: dtype, rank, exact
-  rows, slots, top-k width; checked by the decoders before they allocate anything) and ``check_output``
+  rows, slots, top-k width; checked by the decoders before they allocate anything), one value per
+  element, a body no larger than the request can need (``response_limit``), and ``check_output``
   (values: log-probs finite and <= 0, top-k ids in the vocabulary).
+
+docs/tf-serving.md ("One model per output", "Every answer checked") describes these guarantees for users
+of both; docs/triton.md refers to it.
 
 Arrays crossing the engine boundary are those of ``Batch`` / ``BatchResult``: int32 inputs
 ``[B, T]`` / ``[B, P]`` in, float32 ``[B, P]`` log-probs (and int32/float32 ``[B, P, k]`` top-k) out.
@@ -62,6 +68,12 @@ class FatalError(Exception):
 
 class NotFoundError(FatalError):
     """The server does not serve the model or version asked for (HTTP 404, gRPC NOT_FOUND)."""
+
+
+class ServerAnswered(RetryableError):
+    """The server answered with an error a retry may pass (Triton: HTTP 500, gRPC INTERNAL, a model
+    execution error): retried during a run, but to a start-up probe it is an answer (the model could not
+    run that input)."""
 
 
 class BadResponseError(Exception):
@@ -251,6 +263,80 @@ def read_file_bytes(path: str | None, what: str) -> bytes | None:
         raise UsageError(f"{what}: cannot read {path} ({exc.strerror})") from None
 
 
+# --------------------------------------------------------------------------------------------- transports
+
+def http_session(o: RemoteOptions, token: str | None, *, engine: str, headers: dict[str, str] | None = None,
+                 adapter: type | None = None) -> Any:
+    """A ``requests`` session to ``o``'s server: one pool of ``concurrency`` connections (of ``adapter``, an
+    ``HTTPAdapter`` class), no retries of urllib3's own (``with_retries`` decides), no proxy or .netrc from
+    the environment (the server is given explicitly), bodies asked for uncompressed (a compressed one could
+    expand past its size limit, and float tensors barely compress), the bearer token, ``headers``, and TLS as
+    ``o`` says. UsageError for TLS options that do not fit an http(s):// URL."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    if o.tls_server_name:
+        raise UsageError(f"engine {engine!r}: tls_server_name is a gRPC option; for https put the certificate's "
+                         f"host name in the server URL")
+    if not o.tls and (o.tls_ca_file or o.tls_cert_file):
+        raise UsageError(f"engine {engine!r}: TLS files were given but the server URL is http://; use https://")
+    s = requests.Session()
+    pool = (adapter or HTTPAdapter)(pool_connections=1, pool_maxsize=o.concurrency, max_retries=0)
+    s.mount("http://", pool)
+    s.mount("https://", pool)
+    s.trust_env = False
+    s.headers["Accept-Encoding"] = "identity"
+    s.headers.update(headers or {})
+    if token:
+        s.headers["Authorization"] = f"Bearer {token}"
+    if o.tls:
+        s.verify = o.tls_ca_file or o.tls_verify
+        if o.tls_cert_file:
+            s.cert = (o.tls_cert_file, o.tls_key_file)
+    return s
+
+
+def grpc_channel(o: RemoteOptions, *, engine: str, max_receive: int = -1) -> Any:
+    """A gRPC channel to ``o``'s server: TLS for grpcs:// (CA bundle, client certificate, the expected server
+    name), answers of at most ``max_receive`` bytes (-1: any), no limit on requests, and quick reconnects
+    after a server restart (``with_retries`` decides how long to keep trying). UsageError for a path or TLS
+    options that do not fit the URL."""
+    import grpc
+
+    if o.base_path:
+        raise UsageError(f"engine {engine!r}: server address takes no path ({o.base_path!r})")
+    if not o.tls and (o.tls_ca_file or o.tls_cert_file or o.tls_server_name):
+        raise UsageError(f"engine {engine!r}: TLS options were given but the server is grpc://; use grpcs://")
+    if not o.tls_verify:
+        raise UsageError(f"engine {engine!r}: tls_verify=false is not supported; give tls_ca_file instead")
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_receive),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    target = f"{o.host}:{o.port}"
+    if not o.tls:
+        return grpc.insecure_channel(target, options=options)
+    creds = grpc.ssl_channel_credentials(root_certificates=read_file_bytes(o.tls_ca_file, "tls_ca_file"),
+                                         private_key=read_file_bytes(o.tls_key_file, "tls_key_file"),
+                                         certificate_chain=read_file_bytes(o.tls_cert_file, "tls_cert_file"))
+    if o.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", o.tls_server_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def short_reason(exc: BaseException) -> str:
+    """The innermost reason of a requests/urllib3 error, without the long URL-and-pool preamble."""
+    msg = str(exc)
+    for marker in ("Connection refused", "Connection reset", "Connection aborted", "Name or service not known",
+                   "RemoteDisconnected", "Remote end closed", "timed out"):
+        if marker in msg:
+            return marker
+    return msg[:200]
+
+
 # --------------------------------------------------------------------------------------------- retries
 
 def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial: float = 0.1,
@@ -262,7 +348,8 @@ def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial:
     Backoff: before retry n (n = 1, 2, ...) sleep ``uniform(0, min(maximum, initial * 2**(n-1)))``
     ("full jitter"), never past the budget. ``FatalError`` is raised at once as ``fatal`` (EngineError;
     ModelError for the start-up checks, where a 404 means a wrong model name or version);
-    ``BadResponseError`` at once as EngineError; when the budget is spent, ``EngineError`` says how many attempts were made over how long and the last error.
+    ``BadResponseError`` at once as EngineError; when the budget is spent, ``EngineError`` says how many
+    attempts were made over how long and the last error.
     """
     rng = rng or random
     start = clock()
@@ -285,6 +372,33 @@ def with_retries(attempt: Callable[[], T], *, what: str, budget: float, initial:
                     f"{budget:g}s); last error: {exc}") from None
             log.warning("%s: %s; retrying in %.2fs (attempt %d)", what, exc, pause, attempts + 1)
             sleep(pause)
+
+
+#: gRPC status codes retried, by name: the server down or restarting, busy, or slow.
+RETRY_CODE_NAMES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+
+
+def rpc_failure(exc: Exception, what: str, *, timeout: float, receive_limit: int,
+                special: Callable[[str, str, str], Exception | None] | None = None) -> Exception:
+    """The exception a failed gRPC call stands for (``exc``: a ``grpc.RpcError``, read without importing
+    grpc), its text "WHAT: CODE: details": BadResponseError for an answer past this client's own
+    ``receive_limit`` (RESOURCE_EXHAUSTED "larger than max": not a busy server), then what
+    ``special(code, details, text)`` returns, if anything; else RetryableError for ``RETRY_CODE_NAMES``,
+    NotFoundError for NOT_FOUND and FatalError for the other codes."""
+    code = getattr(exc.code(), "name", "UNKNOWN") if hasattr(exc, "code") else "UNKNOWN"
+    detail = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+    text = f"{what}: {code}: {detail}" + (f" (deadline {timeout:g}s)" if code == "DEADLINE_EXCEEDED" else "")
+    if code == "RESOURCE_EXHAUSTED" and "larger than max" in detail:
+        return BadResponseError(f"{what}: the answer is larger than the {receive_limit:,} bytes the largest request "
+                                f"can need ({detail})")
+    chosen = special(code, detail, text) if special is not None else None
+    if chosen is not None:
+        return chosen
+    if code in RETRY_CODE_NAMES:
+        return RetryableError(text)
+    if code == "NOT_FOUND":
+        return NotFoundError(text)
+    return FatalError(text)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -374,6 +488,13 @@ def probe_batch(model: ModelDir, target: int) -> Batch:
 # --------------------------------------------------------------------------------------------- answers
 
 OUTPUT_DTYPES = {LOG_PROBS: "float32", "top_k_ids": "int32", "top_k_log_probs": "float32"}
+#: Bytes an answer may take beyond its tensors' values (a JSON or protobuf header, names, shapes).
+RESPONSE_OVERHEAD = 1 << 16
+#: Bytes one value may take: raw little-endian float32/int32 (KServe v2 binary data, ``raw_output_contents``)
+RAW_BYTES_PER_VALUE = 4
+#: ... protobuf, where a negative int32 takes 10 bytes as a varint (TF Serving's ``int_val``, KServe's
+#: ``int_contents``)
+PROTO_BYTES_PER_VALUE = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,15 +547,15 @@ def expected_outputs(inputs: dict[str, np.ndarray], names: Iterable[str], *, k: 
             for n in names}
 
 
-def response_limit(specs: Iterable[OutputSpec], bytes_per_value: int, overhead: int = 1 << 16) -> int:
+def response_limit(specs: Iterable[OutputSpec], bytes_per_value: int, overhead: int = RESPONSE_OVERHEAD) -> int:
     """The most bytes a well-formed answer with these outputs can take (``bytes_per_value`` for the
-    encoding: 4 for raw float32/int32, 10 for protobuf varints, about 32 for JSON numbers)."""
+    encoding: ``RAW_BYTES_PER_VALUE``, ``PROTO_BYTES_PER_VALUE``, about 32 for JSON numbers)."""
     return overhead + bytes_per_value * sum(s.max_values for s in specs)
 
 
 _WHY = {LOG_PROBS: "a log-probability must be finite and <= 0",
         "top_k_log_probs": "a top-k log-probability must be <= 0, and finite in a slot that was asked for",
-        "top_k_ids": "a top-k id must be a token of the vocabulary (-1 only in an unused slot)"}
+        "top_k_ids": "a top-k id must be a token of the vocabulary ({V} tokens; -1 only in an unused slot)"}
 
 
 def check_output(spec: OutputSpec, a: np.ndarray, *, used: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -465,7 +586,8 @@ def check_output(spec: OutputSpec, a: np.ndarray, *, used: np.ndarray, vocab_siz
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         more = int(bad.sum()) - 1
-        raise BadResponseError(f"{spec.name}{list(where)} = {a[where].item()!r}: {_WHY[spec.name]}"
+        why = _WHY[spec.name].format(V=vocab_size)
+        raise BadResponseError(f"{spec.name}{list(where)} = {a[where].item()!r}: {why}"
                                + (f" (and {more} more such value(s))" if more else ""))
     return a
 
@@ -499,20 +621,30 @@ def _pad_to(a: np.ndarray, width: int) -> np.ndarray:
 class RemoteEngine(Engine):
     """Base of the model-server engines. Subclasses set ``name``/``SCHEMES`` and implement the ``_`` hooks.
 
-    Hooks (one attempt each; raise ``RetryableError``, ``FatalError`` (``NotFoundError`` for a model or
-    version the server does not serve) or ``BadResponseError`` on failure):
+    Hooks (one attempt each; raise ``RetryableError`` (``ServerAnswered`` for an error answer a retry may
+    pass), ``FatalError`` (``NotFoundError`` for a model or version the server does not serve) or
+    ``BadResponseError`` on failure):
       ``_fetch_status() -> list[(version, state, message)]``: every version of the model, not only the
         pinned one (a vanished version is then reported with what is served instead);
-      ``_fetch_signature() -> {"inputs": {name: TensorInfo}, "outputs": {...}}`` for serving_default;
+      ``_fetch_signature() -> {"inputs": {name: TensorInfo}, "outputs": {...}}`` for serving_default
+        (these two serve ``pin_version`` and ``check_metadata``; an engine whose protocol tells more, as
+        KServe v2 does, overrides those two instead);
       ``_predict_once(inputs: dict[str, int32 ndarray], outputs: list[str]) -> dict[str, ndarray]``:
-        decode each output to an array of ``OUTPUT_DTYPES[name]``, checking its declared shape against
-        ``self.expect(inputs, outputs)`` before allocating it, and pass a response's model name and
-        version (where the protocol has them) to ``check_response_model``. Values are checked here.
-    After ``check_versions``, ``opts.model_version`` holds the verified version: every later call must
-    name it (gRPC ``model_spec.version``, REST and KServe v2 ``.../versions/V``).
+        decode each output asked for (one missing is a BadResponseError) to an array of
+        ``OUTPUT_DTYPES[name]``, checking its declared shape against ``self.expect(inputs, outputs)``
+        before allocating it and that it holds exactly one value per element, and pass a response's model
+        name and version (where the protocol has them) to ``check_response_model``. Values are checked by
+        ``predict_checked``.
+    After ``pin_version``, ``opts.model_version`` holds the verified version: every later call must name
+    it (gRPC ``model_spec.version``, REST and KServe v2 ``.../versions/V``).
     """
 
     SCHEMES: dict[str, int] = {}
+    #: Whether the server's batching may widen the slot dimension of an answer (TF Serving's
+    #: ``pad_variable_length_inputs``): then up to ``max_seq_length`` slots are accepted, else exactly P.
+    PADDED_SLOTS = True
+    #: What an inference call is called in messages ("predict on 63 copies: ...").
+    CALL = "predict"
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, **options: Any):
         self.model = model
@@ -523,16 +655,7 @@ class RemoteEngine(Engine):
         self.max_slots = int(model.manifest["max_seq_length"])
         # max_batch_size is the request size the server takes; the padding and verification rows count
         # against it.
-        extra = int(self.opts.padding_row) + int(self.opts.verify_responses)
-        self.max_batch_size = self.opts.max_batch_size
-        if extra and self.max_batch_size is not None:
-            if self.max_batch_size <= extra:
-                raise UsageError(f"engine {self.name!r}: max_batch_size must be at least {extra + 1} (each request "
-                                 f"also carries " + " and ".join(
-                                     w for w, on in (("the padding row", self.opts.padding_row),
-                                                     ("the verification row", self.opts.verify_responses)) if on)
-                                 + ")")
-            self.max_batch_size -= extra
+        self.max_batch_size = self.copies_per_request(self.opts.max_batch_size, "max_batch_size must be")
         self._token = read_bearer_token(self.opts)
         self._executor: cf.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -560,23 +683,66 @@ class RemoteEngine(Engine):
         raise NotImplementedError
 
     def _close_transport(self) -> None:
-        pass
+        """Close the ``_session`` (HTTP) or ``_channel`` (gRPC) the transport keeps."""
+        for name in ("_session", "_channel"):
+            transport = getattr(self, name, None)
+            if transport is not None:
+                transport.close()
 
     # shared -------------------------------------------------------------------------------------
+    @property
+    def _where(self) -> str:
+        """The engine, model, version and address, for messages."""
+        return f"{self.name} engine, {self.opts.describe()}"
+
     def _retry(self, attempt: Callable[[], T], what: str, fatal: type[Exception] = EngineError) -> T:
         o = self.opts
-        return with_retries(attempt, what=f"{self.name} engine, {o.describe()}, {what}", budget=o.retry_budget,
-                            initial=o.backoff_initial, maximum=o.backoff_max, fatal=fatal)
+        return with_retries(attempt, what=f"{self._where}, {what}", budget=o.retry_budget, initial=o.backoff_initial,
+                            maximum=o.backoff_max, fatal=fatal)
+
+    def copies_per_request(self, rows: int | None, what: str, *, fix: str = "",
+                           error: type[Exception] = UsageError) -> int | None:
+        """The copies of a batch that fit a request of ``rows`` rows (None: no limit) beside the padding
+        and verification rows; ``error`` when none fit (``what``: the subject of its message, ``fix``:
+        what to do)."""
+        extra = [w for w, on in (("the padding row", self.opts.padding_row),
+                                 ("the verification row", self.opts.verify_responses)) if on]
+        if rows is None or not extra:
+            return rows
+        if rows <= len(extra):
+            raise error(f"engine {self.name!r}: {what} at least {len(extra) + 1} (each request also carries "
+                        + " and ".join(extra) + ")" + (f"; {fix}" if fix else ""))
+        return rows - len(extra)
+
+    def largest_answer(self, bytes_per_value: int) -> int:
+        """The largest answer any request of this engine can need, for a transport with one limit for all
+        its calls (a gRPC channel's ``max_receive_message_length``): the request's rows (``max_batch_size``,
+        or the scorer's largest batch plus the padding and verification rows) x the export's
+        ``max_seq_length`` slots x (1 + 2 top-k) values, at ``bytes_per_value``."""
+        from ..batching import BatchPolicy
+
+        rows = self.opts.max_batch_size or BatchPolicy.max_batch_size + 2
+        specs = [OutputSpec(n, OUTPUT_DTYPES[n], rows, self.max_slots, self.max_slots,
+                            None if n == LOG_PROBS else self.top_k_width) for n in OUTPUT_DTYPES]
+        return response_limit(specs, bytes_per_value)
+
+    def open_channel(self) -> Any:
+        """A gRPC channel to the server (``grpc_channel``) refusing answers larger than any request of this
+        engine can need: ``receive_limit``, ``largest_answer`` at protobuf's widest encoding."""
+        self.receive_limit = self.largest_answer(PROTO_BYTES_PER_VALUE)
+        return grpc_channel(self.opts, engine=self.name, max_receive=self.receive_limit)
 
     def expect(self, inputs: dict[str, np.ndarray], outputs: Iterable[str]) -> dict[str, OutputSpec]:
         """The ``OutputSpec`` of each output for a request of ``inputs`` (for decoders, before allocating)."""
-        return expected_outputs(inputs, outputs, k=self.top_k_width, max_slots=self.max_slots)
+        return expected_outputs(inputs, outputs, k=self.top_k_width,
+                                max_slots=self.max_slots if self.PADDED_SLOTS else 0)
 
     def check_response_model(self, name: str | None, version: int | str | None) -> None:
         """Raise ModelChangedError when a response names another model, or another version than the one
         verified at start-up. For transports whose responses carry them (gRPC ``model_spec``, KServe v2
-        ``model_name``/``model_version``); None or "": not given."""
-        if name and name != self.opts.model_name:
+        ``model_name``/``model_version``): ``name`` None where the response does not carry it (any other
+        value, "" included, must be the model's name); ``version`` None or "": not given."""
+        if name is not None and name != self.opts.model_name:
             raise ModelChangedError(f"the response is from model {name!r}, not {self.opts.model_name!r}")
         pinned = self.opts.model_version
         if version not in (None, "") and pinned is not None and str(version) != str(pinned):
@@ -610,82 +776,133 @@ class RemoteEngine(Engine):
                 f"(the server now has: {served}; it said: {exc}); the run stops so that one output holds one "
                 f"model's scores")
 
+    # start-up -----------------------------------------------------------------------------------
     def check_server(self) -> int:
-        """Start-up checks (status, signature, vocabulary probe); pin the version; record the answer to the
-        verification row. Return the served version number."""
-        version = check_versions(self._retry(self._fetch_status, "model status", ModelError), self.opts)
-        self.opts.model_version = version  # every later call names the version verified here
-        check_signature(self._retry(self._fetch_signature, "model metadata", ModelError), self.model,
-                        want_top_k=self.want_top_k, opts=self.opts)
+        """The start-up checks, in order: ``pin_version`` (the version to use, named by every later call),
+        ``check_metadata`` (the signature), ``check_vocabulary`` (probes through the model, unless
+        ``check_model`` is off), and the answer to the verification row is recorded
+        (``record_verification``). Returns the served version number."""
+        version = self.pin_version()
+        self.check_metadata()
         if self.opts.check_model:
             self.check_vocabulary()
+        self.record_verification()
+        log.info("%s: ready, signature ok%s", self._where, self.ready_note())
+        return version
+
+    def pin_version(self) -> int:
+        """The version to use (the one asked for, else the latest), which must be AVAILABLE; pinned in
+        ``opts.model_version``, so every later call and message names it."""
+        version = check_versions(self._retry(self._fetch_status, "model status", ModelError), self.opts)
+        self.opts.model_version = version
+        return version
+
+    def check_metadata(self) -> None:
+        """The served signature against the local export's (``check_signature``)."""
+        check_signature(self._retry(self._fetch_signature, "model metadata", ModelError), self.model,
+                        want_top_k=self.want_top_k, opts=self.opts)
+
+    def ready_note(self) -> str:
+        """What the start-up log line adds about the served model."""
+        return ""
+
+    def check_vocabulary(self) -> None:
+        """Check, through the model itself, that the server serves the local export; ModelError names what
+        differs. V is the local ``vocab_size``:
+
+        1. a copy any vocabulary scores (target id 0) is answered: an error here is the server's (a
+           missing access header, a broken model) and is said as such, not read as a smaller vocabulary;
+        2. target id V-1 scores (a finite negative log-prob; a smaller vocabulary rejects the id, or
+           answers NaN), the top-k width is the export's ``top_k``, and the top-k ids are inside V;
+        3. target id V does not score: rejected (TF's gather raises INVALID_ARGUMENT on CPU, Triton's
+           backends an error) or answered non-negative/non-finite (GPU kernels return zeros for
+           out-of-range ids); a real log-prob for id V means a larger vocabulary;
+        4. the manifest's ``identity_probe`` (``check_identity_probe``) identifies the weights as well.
+
+        The sizes are probed through the model because a signature says -1 for them (TF Serving's
+        metadata shows nothing else). Limits: two models with equal V, equal k and no recorded probe
+        cannot be told apart this way.
+        """
+        V = self.vocab_size
+        where = f"{self.opts.describe()} vs local export {self.model.path}"
+
+        def probe(target: int, outputs: list[str]) -> dict[str, np.ndarray] | Exception:
+            def attempt() -> dict[str, np.ndarray] | Exception:
+                try:
+                    return self._predict_once(probe_batch(self.model, target).as_dict(), outputs)
+                except NotFoundError:
+                    raise
+                except (FatalError, ServerAnswered) as exc:  # a rejection is an answer here, not a failure
+                    return exc
+                except ShapeError as exc:
+                    s = exc.spec
+                    if s.k is not None and len(exc.shape) == 3 and exc.shape[:2] == (1, 1) and exc.shape[2] != s.k:
+                        raise ModelError(f"{where}: the server returns top-{exc.shape[2]}, the local export says "
+                                         f"top_k={s.k}: a different export is being served") from None
+                    raise
+
+            return self._retry(attempt, "vocabulary probe")  # a malformed answer: EngineError
+
+        first = probe(0, [LOG_PROBS])
+        if isinstance(first, Exception):
+            raise ModelError(f"{self._where}: the server does not answer a plain inference request: {first}")
+        got = probe(V - 1, [LOG_PROBS, "top_k_ids"])
+        if isinstance(got, Exception):
+            raise ModelError(f"{where}: the server rejects target id {V - 1} (the local vocabulary has {V} tokens): "
+                             f"the served vocabulary is smaller. Server said: {got}")
+        lp = float(got[LOG_PROBS].reshape(-1)[0])
+        if not (np.isfinite(lp) and lp < 0):
+            raise ModelError(f"{where}: log-prob of target id {V - 1} is {lp}, not a finite negative number: "
+                             f"the served vocabulary is smaller than the local one ({V})")
+        top = int(got["top_k_ids"].max())
+        if top >= V:
+            raise ModelError(f"{where}: the server predicts token id {top}, beyond the local vocabulary of {V} "
+                             f"tokens: the served vocabulary is larger")
+        over = probe(V, [LOG_PROBS])
+        if not isinstance(over, Exception):  # a rejection is expected: "indices[...] = V is not in [0, V)"
+            lp = float(over[LOG_PROBS].reshape(-1)[0])
+            if np.isfinite(lp) and lp < 0:
+                raise ModelError(f"{where}: the server scores target id {V} (log-prob {lp:.4f}) but the local "
+                                 f"vocabulary has only {V} tokens: the served vocabulary is larger")
+        self.check_identity_probe(where)
+
+    def check_identity_probe(self, where: str) -> None:
+        """The manifest's ``identity_probe`` (fixed inputs and the log-probs the exported weights gave them)
+        must come back within ``IDENTITY_TOLERANCE`` (1e-3, as ``check_identity`` holds the in-process
+        engines); an answer that is not log-probs, or other numbers, mean other weights (ModelError)."""
+        probe = read_identity_probe(self.model)
+        if probe is None:
+            log.warning("%s: the export records no identity probe; only its vocabulary size was compared", where)
+            return
+        batch, expected = probe
+
+        def attempt() -> dict[str, np.ndarray] | Exception:
+            try:
+                return self._predict_once(batch.as_dict(), [LOG_PROBS])
+            except NotFoundError:
+                raise
+            except (FatalError, ServerAnswered) as exc:  # an answer, but not log-probs: another model
+                return exc
+
+        got = self._retry(attempt, "identity probe")  # unreachable past the budget: EngineError, as any request
+        if isinstance(got, Exception):
+            raise ModelError(f"{where}: the served model cannot score the export's identity probe ({got}): "
+                             f"another model is being served")
+        diff = probe_diff(got[LOG_PROBS], expected)
+        if not diff <= IDENTITY_TOLERANCE:
+            raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the export by "
+                             f"up to {diff:.3g} (allowed {IDENTITY_TOLERANCE:g}): different weights are being served")
+
+    def record_verification(self) -> None:
+        """Ask the verification row (``verification_batch``) and keep the answer: from here on every request
+        carries the row (``request``) and its answer must equal this one (``check_verification_row``)."""
         verify = verification_batch(self.model)
         if self.opts.verify_responses:
             answer = self._retry(lambda: self.predict_checked(verify.as_dict(), self._outputs), "verification row")
             self._verify_answer = {n: answer[n][0, :VERIFY_SLOTS] for n in self._outputs if n != "top_k_ids"}
         self._verify = verify
-        log.info("%s engine: %s AVAILABLE, signature ok", self.name, self.opts.describe())
-        return version
 
-    def check_vocabulary(self) -> None:
-        """Check that the served model's vocabulary size equals the local export's (``vocab_size`` = V).
-
-        TF Serving's metadata shows only the signature (dims -1), so the size is probed through
-        ``serving_default`` itself: the log-prob of target id V-1 must come back as a finite negative
-        number (a smaller served vocabulary rejects the id), and target id V must be rejected by the
-        server (TF's gather raises INVALID_ARGUMENT on CPU) or come back non-negative/non-finite (GPU
-        kernels return zeros for out-of-range ids); a real log-prob for id V means a larger vocabulary.
-        The top-k width is compared with the manifest's ``top_k`` too. If the manifest records an
-        ``identity_probe`` (inputs and expected log-probs), the served numbers must match it within 1e-3
-        (``IDENTITY_TOLERANCE``, as ``check_identity`` holds the in-process engines), which identifies the
-        weights as well. Limits: two models with equal V, equal k and no recorded
-        probe cannot be told apart this way.
-        """
-        V = self.vocab_size
-        where = f"{self.opts.describe()} vs local export {self.model.path}"
-
-        def attempt(target: int, outputs: list[str]) -> Any:
-            inputs = probe_batch(self.model, target).as_dict()
-            try:
-                return self._predict_once(inputs, outputs)
-            except NotFoundError:
-                raise
-            except (FatalError, BadResponseError) as exc:  # a rejection is an answer here, not a failure
-                return exc
-
-        last = self._retry(lambda: attempt(V - 1, [LOG_PROBS, "top_k_ids"]), "vocabulary probe")
-        if isinstance(last, FatalError):
-            raise ModelError(f"{where}: the server rejects target id {V - 1} (the local vocabulary has {V} "
-                             f"tokens), so its vocabulary is smaller. Server said: {last}")
-        if isinstance(last, ShapeError) and last.spec.k is not None and len(last.shape) == 3 \
-                and last.shape[:2] == (1, 1) and last.shape[2] != last.spec.k:
-            raise ModelError(f"{where}: the server returns top-{last.shape[2]}, the local export says top_k="
-                             f"{last.spec.k}: a different export is being served")
-        if isinstance(last, BadResponseError):
-            raise EngineError(f"{self.name} engine, {self.opts.describe()}, vocabulary probe: {last}")
-        lp = float(np.asarray(last[LOG_PROBS]).reshape(-1)[0])
-        if not (np.isfinite(lp) and lp < 0):
-            raise ModelError(f"{where}: log-prob of target id {V - 1} is {lp}, not a finite negative number: "
-                             f"the served vocabulary is smaller than the local one ({V})")
-        over = self._retry(lambda: attempt(V, [LOG_PROBS]), "vocabulary probe")
-        if isinstance(over, BadResponseError):
-            raise EngineError(f"{self.name} engine, {self.opts.describe()}, vocabulary probe: {over}")
-        if isinstance(over, FatalError):
-            over = None  # expected on CPU: "indices[...] = V is not in [0, V)"
-        if over is not None:
-            lp = float(np.asarray(over[LOG_PROBS]).reshape(-1)[0])
-            if np.isfinite(lp) and lp < 0:
-                raise ModelError(f"{where}: the server scores target id {V} (log-prob {lp:.4f}) but the local "
-                                 f"vocabulary has only {V} tokens: the served vocabulary is larger")
-        probe = read_identity_probe(self.model)
-        if probe is not None:
-            batch, expected = probe
-            got = self._retry(lambda: self.predict_checked(batch.as_dict(), [LOG_PROBS]), "identity probe")[LOG_PROBS]
-            diff = probe_diff(got, expected)
-            if not diff <= IDENTITY_TOLERANCE:
-                raise ModelError(f"{where}: the served model's log-probs differ from those recorded in the "
-                                 f"export by up to {diff:.3g}: different weights are being served")
-
+    # scoring ------------------------------------------------------------------------------------
     def request(self, batch: Batch) -> tuple[dict[str, np.ndarray], int, int | None]:
         """The request for ``batch``: (int32 inputs, rows before the batch's, row of the verification row).
 
@@ -750,7 +967,7 @@ class RemoteEngine(Engine):
                 self.check_verification_row(out, row)
             return out
 
-        out = self._retry(attempt, f"predict on {B} copies")
+        out = self._retry(attempt, f"{self.CALL} on {B} copies")
         res = BatchResult(log_probs=_cut(out[LOG_PROBS], skip, B, P))
         if self.want_top_k:
             res.top_k_ids = _cut(out["top_k_ids"], skip, B, P)

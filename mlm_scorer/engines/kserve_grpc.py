@@ -11,9 +11,11 @@ built from a hand-written descriptor (``kserve_proto``):
   ``raw_output_contents`` (or typed ``contents``), in the order of ``outputs``.
 
 Every call has a deadline (``timeout``), which covers the whole response. Responses larger than what the
-largest request allows (``max_batch_size`` copies of ``max_seq_length`` slots) are refused by the channel.
-Status codes retried: UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, INTERNAL (a model execution
-error), and during a run NOT_FOUND for a model being loaded again; others fail at once.
+largest request allows (``max_batch_size`` copies of ``max_seq_length`` slots, ``RemoteEngine.largest_answer``)
+are refused by the channel, and each answer's tensors past what its own request allows by
+``decode_response`` (BadResponseError, as a malformed answer is). Status codes retried: UNAVAILABLE,
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, INTERNAL (a model execution error), and during a run NOT_FOUND for
+a model being loaded again; others fail at once.
 """
 from __future__ import annotations
 
@@ -22,42 +24,27 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from ..errors import UsageError
-from ._remote import FatalError, RemoteOptions, RetryableError, read_bearer_token, read_file_bytes
-from .kserve_base import OUTPUT_TYPES, Disconnected, KServeEngine, ModelNotReady, Reply, ServerAnswered, \
-    response_limit
+from ._remote import (OUTPUT_DTYPES, RETRY_CODE_NAMES, BadResponseError, FatalError, RemoteOptions, RetryableError,
+                      ServerAnswered, grpc_channel, read_bearer_token, rpc_failure)
+from .kserve_base import KServeEngine, ModelNotReady, Reply
 from .kserve_proto import METHOD_PATH, METHODS, pb
 
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         grpc.StatusCode.DEADLINE_EXCEEDED})
 _NP = {"INT32": "<i4", "FP32": "<f4", "INT64": "<i8", "FP64": "<f8"}
 _CONTENTS = {"INT32": "int_contents", "FP32": "fp32_contents"}
 
 
-def channel(o: RemoteOptions, *, max_receive: int = -1) -> grpc.Channel:
-    """A channel to ``o``'s server (TLS for grpcs://), reconnecting quickly after a restart."""
-    if o.base_path:
-        raise UsageError(f"a gRPC server address takes no path ({o.base_path!r})")
-    if not o.tls and (o.tls_ca_file or o.tls_cert_file or o.tls_server_name):
-        raise UsageError("TLS options were given but the server is grpc://; use grpcs://")
-    if not o.tls_verify:
-        raise UsageError("tls_verify=false is not supported over gRPC; give tls_ca_file instead")
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", max_receive),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-    ]
-    target = f"{o.host}:{o.port}"
-    if o.tls:
-        creds = grpc.ssl_channel_credentials(root_certificates=read_file_bytes(o.tls_ca_file, "tls_ca_file"),
-                                             private_key=read_file_bytes(o.tls_key_file, "tls_key_file"),
-                                             certificate_chain=read_file_bytes(o.tls_cert_file, "tls_cert_file"))
-        if o.tls_server_name:
-            options.append(("grpc.ssl_target_name_override", o.tls_server_name))
-        return grpc.secure_channel(target, creds, options=options)
-    return grpc.insecure_channel(target, options=options)
+def _triton_failure(code: str, detail: str, text: str, in_run: bool) -> Exception | None:
+    """How Triton's codes differ from ``_remote.rpc_failure``'s reading: its access restriction answers
+    UNAVAILABLE (not worth retrying: say which header it wants), INTERNAL is a model execution error (retried;
+    an answer to a probe), and NOT_FOUND during a run is a model being loaded again (retried)."""
+    if "is restricted, expecting header" in detail:
+        return FatalError(text + " (give it with --engine-option headers='NAME: VALUE'; over gRPC Triton expects "
+                                 "the key of --grpc-restricted-protocol prefixed with triton-grpc-protocol-)")
+    if code == "INTERNAL":
+        return ServerAnswered(text)
+    if in_run and code == "NOT_FOUND":
+        return RetryableError(text + " (the model is being loaded again?)")
+    return None
 
 
 def _stubs(ch: grpc.Channel) -> dict[str, Callable]:
@@ -80,43 +67,16 @@ class KServeGrpcEngine(KServeEngine):
     SCHEMES = {"grpc": 8001, "grpcs": 8001}
 
     def _connect(self) -> None:
-        o = self.opts
-        rows = o.max_batch_size or 4096  # the most copies one request carries (no cap: a generous bound)
-        limit = response_limit(rows, self.model.max_seq_length, int(self.model.manifest["top_k"]))
-        try:
-            self._channel = channel(o, max_receive=limit)
-        except UsageError as exc:
-            raise UsageError(f"engine {self.name!r}: {exc}") from None
+        self._channel = self.open_channel()
         self._stub = _stubs(self._channel)
         self._md = _metadata_pairs(self._token, self.headers)
-
-    def _close_transport(self) -> None:
-        ch = getattr(self, "_channel", None)
-        if ch is not None:
-            ch.close()
 
     def _call(self, method: str, request: Any, *, in_run: bool = False) -> Any:
         try:
             return self._stub[method](request, timeout=self.opts.timeout, metadata=self._md)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            text = f"{method}: {code.name}: {detail}"
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                text += f" (deadline {self.opts.timeout:g}s)"
-            if "is restricted, expecting header" in detail:  # Triton's access restriction answers UNAVAILABLE
-                raise FatalError(text + " (give it with --engine-option headers='NAME: VALUE'; over gRPC Triton "
-                                        "expects the key of --grpc-restricted-protocol prefixed with "
-                                        "triton-grpc-protocol-)") from None
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise Disconnected(text) from None
-            if code in RETRY_CODES:
-                raise RetryableError(text) from None
-            if code == grpc.StatusCode.INTERNAL:
-                raise ServerAnswered(text) from None
-            if in_run and code == grpc.StatusCode.NOT_FOUND:
-                raise Disconnected(text + " (the model is being loaded again?)") from None
-            raise FatalError(text) from None
+            raise rpc_failure(exc, method, timeout=self.opts.timeout, receive_limit=self.receive_limit,
+                              special=lambda code, detail, text: _triton_failure(code, detail, text, in_run)) from None
 
     def _live(self) -> bool:
         return bool(self._call("ServerLive", pb["ServerLiveRequest"]()).live)
@@ -167,31 +127,32 @@ class KServeGrpcEngine(KServeEngine):
 
 
 def decode_response(resp: Any, limit: int) -> Reply:
-    """ModelInferResponse -> Reply (raw_output_contents in output order, or typed contents); FatalError if
-    the tensors are malformed or larger than ``limit`` bytes."""
+    """ModelInferResponse -> Reply (raw_output_contents in output order, or typed contents); BadResponseError if
+    the tensors are malformed or larger than ``limit`` bytes (a tensor of another datatype is kept empty, for
+    ``kserve_base.output_array`` to refuse by name)."""
     raw = list(resp.raw_output_contents)
     if raw and len(raw) != len(resp.outputs):
-        raise FatalError(f"the response has {len(resp.outputs)} outputs but {len(raw)} raw_output_contents")
+        raise BadResponseError(f"the response has {len(resp.outputs)} outputs but {len(raw)} raw_output_contents")
     if sum(len(r) for r in raw) > limit:
-        raise FatalError(f"the response's tensors exceed the {limit} bytes the request allows")
+        raise BadResponseError(f"the response's tensors exceed the {limit} bytes the request allows")
     outs: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
     for i, t in enumerate(resp.outputs):
         if t.name in outs:
-            raise FatalError(f"output {t.name!r} appears twice in the response")
+            raise BadResponseError(f"output {t.name!r} appears twice in the response")
         shape = tuple(int(d) for d in t.shape)
         dtype = _NP.get(t.datatype)
         if dtype is None:
-            outs[t.name] = (t.datatype, shape, np.zeros(0, np.uint8))  # refused by the structure check
+            outs[t.name] = (t.datatype, shape, np.zeros(0, np.uint8))  # refused by output_array
             continue
         if raw:
             if len(raw[i]) % np.dtype(dtype).itemsize:
-                raise FatalError(f"output {t.name!r} has {len(raw[i])} bytes, not a whole number of {t.datatype}")
+                raise BadResponseError(f"output {t.name!r} has {len(raw[i])} bytes, not a whole number of {t.datatype}")
             flat = np.frombuffer(raw[i], dtype=dtype)
         elif t.datatype in _CONTENTS:
             flat = np.asarray(getattr(t.contents, _CONTENTS[t.datatype]), dtype=dtype)
         else:
             flat = np.zeros(0, dtype)
-        want = np.dtype(OUTPUT_TYPES[t.name][1]) if t.name in OUTPUT_TYPES else flat.dtype
+        want = np.dtype(OUTPUT_DTYPES[t.name]) if t.name in OUTPUT_DTYPES else flat.dtype
         outs[t.name] = (t.datatype, shape, flat.astype(want, copy=False))
     return Reply(model_name=resp.model_name, model_version=resp.model_version, id=resp.id, outputs=outs)
 
@@ -202,7 +163,7 @@ def detect(o: RemoteOptions, headers: dict[str, str]) -> Callable[[], str]:
     md = _metadata_pairs(read_bearer_token(o), headers)
 
     def attempt() -> str:
-        ch = channel(o)
+        ch = grpc_channel(o, engine="kserve_grpc")
         try:
             _stubs(ch)["ServerLive"](pb["ServerLiveRequest"](), timeout=o.timeout, metadata=md)
             return "kserve"
@@ -211,7 +172,7 @@ def detect(o: RemoteOptions, headers: dict[str, str]) -> Callable[[], str]:
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 return "tfserving"
             text = f"ServerLive: {code.name}: {exc.details() if hasattr(exc, 'details') else exc}"
-            if code in RETRY_CODES:
+            if code.name in RETRY_CODE_NAMES:
                 raise RetryableError(text) from None
             raise FatalError(f"{o.host}:{o.port} answers neither KServe v2 nor TF Serving ({text}); pass "
                              f"--protocol kserve or tfserving") from None

@@ -19,7 +19,9 @@ models after it starts listening). Failing at once: other 4xx.
 
 Each response is read with a wall-clock deadline (``timeout`` seconds from sending the request to the
 last byte, not per socket read: a server trickling bytes is cut off) and a size bound computed from the
-request (``response_limit``): a larger answer is refused before it is read whole.
+request (``_remote.response_limit``): a larger answer is refused (BadResponseError) before it is read
+whole. A malformed answer is a BadResponseError too; its outputs are checked by ``kserve_base`` and
+``_remote``.
 """
 from __future__ import annotations
 
@@ -31,35 +33,16 @@ from typing import Any, Callable
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
 
-from ..errors import UsageError
-from ._remote import FatalError, RemoteOptions, RetryableError
-from .kserve_base import OUTPUT_TYPES, RESPONSE_OVERHEAD, Disconnected, KServeEngine, ModelNotReady, Reply, \
-    ServerAnswered
+from ._remote import (OUTPUT_DTYPES, RESPONSE_OVERHEAD, BadResponseError, FatalError, RemoteOptions, RetryableError,
+                      ServerAnswered, http_session, read_bearer_token, short_reason)
+from .kserve_base import KServeEngine, ModelNotReady, Reply
 
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Largest answer to a control call (health, metadata, config, index).
 CONTROL_LIMIT = 4 << 20
 _NP = {"INT32": "<i4", "FP32": "<f4", "INT64": "<i8", "FP64": "<f8"}
-
-
-def _session(o: RemoteOptions, token: str | None, headers: dict[str, str]) -> requests.Session:
-    s = requests.Session()
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=o.concurrency, max_retries=0)
-    s.mount("http://", adapter)
-    s.mount("https://", adapter)
-    s.trust_env = False  # no proxy or .netrc surprises: the server is given explicitly
-    s.headers.update({"Accept-Encoding": "identity"})  # float tensors barely compress; the server's CPU is better spent
-    s.headers.update(headers)
-    if token:
-        s.headers["Authorization"] = f"Bearer {token}"
-    if o.tls:
-        s.verify = o.tls_ca_file or o.tls_verify
-        if o.tls_cert_file:
-            s.cert = (o.tls_cert_file, o.tls_key_file)
-    return s
 
 
 def _abort(resp: requests.Response) -> None:
@@ -76,8 +59,8 @@ def _abort(resp: requests.Response) -> None:
 def call(session: requests.Session, method: str, url: str, *, timeout: float, connect_timeout: float, limit: int,
          body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One HTTP exchange: (status, headers, body), the body read whole within ``timeout`` seconds of sending
-    and refused past ``limit`` bytes. Transport failures raise Disconnected/RetryableError, TLS errors and
-    an oversized answer FatalError."""
+    and refused past ``limit`` bytes. Transport failures raise RetryableError, TLS errors FatalError, an
+    oversized answer BadResponseError."""
     deadline = time.monotonic() + timeout
     try:
         resp = session.request(method, url, data=body, headers=headers, timeout=(connect_timeout, timeout),
@@ -87,9 +70,9 @@ def call(session: requests.Session, method: str, url: str, *, timeout: float, co
     except requests.exceptions.Timeout as exc:
         raise RetryableError(f"timed out ({type(exc).__name__}, timeout {timeout:g}s)") from None
     except requests.exceptions.ConnectionError as exc:
-        raise Disconnected(f"connection failed ({_short(exc)})") from None
+        raise RetryableError(f"connection failed ({short_reason(exc)})") from None
     except requests.exceptions.RequestException as exc:
-        raise Disconnected(f"{type(exc).__name__}: {_short(exc)}") from None
+        raise RetryableError(f"{type(exc).__name__}: {short_reason(exc)}") from None
     expired = threading.Event()
 
     def fire() -> None:
@@ -102,23 +85,23 @@ def call(session: requests.Session, method: str, url: str, *, timeout: float, co
     try:
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise FatalError(f"HTTP {resp.status_code} answer of {int(declared)} bytes from {method} {url} is larger "
-                             f"than the {limit} bytes the request allows")
+            raise BadResponseError(f"HTTP {resp.status_code} answer of {int(declared)} bytes from {method} {url} is "
+                                   f"larger than the {limit} bytes the request allows")
         parts, size = [], 0
         for chunk in resp.iter_content(1 << 16):
             size += len(chunk)
             if size > limit:
-                raise FatalError(f"the answer to {method} {url} exceeds the {limit} bytes the request allows")
+                raise BadResponseError(f"the answer to {method} {url} exceeds the {limit} bytes the request allows")
             parts.append(chunk)
         data = b"".join(parts)
     except requests.exceptions.RequestException as exc:
         if expired.is_set():
             raise RetryableError(f"timed out: the answer was not complete within {timeout:g}s") from None
-        raise Disconnected(f"{type(exc).__name__} while reading the answer: {_short(exc)}") from None
+        raise RetryableError(f"{type(exc).__name__} while reading the answer: {short_reason(exc)}") from None
     except OSError as exc:  # a socket error surfacing raw from the aborted read
         if expired.is_set():
             raise RetryableError(f"timed out: the answer was not complete within {timeout:g}s") from None
-        raise Disconnected(f"{type(exc).__name__} while reading the answer: {exc}") from None
+        raise RetryableError(f"{type(exc).__name__} while reading the answer: {exc}") from None
     finally:
         timer.cancel()
         resp.close()
@@ -153,18 +136,8 @@ class KServeHttpEngine(KServeEngine):
 
     def _connect(self) -> None:
         o = self.opts
-        if o.tls_server_name:
-            raise UsageError(f"engine {self.name!r}: tls_server_name is a gRPC option; for https put the "
-                             f"certificate's host name in the server URL")
-        if not o.tls and (o.tls_ca_file or o.tls_cert_file):
-            raise UsageError(f"engine {self.name!r}: TLS files were given but the server URL is http://; use https://")
+        self._session = http_session(o, self._token, engine=self.name, headers=self.headers)
         self._base = f"{o.scheme}://{o.host}:{o.port}{o.base_path}"
-        self._session = _session(o, self._token, self.headers)
-
-    def _close_transport(self) -> None:
-        s = getattr(self, "_session", None)
-        if s is not None:
-            s.close()
 
     def _model_url(self, version: str) -> str:
         url = f"{self._base}/v2/models/{self.opts.model_name}"
@@ -178,11 +151,11 @@ class KServeHttpEngine(KServeEngine):
             return status, hdrs, data
         text = error_text(status, data, method, url)
         if status in RETRY_STATUS:
-            raise (Disconnected if in_run and status == 503 else RetryableError)(text)
+            raise RetryableError(text)
         if status == 500:
             raise ServerAnswered(text)
         if in_run and _unknown_model(text):
-            raise Disconnected(text + " (the model is being loaded again?)")
+            raise RetryableError(text + " (the model is being loaded again?)")
         raise FatalError(text)
 
     def _json(self, method: str, url: str, body: bytes | None = None) -> Any:
@@ -260,39 +233,41 @@ def encode_request(inputs: dict[str, np.ndarray], outputs: list[str], request_id
 
 
 def decode_response(data: bytes, headers: dict[str, str]) -> Reply:
-    """A KServe v2 inference response (JSON, or JSON + binary tensors) -> Reply; FatalError if malformed."""
+    """A KServe v2 inference response (JSON, or JSON + binary tensors) -> Reply; BadResponseError if malformed
+    (a tensor of a datatype other than INT32/FP32/INT64/FP64, or of binary data not a whole number of
+    values, is kept empty, for ``kserve_base.output_array`` to refuse by name)."""
     hlen = headers.get(HEADER_LENGTH) or headers.get(HEADER_LENGTH.lower())
     try:
         n = int(hlen) if hlen is not None else len(data)
     except ValueError:
-        raise FatalError(f"response header {HEADER_LENGTH} is not a number: {hlen[:40]!r}") from None
+        raise BadResponseError(f"response header {HEADER_LENGTH} is not a number: {hlen[:40]!r}") from None
     if not 0 < n <= min(len(data), RESPONSE_OVERHEAD):
-        raise FatalError(f"response JSON header of {n} bytes does not fit the {len(data)}-byte answer")
+        raise BadResponseError(f"response JSON header of {n} bytes does not fit the {len(data)}-byte answer")
     try:
         doc = json.loads(data[:n])
     except ValueError:
-        raise FatalError(f"the response's JSON header is not JSON ({n} bytes)") from None
+        raise BadResponseError(f"the response's JSON header is not JSON ({n} bytes)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
-        raise FatalError(f"not a KServe v2 inference response: {str(doc)[:200]}")
+        raise BadResponseError(f"not a KServe v2 inference response: {str(doc)[:200]}")
     offset, outs = n, {}
     for t in doc["outputs"]:
         try:
             name, datatype, shape = str(t["name"]), str(t["datatype"]), tuple(int(d) for d in t["shape"])
         except (KeyError, TypeError, ValueError):
-            raise FatalError(f"malformed output entry in the response: {str(t)[:200]}") from None
+            raise BadResponseError(f"malformed output entry in the response: {str(t)[:200]}") from None
         if name in outs:
-            raise FatalError(f"output {name!r} appears twice in the response")
+            raise BadResponseError(f"output {name!r} appears twice in the response")
         size = (t.get("parameters") or {}).get("binary_data_size")
         dtype = _NP.get(datatype)
         if size is not None:
             size = int(size)
             if size < 0 or offset + size > len(data):
-                raise FatalError(f"output {name!r} declares {size} bytes of binary data; the answer has "
+                raise BadResponseError(f"output {name!r} declares {size} bytes of binary data; the answer has "
                                  f"{len(data) - offset} left")
             chunk = data[offset:offset + size]
             offset += size
             if dtype is None or size % np.dtype(dtype).itemsize:
-                outs[name] = (datatype, shape, np.zeros(0, np.uint8))  # refused by the structure check
+                outs[name] = (datatype, shape, np.zeros(0, np.uint8))  # refused by output_array
                 continue
             flat = np.frombuffer(chunk, dtype=dtype)
         elif "data" in t:  # JSON tensor data (a server ignoring binary_data)
@@ -302,13 +277,13 @@ def decode_response(data: bytes, headers: dict[str, str]) -> Reply:
             try:
                 flat = np.asarray(t["data"], dtype=dtype).reshape(-1)
             except (TypeError, ValueError):
-                raise FatalError(f"output {name!r} has data that is not {datatype}") from None
+                raise BadResponseError(f"output {name!r} has data that is not {datatype}") from None
         else:
-            raise FatalError(f"output {name!r} has neither binary_data_size nor data")
-        want = np.dtype(OUTPUT_TYPES[name][1]) if name in OUTPUT_TYPES else flat.dtype.newbyteorder("=")
+            raise BadResponseError(f"output {name!r} has neither binary_data_size nor data")
+        want = np.dtype(OUTPUT_DTYPES[name]) if name in OUTPUT_DTYPES else flat.dtype.newbyteorder("=")
         outs[name] = (datatype, shape, flat.astype(want, copy=False) if flat.dtype == want else flat)
     if offset != len(data):
-        raise FatalError(f"the response carries {len(data) - offset} bytes beyond its declared tensors")
+        raise BadResponseError(f"the response carries {len(data) - offset} bytes beyond its declared tensors")
     return Reply(model_name=str(doc.get("model_name", "")), model_version=str(doc.get("model_version", "") or ""),
                  id=str(doc.get("id", "") or ""), outputs=outs)
 
@@ -320,7 +295,7 @@ def detect(o: RemoteOptions, headers: dict[str, str]) -> Callable[[], str]:
     base = f"{o.scheme}://{o.host}:{o.port}{o.base_path}"
 
     def attempt() -> str:
-        with _session(o, _token(o), headers) as s:
+        with http_session(o, read_bearer_token(o), engine="kserve_http", headers=headers) as s:
             kw = dict(timeout=o.timeout, connect_timeout=o.connect_timeout, limit=CONTROL_LIMIT)
             status, _, data = call(s, "GET", f"{base}/v2/health/live", **kw)
             if status == 200:
@@ -341,23 +316,8 @@ def detect(o: RemoteOptions, headers: dict[str, str]) -> Callable[[], str]:
     return attempt
 
 
-def _token(o: RemoteOptions) -> str | None:
-    from ._remote import read_bearer_token
-
-    return read_bearer_token(o)
-
-
 def _maybe_json(data: bytes) -> Any:
     try:
         return json.loads(data)
     except ValueError:
         return None
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc)
-    for marker in ("Connection refused", "Connection reset", "Connection aborted", "Name or service not known",
-                   "RemoteDisconnected", "Remote end closed", "timed out"):
-        if marker in msg:
-            return marker
-    return msg[:200]

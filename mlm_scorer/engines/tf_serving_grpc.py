@@ -44,15 +44,9 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
 )
 
-from ..batching import BatchPolicy  # noqa: E402
-from ..errors import ModelError, UsageError  # noqa: E402
-from ._remote import (OUTPUT_DTYPES, TF_DTYPES, BadResponseError, FatalError, NotFoundError,  # noqa: E402
-                      OutputSpec, RemoteEngine, RetryableError, TensorInfo, read_file_bytes, response_limit)
-
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         grpc.StatusCode.DEADLINE_EXCEEDED})
-#: protobuf bytes one value may take: 4 in tensor_content, up to 10 as a varint (a negative int_val)
-PROTO_BYTES_PER_VALUE = 10
+from ..errors import ModelError  # noqa: E402
+from ._remote import (OUTPUT_DTYPES, TF_DTYPES, BadResponseError, FatalError, OutputSpec,  # noqa: E402
+                      RemoteEngine, TensorInfo, rpc_failure)
 
 _NP = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_INT32: np.int32, types_pb2.DT_INT64: np.int64,
        types_pb2.DT_DOUBLE: np.float64}
@@ -121,51 +115,11 @@ class GrpcEngine(RemoteEngine):
     SCHEMES = {"grpc": 8500, "grpcs": 8500}
 
     def _connect(self) -> None:
-        o = self.opts
-        if o.base_path:
-            raise UsageError(f"engine 'grpc': server address takes no path ({o.base_path!r})")
-        if not o.tls and (o.tls_ca_file or o.tls_cert_file or o.tls_server_name):
-            raise UsageError("engine 'grpc': TLS options were given but the server is grpc://; use grpcs://")
-        if not o.tls_verify:
-            raise UsageError("engine 'grpc': tls_verify=false is not supported; give tls_ca_file instead")
-        target = f"{o.host}:{o.port}"
-        self.receive_limit = self._receive_limit()
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", self.receive_limit),
-            ("grpc.max_send_message_length", -1),
-            # Reconnect quickly after a server restart: our own backoff decides how long to keep trying.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        if o.tls:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=read_file_bytes(o.tls_ca_file, "tls_ca_file"),
-                private_key=read_file_bytes(o.tls_key_file, "tls_key_file"),
-                certificate_chain=read_file_bytes(o.tls_cert_file, "tls_cert_file"))
-            if o.tls_server_name:
-                options.append(("grpc.ssl_target_name_override", o.tls_server_name))
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel = self.open_channel()
         # The token goes in call metadata (works on plain channels behind a TLS-terminating gateway too).
         self._metadata = (("authorization", f"Bearer {self._token}"),) if self._token else None
         self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
-
-    def _receive_limit(self) -> int:
-        """The largest answer a request can need: its rows (``max_batch_size``, or the scorer's 256 copies,
-        plus the padding and verification rows) x the export's ``max_seq_length`` slots x (1 + 2 top-k)
-        values, at the widest protobuf encoding. One limit for the channel: gRPC has none per call."""
-        rows = (self.opts.max_batch_size or BatchPolicy.max_batch_size + 2)
-        specs = [OutputSpec(n, OUTPUT_DTYPES[n], rows, self.max_slots, self.max_slots,
-                            None if n == "masked_lm_log_probs" else self.top_k_width) for n in OUTPUT_DTYPES]
-        return response_limit(specs, PROTO_BYTES_PER_VALUE)
-
-    def _close_transport(self) -> None:
-        ch = getattr(self, "_channel", None)
-        if ch is not None:
-            ch.close()
 
     def _spec(self, msg: Any, signature: bool = True, version: bool = True) -> None:
         msg.model_spec.name = self.opts.model_name
@@ -178,20 +132,7 @@ class GrpcEngine(RemoteEngine):
         try:
             return method(request, timeout=self.opts.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            text = f"{what}: {code.name}: {detail}"
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                text += f" (deadline {self.opts.timeout:g}s)"
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (detail or ""):
-                # this client's own limit, not a busy server: the answer is larger than any request needs
-                raise BadResponseError(f"{what}: the answer is larger than the {self.receive_limit:,} bytes "
-                                       f"the largest request can need ({detail})") from None
-            if code in RETRY_CODES:
-                raise RetryableError(text) from None
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFoundError(text) from None
-            raise FatalError(text) from None
+            raise rpc_failure(exc, what, timeout=self.opts.timeout, receive_limit=self.receive_limit) from None
 
     def _fetch_status(self) -> list[tuple[int, str, str]]:
         req = get_model_status_pb2.GetModelStatusRequest()

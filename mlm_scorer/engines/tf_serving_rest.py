@@ -34,9 +34,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from ..errors import ModelError, UsageError
+from ..errors import ModelError
 from ._remote import (LOG_PROBS, OUTPUT_DTYPES, TF_DTYPES, BadResponseError, FatalError, NotFoundError, OutputSpec,
-                      RemoteEngine, RetryableError, TensorInfo, response_limit)
+                      RemoteEngine, RetryableError, TensorInfo, http_session, response_limit, short_reason)
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 #: JSON bytes one number of an answer may take (TF Serving writes at most ~15; separators, brackets).
@@ -137,27 +137,9 @@ class RestEngine(RemoteEngine):
 
     def _connect(self) -> None:
         o = self.opts
-        if o.tls_server_name:
-            raise UsageError("engine 'rest': tls_server_name is a gRPC option; for https put the certificate's "
-                             "host name in the server URL")
-        if not o.tls and (o.tls_ca_file or o.tls_cert_file):
-            raise UsageError("engine 'rest': TLS files were given but the server URL is http://; use https://")
+        self._session = http_session(o, self._token, engine=self.name, adapter=_Adapter,
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
         self._model_root = f"{o.scheme}://{o.host}:{o.port}{o.base_path}/v1/models/{o.model_name}"
-        s = requests.Session()
-        # One pool to one host, as many connections as requests in flight; retries are ours, not urllib3's.
-        adapter = _Adapter(pool_connections=1, pool_maxsize=o.concurrency, max_retries=0)
-        s.mount("http://", adapter)
-        s.mount("https://", adapter)
-        s.trust_env = False  # no proxy or .netrc surprises: the server is given explicitly
-        s.headers.update({"Content-Type": "application/json", "Accept": "application/json",
-                          "Accept-Encoding": "identity"})
-        if self._token:
-            s.headers["Authorization"] = f"Bearer {self._token}"
-        if o.tls:
-            s.verify = o.tls_ca_file or o.tls_verify
-            if o.tls_cert_file:
-                s.cert = (o.tls_cert_file, o.tls_key_file)
-        self._session = s
         self._timeouts = (o.connect_timeout, o.timeout)
 
     @property
@@ -165,11 +147,6 @@ class RestEngine(RemoteEngine):
         """The model's URL, with the version once it is known (pinned by the start-up checks)."""
         v = self.opts.model_version
         return self._model_root + (f"/versions/{v}" if v is not None else "")
-
-    def _close_transport(self) -> None:
-        s = getattr(self, "_session", None)
-        if s is not None:
-            s.close()
 
     # one attempt of an HTTP call --------------------------------------------------------------
     def _call(self, method: str, url: str, body: bytes | None = None, *, limit: int = SMALL_BODY) -> bytes:
@@ -196,8 +173,8 @@ class RestEngine(RemoteEngine):
                 if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)):
                     raise RetryableError(f"timed out ({type(exc).__name__}, timeout {t:g}s)") from None
                 if isinstance(exc, requests.exceptions.ConnectionError):
-                    raise RetryableError(f"connection failed ({_short(exc)})") from None
-                raise RetryableError(f"{type(exc).__name__}: {_short(exc)}") from None  # e.g. a dropped stream
+                    raise RetryableError(f"connection failed ({short_reason(exc)})") from None
+                raise RetryableError(f"{type(exc).__name__}: {short_reason(exc)}") from None  # e.g. a dropped stream
         if status == 200:
             return data
         text = f"HTTP {status} from {method} {url}: {_error_message(data, r.reason)}"
@@ -344,13 +321,3 @@ def _error_message(data: bytes, reason: str | None) -> str:
         pass
     text = data.decode("utf-8", "replace").strip()
     return text[:300] if text else reason or "(empty body)"
-
-
-def _short(exc: BaseException) -> str:
-    """The innermost reason of a requests/urllib3 error, without the long URL-and-pool preamble."""
-    msg = str(exc)
-    for marker in ("Connection refused", "Connection reset", "Connection aborted", "Name or service not known",
-                   "RemoteDisconnected", "Remote end closed", "timed out"):
-        if marker in msg:
-            return marker
-    return msg[:200]
