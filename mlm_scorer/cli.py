@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported once into the cache (default: bert-base-uncased)")
     m.add_argument("--model-version", type=int, default=None, help="version subdirectory (default: the highest)")
     m.add_argument("--engine", default=None,
-                   help="saved_model (default, in-process), rest, grpc, onnx, tensorrt, torch; "
-                        "--server picks rest or grpc from its URL")
+                   help="auto (default: ONNX Runtime on the export's model.onnx, else the SavedModel; --precision "
+                        "int8 runs onnx, bf16 torch), saved_model, onnx, torch, tensorrt, rest, grpc; --server "
+                        "picks rest or grpc from its URL")
     m.add_argument("--server", help="TF Serving URL: http(s)://host:8501 (REST) or grpc(s)://host:8500 (gRPC)")
     m.add_argument("--model-name", help="model name on the server (TF Serving's --model_name)")
     m.add_argument("--concurrency", type=int, help="requests in flight to a server")
@@ -142,7 +143,7 @@ def _engine_options(args, ap) -> tuple[str, dict]:
         engine = implied
     elif engine in ("rest", "grpc"):
         ap.error(f"--engine {engine} needs --server URL")
-    return engine or "saved_model", opts
+    return engine or "auto", opts
 
 
 @contextlib.contextmanager
