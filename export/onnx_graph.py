@@ -28,6 +28,7 @@ import numpy as np
 from .config import BertConfig, weight_shapes
 
 OPSET = 17  # LayerNormalization is one op
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators (the int8 file's MatMulIntegerToFloat)
 INPUT_NAMES = ["input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids"]
 OUTPUT_NAMES = ["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"]
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
@@ -40,25 +41,27 @@ DENSE_KINDS = {"attention/self/query": "q", "attention/self/key": "k", "attentio
 class Int8Spec:
     """How ``model.int8.onnx`` quantizes the dense layers (the chosen configuration: ``DEFAULT_INT8``).
 
-    Each quantized dense layer ``y = x W + b`` runs as an int8 matrix product (``MatMulInteger``, MLAS's
-    U8S8 kernel) with
+    Each quantized dense layer ``y = x W + b`` runs as an int8 matrix product (MLAS's U8S8 kernel) with
 
       * weights: int8, symmetric, one scale per output column, ``weight_levels`` steps each side of 0
         (127: 8 bits; 63: 7 bits, ONNX Runtime's ``reduce_range``);
       * activations: uint8, asymmetric (scale and zero point from min and max, 0 included), computed at
         run time per ``activations``: "row" (one scale per token row: a copy's numbers do not depend on
-        the other copies in its batch) or "tensor" (one per batch, ONNX Runtime's
-        ``DynamicQuantizeLinear``), over ``activation_levels`` + 1 values (255: 8 bits; 127: 7 bits).
+        the other copies in its batch) or "tensor" (one per batch), over ``activation_levels`` + 1 values
+        (255: 8 bits; 127: 7 bits).
 
-    With ``activation_levels * weight_levels * 2 <= 32767`` no pair of products can saturate the 16-bit
-    sum of AVX2's ``vpmaddubsw``: the file then computes the same integers on every CPU (see
-    ``mlm_scorer.engines.cpu``). ``keep_fp32``: dense layers left in fp32: kinds of ``DENSE_KINDS``
-    values, "head" (the MLM transform; the decoder is always fp32), "first"/"last" (whole layers).
+    AVX2 (and AVX-512 without VNNI) adds each pair of u8 x s8 products in a saturating 16-bit sum
+    (``vpmaddubsw``; the pair is rows 2j and 2j+1 of a column). When the largest activation times the
+    largest pair of weights stays within 32767 (``saturation_free``: 8-bit activations with 7-bit weights,
+    or 7-bit activations with 8-bit weights) no sum saturates, and the file computes the same integers on
+    every CPU (``mlm_scorer.engines.cpu``).
+    ``keep_fp32``: dense layers left in fp32: kinds of ``DENSE_KINDS`` values, "head" (the MLM transform;
+    the decoder is always fp32), "first"/"last" (whole layers).
     """
 
     activations: str = "row"
-    activation_levels: int = 127
-    weight_levels: int = 127
+    activation_levels: int = 255
+    weight_levels: int = 63
     keep_fp32: tuple[str, ...] = ("head",)
 
     def __post_init__(self):
@@ -66,12 +69,13 @@ class Int8Spec:
             raise ValueError(f"activations must be 'row' or 'tensor', not {self.activations!r}")
         if not (1 <= self.activation_levels <= 255 and 1 <= self.weight_levels <= 127):
             raise ValueError("activation_levels must be in 1..255 and weight_levels in 1..127")
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
 
     @property
     def saturation_free(self) -> bool:
         """True if no two u8 x s8 products can exceed a 16-bit sum (AVX2's vpmaddubsw): same results on
-        every CPU class."""
-        return 2 * self.activation_levels * self.weight_levels <= 32767
+        every CPU class. The largest activation is levels + 1 (two roundings), 255 at most."""
+        return min(self.activation_levels + 1, 255) * 2 * self.weight_levels <= 32767
 
     def describe(self) -> str:
         keep = ", ".join(self.keep_fp32) or "nothing"
@@ -191,7 +195,7 @@ def build_graph(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int, *, 
 
     def dense(x, prefix, kind="other", layer=None):  # x [rows, in] -> [rows, out]
         if int8 is not None and _quantized(int8, kind, layer, L):
-            return _int8_dense(g, x, weights[prefix + "/kernel"], g.w(prefix + "/bias"), int8, prefix)
+            return _int8_dense(g, x, weights[prefix + "/kernel"], weights[prefix + "/bias"], int8, prefix)
         return g.op("Add", g.op("MatMul", x, g.w(prefix + "/kernel")), g.w(prefix + "/bias"))
 
     # ---- embeddings: [B,T] -> [B*T,H]
@@ -299,7 +303,8 @@ def build_graph(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int, *, 
                helper.make_tensor_value_info("top_k_ids", g.TP.INT32, bp + [int(top_k)]),
                helper.make_tensor_value_info("top_k_log_probs", F, bp + [int(top_k)])]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, list(g.inits.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mlm-export")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MS_DOMAIN, 1)] if int8 is not None else [])
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="mlm-export")
     model.ir_version = min(model.ir_version, 8)  # readable by ONNX Runtime >= 1.15
     onnx.checker.check_model(model, full_check=False)
     return model
@@ -316,49 +321,56 @@ def _quantized(spec: Int8Spec, kind: str, layer: int | None, n_layers: int) -> b
 
 def quantize_weight(W: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """W float [K,N] -> (int8 [K,N] in [-levels, levels], float32 scales [N]): symmetric, per column."""
-    amax = np.abs(np.asarray(W, np.float32)).max(axis=0)
+    W = np.asarray(W, np.float32)
+    amax = np.abs(W).max(axis=0)
     scale = np.where(amax > 0, amax / levels, 1.0).astype(np.float32)
-    q = np.clip(np.rint(W / scale), -levels, levels).astype(np.int8)
-    return q, scale
+    return np.clip(np.rint(W / scale), -levels, levels).astype(np.int8), scale
 
 
-def _int8_dense(g: _Builder, x: str, W: np.ndarray, bias: str, spec: Int8Spec, prefix: str) -> str:
-    """y = x W + b with int8 arithmetic; x float [rows,K] -> float [rows,N].
+def _int8_dense(g: _Builder, x: str, W: np.ndarray, b: np.ndarray, spec: Int8Spec, prefix: str) -> str:
+    """y = x W + b with int8 products; x float [rows,K] -> float [rows,N].
 
-    Activations: per row (or per tensor) min m <= 0 <= M, scale s = (M - m) / levels, zero point
-    z = round(-m / s), q = clip(round(x / s) + z, 0, levels) as uint8. Then, with the weights' integer
-    column sums c:  x W ~= s * ws * (q Wq - z c),  MatMulInteger giving q Wq in int32.
+    Activations: per row (or per tensor) lo = min(x, 0), hi = max(x, 0), scale s = (hi - lo) / levels, zero
+    point z = round(-lo / s), q = round(x / s) + z as uint8 (``QuantizeLinear``, per row along axis 0).
+    The product is ONNX Runtime's ``MatMulIntegerToFloat`` (com.microsoft: MLAS's quantized GEMM with the
+    float scaling in its output stage). Per tensor it takes s, z and the bias itself. Per row, with the
+    weights' integer column sums c:  x W + b ~= s * (sum_k q Wq * ws) - s z (c ws) + b, the last two terms
+    one small Gemm ([rows,2] @ [2,N]) that adds the first as its C input.
     """
-    Wq, ws = quantize_weight(W, spec.weight_levels)
-    base = "q." + prefix.replace("/", "__")
     from onnx import numpy_helper
 
-    wq_name, ws_name, cs_name = base + ".weight", base + ".scale", base + ".colsum"
-    g.inits[wq_name] = numpy_helper.from_array(Wq, wq_name)
-    g.inits[ws_name] = numpy_helper.from_array(ws[None, :], ws_name)
-    colsum = Wq.astype(np.int64).sum(axis=0).astype(np.float32)[None, :]
-    g.inits[cs_name] = numpy_helper.from_array(colsum, cs_name)
-    F = g.TP.FLOAT
+    Wq, ws = quantize_weight(W, spec.weight_levels)
+    base = "q." + prefix.replace("/", "__")
+    for name, arr in ((".weight", Wq), (".scale", ws)):
+        g.inits[base + name] = numpy_helper.from_array(arr, base + name)
+    wq_name, ws_name = base + ".weight", base + ".scale"
+    bias = g.const(np.asarray(b, np.float32), name=base + ".bias")
     if spec.activations == "tensor" and spec.activation_levels == 255:
-        # ONNX Runtime's own pattern (fused into one DynamicQuantizeMatMul at load)
+        # ONNX Runtime's own pattern, fused into one DynamicQuantizeMatMul when the session loads
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, n_out=3)
         acc = g.op("MatMulInteger", xq, wq_name, xz)
-        y = g.op("Mul", g.op("Cast", acc, to=F), g.op("Mul", xs, ws_name))
+        y = g.op("Mul", g.op("Cast", acc, to=g.TP.FLOAT), g.op("Mul", xs, ws_name))
         return g.op("Add", y, bias)
     zero = g.const(0.0)
-    if spec.activations == "row":
-        lo, hi = g.op("ReduceMin", x, axes=[-1], keepdims=1), g.op("ReduceMax", x, axes=[-1], keepdims=1)  # [rows,1]
-    else:
+    if spec.activations == "row":  # lo, hi, s, z: [rows]
+        lo, hi = g.op("ReduceMin", x, axes=[-1], keepdims=0), g.op("ReduceMax", x, axes=[-1], keepdims=0)
+    else:  # scalars
         lo, hi = g.op("ReduceMin", x, keepdims=0), g.op("ReduceMax", x, keepdims=0)
     lo, hi = g.op("Min", lo, zero), g.op("Max", hi, zero)
-    levels = g.const(float(spec.activation_levels))
-    s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), levels), g.const(1e-30))
-    neg_z = g.op("Round", g.op("Div", lo, s))  # -z
-    q = g.op("Cast", g.op("Clip", g.op("Sub", g.op("Round", g.op("Div", x, s)), neg_z), zero, levels),
-             to=g.TP.UINT8)
-    acc = g.op("Cast", g.op("MatMulInteger", q, wq_name), to=F)  # [rows,N]: sum_k q Wq
-    acc = g.op("Add", acc, g.op("Mul", neg_z, cs_name))  # - z c
-    return g.op("Add", g.op("Mul", acc, g.op("Mul", s, ws_name)), bias)
+    s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), g.const(float(spec.activation_levels))), g.const(1e-30))
+    zf = g.op("Round", g.op("Neg", g.op("Div", lo, s)))  # z in [0, levels]
+    z = g.op("Cast", zf, to=g.TP.UINT8)
+    # saturate(round(x / s) + z): at most levels + 1 (two roundings), still within the saturation-free bound
+    q = g.op("QuantizeLinear", x, s, z, axis=0)
+    if spec.activations == "tensor":
+        return g.op("MatMulIntegerToFloat", q, wq_name, s, ws_name, z, "", bias, domain=MS_DOMAIN)
+    out = g.op("MatMulIntegerToFloat", q, wq_name, g.const(1.0), ws_name, domain=MS_DOMAIN)  # [rows,N]
+    colsum = Wq.astype(np.int64).sum(axis=0).astype(np.float32)
+    corr = g.const(np.stack([-colsum * ws, np.asarray(b, np.float32)]), name=base + ".correction")  # [2,N]
+    s2 = g.op("Unsqueeze", s, g.const([-1], np.int64))  # [rows,1]
+    sz = g.op("Mul", s2, g.op("Unsqueeze", zf, g.const([-1], np.int64)))
+    a = g.op("Concat", sz, g.op("Expand", g.const([[1.0]]), g.op("Shape", sz)), axis=1)  # [rows,2]: s z, 1
+    return g.op("Gemm", a, corr, g.op("Mul", out, s2))
 
 
 def initializer_weights(model) -> dict[str, np.ndarray]:

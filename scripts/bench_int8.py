@@ -20,7 +20,7 @@ nothing. It also reports how far the emulated int8 numbers are from this machine
 
 Usage:
   python scripts/bench_int8.py --out int8.md --json int8.json
-  python scripts/bench_int8.py --emulate Haswell --copies 64 --configs default,qdq8 --out int8-avx2.md
+  python scripts/bench_int8.py --emulate Haswell --copies 64 --configs default,row8,qdq8 --out int8-avx2.md
 """
 from __future__ import annotations
 
@@ -41,18 +41,19 @@ from bench_common import REPO, Steal, command_line, emit, git_rev, machine  # no
 
 #: name -> (Int8Spec keyword arguments, what it is)
 CONFIGS = {
-    "default": ({}, "the default: per-row 7-bit activations, 8-bit weights, head fp32"),
-    "row8": ({"activation_levels": 255}, "per-row 8-bit activations (can saturate on AVX2)"),
-    "row8-w7": ({"activation_levels": 255, "weight_levels": 63}, "per-row 8-bit activations, 7-bit weights "
-                "(reduce_range)"),
-    "tensor7": ({"activations": "tensor"}, "per-tensor 7-bit activations"),
-    "tensor8": ({"activations": "tensor", "activation_levels": 255}, "per-tensor 8-bit activations "
-                "(DynamicQuantizeLinear; can saturate)"),
-    "qdq8": ({"activations": "tensor", "activation_levels": 255, "keep_fp32": ()},
-             "ONNX Runtime quantize_dynamic's arithmetic: per-tensor 8-bit, head quantized too (the earlier "
-             "default; can saturate)"),
-    "default-last-fp32": ({"keep_fp32": ("head", "last")}, "the default, the last layer in fp32"),
+    "default": ({}, "the default: per-row 8-bit activations, 7-bit weights (saturation-free), head fp32"),
+    "row7": ({"activation_levels": 127, "weight_levels": 127},
+             "per-row 7-bit activations, 8-bit weights (saturation-free)"),
+    "row8": ({"weight_levels": 127}, "per-row 8-bit activations, 8-bit weights (can saturate)"),
+    "tensor8-w7": ({"activations": "tensor"}, "per-tensor 8-bit activations (DynamicQuantizeLinear), 7-bit "
+                   "weights: ONNX Runtime's reduce_range (saturation-free)"),
+    "tensor8": ({"activations": "tensor", "weight_levels": 127}, "per-tensor 8-bit activations, 8-bit weights "
+                "(can saturate)"),
+    "qdq8": ({"activations": "tensor", "weight_levels": 127, "keep_fp32": ()},
+             "ONNX Runtime quantize_dynamic's arithmetic, the head quantized too: the earlier default (can saturate)"),
     "default-ffn-out-fp32": ({"keep_fp32": ("head", "ffn_out")}, "the default, feed-forward outputs in fp32"),
+    "row7-ffn-out-last-fp32": ({"activation_levels": 127, "weight_levels": 127, "keep_fp32": ("head", "ffn_out", "last")},
+                               "row7, feed-forward outputs and the last layer in fp32"),
 }
 INPUTS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 
