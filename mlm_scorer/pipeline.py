@@ -363,7 +363,7 @@ def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int 
                        precision=(engine_options or {}).get("precision"), top_k=top_k)
     engine, opts = choose_engine(engine, md, engine_options)  # "auto": the engine that will run
     eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts),
-                     numerics=numerics(engine, opts))
+                     numerics=numerics(engine, opts, md))
     try:
         return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
                       policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size))

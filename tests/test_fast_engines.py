@@ -646,7 +646,8 @@ def test_reduced_precision_scores_never_mix_with_fp32(int8_model, tmp_path):
     int8, int8_pll, out = run("int8", "onnx", precision="int8")
     assert int8.cache_hits == 0 and int8.copies == fp32.copies  # scored afresh, not read from fp32's entries
     assert int8_pll != fp32_pll  # dynamic quantization moves the scores: mixing them would be visible
-    assert json.loads(pq.read_schema(out).metadata[b"mlm_scorer"])["numerics"] == "onnx-int8"
+    int8_numerics = "onnx-int8-" + _manifest(int8_model)["onnx"]["int8"]["sha256"][:12]  # this int8 file's
+    assert json.loads(pq.read_schema(out).metadata[b"mlm_scorer"])["numerics"] == int8_numerics
     again, again_pll, _ = run("again", "saved_model")  # another fp32 engine: answered by the fp32 entries
     assert again.copies == 0 and again.cache_hits == len(texts) and again_pll == fp32_pll
     int8_again, int8_again_pll, _ = run("int8b", "onnx", precision="int8")
@@ -657,6 +658,6 @@ def test_reduced_precision_scores_never_mix_with_fp32(int8_model, tmp_path):
     bad.write_text("text\n" + "".join(t + "\n" for t in texts * 3) + "\n" + "more words here\n", encoding="utf-8")
     with pytest.raises(Exception):  # the empty line is a bad row under fail: two chunks are committed
         score_file(bad, tmp_path / "r.parquet", model=int8_model.path, engine="onnx", chunk_rows=5)
-    with pytest.raises(UsageError, match=r"setting numerics changed \('fp32' -> 'onnx-int8'\)"):
+    with pytest.raises(UsageError, match=rf"setting numerics changed \('fp32' -> '{int8_numerics}'\)"):
         score_file(bad, tmp_path / "r.parquet", model=int8_model.path, engine="onnx",
                    engine_options={"precision": "int8"}, chunk_rows=5, resume=True)

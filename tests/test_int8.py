@@ -232,3 +232,22 @@ def test_on_an_avx2_cpu_a_saturating_file_is_refused_and_the_default_accepted(de
     # the same integers as on the exporting CPU: the same drift, to float rounding
     recorded = _manifest(default_int8)["reduced_precision"]["onnx-int8"]["probe"]["mean_abs_diff"]
     assert good["ok"]["mean_abs_diff"] == pytest.approx(recorded, abs=1e-4), (good, recorded)
+
+
+def test_two_int8_files_of_the_same_weights_never_share_scores(default_int8, saturating_int8, tmp_path):
+    """The score cache keys on the numerics, which name the int8 file: a re-quantized export (same weights,
+    same model_checksum, other int8 numbers) is scored afresh, never answered with the other file's scores."""
+    from mlm_scorer.pipeline import score_file
+
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\nthe cat sat on the mat\na dog ran home\n", encoding="utf-8")
+    cache = tmp_path / "cache"
+    assert ModelDir.open(default_int8).checksum == ModelDir.open(saturating_int8).checksum
+    a = score_file(tsv, tmp_path / "a.parquet", model=default_int8, engine_options={"precision": "int8"},
+                   score_cache=cache)
+    b = score_file(tsv, tmp_path / "b.parquet", model=saturating_int8, engine_options={"precision": "int8"},
+                   score_cache=cache)
+    assert a.cache_hits == 0 and b.cache_hits == 0 and b.copies == a.copies > 0
+    again = score_file(tsv, tmp_path / "c.parquet", model=default_int8, engine_options={"precision": "int8"},
+                       score_cache=cache)
+    assert again.copies == 0 and again.cache_hits == 2

@@ -157,15 +157,24 @@ class Engine(abc.ABC):
 _POOL_LOCK = threading.Lock()
 
 
-def numerics(engine: str, options: dict | None = None) -> str:
+def numerics(engine: str, options: dict | None = None, model=None) -> str:
     """The arithmetic an engine's numbers come from, as it is asked for before it opens: "fp32" for every
     fp32 engine (they agree within 1e-4, so their scores may be mixed), else the engine and its precision
-    ("onnx-int8", "torch-bf16"; a TensorRT plan's precision is its own). Scores of different numerics are
-    not mixed: the score cache and ``--resume`` key on it."""
+    ("onnx-int8", "torch-bf16"; a TensorRT plan's precision is its own). For ONNX int8 with ``model``
+    given, the int8 file's SHA-256 prefix is appended ("onnx-int8-1a2b3c4d5e6f"): two int8 files of the
+    same weights (another quantization) give other numbers. Scores of different numerics are not mixed:
+    the score cache and ``--resume`` key on it."""
     precision = (options or {}).get("precision")
     if engine == "tensorrt" and precision in (None, "fp16"):
         return f"tensorrt-{precision or 'plan'}"
-    return "fp32" if precision in (None, "fp32") else f"{engine}-{precision}"
+    if precision in (None, "fp32"):
+        return "fp32"
+    name = f"{engine}-{precision}"
+    if engine == "onnx" and precision == "int8" and model is not None:
+        sha = ((getattr(model, "manifest", None) or {}).get("onnx") or {}).get("int8", {}).get("sha256")
+        if isinstance(sha, str) and sha:
+            name += f"-{sha[:12]}"
+    return name
 
 
 class LazyEngine(Engine):
