@@ -93,6 +93,17 @@ def _worker(argv: list[str]) -> None:
 # ------------------------------------------------------------------------------------------- data
 
 
+def evaluation_texts() -> tuple[list[str], list[str], list[tuple[int, int]]]:
+    """(sequences, the natural ones, pairs as (natural index, variant index)): antiberty_eval's 84 texts."""
+    import antiberty_eval as ae
+
+    pairs = ae.make_pairs(ae.load_antibodies(), shuffles=1, per_site=1)
+    naturals = list(dict.fromkeys(p.natural for p in pairs))
+    seqs = list(dict.fromkeys(naturals + [p.variant for p in pairs]))
+    index = {t: i for i, t in enumerate(seqs)}
+    return seqs, naturals, [(index[p.natural], index[p.variant]) for p in pairs]
+
+
 def make_data(export: Path, dest: Path, batch_tokens: int) -> dict:
     """The evaluation's copies as the scorer batches them (token mode), saved for the workers."""
     import antiberty_eval as ae
@@ -112,9 +123,7 @@ def make_data(export: Path, dest: Path, batch_tokens: int) -> dict:
             self.batches.append(batch)
             return BatchResult(log_probs=np.zeros(batch.masked_lm_positions.shape, np.float32))
 
-    pairs = ae.make_pairs(ae.load_antibodies(), shuffles=1, per_site=1)
-    naturals = list(dict.fromkeys(p.natural for p in pairs))
-    seqs = list(dict.fromkeys(naturals + [p.variant for p in pairs]))
+    seqs, naturals, _ = evaluation_texts()
     rec = Recorder()
     scorer = Scorer(ModelDir.open(export), rec, mode="token")
     prep = scorer.prepare([ae.residues(s) for s in seqs])
@@ -130,8 +139,9 @@ def make_data(export: Path, dest: Path, batch_tokens: int) -> dict:
             "naturals": len(naturals)}
 
 
-def drift(ref: np.ndarray, got: np.ndarray, natural: np.ndarray) -> dict:
-    """Per residue and per sequence, over what both scored (a sequence counts when every residue was)."""
+def drift(ref: np.ndarray, got: np.ndarray, natural: np.ndarray, pairs=()) -> dict:
+    """Per residue and per sequence, over what both scored (a sequence counts when every residue was); with
+    ``pairs`` (natural, variant) indices, the share decided alike (natural's PLL above the variant's)."""
     from antiberty_eval import spearman
 
     both = ~np.isnan(ref) & ~np.isnan(got)
@@ -145,6 +155,10 @@ def drift(ref: np.ndarray, got: np.ndarray, natural: np.ndarray) -> dict:
         nat = whole & natural
         if nat.sum() >= 2:
             out["spearman_natural"] = spearman(np.nansum(ref, 1)[nat], np.nansum(got, 1)[nat])
+        both_whole = [(a, b) for a, b in pairs if whole[a] and whole[b]]
+        if both_whole:
+            r, g = np.nansum(ref, 1), np.nansum(got, 1)
+            out["same_decision"] = float(np.mean([(r[a] > r[b]) == (g[a] > g[b]) for a, b in both_whole]))
     return out
 
 
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         r = results[name]
         row = {"config": name, "what": CONFIGS[name][1],
-               "saturation_free": Int8Spec(**CONFIGS[name][0]).saturation_free, **drift(ref, r["log_probs"], natural),
+               "saturation_free": Int8Spec(**CONFIGS[name][0]).saturation_free,
+               **drift(ref, r["log_probs"], natural, evaluation_texts()[2]),
                "copies": r["copies"]}
         if a.emulate:
             native = run_file(files[name], str(data), every)["log_probs"]
@@ -269,11 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
         fp = results["fp32"]
         lines += [f"fp32: {fp['copies_per_cpu_second']:.1f} copies per CPU-second.", "",
                   "| config | saturation-free | residue mean \\|Δ\\| | max | sequence mean \\|Δ PLL\\| | max | Spearman all "
-                  "/ natural | copies/CPU-s | × fp32 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "/ natural | same decisions | copies/CPU-s | × fp32 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['config']} | {'yes' if r['saturation_free'] else 'no'} | {r['token_mean_abs']:.4f} | "
                          f"{r['token_max_abs']:.3f} | {r['seq_mean_abs']:.3f} | {r['seq_max_abs']:.3f} | "
                          f"{r['spearman_all']:.4f} / {r.get('spearman_natural', float('nan')):.4f} | "
+                         f"{100 * r.get('same_decision', float('nan')):.1f} % | "
                          f"{r['copies_per_cpu_second']:.1f} | {r['speedup']:.2f} |")
     lines += ["", "Configurations: " + "; ".join(f"**{n}**: {CONFIGS[n][1]}" for n in names) + "."]
     out = {"machine": m, "emulate": a.emulate, "rows": rows, "info": info,
