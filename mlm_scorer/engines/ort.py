@@ -29,8 +29,8 @@ import numpy as np
 
 from ..errors import EngineError, MissingDependencyError, ModelError, UsageError
 from ..model_dir import ModelDir
-from .base import (IDENTITY_TOLERANCE, INPUT_NAMES, Batch, BatchResult, Engine, check_identity, plan_streams,
-                   probe_diff, read_identity_probe, refuse_streams_off_cpu)
+from .base import (IDENTITY_TOLERANCE, INPUT_NAMES, Batch, BatchResult, Engine, check_identity, numerics,
+                   plan_streams, probe_diff, read_identity_probe, refuse_streams_off_cpu)
 
 _FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 #: Padded tokens per batch on CPU when the user sets none (``Engine.preferred_batch_tokens``).
@@ -191,6 +191,7 @@ class OnnxEngine(Engine):
             raise ModelError(f"{path} has inputs {names}, expected {list(INPUT_NAMES)}; re-export it")
         self.model = model
         self.precision = precision
+        self.numerics = numerics(self.name, {"precision": precision}, model)  # names the int8 file (its SHA-256)
         self.device = device
         self.want_top_k = top_k
         self._outputs = (["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"] if top_k
