@@ -14,8 +14,8 @@ gathered *before* the vocabulary projection, so the [*,V] product runs on B*P ro
 is verified against ``mlm_export.verify.reference_log_probs`` (float64 NumPy, independent of ONNX) with
 ONNX Runtime, and refused above the tolerance.
 
-``quantize="int8"`` also writes ``model.int8.onnx`` (``onnx_graph.Int8Spec``: by default int8 weights per
-output column, uint8 activations per token row at run time, 7-bit, so that no CPU's int8 product can
+``quantize="int8"`` also writes ``model.int8.onnx`` (``onnx_graph.Int8Spec``: by default 7-bit weights per
+output column and 8-bit activations per token row at run time, so that no CPU's int8 product can
 saturate) and records under ``reduced_precision["onnx-int8"]``:
 
   * its drift against fp32 on random masked copies (``drift.drift_inputs``), printed;

@@ -6,7 +6,7 @@
   differs) from one this CPU computes differently (the cause named: e.g. no VNNI).
 * On a CPU without VNNI (an AVX2 CPU emulated by ``qemu-x86_64 -cpu Haswell``: ONNX Runtime dispatches on
   the emulated CPUID), a file quantized with 8-bit activations and weights saturates and is refused with
-  that cause, while the default configuration (7-bit activations: it cannot saturate) is accepted with
+  that cause, while the default configuration (7-bit weights: it cannot saturate) is accepted with
   the same drift as on this machine. Skipped with the reason where qemu-x86_64 is absent
   (``scripts/ci_system_deps.sh`` installs it).
 * Activations are quantized per token row: a copy's int8 numbers do not depend on its batch.
