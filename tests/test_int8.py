@@ -251,3 +251,19 @@ def test_two_int8_files_of_the_same_weights_never_share_scores(default_int8, sat
     again = score_file(tsv, tmp_path / "c.parquet", model=default_int8, engine_options={"precision": "int8"},
                        score_cache=cache)
     assert again.copies == 0 and again.cache_hits == 2
+
+
+def test_cpu_features_from_cpuid_agree_with_the_kernel():
+    """CPUID read through ctypes (engines/cpu.py) names the same basic features as /proc/cpuinfo on a machine
+    that is not emulated (the emulated case is the qemu test above)."""
+    from mlm_scorer.engines.cpu import _cpuid_reader, cpu_flags
+
+    if platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file():
+        pytest.skip(f"CPUID and /proc/cpuinfo are read on x86-64 Linux; this is {platform.machine()}")
+    if _cpuid_reader() is None:
+        pytest.skip("this system refuses executable memory: the flags come from /proc/cpuinfo itself")
+    import re
+
+    kernel = set(re.search(r"^flags\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    for flag in ("avx", "avx2", "fma", "avx512f", "avx512_vnni"):
+        assert (flag in cpu_flags()) == (flag in kernel), (flag, sorted(cpu_flags()))

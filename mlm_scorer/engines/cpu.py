@@ -64,7 +64,7 @@ def _cpuid_reader():
         return None
     try:
         buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):  # refused (W^X), or no prot argument (Windows)
         return None
     buf.write(_CPUID_CODE)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
