@@ -41,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="how the SavedModel writes LayerNorm: fused (default) is the form TensorFlow's oneDNN "
                          "rewrite (default in x86-64 Linux builds) runs as one op; plain is faster on a "
                          "TensorFlow (Serving) built without oneDNN")
-    ap.add_argument("--onnx", action="store_true", help="also write OUT/VERSION/model.onnx (same inputs and "
-                                                        "outputs; needs mlm-scorer[onnx-export]); when OUT/VERSION "
-                                                        "exists, add it there (the checkpoint must be the one "
-                                                        "it was exported from)")
+    onnx = ap.add_mutually_exclusive_group()
+    onnx.add_argument("--onnx", action="store_true", default=None,
+                      help="also write OUT/VERSION/model.onnx (same inputs and outputs), which the default engine "
+                           "runs: the default whenever onnx and onnxruntime are installed (mlm-scorer[onnx]); with "
+                           "--onnx their absence is an error, and when OUT/VERSION exists the file is added there "
+                           "(the checkpoint must be the one it was exported from)")
+    onnx.add_argument("--no-onnx", dest="onnx", action="store_false", help="write the SavedModel alone")
     ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
                                                          "model.int8.onnx, with its drift report (implies --onnx)")
     from mlm_scorer.logs import add_output_flags
@@ -104,12 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             path = export_checkpoint(ckpt, args.out, version=args.version, top_k=args.top_k or 5,
                                      max_seq_length=args.max_seq_length, overwrite=args.overwrite, tolerance=tol,
                                      layer_norm=args.layer_norm, log=log)
+        if args.onnx is None and not args.quantize:
+            import importlib.util
+
+            args.onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+            if not args.onnx:
+                log("not writing model.onnx (pip install 'mlm-scorer[onnx]' for it): the SavedModel engine will run")
         if args.onnx or args.quantize:
             from .to_onnx import write_onnx
 
             write_onnx(path, ckpt, quantize=args.quantize, tolerance=tol, log=log)
     except ImportError as exc:
-        logger.error(f"{exc} (ONNX export needs: pip install 'mlm-scorer[onnx-export]')")
+        logger.error(f"{exc} (ONNX export needs: pip install 'mlm-scorer[onnx]')")
         return 1
     except (CheckpointError, VerificationError, FileExistsError, ValueError) as exc:
         logger.error(str(exc))

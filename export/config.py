@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, fields
 #: do not change between revisions (every export is verified against the weights); speed does, so
 #: benchmark caches re-export when it differs. 2: 2-D hidden states, last layer only at masked positions.
 #: 3: LayerNorm written as the FusedBatchNormV3 form that TensorFlow's oneDNN rewrite runs as one op.
-GRAPH_REVISION = 3
+#: 4: model.onnx written operator by operator from the weights (onnx_graph.py; the decoder a Gemm on the
+#: word embeddings, no transposed copy); model.int8.onnx quantized per token row.
+GRAPH_REVISION = 4
 
 #: How the SavedModel writes LayerNorm (``mlm-export --layer-norm``), recorded in the manifest.
 #: "fused": one FusedBatchNormV3 per LayerNorm over rows seen as channels, plus scale and shift, the

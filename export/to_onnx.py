@@ -1,6 +1,8 @@
 """Write the exported model as ONNX (``model.onnx``, optionally ``model.int8.onnx``) next to the SavedModel.
 
-The ONNX graph has the SavedModel's ``serving_default`` signature exactly (names, dtypes, slot padding):
+The graphs are written directly from the checkpoint's NumPy weights (``mlm_export.onnx_graph``: ONNX
+operators, opset 17; no deep-learning framework needed), with the SavedModel's ``serving_default``
+signature exactly (names, dtypes, slot padding):
 
   inputs  (int32): input_ids, input_mask, segment_ids [B,T]; masked_lm_positions, masked_lm_ids [B,P]
   outputs:         masked_lm_log_probs float32 [B,P]   (0.0 in unused slots)
@@ -8,22 +10,25 @@ The ONNX graph has the SavedModel's ``serving_default`` signature exactly (names
                    top_k_log_probs     float32 [B,P,k] (-inf in unused slots)
 
 B, T and P are dynamic axes; k is the manifest's ``top_k``. As in the TF graph, the masked positions are
-gathered *before* the vocabulary projection, so the [*,V] matmul runs on B*P rows, not B*T.
+gathered *before* the vocabulary projection, so the [*,V] product runs on B*P rows, not B*T. The fp32 file
+is verified against ``mlm_export.verify.reference_log_probs`` (float64 NumPy, independent of ONNX) with
+ONNX Runtime, and refused above the tolerance.
 
-It is built as a small ``torch.nn.Module`` directly from the checkpoint's weights (google-research/bert
-names, TF kernels [in, out]), so TF-1 sources work as well as Hugging Face ones, and exported with
-``torch.onnx.export`` (TorchScript exporter, opset 17: LayerNormalization is a single op). The file is
-verified against ``mlm_export.verify.reference_log_probs`` (float64 NumPy, independent of torch and
-ONNX) with ONNX Runtime, and refused above the tolerance.
+``quantize="int8"`` also writes ``model.int8.onnx`` (``onnx_graph.Int8Spec``: by default 7-bit weights per
+output column and 8-bit activations per token row at run time, so that no CPU's int8 product can
+saturate) and records under ``reduced_precision["onnx-int8"]``:
 
-``quantize="int8"`` also writes ``model.int8.onnx`` (ONNX Runtime dynamic quantization: int8 weights of
-the MatMuls, activations quantized per batch at run time) and records its drift against fp32 in the
-manifest under ``reduced_precision["onnx-int8"]``.
+  * its drift against fp32 on random masked copies (``drift.drift_inputs``), printed;
+  * a ``probe``: a small fixed batch with the fp32 and int8 log-probs of it on the exporting CPU (and that
+    CPU's int8 class). The onnx engine replays it when it opens the int8 file (``engines.ort``): on a CPU
+    whose int8 arithmetic differs, the int8 file is refused with that cause, not run.
+
+It is refused (nothing written) if its drift on this CPU exceeds ``INT8_MAX_MEAN_ABS_DIFF`` /
+``INT8_MIN_TOP1_AGREEMENT``.
 """
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,187 +36,31 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import GRAPH_REVISION, BertConfig, weight_shapes
+from .config import GRAPH_REVISION
 from .drift import drift_inputs, drift_report, record_drift, update_manifest
+from .onnx_graph import DEFAULT_INT8, INPUT_NAMES, OPSET, OUTPUT_NAMES, Int8Spec, build_graph
 from .verify import VerificationError, generated_inputs, reference_log_probs
 
 ONNX_NAME = "model.onnx"
 ONNX_INT8_NAME = "model.int8.onnx"
-OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
-INPUT_NAMES = ["input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids"]
-OUTPUT_NAMES = ["masked_lm_log_probs", "top_k_ids", "top_k_log_probs"]
 #: int8 is refused (not just reported) if its drift exceeds these on the random drift inputs.
 INT8_MAX_MEAN_ABS_DIFF = 0.5
 INT8_MIN_TOP1_AGREEMENT = 0.5
+#: The probe replayed at open (``int8_probe_inputs``): small, so that checking costs milliseconds.
+PROBE_SHAPE = {"batch": 8, "max_tokens": 16, "max_predictions": 4, "seed": 4321}
+
+__all__ = ["ONNX_NAME", "ONNX_INT8_NAME", "write_onnx", "verify_onnx", "write_graph", "int8_drift",
+           "build_graph", "Int8Spec", "DEFAULT_INT8", "INPUT_NAMES", "OUTPUT_NAMES", "OPSET"]
 
 
-def build_module(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int):
-    """A torch ``nn.Module`` computing the serving signature from google-research/bert-named weights.
+def write_graph(cfg, weights: dict[str, np.ndarray], top_k: int, path: str | os.PathLike, *,
+                int8: Int8Spec | None = None) -> None:
+    """Write the graph for ``cfg`` with ``weights`` (google-research/bert names) to ``path`` (fp32, or int8
+    as ``int8`` says)."""
+    import onnx
 
-    forward(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids), all int32 tensors
-    ([B,T] x3, [B,P] x2) -> (masked_lm_log_probs float32 [B,P], top_k_ids int32 [B,P,k],
-    top_k_log_probs float32 [B,P,k]). Semantics follow ``bert_mlm.py``, the config's family switches
-    included: additive attention bias -10000 on padding, erf GELU, LayerNorm eps from the config, tied
-    decoder + output_bias, log_softmax.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if cfg.num_hidden_layers < 1:
-        raise ValueError(f"num_hidden_layers must be at least 1, got {cfg.num_hidden_layers}")
-    for name in (cfg.hidden_act, cfg.head_act or cfg.hidden_act):
-        if name not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"):
-            raise ValueError(f"activation {name!r} is not supported")
-    expected = weight_shapes(cfg)
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise ValueError(f"weights do not match the config: missing {missing[:5]}")
-
-    def activation(name):
-        if name == "gelu":
-            return F.gelu
-        if name == "relu":
-            return F.relu
-        return lambda x: F.gelu(x, approximate="tanh")
-
-    act, head_act = activation(cfg.hidden_act), activation(cfg.head_act or cfg.hidden_act)
-
-    class BertMLMModule(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            # Parameter names: the original name with '/' -> '__' ('.' is not allowed in a module name).
-            self.w = torch.nn.ParameterDict({
-                name.replace("/", "__"): torch.nn.Parameter(torch.from_numpy(
-                    np.ascontiguousarray(weights[name], dtype=np.float32)), requires_grad=False)
-                for name in expected})
-            self.k = int(top_k)
-            self.N = cfg.num_attention_heads
-            self.D = cfg.hidden_size // cfg.num_attention_heads
-            self.eps = float(cfg.layer_norm_eps)
-            self.H = cfg.hidden_size
-
-        def p(self, name):
-            return self.w[name.replace("/", "__")]
-
-        def dense(self, x, prefix):  # x [rows,H]: 2-D MatMul + Add, which ONNX Runtime fuses into Gemm
-            return torch.matmul(x, self.p(prefix + "/kernel")) + self.p(prefix + "/bias")
-
-        def ln(self, x, prefix):
-            g = self.p(prefix + "/gamma")
-            return F.layer_norm(x, (g.shape[0],), g, self.p(prefix + "/beta"), self.eps)
-
-        def rotary(self, positions):  # int [B|1,Q] -> (cos, sin) [B|1,1,Q,D]
-            freqs = positions.float().unsqueeze(-1) * self.p("bert/encoder/rotary/inv_freq")
-            angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-            return torch.cos(angles), torch.sin(angles)
-
-        @staticmethod
-        def rotate(t, rope):  # t [B,N,Q,D] -> t*cos + rotate_half(t)*sin
-            cos, sin = rope
-            t1, t2 = t.chunk(2, dim=-1)
-            return t * cos + torch.cat([-t2, t1], dim=-1) * sin
-
-        def embed(self, input_ids, input_mask, segment_ids):  # [B,T] x3 -> [B*T,H]
-            B, T = input_ids.shape[0], input_ids.shape[1]
-            ids = input_ids.long()
-            x = F.embedding(ids, self.p("bert/embeddings/word_embeddings"))  # [B,T,E]
-            if cfg.token_dropout:  # ESM: <mask> rows zeroed, the others rescaled by the row's share of <mask>
-                is_mask = (ids == cfg.mask_token_id).float()
-                observed = is_mask.sum(-1) / input_mask.float().sum(-1)
-                x = x * (1.0 - is_mask).unsqueeze(-1) * ((1.0 - 0.15 * 0.8) / (1.0 - observed))[:, None, None]
-            if cfg.type_vocab_size:
-                x = x + F.embedding(segment_ids.long(), self.p("bert/embeddings/token_type_embeddings"))
-            else:  # no token types: segment_ids is ignored, but stays an input of the ONNX graph (an unused
-                x = x + (segment_ids.unsqueeze(-1) * 0).to(x.dtype)  # input would be dropped by the exporter)
-            if not cfg.rotary:
-                off = cfg.position_offset
-                x = x + self.p("bert/embeddings/position_embeddings")[off:off + T].unsqueeze(0)
-            x = x.reshape(B * T, cfg.embedding_width)
-            if cfg.embedding_layer_norm:
-                x = self.ln(x, "bert/embeddings/LayerNorm")
-            if cfg.embedding_width != self.H:
-                x = self.dense(x, "bert/embeddings_project")
-            return x
-
-        def attention(self, x, q_rows, bias, pre, B, T, Q, rope_k, rope_q):
-            N, D, H = self.N, self.D, self.H
-            q = self.dense(q_rows, pre + "/self/query").reshape(B, Q, N, D).transpose(1, 2)  # [B,N,Q,D]
-            k = self.dense(x, pre + "/self/key").reshape(B, T, N, D).transpose(1, 2)  # [B,N,T,D]
-            v = self.dense(x, pre + "/self/value").reshape(B, T, N, D).transpose(1, 2)
-            if cfg.rotary:
-                q, k = self.rotate(q, rope_q), self.rotate(k, rope_k)
-            s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D)) + bias  # [B,N,Q,T]
-            ctx = torch.matmul(torch.softmax(s, dim=-1), v).transpose(1, 2).reshape(B * Q, H)
-            return self.dense(ctx, pre + "/output/dense")
-
-        def layer(self, x, q_rows, bias, i, B, T, Q, rope_k=None, rope_q=None):
-            """Encoder layer i for the rows q_rows [B*Q,H] attending over x [B*T,H] (Q == T but in the last)."""
-            lp = f"bert/encoder/layer_{i}"
-            pre = lp + "/attention"
-            if cfg.pre_layer_norm:  # ESM
-                h = self.ln(x, pre + "/LayerNorm")
-                h_q = h if q_rows is x else self.ln(q_rows, pre + "/LayerNorm")
-                x = q_rows + self.attention(h, h_q, bias, pre, B, T, Q, rope_k, rope_q)
-                return x + self.dense(act(self.dense(self.ln(x, lp + "/LayerNorm"), lp + "/intermediate/dense")),
-                                      lp + "/output/dense")
-            x = self.ln(q_rows + self.attention(x, q_rows, bias, pre, B, T, Q, rope_k, rope_q),
-                        pre + "/output/LayerNorm")
-            h = act(self.dense(x, lp + "/intermediate/dense"))
-            return self.ln(x + self.dense(h, lp + "/output/dense"), lp + "/output/LayerNorm")
-
-        def forward(self, input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids):
-            B, T, P, H = input_ids.shape[0], input_ids.shape[1], masked_lm_positions.shape[1], self.H
-            x = self.embed(input_ids, input_mask, segment_ids)  # [B*T,H]
-            bias = ((1.0 - input_mask.float()) * -10000.0)[:, None, None, :]  # [B,1,1,T]
-            pos = masked_lm_positions.long()  # [B,P]
-            rope_k = self.rotary(torch.arange(T, device=pos.device).unsqueeze(0)) if cfg.rotary else None
-            rope_q = self.rotary(pos) if cfg.rotary else None
-            last = cfg.num_hidden_layers - 1
-            for i in range(last):
-                x = self.layer(x, x, bias, i, B, T, T, rope_k, rope_k)
-            # The last layer only at the masked positions (keys/values still from every token), as bert_mlm.py.
-            rows = torch.gather(x.reshape(B, T, H), 1, pos.unsqueeze(-1).expand(-1, -1, H)).reshape(B * P, H)
-            g = self.layer(x, rows, bias, last, B, T, P, rope_k, rope_q)  # [B*P,H]
-            if cfg.pre_layer_norm:
-                g = self.ln(g, "bert/encoder/LayerNorm")
-            g = head_act(self.dense(g, "cls/predictions/transform/dense"))
-            g = self.ln(g, "cls/predictions/transform/LayerNorm").reshape(B, P, cfg.embedding_width)
-            logits = (torch.matmul(g, self.p("bert/embeddings/word_embeddings").t())
-                      + self.p("cls/predictions/output_bias"))  # [B,P,V]
-            log_probs = torch.log_softmax(logits, dim=-1)
-            valid = masked_lm_positions > 0  # [B,P]
-            target = torch.gather(log_probs, 2, masked_lm_ids.long().unsqueeze(-1)).squeeze(-1)
-            target = torch.where(valid, target, torch.zeros_like(target))
-            top_lp, top_ids = torch.topk(log_probs, self.k, dim=-1)  # [B,P,k]
-            vk = valid.unsqueeze(-1)
-            top_lp = torch.where(vk, top_lp, torch.full_like(top_lp, float("-inf")))
-            top_ids = torch.where(vk, top_ids.int(), torch.full_like(top_ids.int(), -1))
-            return target, top_ids, top_lp
-
-    return BertMLMModule().eval()
-
-
-def export_onnx_file(module, path: str | os.PathLike, *, opset: int = OPSET) -> None:
-    """``torch.onnx.export`` with dynamic batch / sequence / prediction axes; weights embedded in the file."""
-    import torch
-
-    ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]], dtype=torch.int32)
-    mask = (ids > 0).int()
-    pos = torch.tensor([[1, 2], [1, 0]], dtype=torch.int32)
-    tgt = torch.tensor([[5, 6], [7, 0]], dtype=torch.int32)
-    bt = {0: "batch", 1: "seq"}
-    bp = {0: "batch", 1: "predictions"}
-    dynamic_axes = {"input_ids": bt, "input_mask": bt, "segment_ids": bt, "masked_lm_positions": bp,
-                    "masked_lm_ids": bp, "masked_lm_log_probs": bp, "top_k_ids": bp, "top_k_log_probs": bp}
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings about shape arithmetic; the axes are dynamic
-        with torch.no_grad():
-            torch.onnx.export(module, (ids, mask, torch.zeros_like(ids), pos, tgt), str(path),
-                              input_names=INPUT_NAMES, output_names=OUTPUT_NAMES, dynamic_axes=dynamic_axes,
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    onnx.save(build_graph(cfg, weights, top_k, int8=int8), str(path))
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
@@ -263,37 +112,39 @@ def verify_onnx(path: str | os.PathLike, ckpt, *, max_len: int, top_k: int,
     return report
 
 
-def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """ONNX Runtime dynamic quantization: int8 (signed) MatMul weights, per-channel, activations at run time."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # silence "please consider pre-processing" (a root-logger warning)
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"])
-    finally:
-        root.setLevel(level)
+def int8_probe_inputs(vocab_size: int, max_len: int, mask_id: int | None = None) -> dict[str, np.ndarray]:
+    """The batch the int8 file is checked on at open: ``drift_inputs`` of ``PROBE_SHAPE`` (8 copies of up to
+    16 tokens, up to 4 masked positions each). Recorded whole in the manifest."""
+    s = PROBE_SHAPE
+    return drift_inputs(vocab_size, max_len, batch=s["batch"], max_tokens=s["max_tokens"],
+                        max_predictions=s["max_predictions"], seed=s["seed"], mask_id=mask_id)
 
 
 def int8_drift(fp32_path, int8_path, *, vocab_size: int, max_len: int, mask_id: int | None = None,
-               threads: int | None = None) -> dict[str, Any]:
-    """Drift of the int8 model against the fp32 one (both with ONNX Runtime) on ``drift_inputs``."""
+               threads: int | None = None, spec: Int8Spec = DEFAULT_INT8) -> dict[str, Any]:
+    """Drift of the int8 model against the fp32 one (both with ONNX Runtime) on ``drift_inputs``, with the
+    ``probe`` the engine replays at open (its inputs, the fp32 and the int8 answers, this CPU's int8 class)."""
+    from mlm_scorer.engines.cpu import cpu_flags, int8_class
+
+    a_sess, b_sess = _session(fp32_path, threads), _session(int8_path, threads)
     feed = drift_inputs(vocab_size, max_len, mask_id=mask_id)
-    a = _run(_session(fp32_path, threads), feed)
-    b = _run(_session(int8_path, threads), feed)
+    a, b = _run(a_sess, feed), _run(b_sess, feed)
     rep = drift_report(a["masked_lm_log_probs"], a["top_k_ids"][..., 0], b["masked_lm_log_probs"],
                        b["top_k_ids"][..., 0], feed["masked_lm_positions"])
-    rep.update({"baseline": "onnx fp32", "method": "onnxruntime quantize_dynamic QInt8 per-channel MatMul",
-                "file": ONNX_INT8_NAME, "inputs": "random masked copies (drift_inputs)"})
+    probe = int8_probe_inputs(vocab_size, max_len, mask_id)
+    pa, pb = _run(a_sess, probe)["masked_lm_log_probs"], _run(b_sess, probe)["masked_lm_log_probs"]
+    probe_rep = drift_report(pa, np.zeros_like(pa), pb, np.zeros_like(pb), probe["masked_lm_positions"])
+    rep.update({"baseline": "onnx fp32", "method": spec.describe(), "config": spec.to_dict(),
+                "file": ONNX_INT8_NAME, "inputs": "random masked copies (drift_inputs)",
+                "cpu": int8_class(), "cpu_flags": sorted(cpu_flags()),
+                "probe": {**{k: v.tolist() for k, v in probe.items()}, "fp32": pa.tolist(), "int8": pb.tolist(),
+                          "mean_abs_diff": probe_rep["mean_abs_diff"], "max_abs_diff": probe_rep["max_abs_diff"],
+                          "cpu": int8_class()}})
     return rep
 
 
 def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None, *,
-               tolerance: float = DEFAULT_TOLERANCE, opset: int = OPSET,
+               tolerance: float = DEFAULT_TOLERANCE, int8_spec: Int8Spec = DEFAULT_INT8,
                log: Callable[[str], None] = print) -> Path:
     """Write ``model.onnx`` (and with ``quantize="int8"`` ``model.int8.onnx``) into an export's version dir.
 
@@ -301,12 +152,13 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     checksum must equal the manifest's ``model_checksum``). The file is written to a temporary name,
     verified with ONNX Runtime against the float64 NumPy reference (VerificationError above ``tolerance``),
     then renamed; the manifest gains an ``onnx`` entry (file, sha256, opset, verification) and, for int8,
-    ``reduced_precision["onnx-int8"]`` (drift vs fp32, also printed with ``log``). Without ``quantize`` a
-    stale ``model.int8.onnx`` from an earlier run is removed. Returns the fp32 path.
+    ``reduced_precision["onnx-int8"]`` (drift vs fp32, also printed with ``log``, and the probe). Without
+    ``quantize`` a stale ``model.int8.onnx`` from an earlier run is removed. Returns the fp32 path.
 
-    Raises ImportError (naming the extra) if torch / onnxruntime / onnx are missing, ValueError for a
-    checkpoint that is not the export's, VerificationError above ``tolerance`` or for an int8 model that
-    drifts past INT8_MAX_MEAN_ABS_DIFF / INT8_MIN_TOP1_AGREEMENT. Nothing is left behind on failure.
+    Raises ImportError (naming the extra) if onnx / onnxruntime are missing, ValueError for a checkpoint
+    that is not the export's, VerificationError above ``tolerance`` or for an int8 model that drifts past
+    INT8_MAX_MEAN_ABS_DIFF / INT8_MIN_TOP1_AGREEMENT on this CPU. Nothing is left behind on failure: no
+    temporary file, and no int8 file that this CPU would refuse.
     """
     import json
 
@@ -314,8 +166,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    need = ["torch", "onnxruntime"] + (["onnx"] if quantize else [])
-    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"writing ONNX needs {', '.join(missing)}: pip install 'mlm-scorer[onnx-export]'")
     vdir = Path(version_dir)
@@ -325,42 +176,44 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                          f"(model_checksum mismatch); pass the checkpoint the export was made from")
     top_k = int(manifest["top_k"])
     max_len = int(manifest["max_seq_length"])
-    module = build_module(ckpt.config, ckpt.weights, top_k)
     final = vdir / ONNX_NAME
     fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx.tmp", dir=vdir)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp8 = vdir / f".model.int8.{os.getpid()}.onnx.tmp"
     try:
-        export_onnx_file(module, tmp, opset=opset)
-        del module
+        write_graph(ckpt.config, ckpt.weights, top_k, tmp)
         mask_id = (manifest.get("special_token_ids") or {}).get("mask")
         report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance, mask_id=mask_id)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
             f"(tolerance {tolerance:g}, {report['n_predictions']} predictions, ONNX Runtime)")
-        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": opset, "graph_revision": GRAPH_REVISION,
+        entry: dict[str, Any] = {"file": ONNX_NAME, "opset": OPSET, "graph_revision": GRAPH_REVISION,
                                  "sha256": sha256_file(tmp), "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES,
+                                 "writer": "onnx.helper (mlm_export.onnx_graph)",
                                  "verification": report, "versions": _versions()}
         drift = None
         if quantize == "int8":
-            quantize_int8(tmp, tmp8)
-            drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id)
+            write_graph(ckpt.config, ckpt.weights, top_k, tmp8, int8=int8_spec)
+            drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id,
+                               spec=int8_spec)
             if drift["mean_abs_diff"] > INT8_MAX_MEAN_ABS_DIFF or drift["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:
                 raise VerificationError(
-                    f"int8 quantization drifts too far from fp32 (mean |Δ log-prob| {drift['mean_abs_diff']:.3f} "
-                    f"> {INT8_MAX_MEAN_ABS_DIFF} or top-1 agreement {drift['top1_agreement']:.1%} < "
-                    f"{INT8_MIN_TOP1_AGREEMENT:.0%}); export without --quantize")
-            entry["int8"] = {"file": ONNX_INT8_NAME, "sha256": sha256_file(tmp8)}
+                    f"int8 quantization drifts too far from fp32 on this CPU ({drift['cpu']}): mean |Δ log-prob| "
+                    f"{drift['mean_abs_diff']:.3f} (at most {INT8_MAX_MEAN_ABS_DIFF}), top-1 agreement "
+                    f"{drift['top1_agreement']:.1%} (at least {INT8_MIN_TOP1_AGREEMENT:.0%}); export without "
+                    f"--quantize and score in fp32")
+            entry["int8"] = {"file": ONNX_INT8_NAME, "sha256": sha256_file(tmp8), "config": int8_spec.to_dict()}
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, final)
         updates: dict[str, Any] = {"onnx": entry}
+        rp = dict(manifest.get("reduced_precision") or {})
+        if rp.pop("onnx-int8", None) is not None:  # an earlier int8 report no longer describes the files
+            updates["reduced_precision"] = rp
         if quantize == "int8":
+            os.chmod(tmp8, 0o644)
             os.replace(tmp8, vdir / ONNX_INT8_NAME)
         elif (vdir / ONNX_INT8_NAME).exists():  # a stale int8 file from an earlier run: it no longer matches
             (vdir / ONNX_INT8_NAME).unlink()
-            rp = dict(manifest.get("reduced_precision") or {})
-            rp.pop("onnx-int8", None)
-            updates["reduced_precision"] = rp
         update_manifest(vdir, updates, merge_keys=())
         if drift is not None:
             record_drift(vdir, "onnx-int8", drift, log=log)
@@ -375,7 +228,7 @@ def _versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for dist in ("torch", "onnx", "onnxruntime"):
+    for dist in ("onnx", "onnxruntime"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exported once into the cache (default: bert-base-uncased)")
     m.add_argument("--model-version", type=int, default=None, help="version subdirectory (default: the highest)")
     m.add_argument("--engine", default=None,
-                   help="saved_model (default, in-process), rest, grpc, kserve_http, kserve_grpc, onnx, tensorrt, "
-                        "torch; --server picks the server engine from its URL and protocol")
+                   help="auto (default: ONNX Runtime on the export's model.onnx, else the SavedModel; --precision "
+                        "int8 runs onnx, bf16 torch), saved_model, onnx, torch, tensorrt; with --server: rest, grpc "
+                        "(TF Serving), kserve_http, kserve_grpc (Triton), picked from the URL and the protocol")
     m.add_argument("--server", help="server URL: http(s)://host:port (REST) or grpc(s)://host:port (gRPC) of TF "
                                     "Serving (8501/8500) or Triton / another KServe v2 server (8000/8001)")
     m.add_argument("--protocol", choices=["auto", "kserve", "tfserving"], default=None,
@@ -155,7 +156,7 @@ def _engine_options(args, ap) -> tuple[str, dict]:
         ap.error(f"--engine {engine} needs --server URL")
     elif args.protocol:
         ap.error("--protocol applies to --server")
-    return engine or "saved_model", opts
+    return engine or "auto", opts
 
 
 @contextlib.contextmanager
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     engine, opts = _engine_options(args, ap)
-    if args.model is None and engine in ("rest", "grpc", "kserve_http", "kserve_grpc", "auto"):
+    if args.model is None and args.server:
         ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
     for flag in ("batch_tokens", "chunk_rows", "max_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             check_target(args.summary_json, "the --summary-json file")
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
         rules = flag_rules(args)
-        if engine == "auto":  # TF Serving or KServe v2: what the server answers (kserve_base.detect_protocol)
+        if args.server and engine == "auto":  # TF Serving or KServe v2: what the server answers (detect_protocol)
             from .engines.kserve_base import server_engine
 
             engine = server_engine(args.server, "auto", opts, log_fn=log.info)

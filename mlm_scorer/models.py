@@ -13,9 +13,10 @@ What ``--model`` names, in order:
 Cache: ``$MLM_SCORER_CACHE`` or ``~/.cache/mlm-scorer``, under ``exports/<key>/1`` where the key is a
 hash of the source (a local directory: its absolute path and its files' names, sizes and mtimes; a hub
 id: the id). The export, and what the run's engine needs beside the SavedModel (``model.onnx`` for the
-onnx and torch engines, ``model.int8.onnx`` for onnx int8), are built on first use under a file lock
-(``<key>.lock``, removed when done), so concurrent runs build each once. A failed resolution leaves
-nothing in the cache.
+default engine ``auto`` and the onnx and torch engines, ``model.int8.onnx`` for onnx int8), are built on
+first use under a file lock (``<key>.lock``, removed when done), so concurrent runs build each once. A
+failed resolution leaves nothing in the cache: an int8 file that drifts past its bound on this CPU is
+refused before it is written (``mlm_export.to_onnx.write_onnx``).
 """
 from __future__ import annotations
 
@@ -141,13 +142,16 @@ def _download(hub_id: str, log) -> Path:
 
 
 def engine_files(md: ModelDir, engine: str | None, precision: str | None) -> list[str]:
-    """Files the engine needs beside the SavedModel that ``md`` lacks: ``model.onnx`` for onnx, and for
-    torch where it can be written (the torch engine reads its weights from it without TensorFlow, else from
-    the SavedModel with TensorFlow); ``model.int8.onnx`` for onnx int8."""
+    """Files the engine needs beside the SavedModel that ``md`` lacks: ``model.onnx`` for onnx; for auto
+    (fp32: it runs ONNX Runtime when model.onnx is there, see ``engines.base.choose_engine``) and torch
+    (which reads its weights from it without TensorFlow) where it can be written; ``model.int8.onnx`` for
+    int8 (onnx, or auto)."""
     want = []
-    if engine == "onnx":
-        want = ["model.int8.onnx"] if precision == "int8" else ["model.onnx"]
-    elif engine == "torch" and _can_write_onnx():
+    if engine in ("onnx", "auto") and precision == "int8":
+        want = ["model.int8.onnx"]
+    elif engine == "onnx":
+        want = ["model.onnx"]
+    elif engine in ("torch", "auto") and _can_write_onnx():
         want = ["model.onnx"]
     return [f for f in want if not (md.path / f).is_file()]
 
@@ -193,12 +197,12 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
             if missing:
                 from mlm_export.to_onnx import write_onnx
 
-                log(f"building {', '.join(missing)} into the cached export for --engine {engine} (once)")
+                log(f"building {', '.join(missing)} into the cached export for --engine {engine or 'auto'} (once)")
                 write_onnx(md.path, checkpoint(), quantize="int8" if "model.int8.onnx" in missing else None,
                            log=log)
             elif engine == "torch" and not (md.path / "model.onnx").is_file():
                 log("the torch engine reads the weights from the SavedModel with TensorFlow (model.onnx, which it "
-                    "reads without TensorFlow, needs pip install 'mlm-scorer[onnx-export]' to be written)")
+                    "reads without TensorFlow, needs pip install 'mlm-scorer[onnx]' to be written)")
     except (VerificationError, ValueError) as exc:
         raise ModelError(f"exporting {model!r} failed: {exc}") from None
     except ImportError as exc:  # write_onnx names its extra; a module missing elsewhere is the exporter's
@@ -210,7 +214,7 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
 
 
 def _can_write_onnx() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx", "onnxruntime"))
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .batching import BatchPolicy
-from .engines.base import LazyEngine, engine_names, get_engine, numerics
+from .engines.base import LazyEngine, choose_engine, engine_names, get_engine, numerics
 from .errors import InputError, Interrupted, MlmScorerError, StorageError, UnknownEngineError, UsageError
 from .models import DEFAULT_MODEL, resolve_model
 from .progress import Progress
@@ -119,7 +119,7 @@ _DONE = object()
 
 
 def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, model: str | os.PathLike = DEFAULT_MODEL,
-               model_version: int | None = None, engine: str = "saved_model",
+               model_version: int | None = None, engine: str = "auto",
                engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
                text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
                on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int | None = None,
@@ -401,7 +401,7 @@ def _close_scorer(scorer: Scorer) -> None:
 
 
 def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int | None = None,
-                engine: str = "saved_model", engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
+                engine: str = "auto", engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
                 top_k: int = 0, batch_tokens: int | None = None, max_batch_size: int | None = None,
                 cache_dir: str | os.PathLike | None = None, dedupe_cache: int = 20_000,
                 score_cache: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Scorer:
@@ -411,9 +411,9 @@ def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int 
         raise UnknownEngineError(f"unknown engine {engine!r}; known engines: {', '.join(engine_names())}")
     md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
                        precision=(engine_options or {}).get("precision"), top_k=top_k)
-    opts = dict(engine_options or {})
+    engine, opts = choose_engine(engine, md, engine_options)  # "auto": the engine that will run
     eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts),
-                     numerics=numerics(engine, opts))
+                     numerics=numerics(engine, opts, md))
     try:
         return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
                       policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size), server=server_of(opts))

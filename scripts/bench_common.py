@@ -38,8 +38,10 @@ def machine() -> dict:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1024 * 1024)
     except (OSError, ValueError, IndexError):
         mem = None
+    from mlm_scorer.engines.cpu import cpu_flags, int8_class
+
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
-            "date": _dt.date.today().isoformat()}
+            "date": _dt.date.today().isoformat(), "cpu_flags": sorted(cpu_flags()), "cpu_class": int8_class()}
 
 
 def parse_proc_stat(text: str) -> tuple[int, int] | None:
@@ -183,10 +185,11 @@ def ensure_export(ckpt: Path, export_dir: Path, *, onnx: bool = False, int8: boo
                         "export(sys.argv[1], sys.argv[2], top_k=int(sys.argv[3]), overwrite=True, log=print)",
                         str(ckpt), str(export_dir), str(top_k)], check=True)
     if (onnx or int8) and not export_is_current(export_dir / "1", onnx=True, int8=int8):
-        log(f"writing ONNX fp32 + int8 into {export_dir / '1'}")
+        log(f"writing ONNX fp32{' + int8' if int8 else ''} into {export_dir / '1'}")
         subprocess.run([sys.executable, "-c", "import sys, mlm_export; from mlm_export.to_onnx import write_onnx; "
-                        "write_onnx(sys.argv[2], mlm_export.load_checkpoint(sys.argv[1]), quantize='int8', log=print)",
-                        str(ckpt), str(export_dir / "1")], check=True)
+                        "write_onnx(sys.argv[2], mlm_export.load_checkpoint(sys.argv[1]), "
+                        "quantize=sys.argv[3] or None, log=print)",
+                        str(ckpt), str(export_dir / "1"), "int8" if int8 else ""], check=True)
     return export_dir
 
 

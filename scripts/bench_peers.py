@@ -111,7 +111,7 @@ def version(*names: str) -> str:
     return "?"
 
 
-def run_mlm_score(tsv: Path, export_dir: Path, mode: str, work: Path, engine: str = "saved_model",
+def run_mlm_score(tsv: Path, export_dir: Path, mode: str, work: Path, engine: str = "auto",
                   precision: str | None = None, engine_options: list[str] = ()) -> tuple[dict, float]:
     out = work / f"mlm-{mode}.parquet"
     summ = work / f"mlm-{mode}.summary.json"
@@ -184,7 +184,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "bench-out" / "peers"))
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write all numbers here")
-    ap.add_argument("--engine", default="saved_model", help="mlm-score's engine (default: the in-process SavedModel)")
+    ap.add_argument("--engine", default="auto", help="mlm-score's engine (default: auto, what mlm-score runs "
+                                                      "without --engine)")
     ap.add_argument("--engine-option", action="append", default=[], metavar="K=V",
                     help="mlm-score --engine-option (repeatable), e.g. streams=1")
     ap.add_argument("--precision", default=None,
@@ -205,7 +206,7 @@ def main() -> None:
     ckpt = make_checkpoint(work / f"{name}-hf", args.shape, family=args.family)
     export_dir = work / f"{name}-export"
     V = VOCAB[args.family]
-    ensure_export(ckpt, export_dir, onnx=args.engine == "onnx", int8=args.precision == "int8", log=log)
+    ensure_export(ckpt, export_dir, onnx=args.engine in ("onnx", "auto"), int8=args.precision == "int8", log=log)
     texts = list(dict.fromkeys(blimp_sentences(args.sentences)))  # no duplicates: both tools score every row
     tsv = write_tsv(work / f"blimp-{len(texts)}.tsv", texts)
 
@@ -221,11 +222,14 @@ def main() -> None:
             log(f"[round {rnd + 1}/{args.rounds}] minicons {metric} ({args.minicons_batch} sentences per call) ...")
             mini_json = work / f"minicons-{name}-{metric}.json"
             with Steal() as st:
+                t_proc = time.perf_counter()
                 subprocess.run([str(PEERS_PY), str(WORKER), "--model", str(ckpt), "--tsv", str(tsv), "--out",
                                 str(mini_json), "--batch-size", str(args.minicons_batch), "--metrics", metric],
                                check=True, stdout=subprocess.DEVNULL)
+                t_proc = time.perf_counter() - t_proc
             part = json.loads(mini_json.read_text())
             part["metrics"][metric]["steal_pct"] = st.pct
+            part["metrics"][metric]["process_seconds"] = t_proc  # the whole process: python, imports, load, scoring
             if not mini:
                 mini = part
             elif part["metrics"][metric]["seconds"] < mini["metrics"].get(metric, {"seconds": float("inf")})["seconds"]:
@@ -266,10 +270,12 @@ def main() -> None:
         eff = s.get("padding_efficiency") or 1.0
         o_exec = executed_flops_ours(args.shape, tokens_per_copy / eff, V) / 1e9
         rows.append({"tool": f"minicons {metric}", "words_s": n_words / m["seconds"], "copies_s": m_cps,
+                     "process_seconds": m.get("process_seconds"),
                      "useful": m_cps * gflop, "executed": m_cps * executed_flops_minicons(args.shape, pad_len, V) / 1e9,
                      "ratio": None, "seconds": m["seconds"], "copies": m["copies"], "startup": mini["load_seconds"],
                      "padding_efficiency": tokens_per_copy / pad_len, "steal_pct": m.get("steal_pct")})
         rows.append({"tool": f"mlm-score {mode}", "words_s": s["words"] / busy, "copies_s": o_cps,
+                     "process_seconds": wall, "engine": s.get("engine"),
                      "useful": o_cps * gflop, "executed": o_cps * o_exec, "ratio": o_cps / m_cps, "seconds": busy,
                      "copies": s["copies"], "startup": s["load_seconds"], "padding_efficiency": eff,
                      "steal_pct": s.get("steal_pct"), "batch_tokens": s.get("batch_tokens")})
@@ -280,10 +286,11 @@ def main() -> None:
              f"RoBERTa (positions from padding_idx + 1; a byte-level BPE of {ROBERTA_BPE:,} tokens trained on BLiMP, "
              f"the vocabulary padded with unused tokens to roberta-base's {V:,})")
     tf_version = version("tensorflow", "tensorflow-cpu", "tf-nightly")
-    engine_label = (f"{args.engine} {args.precision or 'fp32'}"
+    ran = ours["token"][0].get("engine", args.engine)
+    engine_label = (f"{args.engine}{f' (ran {ran})' if ran != args.engine else ''} {args.precision or 'fp32'}"
                     + "".join(f", {kv}" for kv in args.engine_option)
-                    + (f", TensorFlow {tf_version}" if args.engine == "saved_model" else
-                       f", ONNX Runtime {version('onnxruntime')}" if args.engine == "onnx" else ""))
+                    + (f", TensorFlow {tf_version}" if ran == "saved_model" else
+                       f", ONNX Runtime {version('onnxruntime')}" if ran == "onnx" else ""))
     mv = mini["versions"]
     lines = [
         f"### Peers — {model}, {args.shape} shape ({h} hidden, {layers} layers, {heads} heads, {inter} intermediate; "
@@ -317,6 +324,17 @@ def main() -> None:
                      f"{100 * r['useful'] / ceiling:.0f} % | {r['executed']:.0f} | {100 * r['padding_efficiency']:.0f} % | "
                      + (f"**{r['ratio']:.2f}×**" if r["ratio"] is not None else "—")
                      + f" | {fmt_pct(r.get('steal_pct'))} |")
+    lines += ["", "Whole processes (what a user waits for: interpreter, imports, model load, scoring, writing; "
+              "minicons' worker as a script that loads the model and scores the file):", "",
+              "| tool, PLL | whole process (s) | of which outside scoring (s) | mlm-score / minicons, whole process |",
+              "|---|---:|---:|---:|"]
+    for i in range(0, len(rows), 2):
+        mrow, orow = rows[i], rows[i + 1]
+        for r in (mrow, orow):
+            ratio = (f"**{mrow['process_seconds'] / orow['process_seconds']:.2f}×**"
+                     if r is orow and mrow.get("process_seconds") else "—")
+            lines.append(f"| {r['tool']} | {r['process_seconds'] or float('nan'):.1f} | "
+                         f"{(r['process_seconds'] or float('nan')) - r['seconds']:.1f} | {ratio} |")
     lines += [
         "",
         "Agreement (checked before timing is reported; natural log, sums over word pieces):",

@@ -25,7 +25,8 @@ from bench_common import (Steal, blimp_sentences, command_line, ensure_export, g
                           make_checkpoint, write_tsv)
 
 ENGINES = {  # name: (mlm-score options, the runtime's import)
-    "saved_model": ([], "import tensorflow"),
+    "auto (the default)": ([], "import onnxruntime"),
+    "saved_model": (["--engine", "saved_model"], "import tensorflow"),
     "onnx fp32": (["--engine", "onnx"], "import onnxruntime"),
     "onnx int8": (["--engine", "onnx", "--precision", "int8"], "import onnxruntime"),
     "torch fp32": (["--engine", "torch"], "import torch, transformers.models.bert.modeling_bert"),
@@ -59,7 +60,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     base = [str(tsv), "-o", str(work / "out.parquet"), "--model", str(export), "-q", "--id-column", "id"]
     cache = work / "score-cache"
-    # fill the score cache once (the SavedModel), for the "answered by the cache" row
+    # fill the score cache once (the default engine), for the "answered by the cache" row
     timed(MLM_SCORE + base + ["--cache", str(cache)], env)
 
     rows = {}
@@ -85,8 +86,8 @@ def main() -> None:
                 results[name]["import"].append(timed([sys.executable, "-c", imp], env)[0])
 
     m = machine()
-    print(f"# start-up, {a.shape} shape, {a.sentences} sentences; {m['date']}, commit {git_rev()}, {m['cpu']}, "
-          f"{m['cores']} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"# start-up, {a.shape} shape, {a.sentences} sentences; {m['date']}, commit {git_rev()}, {m['cpu']} "
+          f"({m['cpu_class']}; {' '.join(m['cpu_flags'])}), {m['cores']} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"# {command_line()}")
     print()
     print("| run | wall, median (best) | start-up in the summary, median | runtime import alone, median | steal |")

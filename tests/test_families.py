@@ -91,7 +91,7 @@ def test_saved_model_score_file_matches_transformers(family, tmp_path, tmp_path_
     tsv = write_tsv(tmp_path / "in.tsv", [[str(i), t] for i, t in enumerate(texts)])
     for mode in MODES:
         out = tmp_path / f"{mode}.parquet"
-        summary = score_file(tsv, out, model=b["export"], mode=mode, id_column="id")
+        summary = score_file(tsv, out, model=b["export"], engine="saved_model", mode=mode, id_column="id")
         assert summary.scored == len(texts) and summary.skipped == 0
         words, sents = read_outputs(out)
         per_text = [[(w["word"], w["char_start"], w["char_end"], w["n_pieces"], w["log_prob"])
@@ -402,7 +402,7 @@ def test_ray_scores_a_roberta_export_as_score_file(tmp_path_factory, tmp_path):
 
     export_dir = str(built("roberta", tmp_path_factory)["export"])
     tsv = write_tsv(tmp_path / "in.tsv", [[str(i), t] for i, t in enumerate(SENTENCES * 3)])
-    score_file(tsv, tmp_path / "ref.parquet", model=export_dir, id_column="id")
+    score_file(tsv, tmp_path / "ref.parquet", model=export_dir, engine="saved_model", id_column="id")
     ref_words, ref_sents = read_outputs(tmp_path / "ref.parquet")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:

@@ -42,26 +42,42 @@ SENTENCES = [
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="module")
-def fast_export(tiny_export, tiny_hf, tmp_path_factory) -> Path:
-    """A copy of the tiny export with model.onnx and model.int8.onnx written by write_onnx."""
+def _onnx_copy(tiny_export, tiny_hf, tmp_path_factory, name: str, quantize: str | None) -> Path:
+    """A copy of the tiny export with model.onnx (and with quantize="int8" model.int8.onnx) from write_onnx."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'mlm-scorer[onnx]')")
-    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'mlm-scorer[onnx-export]')")
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install 'mlm-scorer[onnx]')")
     from mlm_export import load_checkpoint
     from mlm_export.to_onnx import write_onnx
 
-    base = tmp_path_factory.mktemp("fast_export")
-    src = ModelDir.open(tiny_export).path
-    shutil.copytree(src, base / "1")
+    base = tmp_path_factory.mktemp(name)
+    shutil.copytree(ModelDir.open(tiny_export).path, base / "1")
     msgs: list[str] = []
-    write_onnx(base / "1", load_checkpoint(tiny_hf), quantize="int8", log=msgs.append)
-    assert any(m.startswith("verified") for m in msgs) and any(m.startswith("drift onnx-int8") for m in msgs), msgs
+    write_onnx(base / "1", load_checkpoint(tiny_hf), quantize=quantize, log=msgs.append)
+    assert any(m.startswith("verified") for m in msgs), msgs
+    assert any(m.startswith("drift onnx-int8") for m in msgs) == (quantize == "int8"), msgs
     return base
+
+
+@pytest.fixture(scope="module")
+def fast_export(tiny_export, tiny_hf, tmp_path_factory) -> Path:
+    """The tiny export with model.onnx (fp32 only: no fp32 test depends on quantizing)."""
+    return _onnx_copy(tiny_export, tiny_hf, tmp_path_factory, "fast_export", None)
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_export, tiny_hf, tmp_path_factory) -> Path:
+    """The tiny export with model.onnx and model.int8.onnx, for the int8 tests alone."""
+    return _onnx_copy(tiny_export, tiny_hf, tmp_path_factory, "int8_export", "int8")
 
 
 @pytest.fixture(scope="module")
 def model(fast_export) -> ModelDir:
     return ModelDir.open(fast_export)
+
+
+@pytest.fixture(scope="module")
+def int8_model(int8_export) -> ModelDir:
+    return ModelDir.open(int8_export)
 
 
 def _copies(tok, sentences):
@@ -247,15 +263,18 @@ def _assert_drift_within(res, batch, lp, top, tol) -> np.ndarray:
     return d
 
 
-def test_onnx_int8_within_tolerance_and_recorded(model, copies_batch):
+def test_onnx_int8_within_tolerance_and_recorded(int8_model, copies_batch):
     batch, (lp, top, _) = copies_batch
-    res = get_engine("onnx", model=model, top_k=True, precision="int8").run(batch)
+    eng = get_engine("onnx", model=int8_model, top_k=True, precision="int8")
+    res = eng.run(batch)
     d = _assert_drift_within(res, batch, lp, top, INT8_TOL)
     assert d.max() > 1e-6, "int8 gave fp32-identical numbers: the quantized file is not being used"
-    rep = _manifest(model)["reduced_precision"]["onnx-int8"]
-    assert {"mean_abs_diff", "max_abs_diff", "top1_agreement", "n_predictions"} <= set(rep)
+    rep = _manifest(int8_model)["reduced_precision"]["onnx-int8"]
+    assert {"mean_abs_diff", "max_abs_diff", "top1_agreement", "n_predictions", "probe", "cpu"} <= set(rep)
     assert rep["mean_abs_diff"] <= INT8_TOL["mean"]
-    assert _manifest(model)["onnx"]["int8"]["file"] == "model.int8.onnx"
+    assert _manifest(int8_model)["onnx"]["int8"]["file"] == "model.int8.onnx"
+    # the engine measured the file's drift on the recorded probe at open: on this CPU, as at export
+    assert eng.int8_check["mean_abs_diff"] == pytest.approx(rep["probe"]["mean_abs_diff"], abs=1e-4)
 
 
 def test_torch_bf16_cpu_within_tolerance_and_recorded(model, copies_batch, capsys):
@@ -275,12 +294,12 @@ def test_torch_bf16_cpu_within_tolerance_and_recorded(model, copies_batch, capsy
     assert rep["mean_abs_diff"] == pytest.approx(eng.drift["mean_abs_diff"])
 
 
-def test_int8_manifest_update_keeps_other_entries(model, tmp_path):
+def test_int8_manifest_update_keeps_other_entries(int8_model, tmp_path):
     from mlm_export.drift import record_drift
 
     vdir = tmp_path / "1"
-    shutil.copytree(model.path, vdir, ignore=shutil.ignore_patterns("*.onnx", "variables"))
-    before = _manifest(model)
+    shutil.copytree(int8_model.path, vdir, ignore=shutil.ignore_patterns("*.onnx", "variables"))
+    before = _manifest(int8_model)
     assert record_drift(vdir, "x-test", {"mean_abs_diff": 1.0, "max_abs_diff": 2.0, "top1_agreement": 0.5,
                                          "n_predictions": 3})
     after = json.loads((vdir / MANIFEST_NAME).read_text())
@@ -309,7 +328,7 @@ def test_torch_cuda_half(model, copies_batch, precision):
 def test_onnx_verification_catches_wrong_weights(tiny_hf, model, tmp_path):
     """verify_onnx must fail on a file whose weights differ from the checkpoint (a test that can fail)."""
     from mlm_export import load_checkpoint
-    from mlm_export.to_onnx import build_module, export_onnx_file, verify_onnx
+    from mlm_export.to_onnx import verify_onnx, write_graph
     from mlm_export.verify import VerificationError
 
     ck = load_checkpoint(tiny_hf)
@@ -318,7 +337,7 @@ def test_onnx_verification_catches_wrong_weights(tiny_hf, model, tmp_path):
     # Random noise (a constant shift would be cancelled by the following LayerNorm).
     w[name] = w[name] + np.random.default_rng(0).normal(0, 0.01, w[name].shape).astype(np.float32)
     path = tmp_path / "bad.onnx"
-    export_onnx_file(build_module(ck.config, w, model.top_k), path)
+    write_graph(ck.config, w, model.top_k, path)
     with pytest.raises(VerificationError, match="differs"):
         verify_onnx(path, ck, max_len=model.max_seq_length, top_k=model.top_k)
 
@@ -581,7 +600,7 @@ def test_score_file_same_parquet_as_saved_model(engine, opts, mode, fast_export,
     ref = _SM_OUTPUTS.get(mode)  # the saved_model run, once per mode
     if ref is None:
         out0 = tmp_path / "sm.parquet"
-        pipeline.score_file(tsv, out0, model=fast_export, mode=mode, id_column="id", top_k=3)
+        pipeline.score_file(tsv, out0, model=fast_export, engine="saved_model", mode=mode, id_column="id", top_k=3)
         ref = _SM_OUTPUTS[mode] = read_outputs(out0)
     out = tmp_path / f"{engine}.parquet"
     summary = pipeline.score_file(tsv, out, model=fast_export, engine=engine, engine_options=opts, mode=mode,
@@ -604,7 +623,7 @@ def test_score_file_same_parquet_as_saved_model(engine, opts, mode, fast_export,
 _SM_OUTPUTS: dict = {}
 
 
-def test_reduced_precision_scores_never_mix_with_fp32(model, tmp_path):
+def test_reduced_precision_scores_never_mix_with_fp32(int8_model, tmp_path):
     """The score cache and --resume key on the numerics: an int8 run is never answered from fp32 scores
     (nor the reverse), fp32 engines share their entries, and a run cannot resume in another precision."""
     import pyarrow.parquet as pq
@@ -619,7 +638,7 @@ def test_reduced_precision_scores_never_mix_with_fp32(model, tmp_path):
 
     def run(name, engine, **opts):
         out = tmp_path / f"{name}.parquet"
-        s = score_file(tsv, out, model=model.path, engine=engine, engine_options=opts, score_cache=cache)
+        s = score_file(tsv, out, model=int8_model.path, engine=engine, engine_options=opts, score_cache=cache)
         return s, [r["pll"] for r in pq.read_table(sentences_path(out)).to_pylist()], out
 
     fp32, fp32_pll, _ = run("fp32", "onnx")
@@ -627,7 +646,8 @@ def test_reduced_precision_scores_never_mix_with_fp32(model, tmp_path):
     int8, int8_pll, out = run("int8", "onnx", precision="int8")
     assert int8.cache_hits == 0 and int8.copies == fp32.copies  # scored afresh, not read from fp32's entries
     assert int8_pll != fp32_pll  # dynamic quantization moves the scores: mixing them would be visible
-    assert json.loads(pq.read_schema(out).metadata[b"mlm_scorer"])["numerics"] == "onnx-int8"
+    int8_numerics = "onnx-int8-" + _manifest(int8_model)["onnx"]["int8"]["sha256"][:12]  # this int8 file's
+    assert json.loads(pq.read_schema(out).metadata[b"mlm_scorer"])["numerics"] == int8_numerics
     again, again_pll, _ = run("again", "saved_model")  # another fp32 engine: answered by the fp32 entries
     assert again.copies == 0 and again.cache_hits == len(texts) and again_pll == fp32_pll
     int8_again, int8_again_pll, _ = run("int8b", "onnx", precision="int8")
@@ -637,7 +657,7 @@ def test_reduced_precision_scores_never_mix_with_fp32(model, tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("text\n" + "".join(t + "\n" for t in texts * 3) + "\n" + "more words here\n", encoding="utf-8")
     with pytest.raises(Exception):  # the empty line is a bad row under fail: two chunks are committed
-        score_file(bad, tmp_path / "r.parquet", model=model.path, engine="onnx", chunk_rows=5)
-    with pytest.raises(UsageError, match=r"setting numerics changed \('fp32' -> 'onnx-int8'\)"):
-        score_file(bad, tmp_path / "r.parquet", model=model.path, engine="onnx",
+        score_file(bad, tmp_path / "r.parquet", model=int8_model.path, engine="onnx", chunk_rows=5)
+    with pytest.raises(UsageError, match=rf"setting numerics changed \('fp32' -> '{int8_numerics}'\)"):
+        score_file(bad, tmp_path / "r.parquet", model=int8_model.path, engine="onnx",
                    engine_options={"precision": "int8"}, chunk_rows=5, resume=True)

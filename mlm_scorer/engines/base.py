@@ -17,6 +17,7 @@ import abc
 import collections
 import concurrent.futures as cf
 import importlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass
@@ -156,15 +157,24 @@ class Engine(abc.ABC):
 _POOL_LOCK = threading.Lock()
 
 
-def numerics(engine: str, options: dict | None = None) -> str:
+def numerics(engine: str, options: dict | None = None, model=None) -> str:
     """The arithmetic an engine's numbers come from, as it is asked for before it opens: "fp32" for every
     fp32 engine (they agree within 1e-4, so their scores may be mixed), else the engine and its precision
-    ("onnx-int8", "torch-bf16"; a TensorRT plan's precision is its own). Scores of different numerics are
-    not mixed: the score cache and ``--resume`` key on it."""
+    ("onnx-int8", "torch-bf16"; a TensorRT plan's precision is its own). For ONNX int8 with ``model``
+    given, the int8 file's SHA-256 prefix is appended ("onnx-int8-1a2b3c4d5e6f"): two int8 files of the
+    same weights (another quantization) give other numbers. Scores of different numerics are not mixed:
+    the score cache and ``--resume`` key on it."""
     precision = (options or {}).get("precision")
     if engine == "tensorrt" and precision in (None, "fp16"):
         return f"tensorrt-{precision or 'plan'}"
-    return "fp32" if precision in (None, "fp32") else f"{engine}-{precision}"
+    if precision in (None, "fp32"):
+        return "fp32"
+    name = f"{engine}-{precision}"
+    if engine == "onnx" and precision == "int8" and model is not None:
+        sha = ((getattr(model, "manifest", None) or {}).get("onnx") or {}).get("int8", {}).get("sha256")
+        if isinstance(sha, str) and sha:
+            name += f"-{sha[:12]}"
+    return name
 
 
 class LazyEngine(Engine):
@@ -372,8 +382,10 @@ def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: in
 #
 # Constructor contract: ``EngineClass(model: ModelDir, *, top_k: bool = False, **options)`` where options
 # are the engine's own settings (server, timeout, engine_file, precision, ...); an engine raises
-# UsageError for an option it does not take.
+# UsageError for an option it does not take. "auto" is a function with that contract that returns the
+# engine ``choose_engine`` picks.
 _ENGINES: dict[str, tuple[str, str]] = {
+    "auto": ("mlm_scorer.engines.base:auto_engine", ""),
     "saved_model": ("mlm_scorer.engines.tf_saved_model:SavedModelEngine", "tf"),
     "fake": ("mlm_scorer.engines.fake:FakeEngine", ""),
     "rest": ("mlm_scorer.engines.tf_serving_rest:RestEngine", "serving"),
@@ -385,6 +397,9 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "kserve_grpc": ("mlm_scorer.engines.kserve_grpc:KServeGrpcEngine", "kserve"),
 }
 
+#: The default engine: ``choose_engine`` decides what runs.
+DEFAULT_ENGINE = "auto"
+
 
 def register_engine(name: str, target: str, extra: str = "") -> None:
     """Register an engine class by dotted path ``"package.module:Class"``."""
@@ -393,6 +408,46 @@ def register_engine(name: str, target: str, extra: str = "") -> None:
 
 def engine_names() -> list[str]:
     return sorted(_ENGINES)
+
+
+def choose_engine(name: str, model, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The engine "auto" stands for, and its options; any other name is returned as given.
+
+    Decided without importing a runtime (``importlib.util.find_spec`` and the export's files):
+
+      * ``precision`` int8 -> onnx; bf16 / fp16, or a CUDA ``device`` -> torch; an ``engine_file`` -> tensorrt;
+      * else (fp32 on CPU) ONNX Runtime when the export has ``model.onnx`` and onnxruntime is installed, else
+        the SavedModel (``threads`` becomes its ``intra_op_threads``).
+
+    Why ONNX Runtime first: it starts in a fraction of TensorFlow's time (0.2 s against ~3-5 s to import)
+    and scored as fast or faster on the CPUs measured (BENCHMARKS.md, "Which engine runs by default?").
+    """
+    opts = dict(options or {})
+    if name != "auto":
+        return name, opts
+    precision, device = str(opts.get("precision") or "fp32"), str(opts.get("device") or "cpu")
+    if opts.get("engine_file"):
+        return "tensorrt", opts
+    if precision == "int8":
+        return "onnx", opts
+    if precision in ("bf16", "fp16") or device.startswith("cuda"):
+        return "torch", opts
+    onnx_file = getattr(model, "path", None) is not None and (model.path / "model.onnx").is_file()
+    if onnx_file and importlib.util.find_spec("onnxruntime") is not None and not (
+            {"intra_op_threads", "inter_op_threads"} & set(opts)):
+        return "onnx", opts
+    if "threads" in opts:
+        opts["intra_op_threads"] = opts.pop("threads")
+    for key in ("precision", "device"):  # fp32 on the CPU is what the SavedModel computes: nothing to pass
+        opts.pop(key, None)
+    return "saved_model", opts
+
+
+def auto_engine(model, **kwargs: Any) -> Engine:
+    """``get_engine("auto", ...)``: the engine ``choose_engine`` picks, opened with its options."""
+    top_k = kwargs.pop("top_k", False)
+    name, opts = choose_engine("auto", model, kwargs)
+    return get_engine(name, model=model, top_k=top_k, **opts)
 
 
 def get_engine_class(name: str) -> Callable[..., Engine]:
