@@ -14,9 +14,12 @@ Cache: ``$MLM_SCORER_CACHE`` or ``~/.cache/mlm-scorer``, under ``exports/<key>/1
 hash of the source (a local directory: its absolute path and its files' names, sizes and mtimes; a hub
 id: the id). The export, and what the run's engine needs beside the SavedModel (``model.onnx`` for the
 default engine ``auto`` and the onnx and torch engines, ``model.int8.onnx`` for onnx int8), are built on
-first use under a file lock (``<key>.lock``, removed when done), so concurrent runs build each once. A
-failed resolution leaves nothing in the cache: an int8 file that drifts past its bound on this CPU is
-refused before it is written (``mlm_export.to_onnx.write_onnx``).
+first use under a file lock (``<key>.lock``, removed when done), so concurrent runs build each once. The
+export is made in the run's own directory (``.<key>.tmp-*``) and renamed into place. A failed resolution
+leaves nothing in the cache: an int8 file that drifts past its bound on this CPU is refused before it is
+written (``mlm_export.to_onnx.write_onnx``). The cache holds only what this program made: a symlink, a
+file or a directory without an export at ``exports/<key>``, and a lock that is not a regular file, are
+refused (UsageError), never followed or deleted.
 """
 from __future__ import annotations
 
@@ -194,8 +197,8 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
 
                 import_tensorflow()  # the exporter's TensorFlow, without its C++ start-up lines on stderr
                 log(f"exporting {model} to {target} (once; later runs reuse it)")
-                _export_into_cache(lambda base: export_checkpoint(checkpoint(), base, version=1, top_k=k, log=log),
-                                   target)
+                _export_into_cache(lambda base, say: export_checkpoint(checkpoint(), base, version=1, top_k=k,
+                                                                       log=say), target, log)
             md = ModelDir.open(target)
             check_top_k(md, top_k, model=model)
             missing = engine_files(md, engine, precision)
@@ -247,14 +250,15 @@ def _cached_export(target: Path) -> bool:
                      f"pass --cache-dir DIR (or set MLM_SCORER_CACHE)")
 
 
-def _export_into_cache(export: Callable[[Path], object], target: Path) -> None:
-    """Make the export in the run's own new directory beside ``target`` (``export(base)``), then rename it
-    to ``target``: the entry appears whole or not at all. The rename never follows a symlink and never
+def _export_into_cache(export: Callable[[Path, Callable[[str], None]], object], target: Path,
+                       log: Callable[[str], None]) -> None:
+    """Make the export in the run's own new directory beside ``target`` (``export(base, log)``), then rename
+    it to ``target``: the entry appears whole or not at all. The rename never follows a symlink and never
     replaces a directory that holds anything (refused, as ``_cached_export`` says); on failure only the
-    run's own directory is removed."""
+    run's own directory is removed. Lines logged name ``target``, where the files will be."""
     tmp = make_temp_dir(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        export(tmp)
+        export(tmp, lambda m: log(m.replace(str(tmp), str(target))))
         try:
             os.rename(tmp, target)  # replaces at most an empty directory
         except OSError as exc:
