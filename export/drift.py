@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from mlm_scorer.fsutil import atomic_write_bytes
+from mlm_scorer.errors import MlmScorerError, ModelError
+from mlm_scorer.fsutil import atomic_write_bytes, check_target
 from mlm_scorer.model_dir import MANIFEST_NAME
 
 MANIFEST_KEY = "reduced_precision"
+#: How errors name the manifest.
+MANIFEST_WHAT = "the export's manifest"
 
 
 def drift_inputs(vocab_size: int, max_len: int, *, batch: int = 32, max_tokens: int = 24,
@@ -80,36 +83,48 @@ def format_report(name: str, report: dict[str, Any]) -> str:
 
 
 def update_manifest(version_dir: str | os.PathLike, updates: dict[str, Any], *,
-                    merge_keys: tuple[str, ...] = (MANIFEST_KEY,)) -> dict[str, Any]:
-    """Set top-level manifest keys atomically (temp file in the same directory + ``os.replace``).
+                    merge_keys: tuple[str, ...] = (MANIFEST_KEY,), what: str = MANIFEST_WHAT) -> dict[str, Any]:
+    """Set top-level manifest keys atomically (``fsutil.atomic_write_bytes``: the run's own temporary name in
+    the same directory, fsync, rename), so a reader sees the old manifest or the new one, never a mix.
 
     For keys in ``merge_keys`` (dicts), entries are merged into the existing dict instead of replacing it,
-    so recording the bf16 drift keeps the int8 one. Returns the new manifest. Raises OSError if the
-    directory is read-only (callers that only record a report catch it and warn).
+    so recording the bf16 drift keeps the int8 one. ``what`` names the manifest in errors. Returns the new
+    manifest. Raises UsageError (before anything is read) if the manifest is not a regular file (a symlink,
+    a FIFO, a device, a directory: never followed or replaced), ModelError if it is missing or not a JSON
+    object, OSError if the directory is read-only (callers that only record a report catch both and warn).
     """
     vdir = Path(version_dir)
-    path = vdir / MANIFEST_NAME
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    path = check_target(vdir / MANIFEST_NAME, what, parent_must_exist=False)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{what} {str(path)!r} is missing: {vdir} is not an export") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelError(f"{what} {str(path)!r} is not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{what} {str(path)!r} is not a JSON object; re-export the model")
     for key, value in updates.items():
         if key in merge_keys and isinstance(value, dict) and isinstance(manifest.get(key), dict):
             manifest[key] = {**manifest[key], **value}
         else:
             manifest[key] = value
-    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"), what=what)
     return manifest
 
 
 def record_drift(version_dir: str | os.PathLike, name: str, report: dict[str, Any], *, log=None) -> bool:
     """Print ``report`` (via ``log``) and store it under ``manifest["reduced_precision"][name]``.
 
-    Returns False (after logging a warning) if the manifest cannot be written, e.g. a read-only model dir.
+    Returns False, after logging a warning that says why (the system's error, or the refusal of a manifest
+    that is not a regular file, or is not JSON), if the manifest cannot be written: e.g. a read-only model
+    dir. The report was measured and printed; only its record is missing.
     """
     entry = {**report, "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if log is not None:
         log(format_report(name, report))
     try:
         update_manifest(version_dir, {MANIFEST_KEY: {name: entry}})
-    except OSError as exc:
+    except (OSError, MlmScorerError) as exc:
         if log is not None:
             log(f"warning: could not record the drift report in {Path(version_dir) / MANIFEST_NAME}: {exc}")
         return False

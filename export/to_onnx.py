@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from .config import GRAPH_REVISION
-from .drift import drift_inputs, drift_report, record_drift, update_manifest
+from .drift import MANIFEST_WHAT, drift_inputs, drift_report, record_drift, update_manifest
 from .onnx_graph import DEFAULT_INT8, INPUT_NAMES, OPSET, OUTPUT_NAMES, Int8Spec, build_graph
 from .verify import VerificationError, generated_inputs, reference_log_probs
 
@@ -54,13 +53,17 @@ __all__ = ["ONNX_NAME", "ONNX_INT8_NAME", "write_onnx", "verify_onnx", "write_gr
            "build_graph", "Int8Spec", "DEFAULT_INT8", "INPUT_NAMES", "OUTPUT_NAMES", "OPSET"]
 
 
-def write_graph(cfg, weights: dict[str, np.ndarray], top_k: int, path: str | os.PathLike, *,
+def write_graph(cfg, weights: dict[str, np.ndarray], top_k: int, path: str | os.PathLike | BinaryIO, *,
                 int8: Int8Spec | None = None) -> None:
-    """Write the graph for ``cfg`` with ``weights`` (google-research/bert names) to ``path`` (fp32, or int8
-    as ``int8`` says)."""
+    """Write the graph for ``cfg`` with ``weights`` (google-research/bert names) to ``path``, a file name or
+    a binary file open for writing (fp32, or int8 as ``int8`` says)."""
     import onnx
 
-    onnx.save(build_graph(cfg, weights, top_k, int8=int8), str(path))
+    model = build_graph(cfg, weights, top_k, int8=int8)
+    if hasattr(path, "write"):  # what onnx.save writes for a path (protobuf, no external data)
+        path.write(model.SerializeToString())
+    else:
+        onnx.save(model, str(path))
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
@@ -149,40 +152,58 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     """Write ``model.onnx`` (and with ``quantize="int8"`` ``model.int8.onnx``) into an export's version dir.
 
     ``version_dir`` is what ``mlm_export.export`` returned; ``ckpt`` the Checkpoint it was made from (its
-    checksum must equal the manifest's ``model_checksum``). The file is written to a temporary name,
-    verified with ONNX Runtime against the float64 NumPy reference (VerificationError above ``tolerance``),
-    then renamed; the manifest gains an ``onnx`` entry (file, sha256, opset, verification) and, for int8,
-    ``reduced_precision["onnx-int8"]`` (drift vs fp32, also printed with ``log``, and the probe). Without
-    ``quantize`` a stale ``model.int8.onnx`` from an earlier run is removed. Returns the fp32 path.
+    checksum, in the manifest's ``checksum_scheme``, must equal the manifest's ``model_checksum``). Each file
+    is written to the run's own temporary name (``fsutil.temp_path``: created exclusively, never through a
+    symlink; a killed run's are removed by the next), verified with ONNX Runtime against the float64 NumPy
+    reference (VerificationError above ``tolerance``), then renamed into place; the manifest gains an
+    ``onnx`` entry (file, sha256, opset, verification) and, for int8, ``reduced_precision["onnx-int8"]``
+    (drift vs fp32, also printed with ``log``, and the probe). Without ``quantize`` a stale
+    ``model.int8.onnx`` from an earlier run is removed. Returns the fp32 path.
 
-    Raises ImportError (naming the extra) if onnx / onnxruntime are missing, ValueError for a checkpoint
-    that is not the export's, VerificationError above ``tolerance`` or for an int8 model that drifts past
+    Raises UsageError, before any work, if ``model.onnx``, ``model.int8.onnx`` or the manifest is not
+    absent or a regular file (a symlink, a device, a FIFO, a directory: never followed or replaced);
+    ImportError (naming the extra) if onnx / onnxruntime are missing, ValueError for a checkpoint that is
+    not the export's, VerificationError above ``tolerance`` or for an int8 model that drifts past
     INT8_MAX_MEAN_ABS_DIFF / INT8_MIN_TOP1_AGREEMENT on this CPU. Nothing is left behind on failure: no
     temporary file, and no int8 file that this CPU would refuse.
     """
     import json
 
+    from mlm_scorer.fsutil import (check_target, create_exclusive, default_file_mode, identity, remove_debris,
+                                   replace_file, safe_unlink, temp_path)
     from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    vdir = Path(version_dir)
+    final, final8 = vdir / ONNX_NAME, vdir / ONNX_INT8_NAME
+    targets = ((final, "the ONNX model"), (final8, "the int8 ONNX model"), (vdir / MANIFEST_NAME, MANIFEST_WHAT))
+    for path, what in targets:  # model.int8.onnx too without --quantize: a stale one is deleted
+        check_target(path, what)
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"writing ONNX needs {', '.join(missing)}: pip install 'mlm-scorer[onnx-export]'")
-    vdir = Path(version_dir)
     manifest = json.loads((vdir / MANIFEST_NAME).read_text(encoding="utf-8"))
-    if manifest.get("model_checksum") != ckpt.checksum():
+    if manifest.get("model_checksum") != ckpt.checksum(scheme=manifest.get("checksum_scheme", 1)):
         raise ValueError(f"{vdir} was exported from different weights than the checkpoint given "
                          f"(model_checksum mismatch); pass the checkpoint the export was made from")
     top_k = int(manifest["top_k"])
     max_len = int(manifest["max_seq_length"])
-    final = vdir / ONNX_NAME
-    fd, tmp_name = tempfile.mkstemp(prefix=".model.", suffix=".onnx.tmp", dir=vdir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp8 = vdir / f".model.int8.{os.getpid()}.onnx.tmp"
+    for f in (final, final8):
+        remove_debris(f)  # temporary files of runs that were killed
+    made: dict[Path, tuple[int, int]] = {}
+
+    def write_temp(dest: Path, int8: Int8Spec | None = None) -> Path:
+        tmp = temp_path(dest)
+        fd = create_exclusive(tmp)
+        made[tmp] = identity(os.fstat(fd))
+        with os.fdopen(fd, "wb") as f:
+            write_graph(ckpt.config, ckpt.weights, top_k, f, int8=int8)
+        os.chmod(tmp, default_file_mode())  # as any file the process creates: a server may run as another user
+        return tmp
+
     try:
-        write_graph(ckpt.config, ckpt.weights, top_k, tmp)
+        tmp = write_temp(final)
         mask_id = (manifest.get("special_token_ids") or {}).get("mask")
         report = verify_onnx(tmp, ckpt, max_len=max_len, top_k=top_k, tolerance=tolerance, mask_id=mask_id)
         log(f"verified {final}: max |Δ log-prob| vs the source weights = {report['max_abs_diff']:.2e} "
@@ -191,9 +212,9 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                                  "sha256": sha256_file(tmp), "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES,
                                  "writer": "onnx.helper (mlm_export.onnx_graph)",
                                  "verification": report, "versions": _versions()}
-        drift = None
+        drift = tmp8 = None
         if quantize == "int8":
-            write_graph(ckpt.config, ckpt.weights, top_k, tmp8, int8=int8_spec)
+            tmp8 = write_temp(final8, int8_spec)
             drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id,
                                spec=int8_spec)
             if drift["mean_abs_diff"] > INT8_MAX_MEAN_ABS_DIFF or drift["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:
@@ -203,24 +224,23 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                     f"{drift['top1_agreement']:.1%} (at least {INT8_MIN_TOP1_AGREEMENT:.0%}); export without "
                     f"--quantize and score in fp32")
             entry["int8"] = {"file": ONNX_INT8_NAME, "sha256": sha256_file(tmp8), "config": int8_spec.to_dict()}
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, final)
+        for path, what in targets:  # again before the first rename: nothing put there during the minutes above
+            check_target(path, what)
+        replace_file(tmp, final, "the ONNX model")
         updates: dict[str, Any] = {"onnx": entry}
         rp = dict(manifest.get("reduced_precision") or {})
         if rp.pop("onnx-int8", None) is not None:  # an earlier int8 report no longer describes the files
             updates["reduced_precision"] = rp
-        if quantize == "int8":
-            os.chmod(tmp8, 0o644)
-            os.replace(tmp8, vdir / ONNX_INT8_NAME)
-        elif (vdir / ONNX_INT8_NAME).exists():  # a stale int8 file from an earlier run: it no longer matches
-            (vdir / ONNX_INT8_NAME).unlink()
-        update_manifest(vdir, updates, merge_keys=())
+        if tmp8 is not None:
+            replace_file(tmp8, final8, "the int8 ONNX model")
+        else:  # a stale int8 file from an earlier run no longer matches (a regular file: checked above)
+            safe_unlink(final8)
+        update_manifest(vdir, updates, merge_keys=(), what=MANIFEST_WHAT)
         if drift is not None:
             record_drift(vdir, "onnx-int8", drift, log=log)
     finally:
-        for t in (tmp, tmp8):
-            if t.exists():
-                t.unlink()
+        for t, ident in made.items():  # only the files this run created, still the ones it created
+            safe_unlink(t, identity_of=ident)
     return final
 
 

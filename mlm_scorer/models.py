@@ -14,13 +14,17 @@ Cache: ``$MLM_SCORER_CACHE`` or ``~/.cache/mlm-scorer``, under ``exports/<key>/1
 hash of the source (a local directory: its absolute path and its files' names, sizes and mtimes; a hub
 id: the id). The export, and what the run's engine needs beside the SavedModel (``model.onnx`` for the
 default engine ``auto`` and the onnx and torch engines, ``model.int8.onnx`` for onnx int8), are built on
-first use under a file lock (``<key>.lock``, removed when done), so concurrent runs build each once. A
-failed resolution leaves nothing in the cache: an int8 file that drifts past its bound on this CPU is
-refused before it is written (``mlm_export.to_onnx.write_onnx``).
+first use under a file lock (``<key>.lock``, removed when done), so concurrent runs build each once. The
+export is made in the run's own directory (``.<key>.tmp-*``) and renamed into place. A failed resolution
+leaves nothing in the cache: an int8 file that drifts past its bound on this CPU is refused before it is
+written (``mlm_export.to_onnx.write_onnx``). The cache holds only what this program made: a symlink, a
+file or a directory without an export at ``exports/<key>``, and a lock that is not a regular file, are
+refused (UsageError), never followed or deleted.
 """
 from __future__ import annotations
 
 import difflib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -28,11 +32,14 @@ import os
 import re
 import shlex
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import MissingDependencyError, ModelError, UsageError
+from .fsutil import (check_target, default_file_mode, identity, kind, lstat_or_none, make_temp_dir,
+                     safe_unlink)
 from .model_dir import ModelDir, is_export_dir
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -88,7 +95,7 @@ def resolve_model(model: str | os.PathLike, *, version: int | None = None, cache
         return md
     _refuse_missing_local(model, local)
     target = cache_root(cache_dir) / "exports" / source_key(str(local) if local.exists() else model)
-    if is_export_dir(target):
+    if _cached_export(target):
         md = ModelDir.open(target)
         check_top_k(md, top_k, model=model)
         if not engine_files(md, engine, precision):
@@ -183,14 +190,15 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
 
     try:
         with _cache_lock(target):
-            if not is_export_dir(target):
+            if not _cached_export(target):  # checked again under the lock: another run may have made it
                 k = max(DEFAULT_TOP_K, top_k)
                 checkpoint()
                 from .logs import import_tensorflow
 
                 import_tensorflow()  # the exporter's TensorFlow, without its C++ start-up lines on stderr
                 log(f"exporting {model} to {target} (once; later runs reuse it)")
-                export_checkpoint(checkpoint(), target, version=1, top_k=k, overwrite=True, log=log)
+                _export_into_cache(lambda base, say: export_checkpoint(checkpoint(), base, version=1, top_k=k,
+                                                                       log=say), target, log)
             md = ModelDir.open(target)
             check_top_k(md, top_k, model=model)
             missing = engine_files(md, engine, precision)
@@ -203,7 +211,7 @@ def _build(model: str, source: Path, hub_id: str | None, target: Path, *, engine
             elif engine == "torch" and not (md.path / "model.onnx").is_file():
                 log("the torch engine reads the weights from the SavedModel with TensorFlow (model.onnx, which it "
                     "reads without TensorFlow, needs pip install 'mlm-scorer[onnx]' to be written)")
-    except (VerificationError, ValueError) as exc:
+    except (VerificationError, ValueError, FileExistsError) as exc:
         raise ModelError(f"exporting {model!r} failed: {exc}") from None
     except ImportError as exc:  # write_onnx names its extra; a module missing elsewhere is the exporter's
         raise MissingDependencyError(
@@ -217,49 +225,132 @@ def _can_write_onnx() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 
 
+_FIX = "remove it (the next run exports the model again) or pass --cache-dir DIR (or set MLM_SCORER_CACHE)"
+
+
+def _cached_export(target: Path) -> bool:
+    """Whether the cache entry ``target`` holds an export. False if it is absent or an empty directory (the
+    export is made there); UsageError for anything this program did not make as it is: a symlink (never
+    followed), a file, a device, or a directory that holds no export (its files are never touched)."""
+    st = lstat_or_none(target)
+    if st is None:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        link = f" (to {os.readlink(target)!r})" if stat.S_ISLNK(st.st_mode) else ""
+        raise UsageError(f"the cached export {str(target)!r} is {kind(st)}{link}, not a directory this program "
+                         f"made; refusing to follow or replace it: {_FIX}")
+    if is_export_dir(target):
+        return True
+    names = sorted(os.listdir(target))
+    if not names:
+        return False
+    shown = ", ".join(repr(n) for n in names[:5]) + (" …" if len(names) > 5 else "")
+    raise UsageError(f"the cached export {str(target)!r} holds no export (it holds {shown}): this program did not "
+                     f"leave it so; refusing to touch it: move it away (the next run exports the model again) or "
+                     f"pass --cache-dir DIR (or set MLM_SCORER_CACHE)")
+
+
+def _export_into_cache(export: Callable[[Path, Callable[[str], None]], object], target: Path,
+                       log: Callable[[str], None]) -> None:
+    """Make the export in the run's own new directory beside ``target`` (``export(base, log)``), then rename
+    it to ``target``: the entry appears whole or not at all. The rename never follows a symlink and never
+    replaces a directory that holds anything (refused, as ``_cached_export`` says); on failure only the
+    run's own directory is removed. Lines logged name ``target``, where the files will be."""
+    tmp = make_temp_dir(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        export(tmp, lambda m: log(m.replace(str(tmp), str(target))))
+        try:
+            os.rename(tmp, target)  # replaces at most an empty directory
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            _cached_export(target)  # raises, saying what is there now
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a directory this run made (rmtree never follows a symlink)
+        raise
+
+
 @contextmanager
 def _cache_lock(target: Path) -> Iterator[None]:
-    """Hold ``<target>.lock`` exclusively; on exit remove it, and on failure remove what was made for
-    ``target`` (a partial export directory, cache directories this call created).
+    """Hold ``<target>.lock`` exclusively; on exit remove it, and on failure remove what this call made:
+    ``target`` if it made it and it is still empty, the cache directories it created (if empty). A file
+    anyone else put there stays.
 
-    Safe to remove while others wait: a waiter that gets the lock checks that the path still names the
-    file it locked, and starts over if not.
+    The lock is a regular file: a symlink (never followed), a device, a FIFO or a directory at its path is
+    refused (UsageError, naming it), and so is a lock file that cannot be created (permission denied, a
+    read-only file system), with the fix. Safe to remove while others wait: a waiter that gets the lock
+    checks that the path still names the file it locked, and starts over if not.
     """
     lock_path = Path(str(target) + ".lock")
     made, d = [], target.parent  # the cache directories this call creates, innermost first
-    while not d.exists() and d != d.parent:
+    while not os.path.lexists(d) and d != d.parent:
         made.append(d)
         d = d.parent
-    while True:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the directory was removed between the two calls
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another run may be exporting the same model
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+    target_existed = os.path.lexists(target)
+    fd = None
+    try:
+        while True:
+            check_target(lock_path, "the cache's lock file", parent_must_exist=False)
+            try:
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file where a directory should be, permission denied, read-only
+                raise UsageError(f"cannot create the cache directory {str(lock_path.parent)!r}: "
+                                 f"{exc.strerror or exc}; pass --cache-dir DIR (or set MLM_SCORER_CACHE) for a "
+                                 f"cache this user can write") from None
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                             default_file_mode())
+            except FileNotFoundError:  # the directory was removed between the two calls
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a symlink put there since the check
+                    check_target(lock_path, "the cache's lock file", parent_must_exist=False)
+                raise UsageError(f"cannot create the cache's lock file {str(lock_path)!r}: "
+                                 f"{exc.strerror or exc}; make {str(lock_path.parent)!r} writable, or pass "
+                                 f"--cache-dir DIR (or set MLM_SCORER_CACHE) for a cache this user can write") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # put there since the check: opened, but never locked or removed
+                os.close(fd)
+                fd = None
+                raise UsageError(f"the cache's lock file {str(lock_path)!r} is {kind(st)}, not a regular file; "
+                                 f"refusing to use it: {_FIX}")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another run may be exporting the same model
+            cur = lstat_or_none(lock_path)
+            if cur is not None and identity(cur) == identity(st):
                 break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the holder before us removed that file: lock the current one
+            os.close(fd)  # the holder before us removed that file: lock the current one
+            fd = None
+    except BaseException:
+        if fd is None:
+            _remove_empty(made)
+        raise
+    locked = identity(os.fstat(fd))
     ok = False
     try:
         yield
         ok = True
     finally:
         try:
-            if not ok and target.exists() and not is_export_dir(target):
-                shutil.rmtree(target, ignore_errors=True)
-            os.unlink(lock_path)
+            if not ok and not target_existed:
+                _remove_empty([target])  # a directory left by this call, if nothing is in it
+            safe_unlink(lock_path, identity_of=locked)  # the file this call locked, never another
         finally:
             os.close(fd)
         if not ok:
-            for d in made:
-                try:
-                    d.rmdir()  # only if empty
-                except OSError:
-                    pass
+            _remove_empty(made)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """rmdir each of ``dirs`` (innermost first) that is a real directory and empty; anything else stays."""
+    for d in dirs:
+        st = lstat_or_none(d)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            os.rmdir(d)  # only if empty
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------- --top-k and commands
