@@ -55,12 +55,12 @@ __all__ = ["ONNX_NAME", "ONNX_INT8_NAME", "write_onnx", "verify_onnx", "write_gr
 
 
 def write_graph(cfg, weights: dict[str, np.ndarray], top_k: int, path: str | os.PathLike, *,
-                int8: Int8Spec | None = None) -> None:
+                int8: Int8Spec | None = None, mask_id: int | None = None) -> None:
     """Write the graph for ``cfg`` with ``weights`` (google-research/bert names) to ``path`` (fp32, or int8
-    as ``int8`` says)."""
+    as ``int8`` says; ``mask_id``: the mask token of its calibration copies)."""
     import onnx
 
-    onnx.save(build_graph(cfg, weights, top_k, int8=int8), str(path))
+    onnx.save(build_graph(cfg, weights, top_k, int8=int8, mask_id=mask_id), str(path))
 
 
 def _session(path: str | os.PathLike, threads: int | None = None):
@@ -193,7 +193,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                                  "verification": report, "versions": _versions()}
         drift = None
         if quantize == "int8":
-            write_graph(ckpt.config, ckpt.weights, top_k, tmp8, int8=int8_spec)
+            write_graph(ckpt.config, ckpt.weights, top_k, tmp8, int8=int8_spec, mask_id=mask_id)
             drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id,
                                spec=int8_spec)
             if drift["mean_abs_diff"] > INT8_MAX_MEAN_ABS_DIFF or drift["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:
