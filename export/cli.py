@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", choices=["int8"], help="also write an int8 dynamically quantized "
                                                          "model.int8.onnx, with its drift report (implies --onnx)")
     ap.add_argument("--int8-config", choices=["fast", "accurate"], default=None,
-                    help="how --quantize int8 quantizes (implies it): fast (default): 8-bit activations, 7-bit "
-                         "weights, ~2.7x ONNX fp32 per CPU-second, drift ~0.013 nats per token on AntiBERTy; "
-                         "accurate: ~14-bit activations (two 7-bit parts: twice the integer work), 8-bit "
-                         "GPTQ-rounded weights, ~1.2x fp32, drift ~0.0045. Both compute alike on every CPU "
-                         "(docs/engines.md, int8 on every CPU)")
+                    help="how --quantize int8 quantizes (implies it). fast (default): 8-bit activations, 7-bit "
+                         "weights; on AntiBERTy 2.5-2.7x ONNX fp32 per CPU-second, mean drift 0.013 nats per "
+                         "token. accurate: ~14-bit activations (two 7-bit parts: twice the integer work), 8-bit "
+                         "GPTQ-rounded weights; 1.2x fp32, drift 0.0048. Both compute alike on every CPU "
+                         "(docs/export-format.md)")
     from mlm_scorer.logs import add_output_flags
 
     add_output_flags(ap, progress=False)
