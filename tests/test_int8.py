@@ -224,9 +224,19 @@ def _on_emulated_avx2(*exports: Path) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def accurate_int8(tiny_export, tiny_hf, tmp_path_factory) -> Path:
+    from dataclasses import asdict
+
+    from mlm_export.onnx_graph import ACCURATE_INT8
+
+    return _int8_copy(tiny_export, tiny_hf, tmp_path_factory.mktemp("int8_accurate_tiny"), **asdict(ACCURATE_INT8))
+
+
 @pytest.mark.slow
-def test_on_an_avx2_cpu_a_saturating_file_is_refused_and_the_default_accepted(default_int8, saturating_int8):
-    out = _on_emulated_avx2(default_int8, saturating_int8)
+def test_on_an_avx2_cpu_a_saturating_file_is_refused_and_the_default_accepted(default_int8, saturating_int8,
+                                                                              accurate_int8):
+    out = _on_emulated_avx2(default_int8, saturating_int8, accurate_int8)
     bad = out[str(saturating_int8)]
     assert "refused" in bad, bad
     assert "this CPU (AVX2) lacks VNNI" in bad["refused"] and "is intact" in bad["refused"], bad
@@ -236,6 +246,11 @@ def test_on_an_avx2_cpu_a_saturating_file_is_refused_and_the_default_accepted(de
     # the same integers as on the exporting CPU: the same drift, to float rounding
     recorded = _manifest(default_int8)["reduced_precision"]["onnx-int8"]["probe"]["mean_abs_diff"]
     assert good["ok"]["mean_abs_diff"] == pytest.approx(recorded, abs=1e-4), (good, recorded)
+    # the accurate configuration (split activations, 8-bit weights) cannot saturate either
+    acc = out[str(accurate_int8)]
+    assert "ok" in acc, acc
+    recorded = _manifest(accurate_int8)["reduced_precision"]["onnx-int8"]["probe"]["mean_abs_diff"]
+    assert acc["ok"]["mean_abs_diff"] == pytest.approx(recorded, abs=1e-4), (acc, recorded)
 
 
 def test_two_int8_files_of_the_same_weights_never_share_scores(default_int8, saturating_int8, tmp_path):
