@@ -55,14 +55,33 @@ class Int8Spec:
     largest pair of weights stays within 32767 (``saturation_free``: 8-bit activations with 7-bit weights,
     or 7-bit activations with 8-bit weights) no sum saturates, and the file computes the same integers on
     every CPU (``mlm_scorer.engines.cpu``).
+    ``weight_split``: each weight column is written as two integer parts of ``weight_levels`` steps each,
+    W ~= ws * (Wq_hi + Wq_lo / (2 weight_levels)): the second part is the first one's rounding error, so
+    7-bit parts give ~14-bit weights. Both parts sit side by side in one int8 matrix [K, 2N] (one
+    ``MatMulIntegerToFloat`` of twice the width, then the two halves added): twice the integer work, the
+    same saturation bound (each part alone is what AVX2 sums).
+    ``activation_split`` (per row only): each activation row is written as two uint8 parts, the row quantized
+    as above and its rounding error (within half a step) in ``activation_levels`` finer steps around a zero
+    point of (levels + 1) // 2: x ~= s (q - z) + s / levels (q_lo - z_lo). The two parts are stacked as
+    rows ([2 rows, K]: one ``MatMulIntegerToFloat``, twice the integer work) and their products added:
+    ~14-bit activations from 7-bit parts, which with 8-bit weights stay within the saturation bound.
+    ``weight_rounding``: "nearest" (each weight to its nearest step) or "gptq": the input rows of each
+    weight matrix rounded in turn, the rounding error of each carried into the rows not yet rounded as
+    the calibration activations' second moments say (GPTQ, Frantar et al. 2023; the same scales and
+    integers' range, no run-time cost). The calibration activations are the fp32 graph's own, on random
+    masked copies (``calibration_inputs``: another seed than the drift the exporter measures).
     ``keep_fp32``: dense layers left in fp32: kinds of ``DENSE_KINDS`` values, "head" (the MLM transform;
-    the decoder is always fp32), "first"/"last" (whole layers).
+    the decoder is always fp32), "first"/"last" (whole layers), or one kind of one layer, ``KIND@LAYER``
+    (e.g. "ffn_out@7", layers counted from 0).
     """
 
     activations: str = "row"
     activation_levels: int = 255
     weight_levels: int = 63
     keep_fp32: tuple[str, ...] = ("head",)
+    weight_split: bool = False
+    activation_split: bool = False
+    weight_rounding: str = "nearest"
 
     def __post_init__(self):
         if self.activations not in ("row", "tensor"):
@@ -70,6 +89,18 @@ class Int8Spec:
         if not (1 <= self.activation_levels <= 255 and 1 <= self.weight_levels <= 127):
             raise ValueError("activation_levels must be in 1..255 and weight_levels in 1..127")
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise ValueError(f"weight_rounding must be 'nearest' or 'gptq', not {self.weight_rounding!r}")
+        if self.weight_rounding == "gptq" and self.weight_split:
+            raise ValueError("weight_rounding 'gptq' applies to unsplit weights (weight_split=False)")
+        if self.activation_split and self.activations != "row":
+            raise ValueError("activation_split needs activations='row'")
+        known = set(DENSE_KINDS.values()) | {"head", "embed", "first", "last"}
+        for k in self.keep_fp32:
+            kind, at, layer = str(k).partition("@")
+            if kind not in known or (at and (kind not in DENSE_KINDS.values() or not layer.isdigit())):
+                raise ValueError(f"keep_fp32: {k!r} is not one of {sorted(known)} or KIND@LAYER "
+                                 f"(KIND of {sorted(DENSE_KINDS.values())})")
 
     @property
     def saturation_free(self) -> bool:
@@ -79,8 +110,12 @@ class Int8Spec:
 
     def describe(self) -> str:
         keep = ", ".join(self.keep_fp32) or "nothing"
-        return (f"int8 weights ({_bits(self.weight_levels)}, per output column), uint8 activations "
-                f"({_bits(self.activation_levels + 1)}, per {self.activations}, at run time); fp32: {keep}, decoder")
+        w = (f"two {_bits(self.weight_levels)} parts" if self.weight_split else _bits(self.weight_levels))
+        a = _bits(self.activation_levels + 1)
+        a = f"two {a} parts" if self.activation_split else a
+        w += ", GPTQ-rounded" if self.weight_rounding == "gptq" else ""
+        return (f"int8 weights ({w}, per output column), uint8 activations "
+                f"({a}, per {self.activations}, at run time); fp32: {keep}, decoder")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "keep_fp32": list(self.keep_fp32), "saturation_free": self.saturation_free}
@@ -93,6 +128,11 @@ def _bits(levels: int) -> str:
 #: The configuration ``mlm-export --quantize int8`` writes (chosen by measurement on real weights:
 #: BENCHMARKS.md, "How much faster is reduced precision, and how far does it move the scores?").
 DEFAULT_INT8 = Int8Spec()
+#: Twice the integer work for about a third of the default's drift (BENCHMARKS.md, "int8 configurations on
+#: real weights"): activations in two 7-bit parts (~14 bits), 8-bit GPTQ-rounded weights; saturation-free.
+ACCURATE_INT8 = Int8Spec(activation_levels=127, weight_levels=127, activation_split=True, weight_rounding="gptq")
+#: ``mlm-export --int8-config``: the named configurations.
+INT8_CONFIGS = {"fast": DEFAULT_INT8, "accurate": ACCURATE_INT8}
 
 
 class _Builder:
@@ -140,12 +180,14 @@ class _Builder:
 
 
 def build_graph(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int, *, int8: Int8Spec | None = None,
-                name: str = "mlm"):
+                name: str = "mlm", mask_id: int | None = None, _capture: list | None = None):
     """The ``onnx.ModelProto`` of the serving signature for ``cfg`` with ``weights`` (google-research/bert
     names, kernels [in, out], float arrays); ``int8``: quantize the dense layers as it says.
 
     Raises ValueError for a config it cannot express (an unknown activation, no layers) or weights that do
-    not fit the config.
+    not fit the config. ``mask_id``: the mask token, for the calibration copies of GPTQ rounding.
+    (``_capture``: a list that gets (weight prefix, input tensor name) of each dense
+    layer, for ``dense_input_moments``.)
     """
     import onnx
     from onnx import helper
@@ -164,6 +206,8 @@ def build_graph(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int, *, 
         raise ValueError(f"weights do not match the config: {bad[0]} has shape {np.shape(weights[bad[0]])}, "
                          f"expected {shapes[bad[0]]}")
 
+    moments = (dense_input_moments(cfg, weights, top_k, calibration_inputs(cfg, mask_id))
+               if int8 is not None and int8.weight_rounding == "gptq" else None)
     g = _Builder(weights)
     F, I64 = g.TP.FLOAT, g.TP.INT64
     H, E, N = cfg.hidden_size, cfg.embedding_width, cfg.num_attention_heads
@@ -194,8 +238,11 @@ def build_graph(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int, *, 
         return g.op("Mul", g.op("Mul", x, g.const(0.5)), g.op("Add", g.op("Tanh", inner), g.const(1.0)))
 
     def dense(x, prefix, kind="other", layer=None):  # x [rows, in] -> [rows, out]
+        if _capture is not None:
+            _capture.append((prefix, x))
         if int8 is not None and _quantized(int8, kind, layer, L):
-            return _int8_dense(g, x, weights[prefix + "/kernel"], weights[prefix + "/bias"], int8, prefix)
+            return _int8_dense(g, x, weights[prefix + "/kernel"], weights[prefix + "/bias"], int8, prefix,
+                               None if moments is None else moments[prefix])
         return g.op("Add", g.op("MatMul", x, g.w(prefix + "/kernel")), g.w(prefix + "/bias"))
 
     # ---- embeddings: [B,T] -> [B*T,H]
@@ -316,7 +363,85 @@ def _quantized(spec: Int8Spec, kind: str, layer: int | None, n_layers: int) -> b
         return kind not in keep
     if kind in keep or (layer == 0 and "first" in keep) or (layer == n_layers - 1 and "last" in keep):
         return False
+    if f"{kind}@{layer}" in keep:
+        return False
     return True
+
+
+#: The random masked copies GPTQ's activations come from (``drift_inputs`` of this shape, one batch per seed;
+#: not the seeds of the exporter's drift measurement nor of its probe).
+CALIBRATION_SHAPE = {"batch": 32, "max_tokens": 128, "max_predictions": 8, "seeds": (2468, 2469, 2470, 2471)}
+
+
+def calibration_inputs(cfg: BertConfig, mask_id: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The batches of ``CALIBRATION_SHAPE`` (masked with ``mask_id``, else the config's mask token)."""
+    from .drift import drift_inputs
+
+    c = CALIBRATION_SHAPE
+    mask_id = cfg.mask_token_id if mask_id is None else mask_id
+    return [drift_inputs(cfg.vocab_size, cfg.max_tokens, batch=c["batch"], max_tokens=c["max_tokens"],
+                         max_predictions=c["max_predictions"], seed=seed, mask_id=mask_id) for seed in c["seeds"]]
+
+
+def dense_input_moments(cfg: BertConfig, weights: dict[str, np.ndarray], top_k: int,
+                        feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """E[x x^T] [K,K] (float64) of each dense layer's input x, by weight prefix: the fp32 graph run with
+    ONNX Runtime on ``feeds``, over the rows of real tokens (padding left out; the last layer's query-side
+    layers see the masked rows only)."""
+    import onnx
+    import onnxruntime as ort
+
+    seen: list = []
+    model = build_graph(cfg, weights, top_k, _capture=seen)
+    outputs = list(dict.fromkeys(x for _, x in seen))
+    for x in outputs:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(x))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for feed in feeds:
+        values = dict(zip(outputs, sess.run(outputs, {k: np.asarray(v, np.int32) for k, v in feed.items()})))
+        real = np.asarray(feed["input_mask"]).reshape(-1) > 0
+        for prefix, x in seen:
+            a = values[x].astype(np.float64)
+            if len(a) == len(real):
+                a = a[real]
+            sums[prefix] = sums.get(prefix, 0.0) + a.T @ a
+            rows[prefix] = rows.get(prefix, 0) + len(a)
+    return {p: sums[p] / max(1, rows[p]) for p in sums}
+
+
+def gptq_weight(W: np.ndarray, second_moment: np.ndarray, levels: int, *, damp: float = 0.01,
+                block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """W float [K,N] -> (int8 [K,N], float32 scales [N]) as ``quantize_weight`` (the same scales), the rows
+    rounded in order with GPTQ's error feedback: with H = E[x x^T] + damp * mean(diag) * I and U the upper
+    Cholesky factor of H^-1, row k's rounding error e_k = (w_k - q_k) / U_kk moves the later rows by
+    -U_kj e_k, which minimises E|x (W - Q)|^2 one row at a time."""
+    W = np.asarray(W, np.float64).copy()
+    _, scale = quantize_weight(W, levels)
+    s = scale.astype(np.float64)
+    K = W.shape[0]
+    H = np.array(second_moment, np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[dead] = 0.0
+    H += damp * float(np.mean(np.diag(H))) * np.eye(K)
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    Q = np.zeros(W.shape, np.int8)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[i1:i2].copy()
+        E = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            q = np.clip(np.rint(W1[i] / s), -levels, levels)
+            Q[i1 + i] = q
+            e = (W1[i] - q * s) / U[i1 + i, i1 + i]
+            W1[i + 1:] -= np.outer(U[i1 + i, i1 + i + 1:i2], e)
+            E[i] = e
+        W[i2:] -= U[i1:i2, i2:].T @ E
+    return Q, scale
 
 
 def quantize_weight(W: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +452,19 @@ def quantize_weight(W: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]
     return np.clip(np.rint(W / scale), -levels, levels).astype(np.int8), scale
 
 
-def _int8_dense(g: _Builder, x: str, W: np.ndarray, b: np.ndarray, spec: Int8Spec, prefix: str) -> str:
+def split_weight(W: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """W float [K,N] -> (int8 [K,2N], float32 scales [2N]): ``quantize_weight``'s columns, then their rounding
+    error W/ws - Wq (within half a step) in ``2 levels`` finer steps, both parts in [-levels, levels]:
+    W ~= Wq_hi * ws + Wq_lo * ws / (2 levels)."""
+    W = np.asarray(W, np.float32)
+    hi, ws = quantize_weight(W, levels)
+    rest = W.astype(np.float64) / ws.astype(np.float64) - hi
+    lo = np.clip(np.rint(rest * (2 * levels)), -levels, levels).astype(np.int8)
+    return np.concatenate([hi, lo], axis=1), np.concatenate([ws, ws / np.float32(2 * levels)]).astype(np.float32)
+
+
+def _int8_dense(g: _Builder, x: str, W: np.ndarray, b: np.ndarray, spec: Int8Spec, prefix: str,
+                second_moment: np.ndarray | None = None) -> str:
     """y = x W + b with int8 products; x float [rows,K] -> float [rows,N].
 
     Activations: per row (or per tensor) lo = min(x, 0), hi = max(x, 0), scale s = (hi - lo) / levels, zero
@@ -336,21 +473,36 @@ def _int8_dense(g: _Builder, x: str, W: np.ndarray, b: np.ndarray, spec: Int8Spe
     float scaling in its output stage). Per tensor it takes s, z and the bias itself. Per row, with the
     weights' integer column sums c:  x W + b ~= s * (sum_k q Wq * ws) - s z (c ws) + b, the last two terms
     one small Gemm ([rows,2] @ [2,N]) that adds the first as its C input.
+    With ``weight_split`` the product is [rows,2N] (the two parts' columns, each with its own scale) and its
+    halves are added before the bias (the bias, and the column sums, cover both parts).
     """
     from onnx import numpy_helper
 
-    Wq, ws = quantize_weight(W, spec.weight_levels)
+    N = int(np.shape(W)[1])
+    if spec.weight_split:
+        Wq, ws = split_weight(W, spec.weight_levels)
+    elif second_moment is not None:  # weight_rounding "gptq"
+        Wq, ws = gptq_weight(W, second_moment, spec.weight_levels)
+    else:
+        Wq, ws = quantize_weight(W, spec.weight_levels)
+
+    def halves(y):  # [rows,2N] -> [rows,N]: the two parts' products added
+        if not spec.weight_split:
+            return y
+        return g.op("Add", *g.op("Split", y, g.const([N, N], np.int64), axis=1, n_out=2))
+
     base = "q." + prefix.replace("/", "__")
     for name, arr in ((".weight", Wq), (".scale", ws)):
         g.inits[base + name] = numpy_helper.from_array(arr, base + name)
     wq_name, ws_name = base + ".weight", base + ".scale"
-    bias = g.const(np.asarray(b, np.float32), name=base + ".bias")
+    if spec.activations == "tensor":  # these paths add the bias themselves (per row: the correction Gemm does)
+        bias = g.const(np.asarray(b, np.float32), name=base + ".bias")
     if spec.activations == "tensor" and spec.activation_levels == 255:
         # ONNX Runtime's own pattern, fused into one DynamicQuantizeMatMul when the session loads
         xq, xs, xz = g.op("DynamicQuantizeLinear", x, n_out=3)
         acc = g.op("MatMulInteger", xq, wq_name, xz)
         y = g.op("Mul", g.op("Cast", acc, to=g.TP.FLOAT), g.op("Mul", xs, ws_name))
-        return g.op("Add", y, bias)
+        return g.op("Add", halves(y), bias)
     zero = g.const(0.0)
     if spec.activations == "row":  # lo, hi, s, z: [rows]
         lo, hi = g.op("ReduceMin", x, axes=[-1], keepdims=0), g.op("ReduceMax", x, axes=[-1], keepdims=0)
@@ -362,11 +514,27 @@ def _int8_dense(g: _Builder, x: str, W: np.ndarray, b: np.ndarray, spec: Int8Spe
     z = g.op("Cast", zf, to=g.TP.UINT8)
     # saturate(round(x / s) + z): at most levels + 1 (two roundings), still within the saturation-free bound
     q = g.op("QuantizeLinear", x, s, z, axis=0)
-    if spec.activations == "tensor":
-        return g.op("MatMulIntegerToFloat", q, wq_name, s, ws_name, z, "", bias, domain=MS_DOMAIN)
-    out = g.op("MatMulIntegerToFloat", q, wq_name, g.const(1.0), ws_name, domain=MS_DOMAIN)  # [rows,N]
-    colsum = Wq.astype(np.int64).sum(axis=0).astype(np.float32)
-    corr = g.const(np.stack([-colsum * ws, np.asarray(b, np.float32)]), name=base + ".correction")  # [2,N]
+    if spec.activation_split:  # rows of q, then rows of the rounding error in steps of s / levels
+        L = float(spec.activation_levels)
+        z_lo = float((spec.activation_levels + 1) // 2)
+        err = g.op("Sub", x, g.op("DequantizeLinear", q, s, z, axis=0))  # [rows,K], within s / 2
+        s_lo = g.op("Div", s, g.const(L))
+        z_lo_rows = g.op("Expand", g.const(int(z_lo), np.uint8), g.op("Shape", s))
+        q_lo = g.op("QuantizeLinear", err, s_lo, z_lo_rows, axis=0)
+        both = halves(g.op("MatMulIntegerToFloat", g.op("Concat", q, q_lo, axis=0), wq_name, g.const(1.0), ws_name,
+                           domain=MS_DOMAIN))  # [2 rows, N]
+        out_hi, out_lo = g.op("Split", both, axis=0, n_out=2)
+        out = g.op("Add", out_hi, g.op("Mul", out_lo, g.const(1.0 / L)))  # / s: the product of x ~ q - z + ...
+        zf = g.op("Add", zf, g.const(z_lo / L))  # ... minus (z + z_lo / levels) times the column sums
+    elif spec.activations == "tensor":
+        if not spec.weight_split:
+            return g.op("MatMulIntegerToFloat", q, wq_name, s, ws_name, z, "", bias, domain=MS_DOMAIN)
+        return g.op("Add", halves(g.op("MatMulIntegerToFloat", q, wq_name, s, ws_name, z, domain=MS_DOMAIN)), bias)
+    else:
+        out = halves(g.op("MatMulIntegerToFloat", q, wq_name, g.const(1.0), ws_name, domain=MS_DOMAIN))  # [rows,N]
+    cw = Wq.astype(np.float64).sum(axis=0) * ws  # each column's sum times its scale
+    cw = (cw[:N] + cw[N:]) if spec.weight_split else cw
+    corr = g.const(np.stack([-cw, np.asarray(b, np.float64)]).astype(np.float32), name=base + ".correction")  # [2,N]
     s2 = g.op("Unsqueeze", s, g.const([-1], np.int64))  # [rows,1]
     sz = g.op("Mul", s2, g.op("Unsqueeze", zf, g.const([-1], np.int64)))
     a = g.op("Concat", sz, g.op("Expand", g.const([[1.0]]), g.op("Shape", sz)), axis=1)  # [rows,2]: s z, 1
@@ -381,5 +549,5 @@ def initializer_weights(model) -> dict[str, np.ndarray]:
             if i.name.startswith("w.")}
 
 
-__all__ = ["DEFAULT_INT8", "Int8Spec", "build_graph", "quantize_weight", "initializer_weights", "INPUT_NAMES",
+__all__ = ["DEFAULT_INT8", "ACCURATE_INT8", "INT8_CONFIGS", "Int8Spec", "build_graph", "quantize_weight", "initializer_weights", "INPUT_NAMES",
            "OUTPUT_NAMES", "OPSET"]

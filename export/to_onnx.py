@@ -54,12 +54,13 @@ __all__ = ["ONNX_NAME", "ONNX_INT8_NAME", "write_onnx", "verify_onnx", "write_gr
 
 
 def write_graph(cfg, weights: dict[str, np.ndarray], top_k: int, path: str | os.PathLike | BinaryIO, *,
-                int8: Int8Spec | None = None) -> None:
+                int8: Int8Spec | None = None, mask_id: int | None = None) -> None:
     """Write the graph for ``cfg`` with ``weights`` (google-research/bert names) to ``path``, a file name or
-    a binary file open for writing (fp32, or int8 as ``int8`` says)."""
+    a binary file open for writing (fp32, or int8 as ``int8`` says; ``mask_id``: the mask token of its
+    calibration copies)."""
     import onnx
 
-    model = build_graph(cfg, weights, top_k, int8=int8)
+    model = build_graph(cfg, weights, top_k, int8=int8, mask_id=mask_id)
     if hasattr(path, "write"):  # what onnx.save writes for a path (protobuf, no external data)
         path.write(model.SerializeToString())
     else:
@@ -193,12 +194,12 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         remove_debris(f)  # temporary files of runs that were killed
     made: dict[Path, tuple[int, int]] = {}
 
-    def write_temp(dest: Path, int8: Int8Spec | None = None) -> Path:
+    def write_temp(dest: Path, int8: Int8Spec | None = None, mask_id: int | None = None) -> Path:
         tmp = temp_path(dest)
         fd = create_exclusive(tmp)
         made[tmp] = identity(os.fstat(fd))
         with os.fdopen(fd, "wb") as f:
-            write_graph(ckpt.config, ckpt.weights, top_k, f, int8=int8)
+            write_graph(ckpt.config, ckpt.weights, top_k, f, int8=int8, mask_id=mask_id)
         os.chmod(tmp, default_file_mode())  # as any file the process creates: a server may run as another user
         return tmp
 
@@ -214,7 +215,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
                                  "verification": report, "versions": _versions()}
         drift = tmp8 = None
         if quantize == "int8":
-            tmp8 = write_temp(final8, int8_spec)
+            tmp8 = write_temp(final8, int8_spec, mask_id)
             drift = int8_drift(tmp, tmp8, vocab_size=ckpt.config.vocab_size, max_len=max_len, mask_id=mask_id,
                                spec=int8_spec)
             if drift["mean_abs_diff"] > INT8_MAX_MEAN_ABS_DIFF or drift["top1_agreement"] < INT8_MIN_TOP1_AGREEMENT:

@@ -53,6 +53,13 @@ CONFIGS = {
     "default-ffn-out-fp32": ({"keep_fp32": ("head", "ffn_out")}, "the default, feed-forward outputs in fp32"),
     "row7-ffn-out-last-fp32": ({"activation_levels": 127, "weight_levels": 127, "keep_fp32": ("head", "ffn_out", "last")},
                                "row7, feed-forward outputs and the last layer in fp32"),
+    "accurate": ({"activation_levels": 127, "weight_levels": 127, "activation_split": True, "weight_rounding": "gptq"},
+                 "mlm-export --int8-config accurate: per-row activations in two 7-bit parts (~14 bits, twice the "
+                 "integer work), 8-bit GPTQ-rounded weights (saturation-free)"),
+    "act-split": ({"activation_levels": 127, "weight_levels": 127, "activation_split": True},
+                  "accurate with weights rounded to nearest"),
+    "weight-split": ({"weight_split": True}, "per-row 8-bit activations, weights in two 7-bit parts (~14 bits, "
+                     "twice the integer work; saturation-free)"),
 }
 INPUTS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
 
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mlm_export import export, load_checkpoint
     from mlm_export.onnx_graph import Int8Spec
     from mlm_export.to_onnx import write_graph, write_onnx
+    from mlm_scorer.model_dir import ModelDir
 
     hf = work / "antiberty-hf"
     if not (hf / "config.json").is_file():
@@ -217,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         files[name] = str(work / f"int8-{name}.onnx")
         if not Path(files[name]).is_file():
             log(f"writing {files[name]}")
-            write_graph(ckpt.config, ckpt.weights, 5, files[name], int8=Int8Spec(**kw))
+            mask_id = (ModelDir.open(exp).manifest.get("special_token_ids") or {}).get("mask")
+            write_graph(ckpt.config, ckpt.weights, 5, files[name], int8=Int8Spec(**kw), mask_id=mask_id)
 
     def run(name: str, emulate: str | None) -> dict:
         if not emulate:

@@ -289,6 +289,28 @@ def test_onnx_is_added_to_an_existing_version_not_copied_into_a_new_one(tiny_exp
     assert json.loads((base / "1" / "mlm_scorer.json").read_text())["onnx"]["verification"]["max_abs_diff"] <= 1e-4
 
 
+def test_int8_config_accurate_writes_that_configuration_into_an_existing_version(tiny_export, tiny_hf, tmp_path):
+    """--int8-config accurate implies --quantize int8; the manifest names the configuration the file has, and
+    the onnx engine opens it (its probe replayed); --int8-config outside the choices is a usage error."""
+    pytest.importorskip("onnxruntime")
+    from mlm_export.cli import main
+
+    from mlm_scorer.engines import get_engine
+    from mlm_scorer.model_dir import ModelDir
+
+    base = _copy(tiny_export, tmp_path / "m")
+    assert main([str(tiny_hf), str(base), "--int8-config", "accurate", "-q"]) == 0
+    m = json.loads((base / "1" / "mlm_scorer.json").read_text())
+    cfg = m["reduced_precision"]["onnx-int8"]["config"]
+    assert cfg["activation_split"] is True and cfg["weight_rounding"] == "gptq" and cfg["saturation_free"] is True
+    assert m["onnx"]["int8"]["config"] == cfg
+    eng = get_engine("onnx", model=ModelDir.open(base), precision="int8", threads=1)
+    assert eng.int8_check["mean_abs_diff"] <= eng.int8_check["bound"]
+    with pytest.raises(SystemExit) as exc:
+        main([str(tiny_hf), str(base), "--int8-config", "exact"])
+    assert exc.value.code == 2
+
+
 def _nan_positions(src: Path, dst: Path, first: int) -> Path:
     """A copy of the checkpoint ``src`` whose position embeddings are NaN from row ``first`` on."""
     import torch
