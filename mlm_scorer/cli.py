@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             summary = score_file(args.input, args.output, settings, log=log.info)
     except MlmScorerError as exc:
-        log.error(str(exc))
+        log.error(getattr(exc, "cli", None) or str(exc))  # a SettingError in the flags' terms
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
         if isinstance(exc, Interrupted) and exc.explained:  # the pipeline says what is committed

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2
     except MlmScorerError as exc:
-        log.error(str(exc))
+        log.error(getattr(exc, "cli", None) or str(exc))  # a SettingError in the flags' terms
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"

@@ -905,9 +905,9 @@ class _Reaper:
 # ------------------------------------------------------------------------------------------------ main
 #: Settings that do not apply to the Ray runner: {setting: why}.
 NOT_HERE = {
-    "resume": "the ray runner publishes its output directory whole at the end and keeps no committed parts "
-              "to resume from; run it again",
-    "limit": "the ray runner plans its splits over whole files; score a shorter file, or use mlm-score",
+    "resume": "its output directory is published whole at the end, and no committed parts are kept to resume "
+              "from; run it again",
+    "limit": "it plans its splits over whole files; score a shorter file, or use mlm-score",
     "chunk_rows": "an actor reads batch_rows rows at a time (--batch-rows)",
     "score_cache": "the score cache is a SQLite database on one machine, and the actors may run on several",
 }

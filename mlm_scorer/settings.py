@@ -303,12 +303,11 @@ def rule_text(rule) -> str:
     """A flag rule as ``flag_rules`` holds it: "METRIC<VALUE" (flag when below) or "METRIC>VALUE" (above), VALUE
     a number or a percentile pNN. A ``quality.FlagRule`` (as ``parse_rule`` makes it) becomes text that parses
     back to an equal rule; a percentile rule whose threshold was already taken is refused (its text would
-    take it again). A text is checked (``parse_rule_text``) and returned tidied."""
+    take it again). A text is checked (``parse_rule_text``) and written the same way."""
     from .quality import FlagRule
 
-    if isinstance(rule, str):
-        r = parse_rule_text(rule)
-        return f"{r.metric}{'<' if r.op == 'below' else '>'}{_split_rule(rule)[2]}"
+    if isinstance(rule, str):  # checked, and written the one way its rule is (0.0001 for 1e-4, p99.5 for p99.50)
+        rule = parse_rule_text(rule)
     if not isinstance(rule, FlagRule):
         raise SettingError(f"a flag rule is a text such as 'pseudo_perplexity>p99' or a quality.FlagRule, got "
                            f"{rule!r}", option="flag_rules")
