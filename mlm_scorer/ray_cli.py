@@ -11,6 +11,9 @@ Each actor reads, scores and writes its own batches, so memory does not grow wit
 the actors start (loading the model can take minutes), a line every 10 s says what they are doing.
 Ray's own log lines stay off stderr unless -v.
 
+The scoring flags are mlm-score's (the same settings, the same defaults); --resume, --limit, --chunk-rows
+and --cache do not apply here and are refused, with the reason.
+
 Writes out/words/ and out/sentences/ (Parquet datasets: a "file" column, then the single-machine
 schemas), out/summary.json and out/_mlm_score_ray.json (the run's identity). An existing out/ is
 replaced only if mlm-score ray wrote it and it holds nothing else; one run at a time per output (a

@@ -61,6 +61,9 @@ class EngineOptions(Mapping):
     def __reduce__(self):
         return (EngineOptions, (self._d,))
 
+    def __hash__(self) -> int:  # (a ScoreSettings is hashable when its options' values are)
+        return hash(frozenset(self._d.items()))
+
 
 @dataclass(frozen=True)
 class ScoreSettings:
