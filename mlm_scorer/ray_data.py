@@ -1031,7 +1031,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settin
         atomic_write_bytes(tmp / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), what="the summary")
         marker = {"written_by": WRITTEN_BY, "format": 1, "run_id": run_id, "output": str(out.absolute()),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_checksum": md.checksum,
-                  "inputs": [ident for *_, ident in scan]}
+                  "inputs": [ident for *_, ident in scan], "settings": s.scoring()}
         atomic_write_bytes(tmp / OUTPUT_MARKER, (json.dumps(marker, indent=2) + "\n").encode(), what="the marker")
         ws.publish(overwrite=overwrite)
     return summary

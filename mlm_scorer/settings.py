@@ -268,9 +268,10 @@ SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ScoreSettings))
 def settings_from(settings: "ScoreSettings | Mapping[str, Any] | None", options: Mapping[str, Any], *,
                   door: str) -> ScoreSettings:
     """The settings of a call to ``door`` (``score_file``, ...): ``settings`` (an object, or a dict as
-    ``to_dict`` writes it) with the keyword ``options`` applied. ``flag_below``/``flag_above`` (lists of
-    "METRIC=VALUE", as the flags take them) are accepted for ``flag_rules``. A keyword that is no setting,
-    or one that contradicts ``settings``, is a UsageError."""
+    ``to_dict`` writes it, or a part of one) with the keyword ``options`` applied. ``flag_below``/
+    ``flag_above`` (lists of "METRIC=VALUE", as the flags take them) are accepted for ``flag_rules``. A
+    keyword that is no setting is a UsageError, and so is one that contradicts what ``settings`` sets (a
+    dict's keys; an object's fields away from their defaults): each setting is given once."""
     options = dict(options)
     if "flag_below" in options or "flag_above" in options:  # METRIC=VALUE lists, as the flags take them
         from .quality import parse_rule
@@ -285,21 +286,23 @@ def settings_from(settings: "ScoreSettings | Mapping[str, Any] | None", options:
                            f"{', '.join(SETTING_NAMES)} (ScoreSettings)", option=unknown[0])
     if settings is None:
         return ScoreSettings(**options)
-    if isinstance(settings, Mapping):
-        settings = ScoreSettings.from_dict(settings)
-    elif not isinstance(settings, ScoreSettings):
+    if isinstance(settings, Mapping):  # a dict sets the keys it holds
+        given, settings = set(settings), ScoreSettings.from_dict(settings)
+    elif isinstance(settings, ScoreSettings):  # an object, the fields it sets away from their defaults
+        given = set(settings.changed())
+    else:
         raise SettingError(f"{door}: settings must be a ScoreSettings or a dict of settings, got "
                            f"{type(settings).__name__}")
     if not options:
         return settings
-    given = ScoreSettings(**{**settings.to_dict(), **options})
-    conflicts = [k for k in options if getattr(given, k) != getattr(settings, k)]
+    merged = ScoreSettings(**{**settings.to_dict(), **options})
+    conflicts = [k for k in options if k in given and getattr(merged, k) != getattr(settings, k)]
     if conflicts:
         shown = ", ".join(f"{k}={getattr(settings, k)!r} in settings but {options[k]!r} as a keyword"
                           for k in conflicts)
         raise SettingError(f"{door}: {shown}; give each setting once (settings.replace({conflicts[0]}=...) makes "
                            f"a changed copy)", option=conflicts[0])
-    return settings
+    return merged
 
 
 def rule_text(rule) -> str:

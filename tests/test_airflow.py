@@ -404,11 +404,11 @@ def test_settings_reach_the_task_and_a_retry_resumes_after_the_committed_rows(ai
 
     results, paths, logs, stderr = airflow_runs
     r = results["resume"]
+    log = logs["resume"] + stderr
+    assert r["state"] == "success", (r, paths["resumer_log"], log[-6000:])
     assert paths["resumer_log"].splitlines()[:3] == ["stalled after 8 rows", "closed", "fed"], paths["resumer_log"]
-    assert r["state"] == "success", r
     assert r["tis"]["score"] == {"state": "success", "try_number": 2}
     assert r["tis"]["check"]["state"] == r["tis"]["publish"]["state"] == "success"
-    log = logs["resume"] + stderr
     assert "AirflowTaskTimeout" in log, log[-4000:]
     assert "8 rows are committed in" in log and "rerun with --resume" in log  # what the first try said it kept
     s = r["xcoms"]["score"]

@@ -188,14 +188,22 @@ def test_a_keyword_that_contradicts_the_settings_is_refused(fake_export, tmp_pat
     from mlm_scorer import score_file, score_frame
 
     tsv = write_tsv(tmp_path / "in.tsv", [["a", "The cat sat."]])
-    s = ScoreSettings(model=str(fake_export), engine="fake", id_column="id")
-    with pytest.raises(UsageError, match=r"mode='whole-word' in settings but 'token' as a keyword"):
+    s = ScoreSettings(model=str(fake_export), engine="fake", id_column="id", mode="word-l2r")
+    with pytest.raises(UsageError, match=r"mode='word-l2r' in settings but 'token' as a keyword"):
         score_file(tsv, tmp_path / "o.parquet", s, mode="token")
+    with pytest.raises(UsageError, match=r"id_column='id' in settings but 'text' as a keyword"):
+        score_file(tsv, tmp_path / "o.parquet", {"model": str(fake_export), "id_column": "id"}, id_column="text")
     with pytest.raises(UsageError, match="score_file does not take threads; its settings are model, "):
         score_file(tsv, tmp_path / "o.parquet", threads=2)
     assert not (tmp_path / "o.parquet").exists()
-    # the same value twice is no contradiction
-    assert score_file(tsv, tmp_path / "o.parquet", s, id_column="id", engine="fake").scored == 1
+    # the same value twice is no contradiction, and a keyword sets what the settings leave at its default
+    # (a dict: what it does not hold)
+    assert score_file(tsv, tmp_path / "o.parquet", s, id_column="id", engine="fake", top_k=2).scored == 1
+    from mlm_scorer.settings import settings_from
+
+    assert settings_from(s, {"top_k": 2}, door="x") == s.replace(top_k=2)
+    assert settings_from({"model": "m", "mode": "token"}, {"id_column": "id"}, door="x") == \
+        ScoreSettings(model="m", mode="token", id_column="id")
     import pandas as pd
 
     with pytest.raises(UsageError, match="score_frame does not take resume: score_frame writes no file"):
