@@ -232,7 +232,10 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
 
     fifo = tmp / "sibling.fifo"
     os.mkfifo(fifo)
-    conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id"}
+    # every run states on_bad_row and settings: dag.test() in one process keeps what a run's conf set in the
+    # DAG's params for the runs after it (the resume run's would reach the gate's)
+    conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id", "on_bad_row": "fail",
+            "settings": {}}
     runs = [{"name": "first", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)},
              "snapshot": str(tmp / "first")},
             {"name": "again", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)}},
@@ -258,7 +261,8 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
         gate["corrupted"] = write_tsv(tmp / "corrupted.tsv", [rows[k] for k in (
             "nivolumab-VH", "ustekinumab-VH-shuffled", "natalizumab-VH", "alemtuzumab-VL", "ocrelizumab-VL-shuffled",
             "denosumab-VH")])
-        gconf = {"output_dir": str(out / "gate"), "model": str(ab.model), "id_column": "id",
+        gconf = {"output_dir": str(out / "gate"), "model": str(ab.model), "id_column": "id", "on_bad_row": "fail",
+                 "settings": {},
                  "baseline": str(ab.baseline), "cache": str(ab.cache)}
         runs += [{"name": "gate-clean", "logical_date": "2024-02-01T00:00:00+00:00",
                   "conf": {**gconf, "input": str(gate["clean"])}},
