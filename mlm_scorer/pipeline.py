@@ -29,7 +29,7 @@ from .progress import Progress
 from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
 from .reader import Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
-from .settings import ON_BAD_ROW, ScoreSettings, settings_from
+from .settings import ScoreSettings, settings_from
 from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
 
 #: Unknown words kept (as written) per run, for the cause the unknown-words warning names.

@@ -6,9 +6,9 @@ the object itself, or ``to_dict()`` of it from an XCom)::
 
     from mlm_scorer import ScoreSettings, score_file
 
-    s = ScoreSettings(model="models/bert", mode="token", on_bad_row="skip", flag_above=["pseudo_perplexity=p99"])
+    s = ScoreSettings(model="models/bert", mode="token", on_bad_row="skip", flag_rules=["pseudo_perplexity>p99"])
     summary = score_file("in.tsv", "probs.parquet", s)
-    ScoreSettings.from_dict(s.to_dict()) == s          # JSON-safe: paths as str, flag rules as written
+    ScoreSettings.from_dict(s.to_dict()) == s          # JSON-safe: paths as str, flag rules as text
 
 Fields marked ``score`` (``SCORE_FIELDS``) change what a run writes (its rows, numbers or columns): the
 resume key, the outputs' metadata and the summary record them (``scoring()``). The others change how
