@@ -2,23 +2,25 @@
 
 Public API::
 
-    from mlm_scorer import score_file, score_frame
+    from mlm_scorer import ScoreSettings, score_file, score_frame
     summary = score_file("input.tsv", "probs.parquet", model="models/bert", mode="whole-word")
+    settings = ScoreSettings(model="models/bert", mode="token", on_bad_row="skip")   # every run option, once
+    summary = score_file("input.tsv", "probs.parquet", settings)
     words, sentences = score_frame(df, text_column="text", model="models/bert")   # pandas in and out
 
 Imports stay light: TensorFlow and other engine runtimes load only when an engine is created.
 """
 from .engines.base import Batch, BatchResult, Engine, engine_names, get_engine, register_engine
 from .errors import (EngineError, InputError, Interrupted, MissingDependencyError, MlmScorerError, ModelError,
-                     StorageError, UnknownEngineError, UsageError)
+                     SettingError, StorageError, UnknownEngineError, UsageError)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "score_file", "score_frame", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
+    "score_file", "score_frame", "ScoreSettings", "ScoreSummary", "Scorer", "resolve_model", "ModelDir",
     "Engine", "Batch", "BatchResult", "get_engine", "engine_names", "register_engine",
     "MlmScorerError", "InputError", "UsageError", "ModelError", "EngineError", "UnknownEngineError",
-    "MissingDependencyError", "StorageError", "Interrupted", "__version__",
+    "MissingDependencyError", "SettingError", "StorageError", "Interrupted", "__version__",
 ]
 
 
@@ -27,6 +29,10 @@ def __getattr__(name):  # lazy: keep `import mlm_scorer` and `mlm-score --help` 
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "ScoreSettings":
+        from .settings import ScoreSettings
+
+        return ScoreSettings
     if name == "score_frame":
         from .frame import score_frame
 

@@ -32,7 +32,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import quote
 
 from .errors import InputError, MissingDependencyError, ModelError, UsageError
@@ -171,37 +171,42 @@ def _fail_fast(exc: Exception) -> Exception:
     return AirflowFailException(msg)
 
 
-def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, model: str | os.PathLike,
+#: Settings an Airflow param may leave empty ("") to mean "not set" (None).
+_EMPTY_IS_NONE = ("text_column", "id_column", "baseline", "score_cache", "cache_dir", "server", "protocol")
+
+
+def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, settings=None, /, *,
                logical_date: datetime | None = None, run_id: str | None = None, dag_id: str | None = None,
-               mode: str = "whole-word",
-               engine: str = "saved_model", engine_options: dict[str, Any] | None = None,
-               text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
-               on_bad_row: str = "fail", top_k: int = 0, flag_below: Iterable[str] = (),
-               flag_above: Iterable[str] = (), baseline: str | os.PathLike | None = None,
-               score_cache: str | os.PathLike | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+               log=print, **options: Any) -> dict[str, Any]:
     """Score ``input_path`` into ``output_path(output_dir, ...)``; return the XCom-sized summary.
 
     Meant to be called from a TaskFlow ``@task`` (see scripts/airflow_dag.py) with the run's logical
     date, run id and DAG id (the output directory is claimed for that run: another run's is refused).
+    ``settings``: a ``ScoreSettings``, or a dict of settings (``ScoreSettings.to_dict()``, or any subset,
+    e.g. from a DAG's params or an XCom); keyword ``options`` are the same settings by name (``model=...,
+    max_row_chars=..., resume=True, batch_tokens=...``): every setting of ``mlm-score``. An empty string
+    stands for "not set" in the settings Airflow params hold as strings (``text_column``, ``baseline``,
+    ...). ``progress`` is on unless set: a line every ~10 s and one at the end in the task log (logger
+    ``mlm_scorer``, level INFO). With ``resume=True``, a retry continues after the rows an interrupted
+    attempt committed (its parts are kept next to the output) instead of starting over.
     Raises ``AirflowFailException`` for errors a retry cannot fix (see the module doc), ``OutputLocked``
     as is (retried) when another attempt is still writing the output.
-    ``baseline`` gives percentile flag rules their reference; ``score_cache`` is a persistent score cache
-    directory (sentences scored by an earlier run or task are not scored again). ``progress``: a line
-    every ~10 s and one at the end in the task log (logger ``mlm_scorer``, level INFO).
     """
     from .pipeline import score_file
-    from .quality import parse_rule
+    from .settings import ScoreSettings, settings_from
     from .writer import OutputLocked
 
     try:
+        if isinstance(settings, dict):
+            settings = {k: (None if k in _EMPTY_IS_NONE and v == "" else v) for k, v in settings.items()}
+        options = {k: (None if k in _EMPTY_IS_NONE and v == "" else v) for k, v in options.items()}
+        if not isinstance(settings, ScoreSettings) and "progress" not in options and "progress" not in (settings or {}):
+            options["progress"] = True
+        s = settings_from(settings, options, door="score_task")
         out = output_path(output_dir, logical_date=logical_date, run_id=run_id)
-        check_destinations(input_path, out, score_cache or None)
+        check_destinations(input_path, out, s.score_cache)
         claim_output_dir(out.parent, run_id=run_id, dag_id=dag_id, logical_date=logical_date)
-        rules = [parse_rule(x, "below") for x in flag_below or ()] + [parse_rule(x, "above") for x in flag_above or ()]
-        summary = score_file(input_path, out, model=model, engine=engine, engine_options=engine_options, mode=mode,
-                             text_column=text_column or None, id_column=id_column or None, header=header,
-                             on_bad_row=on_bad_row, top_k=top_k, flag_rules=rules, baseline=baseline or None,
-                             score_cache=score_cache or None, progress=progress, log=log)
+        summary = score_file(input_path, out, s, log=log)
     except OutputLocked:
         raise  # a sibling attempt is still writing: a later try may find the output free
     except NOT_TRANSIENT as exc:

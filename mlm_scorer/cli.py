@@ -36,17 +36,18 @@ failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); both keep committed
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .logs import add_output_flags
+#: Flags named after an engine option (a shortcut for ``--engine-option NAME=VALUE``): each is declared by
+#: an engine (``OPTIONS``); ``tests/test_settings.py`` checks it.
+ENGINE_OPTION_FLAGS = ("model_name", "concurrency", "timeout", "retry_budget", "engine_file", "precision", "device")
+
+
+def add_score_arguments(ap: argparse.ArgumentParser) -> None:
+    """The run's settings as flags (``mlm-score`` and ``mlm-score ray``): each flag's ``dest`` is the name of a
+    ``ScoreSettings`` field (``--no-header`` sets ``header``, ``--cache`` ``score_cache``) or an engine option
+    (``ENGINE_OPTION_FLAGS``); ``ScoreSettings.from_cli_args`` reads them back. Defaults are the settings'
+    (None: the field's default)."""
     from .reader import MAX_ROW_CHARS
 
-    ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header; '-' for stdin), "
-                                  "or a Parquet file (.parquet: --text-column/--id-column by name, the other "
-                                  "columns passed through)")
-    ap.add_argument("-o", "--output", required=True, help="output Parquet path for word rows; sentence rows go "
-                                                          "next to it as STEM.sentences.parquet")
     m = ap.add_argument_group("model and engine")
     m.add_argument("--model", default=None,
                    help="export directory (mlm-export), or a checkpoint: Hugging Face dir, TF-1 dir or hub id, "
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", help="fp32 (default), bf16, fp16, int8 where the engine supports it")
     m.add_argument("--device", help="cpu or cuda (torch engine)")
     m.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other engine option (repeatable)")
+                   help="any other engine option (repeatable), e.g. threads=4; each engine declares its own "
+                        "(docs/engines.md)")
     m.add_argument("--cache-dir", help="where checkpoints are exported to (default $MLM_SCORER_CACHE or "
                                        "~/.cache/mlm-scorer)")
     s = ap.add_argument_group("scoring")
@@ -83,16 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "else 8192)")
     s.add_argument("--max-batch-size", type=int, default=None, help="copies per batch at most (default 256)")
     s.add_argument("--chunk-rows", type=int, default=2048, help="rows read and prepared at a time (default 2048)")
-    s.add_argument("--cache", metavar="DIR", help="persistent score cache: sentences scored before with the same "
-                                                  "model and mode are read from DIR, not scored again (safe for "
-                                                  "concurrent runs)")
+    s.add_argument("--cache", metavar="DIR", dest="score_cache",
+                   help="persistent score cache: sentences scored before with the same model and mode are read "
+                        "from DIR, not scored again (safe for concurrent runs)")
     s.add_argument("--dedupe-cache", type=int, default=20_000,
                    help="recent distinct sentences remembered to score duplicates once (default 20000; bounds memory)")
     i = ap.add_argument_group("input")
     i.add_argument("--text-column", help="column with the text, by name or 0-based index (default: 'text', or "
                                          "the only column; with --no-header the whole line)")
     i.add_argument("--id-column", help="column with a row id, by name or 0-based index")
-    i.add_argument("--no-header", action="store_true", help="the first line is data (one sentence per line)")
+    i.add_argument("--no-header", action="store_false", dest="header",
+                   help="the first line is data (one sentence per line)")
     i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail",
                    help="fail (default): stop at the first bad row, naming file and line; skip: record it with "
                         "status 'skipped' and go on")
@@ -114,49 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--baseline", metavar="RESULT",
                    help="take pNN thresholds from this earlier result (probs.parquet or a mlm-score ray "
                         "directory, scored with the same model and mode) instead of this run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .logs import add_output_flags
+
+    ap = argparse.ArgumentParser(prog="mlm-score", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", help="TSV file (UTF-8, tab-separated, header line unless --no-header; '-' for stdin), "
+                                  "or a Parquet file (.parquet: --text-column/--id-column by name, the other "
+                                  "columns passed through)")
+    ap.add_argument("-o", "--output", required=True, help="output Parquet path for word rows; sentence rows go "
+                                                          "next to it as STEM.sentences.parquet")
+    add_score_arguments(ap)
     o = ap.add_argument_group("output")
     add_output_flags(o)
     o.add_argument("--summary-json", help="also write the run summary as JSON to this path")
     return ap
 
 
-def parse_engine_options(items: list[str], ap: argparse.ArgumentParser) -> dict:
-    """``--engine-option KEY=VALUE`` items -> {key: "value"} (engines coerce the types)."""
+def parse_engine_options(items: list[str], ap: argparse.ArgumentParser | None = None) -> dict:
+    """``--engine-option KEY=VALUE`` items -> {key: "value"} (engines coerce the types). A malformed item is
+    ``ap.error`` where a parser is given, else a SettingError."""
+    from .errors import SettingError
+
     opts: dict = {}
     for item in items:
         if "=" not in item:
-            ap.error(f"--engine-option expects KEY=VALUE, got {item!r}")
+            msg = f"--engine-option expects KEY=VALUE, got {item!r}"
+            if ap is not None:
+                ap.error(msg)
+            raise SettingError(msg, option="engine_options")
         k, v = item.split("=", 1)
         opts[k.strip().replace("-", "_")] = v
     return opts
 
 
-def _engine_options(args, ap) -> tuple[str, dict]:
-    opts = parse_engine_options(args.engine_option, ap)
-    for name in ("server", "model_name", "concurrency", "timeout", "retry_budget", "engine_file", "precision",
-                 "device"):
-        v = getattr(args, name)
-        if v is not None:
-            opts[name] = v
-    engine = args.engine
-    if args.server:
-        scheme = args.server.split("://", 1)[0].lower() if "://" in args.server else ""
-        implied = {"http": "rest", "https": "rest", "grpc": "grpc", "grpcs": "grpc"}.get(scheme)
-        if implied is None:
-            ap.error(f"--server must start with http://, https://, grpc:// or grpcs://, got {args.server!r}")
-        kserve = "kserve_grpc" if implied == "grpc" else "kserve_http"
-        protocol = {implied: "tfserving", kserve: "kserve"}
-        if engine and engine not in protocol:
-            ap.error(f"--server {args.server} is a {implied} URL but --engine is {engine}")
-        if engine and args.protocol not in (None, "auto", protocol[engine]):
-            ap.error(f"--engine {engine} speaks {protocol[engine]}, not --protocol {args.protocol}")
-        if not engine:  # "auto": the server is asked (main, once logging is set up)
-            engine = {"tfserving": implied, "kserve": kserve}.get(args.protocol or "auto", "auto")
-    elif engine in ("rest", "grpc", "kserve_http", "kserve_grpc"):
-        ap.error(f"--engine {engine} needs --server URL")
-    elif args.protocol:
-        ap.error("--protocol applies to --server")
-    return engine or "auto", opts
+def read_settings(args, ap: argparse.ArgumentParser):
+    """``ScoreSettings.from_cli_args(args)``; a value out of range or flags that cannot go together end the
+    command as argparse does (usage, exit 2). Other refusals (an unknown engine, a flag rule) are raised."""
+    from .errors import SettingError
+    from .settings import ScoreSettings
+
+    try:
+        return ScoreSettings.from_cli_args(args)
+    except SettingError as exc:
+        ap.error(exc.cli)
 
 
 @contextlib.contextmanager
@@ -184,19 +190,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def flag_rules(args) -> list:
-    """The --flag-below / --flag-above rules of ``mlm-score`` and ``mlm-score ray``; UsageError for a
-    --baseline that no percentile rule uses."""
-    from .errors import UsageError
-    from .quality import parse_rule
-
-    rules = [parse_rule(x, "below") for x in args.flag_below] + [parse_rule(x, "above") for x in args.flag_above]
-    if args.baseline and not any(r.relative for r in rules):
-        raise UsageError("--baseline is where pNN thresholds are taken from, and no rule has one: add e.g. "
-                         "--flag-above pseudo_perplexity=p99")
-    return rules
 
 
 def committed_rows(output: str) -> str:
@@ -239,46 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
-    engine, opts = _engine_options(args, ap)
-    if args.model is None and args.server:
-        ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
-    for flag in ("batch_tokens", "chunk_rows", "max_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.top_k < 0:
-        ap.error("--top-k must be >= 0")
-    if args.max_row_chars < 1:
-        ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError
     from .fsutil import check_target
     from .logs import configure_cli, log
-    from .models import DEFAULT_MODEL
     from .pipeline import score_file
     from .writer import check_output_path
 
     configure_cli("mlm-score", quiet=args.quiet, verbose=args.verbose)
     try:
+        settings = read_settings(args, ap)
+        if args.model is None and settings.server:
+            ap.error("a server engine needs --model pointing at a local copy of the export (for its tokenizer)")
         if args.summary_json:
             check_target(args.summary_json, "the --summary-json file")
             check_output_path(args.output, args.input, also=[(args.summary_json, "the --summary-json file")])
-        rules = flag_rules(args)
-        if args.server and engine == "auto":  # TF Serving or KServe v2: what the server answers (detect_protocol)
-            from .engines.kserve_base import server_engine
-
-            engine = server_engine(args.server, "auto", opts, log_fn=log.info)
         with sigterm_as_interrupt():
-            summary = score_file(
-                args.input, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
-                engine=engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
-                id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
-                batch_tokens=args.batch_tokens, max_batch_size=args.max_batch_size, chunk_rows=args.chunk_rows,
-                limit=args.limit, progress=False if args.quiet else args.progress,
-                cache_dir=args.cache_dir, flag_rules=rules, resume=args.resume, dedupe_cache=args.dedupe_cache,
-                score_cache=args.cache, baseline=args.baseline,
-                max_row_chars=args.max_row_chars, log=log.info)
+            summary = score_file(args.input, args.output, settings, log=log.info)
     except MlmScorerError as exc:
-        log.error(str(exc))
+        log.error(getattr(exc, "cli", None) or str(exc))  # a SettingError in the flags' terms
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
         if isinstance(exc, Interrupted) and exc.explained:  # the pipeline says what is committed

@@ -19,6 +19,17 @@ class UsageError(MlmScorerError):
     exit_code = 2
 
 
+class SettingError(UsageError):
+    """A setting out of range, or settings that cannot go together (``settings.ScoreSettings``). ``option``
+    names the setting; ``cli`` is the message in the command line's terms (its flags), which ``mlm-score``
+    prints."""
+
+    def __init__(self, message: str, *, option: str | None = None, cli: str | None = None):
+        super().__init__(message)
+        self.option = option
+        self.cli = cli or message
+
+
 class InputError(MlmScorerError):
     """A row of the input cannot be scored. Carries where: file, line (1-based) and column."""
 

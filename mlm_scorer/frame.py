@@ -11,11 +11,11 @@ and the other columns of ``df`` follow with their own dtypes. ``sentences`` keep
 Parquet files' metadata: model, checksum, mode, engine, flag rules); ``sentences.attrs["summary"]`` is
 the run summary (``ScoreSummary.to_dict()``).
 
-Options are ``score_file``'s, with the same defaults, except those about files (``header``, ``resume``).
+Settings are ``score_file``'s (a ``ScoreSettings``, or the same by keyword), with the same defaults but
+``text_column`` ("text"); those about files (``header``, ``resume``) are refused with the reason.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from typing import Any
@@ -24,73 +24,71 @@ from .errors import InputError, UsageError
 from .reader import Layout, Row, layout_for
 
 SOURCE = "DataFrame"  # the "file" in messages: DataFrame:4: ... is the row at position 3
-_FILE_ONLY = {"input_path", "output", "text_column", "id_column", "header", "resume"}
+#: Settings that do not apply to a DataFrame: {setting: why}.
+NOT_HERE = {"header": "a DataFrame has its column names; header is about TSV files",
+            "resume": "score_frame writes no file, so there is nothing committed to resume"}
 
 
-def score_frame(df, text_column: str | int = "text", id_column: str | int | None = None, **options: Any):
+def score_frame(df, settings=None, /, *, log=None, scorer=None, **options: Any):
     """Score ``df[text_column]``; return ``(words, sentences)`` pandas DataFrames (see the module doc).
 
-    A null or empty text is a bad row: ``on_bad_row="fail"`` (the default) raises InputError naming its
-    position (``DataFrame:LINE``, LINE = position + 1); "skip" gives it a sentence row with status
-    "skipped". Raises UsageError for an unknown option or column.
+    ``settings`` and keyword ``options`` as ``score_file``'s. A null or empty text is a bad row:
+    ``on_bad_row="fail"`` (the default) raises InputError naming its position (``DataFrame:LINE``, LINE =
+    position + 1); "skip" gives it a sentence row with status "skipped". Raises UsageError for an unknown
+    option or column, and for a setting about files (``NOT_HERE``).
     """
     import pyarrow as pa
 
-    from .pipeline import (ScoreSummary, _add_stats, _check_options, _close_scorer, _finish_summary, _flag_rules,
-                           _score_chunk, build_columns, open_scorer, score_file, warn)
+    from .pipeline import (ScoreSummary, _add_stats, _close_scorer, _finish_summary, _flag_rules, _score_chunk,
+                           build_columns, open_scorer, output_metadata, warn, with_scorer)
     from .progress import Progress
     from .quality import RunQuantiles
+    from .settings import refuse, settings_from
     from .writer import sentence_schema, word_schema
 
-    params = inspect.signature(score_file).parameters
-    unknown = sorted(set(options) - (set(params) - _FILE_ONLY))
-    if unknown:
-        raise UsageError(f"score_frame does not take {', '.join(unknown)}; it takes "
-                         f"{', '.join(sorted(set(params) - _FILE_ONLY))}")
-    o = {k: options.get(k, p.default) for k, p in params.items() if k not in _FILE_ONLY}
-    _check_options(on_bad_row=o["on_bad_row"], chunk_rows=o["chunk_rows"], dedupe_cache=o["dedupe_cache"],
-                   limit=o["limit"], max_row_chars=o["max_row_chars"], max_batch_size=o["max_batch_size"],
-                   batch_tokens=o["batch_tokens"])
+    o = settings_from(settings, options, door="score_frame")
+    refuse(o, NOT_HERE, "score_frame")
+    if scorer is not None:
+        o = with_scorer(o, scorer, door="score_frame")
+    if o.text_column is None:  # a DataFrame's default text column
+        o = o.replace(text_column="text")
 
     t0 = time.perf_counter()
     names = [str(c) for c in df.columns]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UsageError(f"the DataFrame has duplicate column name(s) {dup}")
-    lay = layout_for(names, text_column, id_column, SOURCE)
+    lay = layout_for(names, o.text_column, o.id_column, SOURCE)
     kind = getattr(df.dtypes.iloc[lay.text], "kind", "O")
     if kind in "biufcmM":  # numbers, booleans, times: not text (a float column's NaN would be the word "nan")
         raise UsageError(f"{SOURCE}: the text column {names[lay.text]!r} has dtype {df.dtypes.iloc[lay.text]}, not "
                          f"text: choose the text with text_column=NAME, or convert the column to str first")
-    n = len(df) if o["limit"] is None else min(len(df), o["limit"])
-    rows = [_row(i, t, lay, o["max_row_chars"]) for i, t in enumerate(df.iloc[:n, lay.text].tolist())]
+    n = len(df) if o.limit is None else min(len(df), o.limit)
+    rows = [_row(i, t, lay, o.max_row_chars) for i, t in enumerate(df.iloc[:n, lay.text].tolist())]
 
-    scorer, owns = o["scorer"], o["scorer"] is None
+    owns = scorer is None
     if owns:
-        scorer = open_scorer(model=o["model"], model_version=o["model_version"], engine=o["engine"],
-                             engine_options=o["engine_options"], mode=o["mode"], top_k=o["top_k"],
-                             batch_tokens=o["batch_tokens"], max_batch_size=o["max_batch_size"],
-                             cache_dir=o["cache_dir"], dedupe_cache=o["dedupe_cache"],
-                             score_cache=o["score_cache"], log=o["log"])
+        scorer = open_scorer(o, log=log)
     try:
         notes: list[str] = []
-        rules = _flag_rules(o["flag_rules"], o["baseline"], scorer, notes)
+        rules = _flag_rules(o.rules, o.baseline, scorer, notes)
         load_seconds = time.perf_counter() - t0
         core = Layout(names=[names[lay.text]], text=0, id=None, passthrough=[])  # id and the rest: added below
         wschema, sschema = word_schema(None, [], scorer.top_k > 0), sentence_schema(None, [], bool(rules))
         summary = ScoreSummary(input=SOURCE, output="", sentences_output="", engine=scorer.engine.name,
-                               mode=scorer.mode, model=str(scorer.model.path), model_checksum=scorer.model.checksum)
+                               mode=scorer.mode, model=str(scorer.model.path), model_checksum=scorer.model.checksum,
+                               settings=o.scoring())
         tk = scorer.tokenizer
         vocab = [tk.id_to_token(i) for i in range(tk.vocab_size)] if scorer.top_k else None
-        mode = "off" if o["progress"] is False else Progress.auto_mode(o["progress"])
+        mode = "off" if o.progress is False else Progress.auto_mode(o.progress)
         bar = Progress(n if mode != "off" else None, mode=mode)
         words, sents = [], []
         try:
-            for a in range(0, n, o["chunk_rows"]):
-                chunk = rows[a:a + o["chunk_rows"]]
+            for a in range(0, n, o.chunk_rows):
+                chunk = rows[a:a + o.chunk_rows]
                 prepared = scorer.prepare([r.text for r in chunk if r.error is None])
                 results = _score_chunk(scorer, prepared, len(chunk), bar)
-                W, S, st = build_columns(chunk, results, path=SOURCE, on_bad_row=o["on_bad_row"], scorer=scorer,
+                W, S, st = build_columns(chunk, results, path=SOURCE, on_bad_row=o.on_bad_row, scorer=scorer,
                                          layout=core, vocab=vocab, flag_rules=rules)
                 st["skipped_rows"] = st.pop("skipped")[: ScoreSummary.MAX_LISTED]
                 st["skipped"] = len(S["row"]) - st["scored"]
@@ -117,9 +115,7 @@ def score_frame(df, text_column: str | int = "text", id_column: str | int | None
     w = _frame(words, wschema, df, lay, names)
     s = _frame(sents, sschema, df, lay, names)
     s.index = df.index[s["row"].to_numpy()]
-    meta = {"model": str(scorer.model.path), "model_checksum": scorer.model.checksum, "mode": scorer.mode,
-            "engine": scorer.engine.name, "input": SOURCE, "flag_rules": summary.flag_rules,
-            **({"baseline": str(o["baseline"])} if o["baseline"] else {})}
+    meta = output_metadata(o, scorer, input=SOURCE, flag_rules=rules)
     w.attrs["mlm_scorer"] = s.attrs["mlm_scorer"] = meta
     s.attrs["summary"] = summary.to_dict()
     return w, s

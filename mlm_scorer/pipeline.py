@@ -11,7 +11,6 @@ Memory is bounded by the chunk size (rows) and the queue depth, not by the input
 from __future__ import annotations
 
 import itertools
-import numbers
 import os
 import queue
 import signal
@@ -23,16 +22,16 @@ from typing import Any, Callable
 import numpy as np
 
 from .batching import BatchPolicy
-from .engines.base import LazyEngine, choose_engine, engine_names, get_engine, numerics
-from .errors import InputError, Interrupted, MlmScorerError, StorageError, UnknownEngineError, UsageError
-from .models import DEFAULT_MODEL, resolve_model
+from .engines.base import LazyEngine, choose_engine, get_engine, numerics, resolve_engine
+from .errors import InputError, Interrupted, MlmScorerError, StorageError, UsageError
+from .models import resolve_model
 from .progress import Progress
 from .quality import FlagRule, RunQuantiles, baseline_rules, evaluate
-from .reader import MAX_ROW_CHARS, Layout, Row, TsvReader, count_lines, open_reader
+from .reader import Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
+from .settings import ScoreSettings, settings_from
 from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
 
-ON_BAD_ROW = ("fail", "skip")
 #: Unknown words kept (as written) per run, for the cause the unknown-words warning names.
 UNKNOWN_SAMPLES = 50
 #: A chunk is cut at ``chunk_rows`` rows or at this many characters of text, whichever comes first: memory
@@ -74,6 +73,7 @@ class ScoreSummary:
     flag_rules: list[str] = field(default_factory=list)  # as applied: percentiles with the value taken
     unknown_words: int = 0  # scored words whose pieces include the unknown token ([UNK])
     warnings: list[str] = field(default_factory=list)  # what the run warned about (also logged)
+    settings: dict = field(default_factory=dict)  # the settings that change what is written (ScoreSettings.scoring)
     _pll_sum: float = field(default=0.0, repr=False)
     _unknown_samples: list[str] = field(default_factory=list, repr=False)
     skipped_rows: list[dict] = field(default_factory=list)  # first MAX_LISTED: line, reason, message
@@ -118,54 +118,47 @@ class ScoreSummary:
 _DONE = object()
 
 
-def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, model: str | os.PathLike = DEFAULT_MODEL,
-               model_version: int | None = None, engine: str = "auto",
-               engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
-               text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
-               on_bad_row: str = "fail", top_k: int = 0, batch_tokens: int | None = None,
-               max_batch_size: int | None = None, chunk_rows: int = 2048, limit: int | None = None,
-               progress: bool = False, cache_dir: str | os.PathLike | None = None,
-               flag_rules: list[FlagRule] | None = None, resume: bool = False, dedupe_cache: int = 20_000,
-               score_cache: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
-               max_row_chars: int = MAX_ROW_CHARS,
-               log: Callable[[str], None] | None = None,
-               scorer: Scorer | None = None) -> ScoreSummary:
+def score_file(input_path: str | os.PathLike, output: str | os.PathLike, settings: ScoreSettings | None = None, /, *,
+               log: Callable[[str], None] | None = None, scorer: Scorer | None = None,
+               **options: Any) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
+
+    ``settings``: a ``ScoreSettings`` (or a dict of settings, as ``to_dict`` writes); keyword ``options``
+    are the same settings by name (``score_file(IN, OUT, model="models/bert", mode="token")``). A keyword
+    that contradicts ``settings`` is a UsageError. ``log``: a function given notes such as "exporting ...";
+    ``scorer``: a ``Scorer`` to reuse (its model, engine, mode and top-k are then the run's).
 
     Raises InputError (with file, line, column) for a bad row when ``on_bad_row="fail"``; with "skip",
     the row gets a sentence row with status "skipped" and the reason, and is listed in the summary.
     Outputs appear atomically at the end; on any error no file appears at the final paths. Chunks are
     committed as they finish (``OUTPUT.parts/``): ``resume=True`` continues after the last committed row
     of an interrupted run, and refuses if the input or the settings changed.
-    ``flag_rules`` (see ``quality.parse_rule``) add the ``flag`` and ``flag_reason`` sentence columns; a
-    percentile threshold (``pseudo_perplexity=p99``) is taken from ``baseline`` (a result scored with the
-    same model and mode) when one is given, else from this run in a second pass at the end.
+    ``flag_rules`` ("min_word_prob<0.001", or ``quality.parse_rule``'s FlagRule objects) add the ``flag``
+    and ``flag_reason`` sentence columns; a percentile
+    threshold (``pseudo_perplexity=p99``) is taken from ``baseline`` (a result scored with the same model
+    and mode) when one is given, else from this run in a second pass at the end.
     ``score_cache`` is a directory for the persistent score cache (see ``cache.py``).
     ``max_row_chars``: longer rows are bad rows (``row_too_long``), decided before they are tokenized.
     Refuses (UsageError, before anything is touched) an input that is a file the run would replace or
     delete. A stream (stdin, a pipe, a FIFO) is read once; its committed prefix is checked on resume.
     """
-    _check_options(on_bad_row=on_bad_row, chunk_rows=chunk_rows, dedupe_cache=dedupe_cache, limit=limit,
-                   max_row_chars=max_row_chars, max_batch_size=max_batch_size, batch_tokens=batch_tokens)
-    out = check_output_path(output, input_path, also=cache_files(score_cache))
+    s = settings_from(settings, options, door="score_file")
+    if scorer is not None:
+        s = with_scorer(s, scorer, door="score_file")
+    out = check_output_path(output, input_path, also=cache_files(s.score_cache))
     t0 = time.perf_counter()
-    reader = open_reader(input_path, text_column=text_column, id_column=id_column, header=header,
-                         max_row_chars=max_row_chars)
+    reader = open_reader(input_path, text_column=s.text_column, id_column=s.id_column, header=s.header,
+                         max_row_chars=s.max_row_chars)
     owns_engine = scorer is None
     try:
         if scorer is None:
-            scorer = open_scorer(model=model, model_version=model_version, engine=engine,
-                                 engine_options=engine_options, mode=mode, top_k=top_k, batch_tokens=batch_tokens,
-                                 max_batch_size=max_batch_size, cache_dir=cache_dir, dedupe_cache=dedupe_cache,
-                                 score_cache=score_cache, log=log)
+            scorer = open_scorer(s, log=log)
         notes: list[str] = []
-        rules = _flag_rules(flag_rules, baseline, scorer, notes)
+        rules = _flag_rules(s.rules, s.baseline, scorer, notes)
         for n in notes:  # said before the run: a baseline's percentile of too few rows
             _log_warning(n)
         load_seconds = time.perf_counter() - t0
-        summary = _run(reader, scorer, out, input_path=str(input_path), on_bad_row=on_bad_row, chunk_rows=chunk_rows,
-                       limit=limit, progress=progress, t0=time.perf_counter(), flag_rules=rules,
-                       resume=resume, baseline=None if baseline is None else str(baseline))
+        summary = _run(reader, scorer, out, s, input_path=str(input_path), t0=time.perf_counter(), flag_rules=rules)
         summary.warnings[:0] = notes
         summary.load_seconds = load_seconds + getattr(scorer.engine, "open_seconds", 0.0)
         summary.seconds += load_seconds
@@ -176,27 +169,46 @@ def score_file(input_path: str | os.PathLike, output: str | os.PathLike, *, mode
             _close_scorer(scorer)
 
 
-def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row: str, chunk_rows: int,
-         limit: int | None, progress: bool, t0: float, flag_rules: list[FlagRule], resume: bool,
-         baseline: str | None = None) -> ScoreSummary:
+def with_scorer(s: ScoreSettings, scorer: Scorer, *, door: str) -> ScoreSettings:
+    """``s`` with the mode and top-k of the ``scorer`` a caller hands in (they are the run's); a different
+    value set in ``s`` is a UsageError, not ignored."""
+    clash = [n for n in ("mode", "top_k") if n in s.changed() and getattr(s, n) != getattr(scorer, n)]
+    if clash:
+        raise UsageError(f"{door}: the scorer given scores with " + ", ".join(
+            f"{n}={getattr(scorer, n)!r}, the settings say {getattr(s, n)!r}" for n in clash))
+    return s.replace(mode=scorer.mode, top_k=scorer.top_k)
+
+
+def output_metadata(s: ScoreSettings, scorer: Scorer, *, input: str, flag_rules: list[FlagRule]) -> dict[str, Any]:
+    """What a result's Parquet metadata (key ``mlm_scorer``) records: the model and engine as they resolved
+    (path, checksum, engine, numerics), the input, the flag rules as applied, the baseline, and the settings
+    that change what is written (``ScoreSettings.scoring``). ``score_frame`` gives the same as ``attrs``."""
+    md = scorer.model
+    return {"model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
+            "engine": scorer.engine.name, "numerics": scorer.numerics, "input": input,
+            "flag_rules": [str(r) for r in flag_rules], **({"baseline": s.baseline} if s.baseline else {}),
+            "settings": s.scoring()}
+
+
+def _run(reader: TsvReader, scorer: Scorer, out, s: ScoreSettings, *, input_path: str, t0: float,
+         flag_rules: list[FlagRule]) -> ScoreSummary:
     lay = reader.layout
     md = scorer.model
+    on_bad_row, chunk_rows, limit = s.on_bad_row, s.chunk_rows, s.limit
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
-                           mode=scorer.mode, model=str(md.path), model_checksum=md.checksum)
-    # What must not change between an interrupted run and its --resume (the engine, batch sizes and
-    # on_bad_row may: they do not change the rows already committed).
-    settings = {"model_checksum": md.checksum, "max_seq_length": md.max_seq_length, "mode": scorer.mode,
-                "top_k": scorer.top_k,
-                "numerics": scorer.numerics,
-                "columns": lay.names, "text_column": lay.text, "id_column": lay.id, "header": reader.header,
-                "flag_rules": [str(r) for r in flag_rules], "limit": limit}
+                           mode=scorer.mode, model=str(md.path), model_checksum=md.checksum, settings=s.scoring())
+    # What must not change between an interrupted run and its --resume: the settings that change what is
+    # written, as given (ScoreSettings.scoring), and what they resolved to (the model, the engine's numerics,
+    # the columns, the rules as applied). The engine, batch sizes and on_bad_row may change: they do not
+    # change the rows already committed.
+    resume_key = {**s.scoring(), "model_checksum": md.checksum, "max_seq_length": md.max_seq_length,
+                  "mode": scorer.mode, "top_k": scorer.top_k, "numerics": scorer.numerics, "columns": lay.names,
+                  "text_index": lay.text, "id_index": lay.id, "header": reader.header,
+                  "applied_flag_rules": [str(r) for r in flag_rules]}
     writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
-                          flag=bool(flag_rules), metadata={
-                              "model": str(md.path), "model_checksum": md.checksum, "mode": scorer.mode,
-                              "engine": scorer.engine.name, "numerics": scorer.numerics, "input": input_path,
-                              "flag_rules": [str(r) for r in flag_rules],
-                              **({"baseline": baseline} if baseline else {})},
-                          identity=reader.identity(), settings=settings, resume=resume)
+                          flag=bool(flag_rules),
+                          metadata=output_metadata(s, scorer, input=input_path, flag_rules=flag_rules),
+                          identity=reader.identity(), settings=resume_key, resume=s.resume)
     summary.sentences_output = str(writer.sentences_path)
     skip_rows = writer.rows_done
     summary.resumed_rows = skip_rows
@@ -234,7 +246,7 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
         except BaseException as exc:  # hand any failure to the consumer, which re-raises it
             _put(q, stop, exc)
 
-    mode = "off" if progress is False else Progress.auto_mode(progress)
+    mode = "off" if s.progress is False else Progress.auto_mode(s.progress)
     bar = Progress(_progress_total(reader, input_path, limit) if mode != "off" else None, mode=mode,
                    initial=skip_rows)
     # Stage 2: the engine, on its own thread, so building columns and writing (below) overlap inference.
@@ -319,24 +331,6 @@ def _run(reader: TsvReader, scorer: Scorer, out, *, input_path: str, on_bad_row:
     return summary
 
 
-def _check_options(*, on_bad_row: str, chunk_rows: int, dedupe_cache: int, limit: int | None,
-                   max_row_chars: int = MAX_ROW_CHARS, max_batch_size: int | None = None,
-                   batch_tokens: int | None = None) -> None:
-    """Refuse (UsageError) an option out of its range: ``score_file``'s and ``score_frame``'s."""
-    if on_bad_row not in ON_BAD_ROW:
-        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    for name, v in (("chunk_rows", chunk_rows), ("max_row_chars", max_row_chars), ("max_batch_size", max_batch_size),
-                    ("batch_tokens", batch_tokens)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if chunk_rows < 1:
-        raise UsageError("chunk_rows must be positive")
-    if dedupe_cache < 0:
-        raise UsageError("dedupe_cache must be >= 0")
-    if limit is not None and limit < 0:
-        raise UsageError("limit must be >= 0")
-
-
 def _flag_rules(flag_rules: list[FlagRule] | None, baseline, scorer: Scorer,
                 notes: list[str] | None = None) -> list[FlagRule]:
     """The rules to apply: percentile thresholds are taken from ``baseline`` when one is given (else from the
@@ -400,23 +394,28 @@ def _close_scorer(scorer: Scorer) -> None:
         scorer.store.close()
 
 
-def open_scorer(*, model: str | os.PathLike = DEFAULT_MODEL, model_version: int | None = None,
-                engine: str = "auto", engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
-                top_k: int = 0, batch_tokens: int | None = None, max_batch_size: int | None = None,
-                cache_dir: str | os.PathLike | None = None, dedupe_cache: int = 20_000,
-                score_cache: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Scorer:
+def open_scorer(settings: ScoreSettings | None = None, /, *, log: Callable[[str], None] | None = None,
+                **options: Any) -> Scorer:
     """The model (exported first if it is a checkpoint), its tokenizer, and the engine, opened on first use
-    (``engines.base.LazyEngine``): a run the score cache answers whole never imports the engine's runtime."""
-    if engine not in engine_names():
-        raise UnknownEngineError(f"unknown engine {engine!r}; known engines: {', '.join(engine_names())}")
-    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
-                       precision=(engine_options or {}).get("precision"), top_k=top_k)
-    engine, opts = choose_engine(engine, md, engine_options)  # "auto": the engine that will run
+    (``engines.base.LazyEngine``): a run the score cache answers whole never imports the engine's runtime.
+    With a server and no protocol or engine named, the server is asked which protocol it speaks (logged)."""
+    s = settings_from(settings, options, door="open_scorer")
+    opts = s.engine_call_options()
+    engine = resolve_engine(s.engine, s.server, s.protocol)
+    if s.server and engine == "auto":  # TF Serving or KServe v2: what the server answers (detect_protocol)
+        from .engines.kserve_base import server_engine
+
+        engine = server_engine(s.server, "auto", opts, log_fn=log)
+    md = resolve_model(s.model, version=s.model_version, cache_dir=s.cache_dir, log=log, engine=engine,
+                       precision=opts.get("precision"), top_k=s.top_k)
+    engine, opts = choose_engine(engine, md, opts)  # "auto": the engine that will run
+    top_k = s.top_k
     eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts),
                      numerics=numerics(engine, opts, md))
     try:
-        return Scorer(md, eng, mode=mode, top_k=top_k, cache_size=dedupe_cache, store_dir=score_cache,
-                      policy=lambda e: BatchPolicy.for_engine(e, batch_tokens, max_batch_size), server=server_of(opts))
+        return Scorer(md, eng, mode=s.mode, top_k=top_k, cache_size=s.dedupe_cache, store_dir=s.score_cache,
+                      policy=lambda e: BatchPolicy.for_engine(e, s.batch_tokens, s.max_batch_size),
+                      server=server_of(opts))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

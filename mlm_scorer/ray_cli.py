@@ -11,6 +11,9 @@ Each actor reads, scores and writes its own batches, so memory does not grow wit
 the actors start (loading the model can take minutes), a line every 10 s says what they are doing.
 Ray's own log lines stay off stderr unless -v.
 
+The scoring flags are mlm-score's (the same settings, the same defaults); --resume, --limit, --chunk-rows
+and --cache do not apply here and are refused, with the reason.
+
 Writes out/words/ and out/sentences/ (Parquet datasets: a "file" column, then the single-machine
 schemas), out/summary.json and out/_mlm_score_ray.json (the run's identity). An existing out/ is
 replaced only if mlm-score ray wrote it and it holds nothing else; one run at a time per output (a
@@ -29,7 +32,6 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     from .logs import add_output_flags
-    from .reader import MAX_ROW_CHARS
 
     doc = __doc__.replace("``", "")  # the docstring's reST literals, as plain text for --help
     ap = argparse.ArgumentParser(prog="mlm-score ray", description=doc.split("\n\n")[0],
@@ -40,32 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                     help="output directory (words/, sentences/, summary.json); replaced as a whole at the end, "
                          "if mlm-score ray wrote it")
-    m = ap.add_argument_group("model and engine")
-    m.add_argument("--model", default=None, help="export directory (mlm-export) or checkpoint (default "
-                                                 "bert-base-uncased); every node must see the path")
-    m.add_argument("--model-version", type=int, default=None)
-    m.add_argument("--engine", default="saved_model", help="saved_model (default), onnx, torch, ...")
-    m.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine option (repeatable), e.g. intra_op_threads=4")
-    m.add_argument("--cache-dir", help="where checkpoints are exported to")
-    s = ap.add_argument_group("scoring")
-    s.add_argument("--mode", default="whole-word", choices=["whole-word", "word-l2r", "token"])
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per batch (default: the engine's preference, else 8192)")
-    s.add_argument("--max-batch-size", type=int, default=None)
-    i = ap.add_argument_group("input")
-    i.add_argument("--text-column")
-    i.add_argument("--id-column")
-    i.add_argument("--no-header", action="store_true", help="TSV inputs have no header line")
-    i.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail")
-    i.add_argument("--max-row-chars", type=int, default=MAX_ROW_CHARS, metavar="N",
-                   help=f"longer rows are bad rows (row_too_long), as mlm-score (default {MAX_ROW_CHARS})")
-    q = ap.add_argument_group("data quality")
-    q.add_argument("--flag-below", action="append", default=[], metavar="METRIC=VALUE")
-    q.add_argument("--flag-above", action="append", default=[], metavar="METRIC=VALUE",
-                   help="as mlm-score: a number or a percentile pNN of the run (of --baseline when given)")
-    q.add_argument("--baseline", metavar="RESULT", help="take pNN thresholds from this earlier result")
+    from .cli import add_score_arguments
+
+    add_score_arguments(ap)  # the settings, as mlm-score's (those that do not apply here are refused, with why)
     r = ap.add_argument_group("ray")
     r.add_argument("--num-actors", type=int, default=None,
                    help="actors in the pool, each holding one model (default: from the cluster, see above)")
@@ -107,44 +86,33 @@ def check_summary_target(path: str | os.PathLike, inputs: list[str], output: str
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from .cli import flag_rules, internal_error, parse_engine_options, sigterm_as_interrupt
+    from .cli import internal_error, read_settings, sigterm_as_interrupt
 
-    opts = parse_engine_options(args.engine_option, ap)
-    for flag in ("num_actors", "batch_rows", "batch_tokens"):
+    for flag in ("num_actors", "batch_rows"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be positive")
-    if args.top_k < 0:
-        ap.error("--top-k must be >= 0")
-    if args.max_row_chars < 1:
-        ap.error("--max-row-chars must be positive")
 
     from .errors import Interrupted, MlmScorerError
     from .logs import configure_cli, log
-    from .models import DEFAULT_MODEL
 
     configure_cli("mlm-score ray", quiet=args.quiet, verbose=args.verbose)
     init = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     try:
+        settings = read_settings(args, ap)
         if args.summary_json:  # before the run: a file it may not write is refused now, not after hours
-            check_summary_target(args.summary_json, args.inputs, args.output, args.baseline)
+            check_summary_target(args.summary_json, args.inputs, args.output, settings.baseline)
         with sigterm_as_interrupt():  # Airflow, Kubernetes, `timeout`: stop as Ctrl-C does
             from .ray_data import score_dataset
 
-            rules = flag_rules(args)
             summary = score_dataset(
-                args.inputs, args.output, model=args.model or DEFAULT_MODEL, model_version=args.model_version,
-                engine=args.engine, engine_options=opts, mode=args.mode, text_column=args.text_column,
-                id_column=args.id_column, header=not args.no_header, on_bad_row=args.on_bad_row, top_k=args.top_k,
-                flag_rules=rules, num_actors=args.num_actors, num_cpus_per_actor=args.cpus_per_actor,
-                num_gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows, batch_tokens=args.batch_tokens,
-                max_batch_size=args.max_batch_size, cache_dir=args.cache_dir, ray_address=args.address,
-                ray_init_options=init, progress=args.progress, baseline=args.baseline,
-                max_row_chars=args.max_row_chars, log=log.info)
+                args.inputs, args.output, settings, num_actors=args.num_actors,
+                num_cpus_per_actor=args.cpus_per_actor, num_gpus_per_actor=args.gpus_per_actor,
+                batch_rows=args.batch_rows, ray_address=args.address, ray_init_options=init, log=log.info)
     except ImportError as exc:
         log.error(f"{exc.name or exc} is not installed: pip install 'mlm-scorer[ray]'")
         return 2
     except MlmScorerError as exc:
-        log.error(str(exc))
+        log.error(getattr(exc, "cli", None) or str(exc))  # a SettingError in the flags' terms
         return exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt)
         what = "terminated (SIGTERM)" if isinstance(exc, Interrupted) else "interrupted"

@@ -66,7 +66,6 @@ from .errors import InputError, MlmScorerError, UsageError
 from .fsutil import (OwnedDir, atomic_write_bytes, create_exclusive, default_file_mode, identity, lstat_or_none,
                      replace_file, safe_unlink, temp_owner, temp_path)
 from .logs import filtered_stderr, is_ray_chatter, log, verbose
-from .models import DEFAULT_MODEL
 from .progress import peak_rss_bytes
 from .quality import FlagRule
 from .reader import (MAX_ROW_CHARS, OUTPUT_COLUMNS, Layout, Row, TsvReader, is_parquet, open_reader, parquet_rows,
@@ -418,46 +417,49 @@ def _read_split(spec: dict, lay: Layout, *, text_column, id_column, header: bool
 class _ScoreActor:
     """One model per actor, loaded in ``__init__``; ``__call__`` reads, scores and writes its splits."""
 
-    def __init__(self, *, model: str, engine: str, engine_options: dict, mode: str, top_k: int, batch_tokens,
-                 max_batch_size, layout: Layout, text_column, id_column, header: bool, on_bad_row: str,
-                 flag_rules: list[FlagRule], out_dir: str, status_dir: str, meta: dict, threads: int | None,
-                 log_level: int, max_row_chars: int = MAX_ROW_CHARS):
+    def __init__(self, *, settings: dict, layout: Layout, flag_rules: list[FlagRule], out_dir: str,
+                 status_dir: str, meta: dict, threads: int | None, log_level: int):
+        """``settings``: ``ScoreSettings.to_dict()`` as the driver resolved it (the model's version directory,
+        the engine that runs and its options); ``flag_rules``: the rules with a baseline's thresholds taken."""
         if threads:  # the engine plans its threads for this actor's share of the node
             os.environ["MLM_SCORER_CPUS"] = str(threads)
         log.setLevel(log_level)  # quiet or verbose as the driver (TensorFlow's start-up lines follow it)
         import ray
 
-        self.layout, self.on_bad_row, self.flag_rules = layout, on_bad_row, flag_rules
-        self.read_kw = {"text_column": text_column, "id_column": id_column, "header": header,
-                        "max_row_chars": max_row_chars}
+        from .settings import ScoreSettings
+
+        s = ScoreSettings.from_dict(settings)
+        self.layout, self.on_bad_row, self.flag_rules = layout, s.on_bad_row, flag_rules
+        self.read_kw = {"text_column": s.text_column, "id_column": s.id_column, "header": s.header,
+                        "max_row_chars": s.max_row_chars}
         self.out = Path(out_dir)
-        self.schemas = _out_schemas(layout, top_k, bool(flag_rules), meta)
+        self.schemas = _out_schemas(layout, s.top_k, bool(flag_rules), meta)
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.status = Path(status_dir) / f"{os.uname().nodename}-{os.getpid()}.json"
-        _set_status(self.status, f"loading the model with engine {engine}")
+        _set_status(self.status, f"loading the model with engine {s.engine}")
         # An error here (a model a node cannot see, an engine option, a missing package) is raised by the
         # first call instead: Ray would otherwise restart the actor over and over, and the run would end
         # in a bare ActorDiedError rather than our message.
         self.error: MlmScorerError | None = None
         try:
-            self._open(model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size)
+            self._open(s)
         except MlmScorerError as exc:
             self.error = exc
         _set_status(self.status, "failed" if self.error else "ready")
 
-    def _open(self, model, engine, engine_options, mode, top_k, batch_tokens, max_batch_size) -> None:
+    def _open(self, s) -> None:
         from .batching import BatchPolicy
         from .engines.base import get_engine
         from .model_dir import ModelDir
         from .scorer import Scorer
 
-        md = ModelDir.open(model)
-        eng = get_engine(engine, model=md, top_k=top_k > 0, **engine_options)
-        policy = BatchPolicy.for_engine(eng, batch_tokens, max_batch_size)
-        self.scorer = Scorer(md, eng, mode=mode, top_k=top_k, policy=policy)
+        md = ModelDir.open(s.model)
+        eng = get_engine(s.engine, model=md, top_k=s.top_k > 0, **s.engine_call_options())
+        policy = BatchPolicy.for_engine(eng, s.batch_tokens, s.max_batch_size)
+        self.scorer = Scorer(md, eng, mode=s.mode, top_k=s.top_k, policy=policy, cache_size=s.dedupe_cache)
         self.vocab = ([self.scorer.tokenizer.id_to_token(i) for i in range(self.scorer.tokenizer.vocab_size)]
-                      if top_k else None)
+                      if s.top_k else None)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         if self.error is not None:
@@ -901,27 +903,32 @@ class _Reaper:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, model: str | os.PathLike = DEFAULT_MODEL,
-                  model_version: int | None = None, engine: str = "saved_model",
-                  engine_options: dict[str, Any] | None = None, mode: str = "whole-word",
-                  text_column: str | int | None = None, id_column: str | int | None = None, header: bool = True,
-                  on_bad_row: str = "fail", top_k: int = 0, flag_rules: list[FlagRule] | None = None,
+#: Settings that do not apply to the Ray runner: {setting: why}.
+NOT_HERE = {
+    "resume": "its output directory is published whole at the end, and no committed parts are kept to resume "
+              "from; run it again",
+    "limit": "it plans its splits over whole files; score a shorter file, or use mlm-score",
+    "chunk_rows": "an actor reads batch_rows rows at a time (--batch-rows)",
+    "score_cache": "the score cache is a SQLite database on one machine, and the actors may run on several",
+}
+
+
+def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settings=None, /, *,
                   num_actors: int | None = None, num_cpus_per_actor: float | None = None,
                   num_gpus_per_actor: float = 0, batch_rows: int = 512, batches_per_split: int | None = None,
-                  batch_tokens: int | None = None, max_batch_size: int | None = None,
-                  cache_dir: str | os.PathLike | None = None, ray_address: str | None = None,
-                  ray_init_options: dict[str, Any] | None = None, overwrite: bool = True,
-                  wait_for_actors_s: float = 600, progress: bool | None = None,
-                  baseline: str | os.PathLike | None = None, max_row_chars: int = MAX_ROW_CHARS,
-                  log: Callable[[str], None] | None = None) -> dict:
+                  ray_address: str | None = None, ray_init_options: dict[str, Any] | None = None,
+                  overwrite: bool = True, wait_for_actors_s: float = 600,
+                  log: Callable[[str], None] | None = None, **options: Any) -> dict:
     """Score TSV and/or Parquet files with a Ray actor pool; write ``output_dir/{words,sentences}``.
 
-    The pool comes from the cluster's resources unless given (``plan_actors``): ``num_actors`` actors,
-    each loading the model once and reserving ``num_cpus_per_actor`` CPUs and ``num_gpus_per_actor`` GPUs;
-    the actors that fit must start within ``wait_for_actors_s``. An actor scores ``batch_rows`` rows at a
-    time and writes them as one part file per output. Connects to Ray at ``ray_address`` (or starts a
-    local Ray, quiet unless debug logging is on) unless Ray is already initialized. ``progress``: None
-    (a bar on a terminal, log lines elsewhere), True or False.
+    ``settings`` and keyword ``options`` are ``score_file``'s (a ``ScoreSettings``, or the same by name);
+    those that cannot apply here (``NOT_HERE``: resume, limit, chunk_rows, score_cache) are refused with
+    the reason. The pool comes from the cluster's resources unless given (``plan_actors``): ``num_actors``
+    actors, each loading the model once and reserving ``num_cpus_per_actor`` CPUs and ``num_gpus_per_actor``
+    GPUs; the actors that fit must start within ``wait_for_actors_s``. An actor scores ``batch_rows`` rows
+    at a time and writes them as one part file per output. Connects to Ray at ``ray_address`` (or starts a
+    local Ray, quiet unless debug logging is on) unless Ray is already initialized. The ``progress``
+    setting: None (a bar on a terminal, log lines elsewhere), True or False (the default).
 
     Raises InputError (with file:line) for a bad row under ``on_bad_row="fail"``, UsageError for bad
     arguments; on any error ``output_dir`` is left as it was. Returns the summary dict also written to
@@ -929,14 +936,15 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     ``baseline`` when given, else from this run: a second pass over the written sentence files before
     the output is published.
     """
-    from .pipeline import ON_BAD_ROW
+    from .engines.base import choose_engine, numerics, resolve_engine
+    from .settings import refuse, settings_from
 
     t0 = time.perf_counter()
+    s = settings_from(settings, options, door="score_dataset")
+    refuse(s, NOT_HERE, "the ray runner")
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
     if not inputs:
         raise UsageError("no input files given")
-    if on_bad_row not in ON_BAD_ROW:
-        raise UsageError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     for name, v in (("num_actors", num_actors), ("batch_rows", batch_rows), ("batches_per_split", batches_per_split)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be positive, got {v}")
@@ -951,33 +959,43 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
     check_inputs_kept(inputs, out)
     if not out.parent.is_dir():
         raise UsageError(f"the parent of the output directory, {str(out.parent)!r}, does not exist")
-    flag_rules = list(flag_rules or [])
-    lay = _check_layouts(inputs, [_layout(p, text_column, id_column, header) for p in inputs])
+    flag_rules = s.rules
+    lay = _check_layouts(inputs, [_layout(p, s.text_column, s.id_column, s.header) for p in inputs])
 
-    # the model is resolved once here (exported into the cache if it is a checkpoint) so the actors only open it
+    # the engine and the model are resolved once here (a server asked what it speaks, a checkpoint exported
+    # into the cache) so the actors only open them
     from .models import resolve_model
 
-    if top_k < 0:
-        raise UsageError(f"top_k must be >= 0, got {top_k}")
-    md = resolve_model(model, version=model_version, cache_dir=cache_dir, log=log, engine=engine,
-                       precision=(engine_options or {}).get("precision"), top_k=top_k)
-    if baseline is not None and any(r.relative for r in flag_rules):
+    opts = s.engine_call_options()
+    engine = resolve_engine(s.engine, s.server, s.protocol)
+    if s.server and engine == "auto":
+        from .engines.kserve_base import server_engine
+
+        engine = server_engine(s.server, "auto", opts, log_fn=log)
+    md = resolve_model(s.model, version=s.model_version, cache_dir=s.cache_dir, log=log, engine=engine,
+                       precision=opts.get("precision"), top_k=s.top_k)
+    engine, opts = choose_engine(engine, md, opts)
+    opts.pop("server", None)
+    resolved = s.replace(model=str(md.path), engine=engine, engine_options=opts, protocol=None)
+    if s.baseline is not None and any(r.relative for r in flag_rules):
         from .quality import baseline_rules
 
-        flag_rules = baseline_rules(flag_rules, baseline, model_checksum=md.checksum, mode=mode)
+        flag_rules = baseline_rules(flag_rules, s.baseline, model_checksum=md.checksum, mode=s.mode)
     run_id = uuid.uuid4().hex
-    meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": mode, "engine": engine,
+    meta = {"model": str(md.path), "model_checksum": md.checksum, "mode": s.mode, "engine": engine,
+            "numerics": numerics(engine, opts, md),
             "input": inputs[0] if len(inputs) == 1 else ", ".join(inputs), "inputs": inputs,
             "flag_rules": [str(r) for r in flag_rules], "runner": "ray", "run_id": run_id,
-            **({"baseline": str(baseline)} if baseline else {})}
+            **({"baseline": s.baseline} if s.baseline else {}), "settings": s.scoring()}
     summary: dict[str, Any] = {
         "inputs": inputs, "output": str(out), "words_output": str(out / "words"),
-        "sentences_output": str(out / "sentences"), "engine": engine, "mode": mode, "model": str(md.path),
+        "sentences_output": str(out / "sentences"), "engine": engine, "mode": s.mode, "model": str(md.path),
         "model_checksum": md.checksum, "rows": 0, "scored": 0, "skipped": 0, "flagged": 0, "words": 0,
         "copies": 0, "mean_pll": None, "skipped_rows": [], "runner": "ray", "run_id": run_id,
         "flag_rules": meta["flag_rules"], "actors": 0, "nodes": 0, "num_actors": 0, "cpus_per_actor": None,
         "gpus_per_actor": num_gpus_per_actor, "threads_per_actor": None, "batch_rows": batch_rows,
-        "max_actor_rss_bytes": 0}
+        "max_actor_rss_bytes": 0, "settings": s.scoring()}
+    header, top_k = s.header, s.top_k
 
     with _Workspace(out, run_id) as ws:  # the output's lock, and what a killed run left removed
         if ws.debris and log:
@@ -989,14 +1007,11 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
             _run_ray(
                 scan, total, summary, inputs=inputs, header=header, batch_rows=batch_rows,
                 batches_per_split=batches_per_split, status_dir=ws.actors, actor_kw=dict(
-                    model=str(md.path), engine=engine, engine_options=dict(engine_options or {}), mode=mode,
-                    top_k=top_k, batch_tokens=batch_tokens, max_batch_size=max_batch_size, layout=lay,
-                    text_column=text_column, id_column=id_column, header=header, on_bad_row=on_bad_row,
-                    flag_rules=flag_rules, out_dir=str(tmp), status_dir=str(ws.actors), meta=meta,
-                    max_row_chars=max_row_chars),
+                    settings=resolved.to_dict(), layout=lay, flag_rules=flag_rules, out_dir=str(tmp),
+                    status_dir=str(ws.actors), meta=meta),
                 num_actors=num_actors, num_cpus_per_actor=num_cpus_per_actor,
                 num_gpus_per_actor=num_gpus_per_actor, ray_address=ray_address,
-                ray_init_options=ray_init_options, wait_for_actors_s=wait_for_actors_s, progress=progress)
+                ray_init_options=ray_init_options, wait_for_actors_s=wait_for_actors_s, progress=s.progress)
         schemas = _out_schemas(lay, top_k, bool(flag_rules), meta)
         for sub in ("sentences", "words"):  # no rows: no part file; write an empty one so readers get the schema
             if not any((tmp / sub).glob("part-*.parquet")):
@@ -1016,7 +1031,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, *, mod
         atomic_write_bytes(tmp / "summary.json", (json.dumps(summary, indent=2) + "\n").encode(), what="the summary")
         marker = {"written_by": WRITTEN_BY, "format": 1, "run_id": run_id, "output": str(out.absolute()),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model_checksum": md.checksum,
-                  "inputs": [ident for *_, ident in scan]}
+                  "inputs": [ident for *_, ident in scan], "settings": s.scoring()}
         atomic_write_bytes(tmp / OUTPUT_MARKER, (json.dumps(marker, indent=2) + "\n").encode(), what="the marker")
         ws.publish(overwrite=overwrite)
     return summary

@@ -6,9 +6,10 @@ params (or trigger with a conf).
                                                     "model": "/models/bert", "baseline": "/data/ref.parquet"}'
 
 Tasks:
-  score       TaskFlow @task calling mlm_scorer.airflow.score_task (-> score_file). Writes
+  score       TaskFlow @task calling mlm_scorer.airflow.score_task (-> score_file) with the run's settings
+              (the params, and any other ScoreSettings field through the "settings" param). Writes
               OUTPUT_DIR/lib/<run key>/probs.parquet + probs.sentences.parquet and returns a small summary
-              (paths, counts, mean PLL) as its XCom.
+              (paths, counts, mean PLL, the settings that change the scores) as its XCom.
   check       the quality gate on the scored batch (mlm_scorer.airflow.check_task, i.e. mlm-score check):
               against the baseline result when the "baseline" param is set (an earlier batch you trust,
               scored with the same model and mode), else the result's own flags. Writes check.json next
@@ -81,6 +82,11 @@ with DAG(
         "cache": Param(os.environ.get("MLM_SCORER_CACHE_DIR", ""), type="string",
                        description="persistent score cache directory ('' for none): sentences scored before "
                                    "(by an earlier run, or by the other scoring task) are not scored again"),
+        "settings": Param({}, type="object",
+                          description="any other run settings for the score task (mlm_scorer.ScoreSettings "
+                                      "fields, the CLI's flags), e.g. {\"max_row_chars\": 2000, \"batch_tokens\": "
+                                      "4096, \"chunk_rows\": 512, \"resume\": true}: with resume, a retry "
+                                      "continues after the rows an interrupted try committed"),
     },
 ) as dag:
 
@@ -92,13 +98,14 @@ with DAG(
         ctx = get_current_context()
         p = ctx["params"]
         dag_run = ctx["dag_run"]
+        # the settings: the params above by name, the rest from the "settings" param (a dict of ScoreSettings
+        # fields; the same setting in both, with two values, is refused)
         return score_task(
-            p["input"], os.path.join(p["output_dir"], "lib"), model=p["model"],
+            p["input"], os.path.join(p["output_dir"], "lib"), p["settings"] or None,
             logical_date=getattr(dag_run, "logical_date", None), run_id=ctx["run_id"], dag_id=dag_run.dag_id,
-            mode=p["mode"],
-            id_column=p["id_column"], text_column=p["text_column"], on_bad_row=p["on_bad_row"],
-            flag_below=p["flag_below"], flag_above=p["flag_above"], baseline=p["baseline"] or None,
-            score_cache=p["cache"] or None)
+            model=p["model"], mode=p["mode"], id_column=p["id_column"], text_column=p["text_column"],
+            on_bad_row=p["on_bad_row"], flag_below=p["flag_below"], flag_above=p["flag_above"],
+            baseline=p["baseline"], score_cache=p["cache"])
 
     # The gate. retries=0: a bad batch stays bad (check_task raises AirflowFailException anyway).
     @task(retries=0, multiple_outputs=False)

@@ -2,10 +2,12 @@
 
 Airflow lives in a separate virtualenv (``scripts/airflow_test.sh`` builds ``.venv-airflow`` and runs
 this file); this test, in the main venv, makes the tiny model, then drives Airflow in that venv:
-``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` seven times in one
+``airflow db migrate`` on SQLite in a temporary AIRFLOW_HOME, then ``dag.test()`` eight times in one
 process: a run; another run of the same logical date (refused: it may not overwrite the first run's
 output); a run half a second later (its own key); a run whose output's lock a sibling holds
-(its score task is retried and then succeeds); a run on a bad input; and the quality gate with real
+(its score task is retried and then succeeds); a run on a bad input; a run with the settings
+``max_row_chars``, ``batch_tokens``, ``chunk_rows`` and ``resume=True`` whose first try times out with
+rows committed and whose retry continues after them; and the quality gate with real
 weights (AntiBERTy): a batch of natural antibody domains and one with corrupted domains, each checked
 against a baseline of natural domains (the ``antibody_batches`` fixture; the scoring tasks read the
 engine's results from its score cache, so the model runs once, in the main venv).
@@ -53,10 +55,16 @@ from airflow.models.xcom import XComModel
 from airflow.utils.session import create_session
 
 dag = airflow_dag.dag
+score = dag.task_dict["score"]
+timeout = score.execution_timeout
 for spec in json.loads(sys.argv[2]):
     print(f"@@RUN {spec['name']}", flush=True)
+    # this run's score task may time out sooner (an interrupted try)
+    score.execution_timeout = datetime.timedelta(seconds=spec["timeout_s"]) if spec.get("timeout_s") else timeout
     try:
-        dr = dag.test(logical_date=datetime.datetime.fromisoformat(spec["logical_date"]), run_conf=spec["conf"])
+        more = {"mark_success_pattern": spec["mark_success"]} if spec.get("mark_success") else {}
+        dr = dag.test(logical_date=datetime.datetime.fromisoformat(spec["logical_date"]), run_conf=spec["conf"],
+                      **more)
         tis = {ti.task_id: {"state": str(ti.state), "try_number": ti.try_number} for ti in dr.get_task_instances()}
         with create_session() as s:
             xcoms = {x.task_id: x.value for x in s.query(XComModel).filter(
@@ -122,6 +130,82 @@ while True:
 """
 
 
+# The input of the resume run: a FIFO this process feeds. The first try gets the header and the first
+# two chunks' rows, then nothing more: once both chunks are committed (progress.json lists them) the try
+# waits for rows until its execution_timeout stops it. When it has let go of the output (its lock is free),
+# the FIFO is closed (the try's reader sees the end), and the retry that opens it next gets every row.
+RESUMER = r"""
+import fcntl, json, os, select, sys, time
+fifo, parts, data, first = os.path.realpath(sys.argv[1]), sys.argv[2], open(sys.argv[3], "rb").read(), int(sys.argv[4])
+head = b"".join(data.splitlines(keepends=True)[:1 + first])
+def committed():
+    try:
+        with open(os.path.join(parts, "progress.json"), encoding="utf-8") as f:
+            return sum(p["rows"] for p in json.load(f)["parts"])
+    except (OSError, ValueError, KeyError):
+        return 0
+def lock_free():
+    try:
+        fd = os.open(os.path.join(parts, "lock"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (releases it at once)
+def open_elsewhere():
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == fifo for fd in os.listdir(f"/proc/{pid}/fd")):
+                    return True
+            except OSError:
+                pass
+    return False
+stalled = False
+while True:
+    w = os.open(fifo, os.O_WRONLY)  # blocks until a try opens the input
+    try:
+        if not stalled:
+            os.write(w, head)
+            p = select.poll()
+            p.register(w, select.POLLERR)
+            while committed() < first and not p.poll(50):  # (POLLERR: the reader went away first)
+                pass
+            if committed() >= first:
+                print(f"stalled after {committed()} rows", flush=True)
+                stalled = True
+                deadline = time.monotonic() + 180  # (a try never stopped: end its input, and the test fails)
+                while not lock_free() and time.monotonic() < deadline:  # the try gave up the output: close
+                    time.sleep(0.05)
+                print("closed", flush=True)
+        else:
+            os.write(w, data)
+            print("fed", flush=True)
+    except BrokenPipeError:
+        pass
+    os.close(w)
+    while open_elsewhere():  # one copy per reader
+        time.sleep(0.01)
+"""
+RESUME_DATE = "2024-01-05T00:00:00+00:00"
+RESUME_KEY = "2024-01-05T000000.000000Z"
+RESUME_SETTINGS = {"max_row_chars": 50, "batch_tokens": 64, "chunk_rows": 4, "resume": True}
+
+
+def _resume_rows() -> list[list[str]]:
+    """24 rows, the third longer than max_row_chars (50): a bad row, skipped (1 of 24 is under the gate's
+    5 % skipped rate)."""
+    words = ["cat", "dog", "mat", "home", "sat", "ran", "read", "book", "people", "walked"]
+    rows = [[f"r{i}", f"The {words[i % 10]} {words[(i * 3) % 10]} on the {words[(i * 7) % 10]} {i}."]
+            for i in range(24)]
+    rows[2][1] = "A sentence much longer than fifty characters, so it is a bad row here."
+    return rows
+
+
 def _env(home: Path, dags: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV", "PYTHON"))}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags), AIRFLOW__CORE__LOAD_EXAMPLES="False",
@@ -148,13 +232,20 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
 
     fifo = tmp / "sibling.fifo"
     os.mkfifo(fifo)
-    conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id"}
+    # every run states on_bad_row and settings: dag.test() in one process keeps what a run's conf set in the
+    # DAG's params for the runs after it (the resume run's would reach the gate's)
+    conf = {"output_dir": str(out), "model": str(tiny_export), "id_column": "id", "on_bad_row": "fail",
+            "settings": {}}
     runs = [{"name": "first", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)},
              "snapshot": str(tmp / "first")},
             {"name": "again", "logical_date": LOGICAL_DATE, "conf": {**conf, "input": str(good)}},
             {"name": "half", "logical_date": HALF_DATE, "conf": {**conf, "input": str(good)}},
             {"name": "locked", "logical_date": LOCKED_DATE, "conf": {**conf, "input": str(fifo)}},
-            {"name": "bad", "logical_date": "2024-01-02T00:00:00+00:00", "conf": {**conf, "input": str(bad)}}]
+            {"name": "bad", "logical_date": "2024-01-02T00:00:00+00:00", "conf": {**conf, "input": str(bad)}},
+            # first try: 40 s to commit two chunks (8 rows) and stall; the retry then has every row. The CLI
+            # tasks would read the FIFO too: marked done, not run.
+            {"name": "resume", "logical_date": RESUME_DATE, "timeout_s": 40, "mark_success": "^(score_cli|check_cli)$",
+             "conf": {**conf, "input": str(tmp / "resume.fifo"), "on_bad_row": "skip", "settings": RESUME_SETTINGS}}]
     gate = {}
     try:
         ab = request.getfixturevalue("antibody_batches")
@@ -170,7 +261,8 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
         gate["corrupted"] = write_tsv(tmp / "corrupted.tsv", [rows[k] for k in (
             "nivolumab-VH", "ustekinumab-VH-shuffled", "natalizumab-VH", "alemtuzumab-VL", "ocrelizumab-VL-shuffled",
             "denosumab-VH")])
-        gconf = {"output_dir": str(out / "gate"), "model": str(ab.model), "id_column": "id",
+        gconf = {"output_dir": str(out / "gate"), "model": str(ab.model), "id_column": "id", "on_bad_row": "fail",
+                 "settings": {},
                  "baseline": str(ab.baseline), "cache": str(ab.cache)}
         runs += [{"name": "gate-clean", "logical_date": "2024-02-01T00:00:00+00:00",
                   "conf": {**gconf, "input": str(gate["clean"])}},
@@ -185,12 +277,19 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
     sibling = subprocess.Popen([sys.executable, "-c", SIBLING, str(fifo), str(out / "lib" / LOCKED_KEY),
                                 str(home / "airflow.db"), str(good)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
+    resume_tsv = write_tsv(tmp / "resume.tsv", _resume_rows())
+    os.mkfifo(tmp / "resume.fifo")
+    resumer = subprocess.Popen([sys.executable, "-c", RESUMER, str(tmp / "resume.fifo"),
+                                str(out / "lib" / RESUME_KEY / "probs.parquet.parts"), str(resume_tsv), "8"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         proc = subprocess.run([str(AIRFLOW_PY), "-c", DRIVER, str(dags), json.dumps(runs)], env=env, cwd=tmp,
                               capture_output=True, text=True, timeout=1200)
     finally:
         sibling.kill()
         sibling_log = sibling.communicate()[0]
+        resumer.kill()
+        resumer_log = resumer.communicate()[0]
     log = proc.stdout + proc.stderr
     results = {}
     for line in proc.stdout.splitlines():
@@ -206,7 +305,8 @@ def airflow_runs(tiny_export, tmp_path_factory, request):
         name, _, body = chunk.partition("\n")
         parts[name] = body
     return results, {"out": out, "good": good, "bad": bad, "stale": stale, "first": tmp / "first",
-                     "sibling_log": sibling_log, **gate}, parts, proc.stderr
+                     "sibling_log": sibling_log, "resume_tsv": resume_tsv, "resumer_log": resumer_log,
+                     "model": tiny_export, **gate}, parts, proc.stderr
 
 
 def test_dag_scores_and_passes_a_small_summary(airflow_runs):
@@ -293,6 +393,47 @@ def test_a_sibling_holding_the_output_lock_is_waited_for_by_retrying(airflow_run
     assert "OutputLocked: another mlm-score run is writing" in log, log[-4000:]
     s = r["xcoms"]["score"]
     assert s["output"] == str(paths["out"] / "lib" / LOCKED_KEY / "probs.parquet") and s["scored"] == 3
+
+
+def test_settings_reach_the_task_and_a_retry_resumes_after_the_committed_rows(airflow_runs):
+    """The score task with max_row_chars, batch_tokens, chunk_rows and resume=True (the DAG's "settings"
+    param): its first try commits two chunks (8 rows), then times out waiting for input (execution_timeout:
+    AirflowTaskTimeout, retried); the retry continues after the 8 committed rows instead of scoring them
+    again. The output is the same, row by row and bit for bit, as one uninterrupted run with the same
+    settings; the row longer than max_row_chars is skipped as row_too_long."""
+    from helpers import read_outputs
+
+    from mlm_scorer import score_file
+    from mlm_scorer.settings import ScoreSettings
+
+    results, paths, logs, stderr = airflow_runs
+    r = results["resume"]
+    log = logs["resume"] + stderr
+    assert r["state"] == "success", (r, paths["resumer_log"], log[-6000:])
+    assert paths["resumer_log"].splitlines()[:3] == ["stalled after 8 rows", "closed", "fed"], paths["resumer_log"]
+    assert r["tis"]["score"] == {"state": "success", "try_number": 2}
+    assert r["tis"]["check"]["state"] == r["tis"]["publish"]["state"] == "success"
+    assert "AirflowTaskTimeout" in log, log[-4000:]
+    assert "8 rows are committed in" in log and "rerun with --resume" in log  # what the first try said it kept
+    s = r["xcoms"]["score"]
+    assert (s["resumed_rows"], s["rows"], s["scored"], s["skipped"]) == (8, 24, 23, 1)
+    assert s["skipped_rows"][0]["reason"] == "row_too_long" and s["skipped_rows"][0]["line"] == 4
+    assert s["batch_tokens"] == 64
+    assert {k: s["settings"][k] for k in ("max_row_chars", "id_column")} == {"max_row_chars": 50, "id_column": "id"}
+    out = paths["out"] / "lib" / RESUME_KEY / "probs.parquet"
+    assert s["output"] == str(out) and not Path(str(out) + ".parts").exists()
+    # one run, never interrupted, with the same settings: the same rows and numbers
+    ref = out.parent.parent.parent / "resume-ref.parquet"
+    settings = ScoreSettings(model=str(paths["model"]), id_column="id", on_bad_row="skip",
+                             **{k: v for k, v in RESUME_SETTINGS.items() if k != "resume"})
+    score_file(paths["resume_tsv"], ref, settings)
+    words, sents = read_outputs(out)
+    ref_words, ref_sents = read_outputs(ref)
+    fifo = str(paths["resume_tsv"].parent / "resume.fifo")
+    for x in sents:  # the skipped row's message names the input it was read from
+        x["error"] = x["error"] and x["error"].replace(fifo, str(paths["resume_tsv"]))
+    assert [x["id"] for x in sents] == [f"r{i}" for i in range(24)]  # none lost, none twice
+    assert sents == ref_sents and words == ref_words
 
 
 def test_bad_input_fails_the_task_with_file_and_line(airflow_runs):

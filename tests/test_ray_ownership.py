@@ -272,7 +272,7 @@ def test_summary_json_is_checked_before_the_run_and_never_replaces_what_the_run_
     _ray_output(base, ROWS[:3])
     calls = []
 
-    def fake_run(inputs, output_dir, **kw):
+    def fake_run(inputs, output_dir, settings=None, **kw):
         calls.append(output_dir)
         return {"scored": 3, "rows": 3, "words": 9, "copies": 9, "actors": 1, "nodes": 1, "seconds": 0.1,
                 "skipped": 0, "flagged": 0, "words_output": "w", "sentences_output": "s"}
@@ -304,9 +304,9 @@ def test_summary_json_is_checked_before_the_run_and_never_replaces_what_the_run_
 
     summary = tmp_path / "s.json"
 
-    def run_then_plant(inputs, output_dir, **kw):
+    def run_then_plant(inputs, output_dir, settings=None, **kw):
         summary.symlink_to(victim)  # appears while the run scores
-        return fake_run(inputs, output_dir, **kw)
+        return fake_run(inputs, output_dir, settings, **kw)
 
     monkeypatch.setattr(rd, "score_dataset", run_then_plant)
     code = main([str(a), "-o", str(out), "--model", str(fake_export), "--engine", "fake", "--summary-json",

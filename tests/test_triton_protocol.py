@@ -395,11 +395,13 @@ def test_protocol_flag_usage_errors(argv, message, capsys, tmp_path):
     (["--server", "http://h:8501", "--engine", "rest", "--protocol", "auto"], "rest"),
 ])
 def test_protocol_flag_picks_the_engine(argv, engine, tmp_path):
-    from mlm_scorer.cli import _engine_options, build_parser
+    from mlm_scorer.cli import build_parser
+    from mlm_scorer.engines.base import resolve_engine
+    from mlm_scorer.settings import ScoreSettings
 
     ap = build_parser()
-    args = ap.parse_args([str(tmp_path / "in.tsv"), "-o", str(tmp_path / "o.parquet"), *argv])
-    assert _engine_options(args, ap)[0] == engine
+    s = ScoreSettings.from_cli_args(ap.parse_args([str(tmp_path / "in.tsv"), "-o", str(tmp_path / "o.parquet"), *argv]))
+    assert resolve_engine(s.engine, s.server, s.protocol) == engine
 
 
 # ------------------------------------------------------------------------------------------ detection

@@ -640,6 +640,8 @@ class RemoteEngine(Engine):
     """
 
     SCHEMES: dict[str, int] = {}
+    #: The options it takes (``engines.base.check_engine_options``): ``OPTION_SPEC``'s.
+    OPTIONS = OPTION_SPEC
     #: Whether the server's batching may widen the slot dimension of an answer (TF Serving's
     #: ``pad_variable_length_inputs``): then up to ``max_seq_length`` slots are accepted, else exactly P.
     PADDED_SLOTS = True

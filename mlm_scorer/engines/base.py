@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from ..errors import EngineError, MissingDependencyError, ModelError, UnknownEngineError, UsageError
+from ..errors import EngineError, MissingDependencyError, ModelError, SettingError, UnknownEngineError, UsageError
 
 T = TypeVar("T")
 
@@ -377,37 +377,152 @@ def ordered_map(fn: Callable[[Any], T], items: Iterable[Any], *, concurrency: in
                     pass
 
 
-# name -> "module:Class" (imported lazily: heavy dependencies load only when the engine is chosen),
-# plus the extra that provides its dependencies.
+# The engine registry: every name ``--engine`` takes, in-process engines and the clients of model servers
+# alike. Entries are imported lazily (heavy dependencies load only when the engine is chosen).
 #
 # Constructor contract: ``EngineClass(model: ModelDir, *, top_k: bool = False, **options)`` where options
-# are the engine's own settings (server, timeout, engine_file, precision, ...); an engine raises
-# UsageError for an option it does not take. "auto" is a function with that contract that returns the
-# engine ``choose_engine`` picks.
-_ENGINES: dict[str, tuple[str, str]] = {
-    "auto": ("mlm_scorer.engines.base:auto_engine", ""),
-    "saved_model": ("mlm_scorer.engines.tf_saved_model:SavedModelEngine", "tf"),
-    "fake": ("mlm_scorer.engines.fake:FakeEngine", ""),
-    "rest": ("mlm_scorer.engines.tf_serving_rest:RestEngine", "serving"),
-    "grpc": ("mlm_scorer.engines.tf_serving_grpc:GrpcEngine", "grpc"),
-    "onnx": ("mlm_scorer.engines.ort:OnnxEngine", "onnx"),
-    "tensorrt": ("mlm_scorer.engines.trt:TensorRTEngine", "tensorrt"),
-    "torch": ("mlm_scorer.engines.torch_engine:TorchEngine", "torch"),
-    "kserve_http": ("mlm_scorer.engines.kserve_http:KServeHttpEngine", "serving"),
-    "kserve_grpc": ("mlm_scorer.engines.kserve_grpc:KServeGrpcEngine", "kserve"),
+# are the engine's own settings (server, timeout, engine_file, precision, ...), declared by the engine as
+# ``OPTIONS`` ({name: what it sets}); an engine raises UsageError for an option it does not take. "auto" is
+# a function with that contract that returns the engine ``choose_engine`` picks.
+@dataclass(frozen=True)
+class EngineEntry:
+    """Where an engine lives and what it is.
+
+    ``target``: "package.module:Class"; ``extra``: the pip extra that provides its dependencies;
+    ``protocol``: for a server's client, the API it speaks ("tfserving" or "kserve"), None in-process;
+    ``transport``: for a server's client, "http" or "grpc"; ``options``: "package.module:NAME" of its
+    ``OPTIONS`` declaration where importing the class's module is heavy (TensorFlow's protos, grpc), so
+    options are checked before anything heavy loads (None: the class's ``OPTIONS``).
+    """
+
+    target: str
+    extra: str = ""
+    protocol: str | None = None
+    transport: str | None = None
+    options: str | None = None
+
+
+_REMOTE_OPTIONS = "mlm_scorer.engines._remote:OPTION_SPEC"
+_KSERVE_OPTIONS = "mlm_scorer.engines.kserve_base:KSERVE_OPTIONS"
+_ENGINES: dict[str, EngineEntry] = {
+    "auto": EngineEntry("mlm_scorer.engines.base:auto_engine"),
+    "saved_model": EngineEntry("mlm_scorer.engines.tf_saved_model:SavedModelEngine", "tf"),
+    "fake": EngineEntry("mlm_scorer.engines.fake:FakeEngine"),
+    "rest": EngineEntry("mlm_scorer.engines.tf_serving_rest:RestEngine", "serving", "tfserving", "http", _REMOTE_OPTIONS),
+    "grpc": EngineEntry("mlm_scorer.engines.tf_serving_grpc:GrpcEngine", "grpc", "tfserving", "grpc", _REMOTE_OPTIONS),
+    "onnx": EngineEntry("mlm_scorer.engines.ort:OnnxEngine", "onnx"),
+    "tensorrt": EngineEntry("mlm_scorer.engines.trt:TensorRTEngine", "tensorrt"),
+    "torch": EngineEntry("mlm_scorer.engines.torch_engine:TorchEngine", "torch"),
+    "kserve_http": EngineEntry("mlm_scorer.engines.kserve_http:KServeHttpEngine", "serving", "kserve", "http",
+                               _KSERVE_OPTIONS),
+    "kserve_grpc": EngineEntry("mlm_scorer.engines.kserve_grpc:KServeGrpcEngine", "kserve", "kserve", "grpc",
+                               _KSERVE_OPTIONS),
 }
 
 #: The default engine: ``choose_engine`` decides what runs.
 DEFAULT_ENGINE = "auto"
+#: A server URL's scheme -> its transport.
+SERVER_SCHEMES = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
 
 
-def register_engine(name: str, target: str, extra: str = "") -> None:
-    """Register an engine class by dotted path ``"package.module:Class"``."""
-    _ENGINES[name] = (target, extra)
+def register_engine(name: str, target: str, extra: str = "", *, protocol: str | None = None,
+                    transport: str | None = None, options: str | None = None) -> None:
+    """Register an engine class by dotted path ``"package.module:Class"`` (see ``EngineEntry``)."""
+    _ENGINES[name] = EngineEntry(target, extra, protocol, transport, options)
 
 
 def engine_names() -> list[str]:
     return sorted(_ENGINES)
+
+
+def _unknown(name: str) -> UnknownEngineError:
+    return UnknownEngineError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+
+
+def engine_options_of(name: str) -> dict[str, str] | None:
+    """The options engine ``name`` declares ({option: what it sets}), read without loading its runtime;
+    None for an engine that declares none (a registered one without ``OPTIONS``: not checked here).
+    "auto" takes what any in-process engine takes (its choice gets them)."""
+    if name not in _ENGINES:
+        raise _unknown(name)
+    if name == "auto":
+        union: dict[str, str] = {}
+        for other, e in _ENGINES.items():
+            if e.protocol is None and other not in ("auto", "fake"):
+                union.update(engine_options_of(other) or {})
+        return union
+    entry = _ENGINES[name]
+    try:
+        if entry.options:
+            module_name, attr = entry.options.split(":")
+            declared = getattr(importlib.import_module(module_name), attr)
+        else:
+            declared = getattr(get_engine_class(name), "OPTIONS", None)
+    except MissingDependencyError:
+        return None  # said when the engine is opened
+    return None if declared is None else {k: (v if isinstance(v, str) else "") for k, v in declared.items()}
+
+
+def check_engine_options(name: str, options: dict[str, Any], *, server: str | None = None) -> None:
+    """Refuse (UsageError) options engine ``name`` does not declare, naming them and listing those it takes.
+    "auto" with a ``server``: the options of that server's clients."""
+    if name == "auto" and server:
+        transport = _transport(server)
+        declared: dict[str, str] | None = {}
+        for other, e in _ENGINES.items():
+            if e.transport == transport:
+                declared.update(engine_options_of(other) or {})  # type: ignore[union-attr]
+        what = f"no {transport} server client takes"
+    else:
+        declared = engine_options_of(name)
+        what = "no in-process engine takes" if name == "auto" else f"engine {name!r} does not take"
+    if declared is None:
+        return
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        takes = "they take" if name == "auto" else "it takes"
+        raise UsageError(f"{what} option(s): {', '.join(unknown)}; {takes}: {', '.join(sorted(declared))}")
+
+
+def _transport(server: str) -> str | None:
+    scheme = server.split("://", 1)[0].lower() if "://" in server else ""
+    return SERVER_SCHEMES.get(scheme)
+
+
+def resolve_engine(engine: str, server: str | None = None, protocol: str | None = None) -> str:
+    """The engine that ``--engine``, ``--server`` and ``--protocol`` name, decided without asking anything:
+    an in-process engine, a server's client, or "auto". With a server, "auto" means: ask it which protocol
+    it speaks (``kserve_base.server_engine``, when the run starts). UsageError for a combination that
+    cannot be (a gRPC URL and a REST client, a server's client and no server, ...); UnknownEngineError,
+    listing the known names, for a name the registry does not hold."""
+    if engine not in _ENGINES:
+        raise _unknown(engine)
+    entry = _ENGINES[engine]
+    if not server:
+        if entry.protocol:
+            raise SettingError(f"--engine {engine} needs --server URL", option="engine")
+        if protocol:
+            raise SettingError("--protocol applies to --server", option="protocol")
+        return engine
+    transport = _transport(server)
+    if transport is None:
+        raise SettingError(f"--server must start with http://, https://, grpc:// or grpcs://, got {server!r}",
+                           option="server")
+    implied = "rest" if transport == "http" else "grpc"  # the URL's kind, as the TF Serving client is named
+    if engine != "auto":
+        if entry.transport != transport:
+            raise SettingError(f"--server {server} is a {implied} URL but --engine is {engine}", option="engine")
+        if protocol not in (None, "auto", entry.protocol):
+            raise SettingError(f"--engine {engine} speaks {entry.protocol}, not --protocol {protocol}",
+                               option="protocol")
+        return engine
+    if protocol in (None, "auto"):
+        return "auto"
+    for other, e in _ENGINES.items():
+        if e.transport == transport and e.protocol == protocol:
+            return other
+    raise SettingError(f"no engine speaks --protocol {protocol} over {transport}; known protocols: "
+                       f"{', '.join(sorted({e.protocol for e in _ENGINES.values() if e.protocol}))}", option="protocol")
 
 
 def choose_engine(name: str, model, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
@@ -452,8 +567,8 @@ def auto_engine(model, **kwargs: Any) -> Engine:
 
 def get_engine_class(name: str) -> Callable[..., Engine]:
     if name not in _ENGINES:
-        raise UnknownEngineError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
-    target, extra = _ENGINES[name]
+        raise _unknown(name)
+    target, extra = _ENGINES[name].target, _ENGINES[name].extra
     module_name, cls_name = target.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -465,5 +580,8 @@ def get_engine_class(name: str) -> Callable[..., Engine]:
 
 
 def get_engine(name: str, **kwargs: Any) -> Engine:
-    """Create an engine by name, e.g. ``get_engine("saved_model", model_dir=...)``."""
+    """Create an engine by name, e.g. ``get_engine("onnx", model=md, threads=2)``; options it does not declare
+    are refused before it loads anything (``check_engine_options``)."""
+    check_engine_options(name, {k: v for k, v in kwargs.items() if k not in ("model", "top_k")},
+                         server=kwargs.get("server"))
     return get_engine_class(name)(**kwargs)

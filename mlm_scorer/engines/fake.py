@@ -16,6 +16,7 @@ from .base import Batch, BatchResult, Engine
 
 class FakeEngine(Engine):
     name = "fake"
+    OPTIONS = {"k": "top-k width", "max_batch_size": "largest batch", "delay": "seconds per batch"}
 
     def __init__(self, model: ModelDir | None = None, *, top_k: bool = False, k: int = 3,
                  max_batch_size: int | None = None, delay: float | str = 0.0, **options):

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import ModelError, UsageError
 from ..model_dir import ModelDir
-from ._remote import (RAW_BYTES_PER_VALUE, TOP_K_OUTPUTS, BadResponseError, FatalError, OutputSpec, RemoteEngine,
+from ._remote import (OPTION_SPEC, RAW_BYTES_PER_VALUE, TOP_K_OUTPUTS, BadResponseError, FatalError, OutputSpec, RemoteEngine,
                       RemoteOptions, RetryableError, TensorInfo, check_signature, response_limit, with_retries)
 
 log = logging.getLogger("mlm_scorer.engines.kserve")
@@ -117,6 +117,11 @@ def output_array(reply: Reply, spec: OutputSpec) -> np.ndarray:
     return flat.reshape(shape)
 
 
+#: What a KServe v2 client takes: the TF Serving clients' options (``_remote.OPTION_SPEC``) and extra request
+#: headers (``headers``: "Name: value; ...", ``headers_file``: one "Name: value" a line).
+KSERVE_OPTIONS: dict[str, Any] = {**OPTION_SPEC, "headers": "extra request headers", "headers_file": "a file of them"}
+
+
 class KServeEngine(RemoteEngine):
     """Base of the KServe v2 engines. Options: ``_remote.OPTION_SPEC`` plus ``headers`` / ``headers_file``
     (extra request headers, e.g. an API gateway's key); ``padding_row`` does not apply (Triton pads nothing).
@@ -131,6 +136,7 @@ class KServeEngine(RemoteEngine):
     """
 
     PADDED_SLOTS = False  # Triton's dynamic batcher merges only requests of equal shape: exactly P slots
+    OPTIONS = KSERVE_OPTIONS
     CALL = "inference"
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, **options: Any):

@@ -142,6 +142,8 @@ def _refuse_drift(model: ModelDir, path, rec: dict, measured: str) -> None:
 
 class OnnxEngine(Engine):
     name = "onnx"
+    OPTIONS = {"precision": "fp32 (default) or int8 (the export's model.int8.onnx)", "device": "cpu or cuda",
+               "threads": "threads per stream", "streams": "batches in flight at once on the CPU (default: from the CPUs)"}
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None, streams: int | str | None = None, **options):

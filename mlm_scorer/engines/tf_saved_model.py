@@ -27,6 +27,9 @@ from .base import Batch, BatchResult, Engine, check_identity, plan_streams
 
 class SavedModelEngine(Engine):
     name = "saved_model"
+    OPTIONS = {"streams": "batches in flight at once on the CPU (default: from the CPUs)",
+               "intra_op_threads": "threads per operation (of all streams together)",
+               "inter_op_threads": "operations run at once"}
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, streams: int | str | None = None,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None, **options):

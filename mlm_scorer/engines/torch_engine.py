@@ -234,6 +234,9 @@ def _rotate(t, rope):
 
 class TorchEngine(Engine):
     name = "torch"
+    OPTIONS = {"precision": "fp32 (default), bf16, fp16 (CUDA)", "device": "cpu or cuda[:N]",
+               "threads": "threads per stream", "streams": "batches in flight at once on the CPU (default: from the CPUs)",
+               "memory": "retain (default: keep freed memory for the next batch) or system"}
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None, streams: int | str | None = None, memory: str = "retain",

@@ -76,6 +76,8 @@ def load_plan_manifest(plan: Path) -> dict:
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
+    OPTIONS = {"engine_file": "the TensorRT plan (default: the export's model.plan)", "device": "cuda[:N]",
+               "precision": "the plan's precision, checked against it"}
 
     def __init__(self, model: ModelDir, *, top_k: bool = False, engine_file: str | None = None,
                  device: str = "cuda", precision: str | None = None, **options):
