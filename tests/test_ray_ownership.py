@@ -371,9 +371,14 @@ def test_an_input_rewritten_after_planning_is_refused_before_a_row_is_read(tmp_p
 
 @pytest.fixture(scope="module")
 def local_ray():
-    if not ray.is_initialized():
+    """A local Ray for this module's tests, shut down after them if they started it (a later test's
+    ``ray.init`` would fail on one left running)."""
+    started = not ray.is_initialized()
+    if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
+    if started:
+        ray.shutdown()
 
 
 def test_a_run_whose_input_changes_after_planning_publishes_nothing(local_ray, fake_export, tmp_path, monkeypatch):
