@@ -82,6 +82,21 @@ def format_report(name: str, report: dict[str, Any]) -> str:
             f"({report['n_predictions']} predictions on random masked copies)")
 
 
+def read_manifest(version_dir: str | os.PathLike, *, what: str = MANIFEST_WHAT) -> dict[str, Any]:
+    """The export's manifest as a dict; ModelError (naming the file) if it is missing or not a JSON object."""
+    vdir = Path(version_dir)
+    path = vdir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{what} {str(path)!r} is missing: {vdir} is not an export") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ModelError(f"{what} {str(path)!r} is not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{what} {str(path)!r} is not a JSON object; re-export the model")
+    return manifest
+
+
 def update_manifest(version_dir: str | os.PathLike, updates: dict[str, Any], *,
                     merge_keys: tuple[str, ...] = (MANIFEST_KEY,), what: str = MANIFEST_WHAT) -> dict[str, Any]:
     """Set top-level manifest keys atomically (``fsutil.atomic_write_bytes``: the run's own temporary name in
@@ -95,14 +110,7 @@ def update_manifest(version_dir: str | os.PathLike, updates: dict[str, Any], *,
     """
     vdir = Path(version_dir)
     path = check_target(vdir / MANIFEST_NAME, what, parent_must_exist=False)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{what} {str(path)!r} is missing: {vdir} is not an export") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise ModelError(f"{what} {str(path)!r} is not valid JSON ({exc}); re-export the model") from None
-    if not isinstance(manifest, dict):
-        raise ModelError(f"{what} {str(path)!r} is not a JSON object; re-export the model")
+    manifest = read_manifest(vdir, what=what)
     for key, value in updates.items():
         if key in merge_keys and isinstance(value, dict) and isinstance(manifest.get(key), dict):
             manifest[key] = {**manifest[key], **value}

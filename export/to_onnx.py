@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from .config import GRAPH_REVISION
-from .drift import MANIFEST_WHAT, drift_inputs, drift_report, record_drift, update_manifest
+from .drift import MANIFEST_WHAT, drift_inputs, drift_report, read_manifest, record_drift, update_manifest
 from .onnx_graph import DEFAULT_INT8, INPUT_NAMES, OPSET, OUTPUT_NAMES, Int8Spec, build_graph
 from .verify import VerificationError, generated_inputs, reference_log_probs
 
@@ -168,8 +168,6 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     INT8_MAX_MEAN_ABS_DIFF / INT8_MIN_TOP1_AGREEMENT on this CPU. Nothing is left behind on failure: no
     temporary file, and no int8 file that this CPU would refuse.
     """
-    import json
-
     from mlm_scorer.fsutil import (check_target, create_exclusive, default_file_mode, identity, remove_debris,
                                    replace_file, safe_unlink, temp_path)
     from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
@@ -184,7 +182,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"writing ONNX needs {', '.join(missing)}: pip install 'mlm-scorer[onnx-export]'")
-    manifest = json.loads((vdir / MANIFEST_NAME).read_text(encoding="utf-8"))
+    manifest = read_manifest(vdir)
     if manifest.get("model_checksum") != ckpt.checksum(scheme=manifest.get("checksum_scheme", 1)):
         raise ValueError(f"{vdir} was exported from different weights than the checkpoint given "
                          f"(model_checksum mismatch); pass the checkpoint the export was made from")

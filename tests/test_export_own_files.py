@@ -422,3 +422,20 @@ def test_a_fresh_cache_gets_a_whole_export_and_nothing_else(src, tmp_path, capsy
     rc, err = _score(capsys, tmp_path, src, cache)
     assert rc == 0, err
     assert json.loads((key / "1" / MANIFEST_NAME).read_text())["created"] == created
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[1, 2]"])
+def test_onnx_into_a_version_without_a_readable_manifest_is_a_model_error(content, tmp_path):
+    """``write_onnx`` on a directory whose manifest is missing, not JSON or not an object: a ModelError that
+    names the manifest (the CLI's clear message and exit code), not a traceback; nothing is written."""
+    from mlm_scorer.errors import ModelError
+    from mlm_scorer.model_dir import MANIFEST_NAME
+    from mlm_export.to_onnx import write_onnx
+
+    vdir = tmp_path / "1"
+    vdir.mkdir()
+    if content is not None:
+        (vdir / MANIFEST_NAME).write_text(content)
+    with pytest.raises(ModelError, match=MANIFEST_NAME):
+        write_onnx(vdir, ckpt=None)
+    assert sorted(p.name for p in vdir.iterdir()) == ([MANIFEST_NAME] if content is not None else [])
