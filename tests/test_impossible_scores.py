@@ -50,9 +50,10 @@ def _poisoned(kind):
 
 
 KINDS = ["nan", "inf", "-inf", "plus3", "strings", "ragged", "short", "top_k_out_of_range"]
+TEST_ENGINES = {}  # name -> "module:Class", registered for this module's tests only (see _test_engines)
 for _k in KINDS:
     globals()[f"Poisoned_{_k}"] = _poisoned(_k)
-    register_engine(f"poisoned_{_k}", f"test_impossible_scores:Poisoned_{_k}")
+    TEST_ENGINES[f"poisoned_{_k}"] = f"test_impossible_scores:Poisoned_{_k}"
 
 
 class LongRowsNaN(FakeEngine):
@@ -74,8 +75,21 @@ class VeryUnlikely(FakeEngine):
         return res
 
 
-register_engine("long_rows_nan", "test_impossible_scores:LongRowsNaN")
-register_engine("very_unlikely", "test_impossible_scores:VeryUnlikely")
+TEST_ENGINES["long_rows_nan"] = "test_impossible_scores:LongRowsNaN"
+TEST_ENGINES["very_unlikely"] = "test_impossible_scores:VeryUnlikely"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_engines():
+    """The poisoned engines, in the registry while this module's tests run and out of it afterwards (other
+    tests check the registry's list of known engines)."""
+    from mlm_scorer.engines import base
+
+    for name, target in TEST_ENGINES.items():
+        register_engine(name, target)
+    yield
+    for name in TEST_ENGINES:
+        base._ENGINES.pop(name, None)
 
 
 def _cli(capsys, inp, out, model, engine, *extra):
