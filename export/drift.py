@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from mlm_scorer.errors import MlmScorerError, ModelError
+from mlm_scorer.errors import MlmScorerError
 from mlm_scorer.fsutil import atomic_write_bytes, check_target
-from mlm_scorer.model_dir import MANIFEST_NAME
+from mlm_scorer.model_dir import MANIFEST_NAME, read_manifest
 
 MANIFEST_KEY = "reduced_precision"
 #: How errors name the manifest.
@@ -80,21 +80,6 @@ def format_report(name: str, report: dict[str, Any]) -> str:
     return (f"drift {name} vs {report.get('baseline', 'fp32')}: mean |Δ log-prob| {report['mean_abs_diff']:.2e}, "
             f"max {report['max_abs_diff']:.2e}, top-1 agreement {report['top1_agreement']:.1%} "
             f"({report['n_predictions']} predictions on random masked copies)")
-
-
-def read_manifest(version_dir: str | os.PathLike, *, what: str = MANIFEST_WHAT) -> dict[str, Any]:
-    """The export's manifest as a dict; ModelError (naming the file) if it is missing or not a JSON object."""
-    vdir = Path(version_dir)
-    path = vdir / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{what} {str(path)!r} is missing: {vdir} is not an export") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise ModelError(f"{what} {str(path)!r} is not valid JSON ({exc}); re-export the model") from None
-    if not isinstance(manifest, dict):
-        raise ModelError(f"{what} {str(path)!r} is not a JSON object; re-export the model")
-    return manifest
 
 
 def update_manifest(version_dir: str | os.PathLike, updates: dict[str, Any], *,

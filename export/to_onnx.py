@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from .config import GRAPH_REVISION
-from .drift import MANIFEST_WHAT, drift_inputs, drift_report, read_manifest, record_drift, update_manifest
+from .drift import MANIFEST_WHAT, drift_inputs, drift_report, record_drift, update_manifest
 from .onnx_graph import DEFAULT_INT8, INPUT_NAMES, OPSET, OUTPUT_NAMES, Int8Spec, build_graph
 from .verify import VerificationError, generated_inputs, reference_log_probs
 
@@ -170,7 +170,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     """
     from mlm_scorer.fsutil import (check_target, create_exclusive, default_file_mode, identity, remove_debris,
                                    replace_file, safe_unlink, temp_path)
-    from mlm_scorer.model_dir import MANIFEST_NAME, sha256_file
+    from mlm_scorer.model_dir import MANIFEST_NAME, load_manifest, sha256_file
 
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -182,7 +182,7 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"writing ONNX needs {', '.join(missing)}: pip install 'mlm-scorer[onnx-export]'")
-    manifest = read_manifest(vdir)
+    manifest = load_manifest(vdir)  # checked: a missing or malformed key is a ModelError naming it
     if manifest.get("model_checksum") != ckpt.checksum(scheme=manifest.get("checksum_scheme", 1)):
         raise ValueError(f"{vdir} was exported from different weights than the checkpoint given "
                          f"(model_checksum mismatch); pass the checkpoint the export was made from")
@@ -198,6 +198,8 @@ def write_onnx(version_dir: str | os.PathLike, ckpt, quantize: str | None = None
         made[tmp] = identity(os.fstat(fd))
         with os.fdopen(fd, "wb") as f:
             write_graph(ckpt.config, ckpt.weights, top_k, f, int8=int8, mask_id=mask_id)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the manifest that records its sha256 is
         os.chmod(tmp, default_file_mode())  # as any file the process creates: a server may run as another user
         return tmp
 

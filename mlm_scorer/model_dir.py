@@ -82,16 +82,26 @@ def resolve_version_dir(path: str | os.PathLike, version: int | None = None) -> 
     return p / str(versions[-1])
 
 
-def load_manifest(version_dir: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(version_dir: str | os.PathLike, *, what: str | None = None) -> dict[str, Any]:
+    """The manifest's JSON object, unchecked; ModelError (naming the file, after ``what`` if given) if it is
+    missing or not one."""
     path = Path(version_dir) / MANIFEST_NAME
+    name = f"{what} {str(path)!r}" if what else str(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelError(f"{path} is missing: not an mlm-scorer export") from None
+        raise ModelError(f"{name} is missing: not an mlm-scorer export") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+        raise ModelError(f"{name} is not valid JSON ({exc}); re-export the model") from None
     if not isinstance(manifest, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+        raise ModelError(f"{name}: expected a JSON object")
+    return manifest
+
+
+def load_manifest(version_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, checked: required keys and their types, format, special tokens, top_k."""
+    path = Path(version_dir) / MANIFEST_NAME
+    manifest = read_manifest(version_dir)
     for key, typ in _REQUIRED.items():
         if key not in manifest:
             raise ModelError(f"{path}: required key {key!r} is missing; re-export the model")
