@@ -175,7 +175,7 @@ def _fail_fast(exc: Exception) -> Exception:
 _EMPTY_IS_NONE = ("text_column", "id_column", "baseline", "score_cache", "cache_dir", "server", "protocol")
 
 
-def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, settings=None, /, *,
+def score_task(input_path: str | os.PathLike, output_dir: str | os.PathLike, settings=None, *,
                logical_date: datetime | None = None, run_id: str | None = None, dag_id: str | None = None,
                log=print, **options: Any) -> dict[str, Any]:
     """Score ``input_path`` into ``output_path(output_dir, ...)``; return the XCom-sized summary.

@@ -29,7 +29,7 @@ NOT_HERE = {"header": "a DataFrame has its column names; header is about TSV fil
             "resume": "score_frame writes no file, so there is nothing committed to resume"}
 
 
-def score_frame(df, settings=None, /, *, log=None, scorer=None, **options: Any):
+def score_frame(df, settings=None, *, log=None, scorer=None, **options: Any):
     """Score ``df[text_column]``; return ``(words, sentences)`` pandas DataFrames (see the module doc).
 
     ``settings`` and keyword ``options`` as ``score_file``'s. A null or empty text is a bad row:
@@ -46,6 +46,8 @@ def score_frame(df, settings=None, /, *, log=None, scorer=None, **options: Any):
     from .settings import refuse, settings_from
     from .writer import sentence_schema, word_schema
 
+    if isinstance(settings, (str, int)) and not isinstance(settings, bool):  # score_frame(df, "text"): the text
+        settings, options = None, {"text_column": settings, **options}       # column, as its second argument was
     o = settings_from(settings, options, door="score_frame")
     refuse(o, NOT_HERE, "score_frame")
     if scorer is not None:

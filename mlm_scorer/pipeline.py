@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from .reader import Layout, Row, TsvReader, count_lines, open_reader
 from .scorer import Scorer, SentenceResult
 from .settings import ScoreSettings, settings_from
 from .writer import ResultWriter, check_output_path, exp, pseudo_perplexity
+
+if TYPE_CHECKING:
+    from .model_dir import ModelDir
 
 #: Unknown words kept (as written) per run, for the cause the unknown-words warning names.
 UNKNOWN_SAMPLES = 50
@@ -118,7 +121,7 @@ class ScoreSummary:
 _DONE = object()
 
 
-def score_file(input_path: str | os.PathLike, output: str | os.PathLike, settings: ScoreSettings | None = None, /, *,
+def score_file(input_path: str | os.PathLike, output: str | os.PathLike, settings: ScoreSettings | None = None, *,
                log: Callable[[str], None] | None = None, scorer: Scorer | None = None,
                **options: Any) -> ScoreSummary:
     """Score every row of a TSV and write ``output`` (words) and ``<output stem>.sentences.parquet``.
@@ -197,14 +200,16 @@ def _run(reader: TsvReader, scorer: Scorer, out, s: ScoreSettings, *, input_path
     on_bad_row, chunk_rows, limit = s.on_bad_row, s.chunk_rows, s.limit
     summary = ScoreSummary(input=input_path, output=str(out), sentences_output="", engine=scorer.engine.name,
                            mode=scorer.mode, model=str(md.path), model_checksum=md.checksum, settings=s.scoring())
-    # What must not change between an interrupted run and its --resume: the settings that change what is
-    # written, as given (ScoreSettings.scoring), and what they resolved to (the model, the engine's numerics,
-    # the columns, the rules as applied). The engine, batch sizes and on_bad_row may change: they do not
-    # change the rows already committed.
-    resume_key = {**s.scoring(), "model_checksum": md.checksum, "max_seq_length": md.max_seq_length,
-                  "mode": scorer.mode, "top_k": scorer.top_k, "numerics": scorer.numerics, "columns": lay.names,
-                  "text_index": lay.text, "id_index": lay.id, "header": reader.header,
-                  "applied_flag_rules": [str(r) for r in flag_rules]}
+    # What must not change between an interrupted run and its --resume: what the settings that change what
+    # is written (ScoreSettings.scoring) resolved to -- the model, the engine's numerics, the columns by
+    # index (the same column named or numbered is the same), the rules as applied -- and those of them that
+    # resolve to nothing else (limit, max_row_chars, baseline). The engine, batch sizes and on_bad_row may
+    # change: they do not change the rows already committed.
+    resume_key = {"model_checksum": md.checksum, "max_seq_length": md.max_seq_length, "mode": scorer.mode,
+                  "top_k": scorer.top_k, "numerics": scorer.numerics, "columns": lay.names,
+                  "text_column": lay.text, "id_column": lay.id, "header": reader.header,
+                  "flag_rules": [str(r) for r in flag_rules], "limit": s.limit, "max_row_chars": s.max_row_chars,
+                  **({"baseline": s.baseline} if s.baseline else {})}
     writer = ResultWriter(out, id_name=lay.id_name, passthrough=lay.passthrough_names, top_k=scorer.top_k,
                           flag=bool(flag_rules),
                           metadata=output_metadata(s, scorer, input=input_path, flag_rules=flag_rules),
@@ -394,12 +399,10 @@ def _close_scorer(scorer: Scorer) -> None:
         scorer.store.close()
 
 
-def open_scorer(settings: ScoreSettings | None = None, /, *, log: Callable[[str], None] | None = None,
-                **options: Any) -> Scorer:
-    """The model (exported first if it is a checkpoint), its tokenizer, and the engine, opened on first use
-    (``engines.base.LazyEngine``): a run the score cache answers whole never imports the engine's runtime.
-    With a server and no protocol or engine named, the server is asked which protocol it speaks (logged)."""
-    s = settings_from(settings, options, door="open_scorer")
+def resolve_run(s: ScoreSettings, *, log: Callable[[str], None] | None = None) -> tuple[ModelDir, str, dict[str, Any]]:
+    """What ``s`` names, resolved once: ``(model directory, engine name, engine options)``. A server named with
+    no protocol or engine is asked which protocol it speaks (logged); a checkpoint is exported into the
+    cache; "auto" becomes the engine that will run."""
     opts = s.engine_call_options()
     engine = resolve_engine(s.engine, s.server, s.protocol)
     if s.server and engine == "auto":  # TF Serving or KServe v2: what the server answers (detect_protocol)
@@ -408,7 +411,16 @@ def open_scorer(settings: ScoreSettings | None = None, /, *, log: Callable[[str]
         engine = server_engine(s.server, "auto", opts, log_fn=log)
     md = resolve_model(s.model, version=s.model_version, cache_dir=s.cache_dir, log=log, engine=engine,
                        precision=opts.get("precision"), top_k=s.top_k)
-    engine, opts = choose_engine(engine, md, opts)  # "auto": the engine that will run
+    return (md, *choose_engine(engine, md, opts))
+
+
+def open_scorer(settings: ScoreSettings | None = None, *, log: Callable[[str], None] | None = None,
+                **options: Any) -> Scorer:
+    """The model (exported first if it is a checkpoint), its tokenizer, and the engine, opened on first use
+    (``engines.base.LazyEngine``): a run the score cache answers whole never imports the engine's runtime.
+    With a server and no protocol or engine named, the server is asked which protocol it speaks (logged)."""
+    s = settings_from(settings, options, door="open_scorer")
+    md, engine, opts = resolve_run(s, log=log)
     top_k = s.top_k
     eng = LazyEngine(engine, lambda: get_engine(engine, model=md, top_k=top_k > 0, **opts),
                      numerics=numerics(engine, opts, md))

@@ -913,7 +913,7 @@ NOT_HERE = {
 }
 
 
-def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settings=None, /, *,
+def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settings=None, *,
                   num_actors: int | None = None, num_cpus_per_actor: float | None = None,
                   num_gpus_per_actor: float = 0, batch_rows: int = 512, batches_per_split: int | None = None,
                   ray_address: str | None = None, ray_init_options: dict[str, Any] | None = None,
@@ -936,7 +936,7 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settin
     ``baseline`` when given, else from this run: a second pass over the written sentence files before
     the output is published.
     """
-    from .engines.base import choose_engine, numerics, resolve_engine
+    from .engines.base import numerics
     from .settings import refuse, settings_from
 
     t0 = time.perf_counter()
@@ -964,19 +964,11 @@ def score_dataset(inputs: list[str] | str, output_dir: str | os.PathLike, settin
 
     # the engine and the model are resolved once here (a server asked what it speaks, a checkpoint exported
     # into the cache) so the actors only open them
-    from .models import resolve_model
+    from .pipeline import resolve_run
 
-    opts = s.engine_call_options()
-    engine = resolve_engine(s.engine, s.server, s.protocol)
-    if s.server and engine == "auto":
-        from .engines.kserve_base import server_engine
-
-        engine = server_engine(s.server, "auto", opts, log_fn=log)
-    md = resolve_model(s.model, version=s.model_version, cache_dir=s.cache_dir, log=log, engine=engine,
-                       precision=opts.get("precision"), top_k=s.top_k)
-    engine, opts = choose_engine(engine, md, opts)
+    md, engine, opts = resolve_run(s, log=log)
     opts.pop("server", None)
-    resolved = s.replace(model=str(md.path), engine=engine, engine_options=opts, protocol=None)
+    resolved = s.replace(model=str(md.path), model_version=None, engine=engine, engine_options=opts, protocol=None)
     if s.baseline is not None and any(r.relative for r in flag_rules):
         from .quality import baseline_rules
 

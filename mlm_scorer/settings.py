@@ -349,6 +349,7 @@ def _split_rule(text: str) -> tuple[str, str, str]:
 def _strings(v, name: str) -> list[str]:
     if isinstance(v, str):
         return [v]
+    v = list(v)  # an iterator is read once
     if not all(isinstance(x, str) for x in v):
         raise SettingError(f"{name} must be a list of METRIC=VALUE rules (str), got {v!r}", option=name)
     return list(v)

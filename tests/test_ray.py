@@ -224,6 +224,18 @@ def test_ray_exact_with_a_batch_invariant_engine(local_ray, fake_export, tmp_pat
     assert "<th>file</th>" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
+def test_ray_with_a_model_version(local_ray, fake_export, tmp_path):
+    """``model_version`` names the export's version directory; the actors open the directory the driver
+    resolved (not that directory's version N again)."""
+    from mlm_scorer.ray_data import score_dataset
+
+    tsv = write_tsv(tmp_path / "in.tsv", [["a", "The cat sat."], ["b", "A dog ran."]])
+    summary = score_dataset([str(tsv)], tmp_path / "o", model=str(fake_export), model_version=1, engine="fake",
+                            id_column="id", num_actors=1, num_cpus_per_actor=0.5)
+    assert (summary["rows"], summary["scored"]) == (2, 2)
+    assert summary["model"] == str(fake_export / "1")
+
+
 def test_ray_bad_row_fails_with_file_and_line(local_ray, fake_export, tmp_path):
     from mlm_scorer.errors import InputError, UsageError
     from mlm_scorer.ray_data import score_dataset

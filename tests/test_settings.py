@@ -212,6 +212,32 @@ def test_a_keyword_that_contradicts_the_settings_is_refused(fake_export, tmp_pat
         score_frame(pd.DataFrame({"text": ["a b"]}), model=str(fake_export), engine="fake", header=False)
 
 
+def test_the_calls_written_before_settings_still_work(fake_export, tmp_path):
+    """Calls in the forms the doors took before ScoreSettings: ``input_path=``/``output=`` and ``settings=`` by
+    name, ``score_frame(df, TEXT_COLUMN)``, flag rules from an iterator (read once)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from mlm_scorer import score_file, score_frame
+    from mlm_scorer.writer import sentences_path
+
+    tsv = write_tsv(tmp_path / "in.tsv", [["a", "The cat sat."], ["b", "A dog ran far."]])
+    s = ScoreSettings(model=str(fake_export), engine="fake", id_column="id")
+    by_name = score_file(input_path=tsv, output=tmp_path / "n.parquet", model=str(fake_export), engine="fake",
+                         id_column="id")
+    as_keyword = score_file(tsv, tmp_path / "k.parquet", settings=s)
+    assert by_name.scored == as_keyword.scored == 2
+    assert pq.read_table(tmp_path / "n.parquet").equals(pq.read_table(tmp_path / "k.parquet"))
+    rules = score_file(tsv, tmp_path / "r.parquet", s, flag_above=(x for x in ["pseudo_perplexity=1"]))
+    assert rules.flag_rules == ["--flag-above pseudo_perplexity=1"]
+    assert pq.read_table(sentences_path(tmp_path / "r.parquet"), columns=["flag"]).column("flag").to_pylist() \
+        == [True, True]
+    words, sentences = score_frame(pd.DataFrame({"sentence": ["The cat sat.", "A dog ran far."]}), "sentence",
+                                   model=str(fake_export), engine="fake")
+    assert sentences["text"].tolist() == ["The cat sat.", "A dog ran far."]
+    assert len(words) == int(sentences["n_words"].sum()) > 0
+
+
 def test_the_ray_runner_refuses_what_does_not_apply_before_starting(fake_export, tmp_path, capsys):
     from mlm_scorer.ray_data import score_dataset
 
@@ -307,7 +333,8 @@ def test_resume_refuses_a_changed_setting_that_changes_what_is_written(fake_expo
             score_file(tsv, out, s)
     with pytest.raises(UsageError, match=r"setting max_row_chars changed \(100000 -> 30\)"):
         score_file(tsv, out, s.replace(max_row_chars=30, resume=True))
-    done = score_file(tsv, out, s.replace(resume=True))  # the same settings: continued after 2 rows
+    # the same settings (the text column named rather than found: the same column): continued after 2 rows
+    done = score_file(tsv, out, s.replace(resume=True, text_column="text"))
     assert (done.resumed_rows, done.scored) == (2, 6)
 
 
