@@ -61,6 +61,11 @@ def kind(st: os.stat_result) -> str:
     return "a special file"
 
 
+def describe(path: PathLike, st: os.stat_result) -> str:
+    """``kind(st)``, and for a symlink where it points: "a symlink (to '/etc/passwd')"."""
+    return kind(st) + (f" (to {os.readlink(path)!r})" if stat.S_ISLNK(st.st_mode) else "")
+
+
 def lstat_or_none(path: PathLike) -> os.stat_result | None:
     try:
         return os.lstat(path)
@@ -93,10 +98,9 @@ def check_target(path: PathLike, what: str, *, inputs: Iterable[tuple[PathLike, 
     p = Path(path)
     st = lstat_or_none(p)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        detail = f" (to {os.readlink(p)!r})" if stat.S_ISLNK(st.st_mode) else ""
         hint = (f"give a file path such as {p / 'out.parquet'}" if stat.S_ISDIR(st.st_mode) else
                 "remove it or choose another path")
-        raise UsageError(f"{what} {str(p)!r} is {kind(st)}{detail}, not a regular file; refusing to replace it: {hint}")
+        raise UsageError(f"{what} {str(p)!r} is {describe(p, st)}, not a regular file; refusing to replace it: {hint}")
     for src, src_what in inputs:
         if str(src) != "-" and os.path.lexists(src) and same_file(src, p):
             raise UsageError(f"refusing to run: {what} {str(p)!r} is {src_what} ({str(src)!r}), which this run would "
@@ -323,8 +327,7 @@ class OwnedDir:
         if st is None:
             return False
         if not stat.S_ISDIR(st.st_mode):
-            target = f" (to {os.readlink(p)!r})" if stat.S_ISLNK(st.st_mode) else ""
-            raise UsageError(f"{what} {str(p)!r} is {kind(st)}{target}, not a directory this run made; refusing to "
+            raise UsageError(f"{what} {str(p)!r} is {describe(p, st)}, not a directory this run made; refusing to "
                              f"touch it: remove it or choose another output path")
         marker = lstat_or_none(p / cls.MARKER)
         if marker is not None and stat.S_ISREG(marker.st_mode):

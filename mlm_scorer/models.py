@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import MissingDependencyError, ModelError, UsageError
-from .fsutil import (check_target, default_file_mode, identity, kind, lstat_or_none, make_temp_dir,
+from .fsutil import (check_target, default_file_mode, describe, identity, kind, lstat_or_none, make_temp_dir,
                      safe_unlink)
 from .model_dir import ModelDir, is_export_dir
 
@@ -236,8 +236,7 @@ def _cached_export(target: Path) -> bool:
     if st is None:
         return False
     if not stat.S_ISDIR(st.st_mode):
-        link = f" (to {os.readlink(target)!r})" if stat.S_ISLNK(st.st_mode) else ""
-        raise UsageError(f"the cached export {str(target)!r} is {kind(st)}{link}, not a directory this program "
+        raise UsageError(f"the cached export {str(target)!r} is {describe(target, st)}, not a directory this program "
                          f"made; refusing to follow or replace it: {_FIX}")
     if is_export_dir(target):
         return True
