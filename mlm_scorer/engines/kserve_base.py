@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import ModelError, UsageError
 from ..model_dir import ModelDir
+from .base import _transport, resolve_engine
 from ._remote import (OPTION_SPEC, RAW_BYTES_PER_VALUE, TOP_K_OUTPUTS, BadResponseError, FatalError, OutputSpec, RemoteEngine,
                       RemoteOptions, RetryableError, TensorInfo, check_signature, response_limit, with_retries)
 
@@ -322,8 +323,7 @@ def detect_protocol(server: str, options: dict[str, Any], *, sleep: Callable[[fl
     UsageError when the server answers neither way (pass --protocol), EngineError when it stays down."""
     opts_in = {k: v for k, v in options.items() if k in _OPTION_NAMES}
     opts_in["server"] = server
-    scheme = server.split("://", 1)[0].lower() if "://" in server else "http"
-    engine = "kserve_grpc" if scheme in ("grpc", "grpcs") else "kserve_http"
+    engine = "kserve_grpc" if _transport(server) == "grpc" else "kserve_http"
     try:
         if engine == "kserve_grpc":
             from .kserve_grpc import detect as attempt_factory
@@ -355,15 +355,10 @@ _OPTION_NAMES = _option_names()
 
 def server_engine(server: str, protocol: str, options: dict[str, Any], log_fn: Callable[[str], None] | None = None) -> str:
     """The engine for ``--server URL`` and ``--protocol auto|kserve|tfserving``: rest/grpc (TF Serving) or
-    kserve_http/kserve_grpc; ``auto`` asks the server (``detect_protocol``)."""
-    scheme = server.split("://", 1)[0].lower() if "://" in server else ""
-    grpc = scheme in ("grpc", "grpcs")
+    kserve_http/kserve_grpc, as the engine registry names them (``base.resolve_engine``); ``auto`` asks the
+    server (``detect_protocol``)."""
     if protocol == "auto":
         protocol = detect_protocol(server, options)
         if log_fn:
             log_fn(f"{server} speaks {'KServe v2' if protocol == 'kserve' else 'the TF Serving API'}")
-    if protocol == "kserve":
-        return "kserve_grpc" if grpc else "kserve_http"
-    if protocol == "tfserving":
-        return "grpc" if grpc else "rest"
-    raise UsageError(f"--protocol must be auto, kserve or tfserving, not {protocol!r}")
+    return resolve_engine("auto", server, protocol)
